@@ -1,0 +1,28 @@
+"""think-cache: ThinK (query-driven key-channel pruning, arXiv 2407.21018) as a drop-in transformers KV cache.
+
+>>> import think_cache
+>>> think_cache.patch(model)                                  # once
+>>> cache = think_cache.ThinKCache(key_ratio=0.5)
+>>> model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+>>> print(cache.stats())
+"""
+
+from .attention import ATTENTION_NAME
+from .cache import CacheStats, ThinKCache
+from .layer import LayerStats, ThinKLayer, ThinKSlidingLayer
+from .patch import SUPPORTED_MODEL_TYPES, is_patched, patch, unpatch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ATTENTION_NAME",
+    "CacheStats",
+    "LayerStats",
+    "SUPPORTED_MODEL_TYPES",
+    "ThinKCache",
+    "ThinKLayer",
+    "ThinKSlidingLayer",
+    "is_patched",
+    "patch",
+    "unpatch",
+]

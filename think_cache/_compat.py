@@ -1,0 +1,82 @@
+"""Every difference between the transformers versions think-cache supports (4.56 up to the newest 5.x).
+
+The rest of the package is written as if only one transformers existed; whatever differs lives here.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers.cache_utils import DynamicLayer
+
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+MIN_TRANSFORMERS = Version("4.56.0")
+
+if TRANSFORMERS_VERSION < MIN_TRANSFORMERS:  # pragma: no cover - refused at import
+    raise ImportError(
+        f"think-cache needs transformers>={MIN_TRANSFORMERS}, found {TRANSFORMERS_VERSION}: "
+        "older versions have no per-layer cache classes. Upgrade with `pip install -U transformers`."
+    )
+
+# transformers 5.24 renamed the cache argument of forwards and `generate` from `past_key_values` to `cache`;
+# `past_key_values` stays as a deprecated alias there.
+CACHE_ARGUMENTS: tuple[str, ...] = (
+    ("cache", "past_key_values") if TRANSFORMERS_VERSION >= Version("5.24.0") else ("past_key_values",)
+)
+CACHE_ARGUMENT = CACHE_ARGUMENTS[0]
+
+# Newer `crop` takes a non-positive count of tokens to remove; older ones took the length to keep
+# (a negative value meaning "remove that many").
+_CROP_TAKES_COUNT = "tokens_to_remove" in inspect.signature(DynamicLayer.crop).parameters
+
+
+def crop_count(argument: int, seq_length: int) -> int:
+    """Translate the installed version's `crop` argument into the (non-positive) count of tokens to remove."""
+    if argument < 0:
+        return argument
+    if _CROP_TAKES_COUNT:
+        if argument > 0:
+            raise ValueError(
+                f"`crop` takes a negative number of tokens to remove on transformers {TRANSFORMERS_VERSION}, got "
+                f"{argument}."
+            )
+        return 0
+    return -max(seq_length - argument, 0)
+
+
+def query_length(query_length_or_cache_position: int | torch.Tensor) -> int:
+    """`get_mask_sizes` receives the query length (newer) or the cache positions (older)."""
+    if isinstance(query_length_or_cache_position, torch.Tensor):
+        return query_length_or_cache_position.shape[0]
+    return int(query_length_or_cache_position)
+
+
+def attn_implementation(model: torch.nn.Module) -> str | None:
+    return getattr(model.config, "_attn_implementation", None)
+
+
+def set_attn_implementation(model: torch.nn.Module, name: str) -> None:
+    """Switch a loaded model (and its sub-models) to the attention registered as ``name``."""
+    model.set_attn_implementation(name)
+    if attn_implementation(model) != name:  # a version that ignored the request
+        model.config._attn_implementation = name
+
+
+def sdpa_mask_function():
+    """The mask builder transformers pairs with its sdpa attention (it differs with the torch version)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def sliding_window_of(module: torch.nn.Module) -> int | None:
+    """The sliding window of an attention module's layer, or None for full attention.
+
+    Qwen2/Qwen3 keep it on the module (None on full-attention layers); Mistral passes its config's to attention.
+    """
+    if hasattr(module, "sliding_window"):
+        return module.sliding_window
+    return getattr(module.config, "sliding_window", None)

@@ -1,0 +1,237 @@
+"""`ThinKCache`: the user-facing cache, a thin container of `ThinKLayer` objects like transformers' caches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+from transformers.cache_utils import Cache
+
+from . import _compat
+from .attention import ATTENTION_NAME, current_module, hand_off
+from .layer import LayerStats, ThinKLayer, ThinKSlidingLayer
+
+__all__ = ["ThinKCache", "CacheStats"]
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _check_ratio(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__} {value!r}")
+    if not 0 <= value < 1:
+        raise ValueError(
+            f"{name} must be in [0, 1), got {value!r}: it is the fraction of channels pruned (0.5 keeps half, "
+            "0 keeps all)"
+        )
+    return float(value)
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Memory held by a `ThinKCache`, per layer and in total, against a ``DynamicCache`` on the same inputs."""
+
+    layers: tuple[LayerStats, ...]
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the tensors the cache holds (their storages, measured)."""
+        return sum(layer.stored_bytes for layer in self.layers)
+
+    @property
+    def dense_bytes(self) -> int:
+        """Bytes a transformers ``DynamicCache`` would hold for the same tokens."""
+        return sum(layer.dense_bytes for layer in self.layers)
+
+    @property
+    def ratio(self) -> float:
+        """``stored_bytes / dense_bytes`` (1.0 for an empty cache)."""
+        return self.stored_bytes / self.dense_bytes if self.dense_bytes else 1.0
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.dense_bytes - self.stored_bytes
+
+    @property
+    def tokens(self) -> int:
+        """Tokens seen (the logical sequence length)."""
+        return max((layer.tokens for layer in self.layers), default=0)
+
+    def to_dict(self) -> dict:
+        """Plain data, for JSON."""
+        return {
+            "stored_bytes": self.stored_bytes,
+            "dense_bytes": self.dense_bytes,
+            "ratio": self.ratio,
+            "tokens": self.tokens,
+            "layers": [{**vars(layer), "ratio": layer.ratio} for layer in self.layers],
+        }
+
+    def __str__(self) -> str:
+        head = f"{'layer':>5} {'tokens':>7} {'stored':>7} {'compact':>7} {'k ch':>5} {'v ch':>5} {'held':>10} {'dense':>10} {'ratio':>6}"
+        rows = [head]
+        for s in self.layers:
+            rows.append(
+                f"{s.layer_idx:>5} {s.tokens:>7} {s.stored_tokens:>7} {s.compact_tokens:>7} "
+                f"{s.key_channels:>2}/{s.head_dim:<2} {s.value_channels:>2}/{s.head_dim:<2} "
+                f"{_human_bytes(s.stored_bytes):>10} {_human_bytes(s.dense_bytes):>10} {s.ratio:>6.3f}"
+            )
+        rows.append(
+            f"total: {_human_bytes(self.stored_bytes)} held vs {_human_bytes(self.dense_bytes)} for DynamicCache "
+            f"({self.ratio:.3f}x, {_human_bytes(self.saved_bytes)} saved)"
+        )
+        return "\n".join(rows)
+
+
+class ThinKCache(Cache):
+    """A drop-in KV cache that keeps only the key channels that matter (ThinK, arXiv 2407.21018).
+
+    At the end of the prompt, per layer, batch row and KV head, each key channel ``c`` is scored with the last
+    ``window`` prompt queries by ``||Q_win[:, c]|| * ||K[:, c]||``; the top ``ceil((1 - key_ratio) * head_dim)``
+    channels are kept and the others are never stored. The newest ``recent`` tokens stay at full width; older
+    ones are stored with the kept channels only.
+
+    Use it on a model patched once with `think_cache.patch(model)`::
+
+        cache = ThinKCache(key_ratio=0.5)
+        model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+
+    Parameters
+    ----------
+    key_ratio:
+        Fraction of key channels pruned, in [0, 1). 0 keeps all (the cache then equals ``DynamicCache``); the
+        paper uses 0.4 to 0.5.
+    value_ratio:
+        Fraction of value channels pruned, in [0, 1), scored by the window's attention-weighted value norms.
+    window:
+        Observation window: how many of the last prompt queries score the channels (every query head of a
+        KV head's group counts).
+    recent:
+        How many newest tokens stay at full width. Defaults to ``window``.
+    """
+
+    def __init__(
+        self,
+        key_ratio: float = 0.5,
+        *,
+        value_ratio: float = 0.0,
+        window: int = 32,
+        recent: int | None = None,
+    ):
+        self.key_ratio = _check_ratio("key_ratio", key_ratio)
+        self.value_ratio = _check_ratio("value_ratio", value_ratio)
+        self.window = _check_int("window", window, 1)
+        self.recent = self.window if recent is None else _check_int("recent", recent, 0)
+        self._model_config = None
+        super().__init__(layers=[])
+
+    # ------------------------------------------------------------------------------------------- update
+    def _new_layer(self, module: torch.nn.Module) -> ThinKLayer:
+        kwargs = dict(key_ratio=self.key_ratio, value_ratio=self.value_ratio, window=self.window, recent=self.recent)
+        sliding_window = _compat.sliding_window_of(module)
+        if sliding_window is not None:
+            return ThinKSlidingLayer(sliding_window=sliding_window, **kwargs)
+        return ThinKLayer(**kwargs)
+
+    def _check_module(self, module: torch.nn.Module | None, key_states: torch.Tensor, layer_idx: int) -> None:
+        if module is None:
+            raise RuntimeError(
+                "ThinKCache needs the ThinK attention, and this model has not been patched: call "
+                "`think_cache.patch(model)` once before using ThinKCache with it."
+            )
+        implementation = _compat.attn_implementation(module)
+        if implementation != ATTENTION_NAME:
+            raise RuntimeError(
+                f"ThinKCache needs the ThinK attention, but the model now uses attn_implementation={implementation!r}. "
+                "Call `think_cache.patch(model)` again after changing the attention implementation."
+            )
+        if self._model_config is None:
+            self._model_config = module.config
+        elif module.config is not self._model_config:
+            raise ValueError(
+                "This ThinKCache was filled by another model. Use one ThinKCache per model, or call `cache.reset()` "
+                "before reusing it."
+            )
+        if layer_idx < len(self.layers) and self.layers[layer_idx].is_initialized:
+            held = self.layers[layer_idx].keys.shape[0]
+            if held != key_states.shape[0]:
+                raise ValueError(
+                    f"This ThinKCache holds a batch of {held} but the model was called with a batch of "
+                    f"{key_states.shape[0]}. Use a new ThinKCache (or `cache.reset()`) for a new batch."
+                )
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens of layer ``layer_idx``; called by the model's attention modules."""
+        module = current_module()
+        self._check_module(module, key_states, layer_idx)
+        while len(self.layers) <= layer_idx:
+            self.layers.append(self._new_layer(module))
+        layer = self.layers[layer_idx]
+        keys, values = layer.update(key_states, value_states)
+        hand_off(layer, keys)
+        return keys, values
+
+    # ---------------------------------------------------------------------------------------- cache API
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        """Tokens seen by layer ``layer_idx`` (logical length, not the stored one)."""
+        layer_idx = layer_idx or 0
+        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
+
+    def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int) -> tuple[int, int]:
+        q_len = _compat.query_length(query_length)
+        if layer_idx >= len(self.layers):
+            return q_len, 0
+        return self.layers[layer_idx].get_mask_sizes(q_len)
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:  # transformers < 5
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the newest tokens (as transformers' `crop`); only the full-width recent part can be cut."""
+        count = _compat.crop_count(tokens_to_remove, self.get_seq_length())
+        for layer in self.layers:
+            layer.crop(count)
+
+    def reset(self) -> None:
+        """Forget every token (the settings stay); the cache can then serve another model or batch."""
+        super().reset()
+        self._model_config = None
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    # ------------------------------------------------------------------------------------------- report
+    def stats(self) -> CacheStats:
+        """Tokens, kept channels and bytes held per layer, against a ``DynamicCache`` on the same inputs."""
+        return CacheStats(tuple(layer.stats(i) for i, layer in enumerate(self.layers)))
+
+    def __repr__(self) -> str:
+        settings = f"key_ratio={self.key_ratio}, value_ratio={self.value_ratio}, window={self.window}, recent={self.recent}"
+        if not self.layers:
+            return f"ThinKCache({settings}; empty)"
+        s = self.stats()
+        return (
+            f"ThinKCache({settings}; {len(self.layers)} layers, {s.tokens} tokens, "
+            f"{_human_bytes(s.stored_bytes)} held vs {_human_bytes(s.dense_bytes)} dense, {s.ratio:.3f}x)"
+        )

@@ -1,0 +1,139 @@
+"""Attention over a compact key cache, and the mask helpers it needs: pure tensor functions.
+
+A ThinK layer holds two parts per KV head: the *compact* part (older tokens, only the kept key channels,
+and optionally only the kept value channels) and the *recent* part (the newest tokens at full width).
+`compact_attention` computes one softmax over both parts without ever building a full-width key tensor
+for the compact part: the query is gathered at each head's kept channels instead, and the 1/sqrt(head_dim)
+scale is unchanged, so the logits equal those of a full cache whose pruned channels are zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "as_bool_mask",
+    "key_padding",
+    "causal_mask",
+    "gather_channels",
+    "scatter_channels",
+    "compact_attention",
+]
+
+
+def as_bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A 4D attention mask as bool (True = attend), whether it came boolean or additive (0 / large negative)."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def key_padding(
+    mask: torch.Tensor | None, batch: int, kv_length: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """``(batch, kv_length)`` bool, True for real keys: a key is real if any query row may attend it.
+
+    Every real token attends to itself, so this holds under causal and sliding-window masks too.
+    """
+    mask = as_bool_mask(mask)
+    if mask is None:
+        return torch.ones(batch, kv_length, dtype=torch.bool, device=device)
+    real = mask.any(dim=-2).any(dim=1)  # (B|1, kv)
+    return real.expand(batch, kv_length)
+
+
+def causal_mask(q_length: int, kv_length: int, device: torch.device) -> torch.Tensor:
+    """``(1, 1, q_length, kv_length)`` bool mask for queries that are the last ``q_length`` keys."""
+    q_pos = torch.arange(kv_length - q_length, kv_length, device=device)
+    return (torch.arange(kv_length, device=device)[None, :] <= q_pos[:, None])[None, None]
+
+
+def gather_channels(x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """Keep the channels ``channels`` of ``x``.
+
+    ``x``: ``(batch, kv_heads, rows, head_dim)``; ``channels``: ``(batch, kv_heads, kept)`` integer indices.
+    Returns ``(batch, kv_heads, rows, kept)``, a new contiguous tensor.
+    """
+    index = channels.long()[:, :, None, :].expand(*x.shape[:-1], channels.shape[-1])
+    return torch.gather(x, -1, index)
+
+
+def scatter_channels(x: torch.Tensor, channels: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The inverse of `gather_channels`: put ``x``'s channels back at ``channels`` in a zero ``head_dim`` tensor."""
+    out = x.new_zeros(*x.shape[:-1], head_dim)
+    index = channels.long()[:, :, None, :].expand_as(x)
+    return out.scatter_(-1, index, x)
+
+
+def compact_attention(
+    query: torch.Tensor,
+    compact_keys: torch.Tensor,
+    key_channels: torch.Tensor,
+    compact_values: torch.Tensor,
+    value_channels: torch.Tensor | None,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Attention of ``query`` over a compact part followed by a full-width recent part.
+
+    Parameters
+    ----------
+    query:
+        ``(batch, q_heads, q_len, head_dim)``; query head ``j`` reads KV head ``j // group``.
+    compact_keys:
+        ``(batch, kv_heads, n_compact, kept_k)``: older tokens, kept key channels only.
+    key_channels:
+        ``(batch, kv_heads, kept_k)``: which channels ``compact_keys`` holds.
+    compact_values:
+        ``(batch, kv_heads, n_compact, kept_v)``; full width when ``value_channels`` is None.
+    value_channels:
+        ``(batch, kv_heads, kept_v)`` or None.
+    keys, values:
+        ``(batch, kv_heads, n_recent, head_dim)``: the newest tokens at full width.
+    mask:
+        ``(batch | 1, 1, q_len, n_compact + n_recent)``, True (or 0.0) where a query may attend a key, columns in
+        the order compact then recent. None means causal with the queries being the last ``q_len`` tokens.
+    scaling:
+        The softmax scale, ``1 / sqrt(head_dim)`` for every model supported.
+
+    Returns
+    -------
+    ``(batch, q_len, q_heads, head_dim)``, the layout transformers' attention functions return.
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    v_dim = values.shape[-1]
+    kv_heads, n_compact = compact_keys.shape[1], compact_keys.shape[2]
+    n_total = n_compact + keys.shape[2]
+    group = q_heads // kv_heads
+    # (B, Hkv, G * L, D): a view of each KV head's whole query group, no repeat_kv
+    q = query.reshape(batch, kv_heads, group * q_len, head_dim)
+
+    logits = torch.cat(
+        [
+            torch.matmul(gather_channels(q, key_channels), compact_keys.transpose(-1, -2)),
+            torch.matmul(q, keys.transpose(-1, -2)),
+        ],
+        dim=-1,
+    ).float()
+    logits = logits.mul_(scaling).view(batch, kv_heads, group, q_len, n_total)
+
+    mask = as_bool_mask(mask)
+    if mask is None and q_len > 1:
+        mask = causal_mask(q_len, n_total, query.device)
+    if mask is not None:
+        if mask.shape[-1] != n_total:
+            raise RuntimeError(
+                f"think_cache: the attention mask covers {mask.shape[-1]} keys but the cache holds {n_total}; "
+                "this is a bug, please report it with your transformers version"
+            )
+        # a finite minimum, not -inf: a fully masked (padded) row then gives a uniform softmax instead of NaN
+        logits = logits.masked_fill(~mask[:, :, None], torch.finfo(logits.dtype).min)
+
+    weights = torch.softmax(logits, dim=-1).to(values.dtype).view(batch, kv_heads, group * q_len, n_total)
+    compact_out = torch.matmul(weights[..., :n_compact], compact_values)
+    if value_channels is not None:
+        compact_out = scatter_channels(compact_out, value_channels, v_dim)
+    out = compact_out + torch.matmul(weights[..., n_compact:], values)
+    return out.view(batch, q_heads, q_len, v_dim).transpose(1, 2)

@@ -1,0 +1,364 @@
+"""Per-layer storage of a ThinK cache, in the style of transformers' ``DynamicLayer``.
+
+A `ThinKLayer` stores one attention layer's keys and values in two parts:
+
+* the **recent** part, ``keys``/``values`` ``(batch, kv_heads, n_recent, head_dim)``: the newest tokens at full
+  width. Before the layer is compacted it holds every token.
+* the **compact** part, ``compact_keys`` ``(batch, kv_heads, n_compact, kept_k)`` with ``key_channels``
+  ``(batch, kv_heads, kept_k)`` (int16) saying which channels are kept, per batch row and KV head; and
+  ``compact_values``, full width unless value channels are pruned too (``value_channels``).
+
+Tokens are in logical order: compact part first, then the recent part. The layer is *compacted* once it has
+more than ``recent`` tokens at the end of a forward: the attention (which alone sees the queries) hands it the
+observation window's queries, the channels are chosen once, and from then on every token that leaves the
+recent part is moved into the compact part with those channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from .compact import gather_channels, key_padding
+from .scoring import (
+    channel_index_dtype,
+    kept_channel_count,
+    key_channel_scores,
+    select_channels,
+    value_channel_scores,
+)
+
+__all__ = ["ThinKLayer", "ThinKSlidingLayer", "LayerStats"]
+
+# Every tensor a layer holds whose first dimension is the batch.
+_ROW_TENSORS = (
+    "keys",
+    "values",
+    "compact_keys",
+    "compact_values",
+    "key_channels",
+    "value_channels",
+    "window_queries",
+)
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """What one layer holds. Bytes are those of the tensors' storages, measured, not computed from shapes."""
+
+    layer_idx: int
+    tokens: int
+    stored_tokens: int
+    compact_tokens: int
+    head_dim: int
+    key_channels: int
+    value_channels: int
+    stored_bytes: int
+    dense_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.stored_bytes / self.dense_bytes if self.dense_bytes else 1.0
+
+
+def storage_bytes(tensors: Iterator[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a view holding a larger buffer counts it whole)."""
+    seen: dict[tuple[torch.device, int], int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[(t.device, storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
+class ThinKLayer(CacheLayerMixin):
+    """One full-attention layer of a `ThinKCache`. See the module docstring for the layout."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, key_ratio: float = 0.5, value_ratio: float = 0.0, window: int = 32, recent: int = 32):
+        super().__init__()
+        self.key_ratio = key_ratio
+        self.value_ratio = value_ratio
+        self.window = window
+        self.recent = recent
+        self.reset()
+
+    def __repr__(self) -> str:
+        state = "compacted" if self.is_compacted else "full"
+        return f"{type(self).__name__}(tokens={self.seen_tokens}, {state})"
+
+    # ----------------------------------------------------------------------------------------------- state
+    def reset(self) -> None:
+        """Drop everything; the layer starts again from its first `update`."""
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.compact_keys: torch.Tensor | None = None
+        self.compact_values: torch.Tensor | None = None
+        self.key_channels: torch.Tensor | None = None
+        self.value_channels: torch.Tensor | None = None
+        self.window_queries: torch.Tensor | None = None
+        self.seen_tokens = 0
+        self.is_initialized = False
+
+    @property
+    def prunes(self) -> bool:
+        """Whether this layer ever compacts (a ratio above zero)."""
+        return self.key_ratio > 0 or self.value_ratio > 0
+
+    @property
+    def is_compacted(self) -> bool:
+        """Whether the channels were chosen and older tokens live in the compact part."""
+        return self.key_channels is not None
+
+    @property
+    def stored_tokens(self) -> int:
+        compact = 0 if self.compact_keys is None else self.compact_keys.shape[-2]
+        recent = 0 if self.keys is None else self.keys.shape[-2]
+        return compact + recent
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor the layer holds."""
+        for name in _ROW_TENSORS:
+            t = getattr(self, name)
+            if t is not None:
+                yield t
+
+    def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for name in _ROW_TENSORS:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    # ---------------------------------------------------------------------------------------- cache API
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads, _, head_dim = key_states.shape
+        self.head_dim = head_dim
+        self.keys = key_states.new_empty(batch, heads, 0, head_dim)
+        v = key_states if value_states is None else value_states
+        self.values = v.new_empty(batch, heads, 0, v.shape[-1])
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens to the recent part; once compacted, fold the overflow into the compact part.
+
+        Returns the recent part's keys and values: the ThinK attention reads the compact part from the layer.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.seen_tokens += key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.is_compacted:
+            self._fold(self.keys.shape[-2] - self.recent)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        """Tokens seen (the logical length), which is what position ids and masks are built from."""
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.stored_tokens + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # transformers < 5
+        return self.get_max_length()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the newest ``-tokens_to_remove`` tokens (a non-positive count, as in transformers 5.x).
+
+        Only the full-width recent part can be cut: pruned channels cannot be restored.
+        """
+        count = -tokens_to_remove
+        if count <= 0 or not self.is_initialized:
+            return
+        if self.is_compacted and count > self.keys.shape[-2]:
+            raise ValueError(
+                f"ThinKCache cannot crop {count} tokens: only the newest {self.keys.shape[-2]} tokens are stored at "
+                f"full width and older ones were pruned to {self.key_channels.shape[-1]} of {self.head_dim} key "
+                "channels. Crop fewer tokens, or build the cache with a larger `recent`."
+            )
+        self.keys = self.keys[:, :, :-count].clone()
+        self.values = self.values[:, :, :-count].clone()
+        self.seen_tokens -= count
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_tensors(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_tensors(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def offload(self) -> None:
+        if self.is_initialized:
+            self._map_tensors(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self.keys.device != self.device:
+            self._map_tensors(lambda t: t.to(self.device, non_blocking=True))
+
+    # ------------------------------------------------------------------------------------ ThinK proper
+    def after_attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> None:
+        """Called by the ThinK attention at the end of every forward through this layer.
+
+        Before compaction it remembers the window's queries and compacts once the layer holds more than
+        ``recent`` tokens (`observe`); ``mask`` is that forward's attention mask, which tells padded keys apart.
+        """
+        if self.prunes and not self.is_compacted:
+            real_keys = key_padding(mask, query.shape[0], self.keys.shape[-2], query.device)
+            self.observe(query, real_keys, scaling)
+
+    def observe(self, query: torch.Tensor, real_keys: torch.Tensor, scaling: float) -> None:
+        """Remember the observation window's queries; compact once the layer holds more than ``recent`` tokens.
+
+        Called by the ThinK attention after a forward on full-width keys.
+
+        Parameters
+        ----------
+        query:
+            ``(batch, q_heads, q_len, head_dim)``, this forward's queries (the last ``q_len`` stored tokens).
+        real_keys:
+            ``(batch, stored_tokens)`` bool, False at padded positions.
+        scaling:
+            The attention scale, for value-channel scores.
+        """
+        if not self.prunes or self.is_compacted:
+            return
+        batch, q_heads, q_len, head_dim = query.shape
+        kv_heads = self.keys.shape[1]
+        stored = self.keys.shape[-2]
+        w = min(self.window, q_len)
+        real_queries = real_keys[:, stored - w :]  # query i is stored token stored - q_len + i
+        q = query[:, :, q_len - w :] * real_queries[:, None, :, None].to(query.dtype)
+        q = q.reshape(batch, kv_heads, q_heads // kv_heads, w, head_dim)
+        if self.window_queries is not None:
+            q = torch.cat([self.window_queries, q], dim=3)[:, :, :, -self.window :]
+        self.window_queries = q.contiguous()
+        if stored > self.recent:
+            self.compact(real_keys, scaling)
+
+    def compact(self, real_keys: torch.Tensor, scaling: float) -> None:
+        """Choose the kept channels from the remembered window and move all but the recent tokens out."""
+        batch, kv_heads, group, w, head_dim = self.window_queries.shape
+        queries = self.window_queries.reshape(batch, kv_heads, group * w, head_dim)
+        index_dtype = channel_index_dtype(head_dim)
+
+        scores = key_channel_scores(queries, self.keys, real_keys)
+        self.key_channels = select_channels(scores, kept_channel_count(head_dim, self.key_ratio)).to(index_dtype)
+        if self.value_ratio > 0:
+            scores = value_channel_scores(
+                queries, self.keys, self.values, scaling, self._window_mask(real_keys, group, w)
+            )
+            kept = kept_channel_count(self.values.shape[-1], self.value_ratio)
+            self.value_channels = select_channels(scores, kept).to(index_dtype)
+
+        self.compact_keys = gather_channels(self.keys[:, :, :0], self.key_channels)
+        self.compact_values = self._compact_values(self.values[:, :, :0])
+        self.window_queries = None
+        self._fold(self.keys.shape[-2] - self.recent)
+
+    def _window_mask(self, real_keys: torch.Tensor, group: int, w: int) -> torch.Tensor:
+        """``(batch, 1, group * w, stored)``: which stored keys each remembered window query may attend."""
+        stored = real_keys.shape[-1]
+        q_pos = torch.arange(stored - w, stored, device=real_keys.device)
+        causal = torch.arange(stored, device=real_keys.device)[None, :] <= q_pos[:, None]  # (w, stored)
+        mask = causal[None] & real_keys[:, None, :]  # (B, w, stored)
+        return mask[:, None, None].expand(-1, 1, group, w, stored).reshape(-1, 1, group * w, stored)
+
+    def _compact_values(self, values: torch.Tensor) -> torch.Tensor:
+        return values.clone() if self.value_channels is None else gather_channels(values, self.value_channels)
+
+    def _fold(self, n: int) -> None:
+        """Move the oldest ``n`` tokens of the recent part into the compact part."""
+        if n <= 0:
+            return
+        self.compact_keys = torch.cat(
+            [self.compact_keys, gather_channels(self.keys[:, :, :n], self.key_channels)], dim=-2
+        )
+        self.compact_values = torch.cat([self.compact_values, self._compact_values(self.values[:, :, :n])], dim=-2)
+        # clone: a slice would keep the whole old buffer alive
+        self.keys = self.keys[:, :, n:].clone()
+        self.values = self.values[:, :, n:].clone()
+
+    def _drop_oldest(self, n: int) -> None:
+        """Forget the oldest ``n`` stored tokens (compact part first)."""
+        if n <= 0:
+            return
+        if self.compact_keys is not None:
+            from_compact = min(n, self.compact_keys.shape[-2])
+            self.compact_keys = self.compact_keys[:, :, from_compact:].clone()
+            self.compact_values = self.compact_values[:, :, from_compact:].clone()
+            n -= from_compact
+        if n > 0:
+            self.keys = self.keys[:, :, n:].clone()
+            self.values = self.values[:, :, n:].clone()
+
+    # ---------------------------------------------------------------------------------------------- stats
+    def dense_tokens(self) -> int:
+        """Tokens a transformers ``DynamicCache`` layer would hold after the same inputs."""
+        return self.seen_tokens
+
+    def stats(self, layer_idx: int) -> LayerStats:
+        """Tokens, channels and bytes held, against a ``DynamicCache`` layer on the same inputs."""
+        if not self.is_initialized:
+            return LayerStats(layer_idx, 0, 0, 0, 0, 0, 0, 0, 0)
+        batch, heads, _, head_dim = self.keys.shape
+        v_dim = self.values.shape[-1]
+        dense = batch * heads * self.dense_tokens() * (head_dim * self.keys.element_size() + v_dim * self.values.element_size())
+        return LayerStats(
+            layer_idx=layer_idx,
+            tokens=self.seen_tokens,
+            stored_tokens=self.stored_tokens,
+            compact_tokens=self.stored_tokens - self.keys.shape[-2],
+            head_dim=head_dim,
+            key_channels=head_dim if self.key_channels is None else self.key_channels.shape[-1],
+            value_channels=v_dim if self.value_channels is None else self.value_channels.shape[-1],
+            stored_bytes=storage_bytes(self.tensors()),
+            dense_bytes=dense,
+        )
+
+
+class ThinKSlidingLayer(ThinKLayer):
+    """A ThinK layer for sliding-window attention: keeps at most ``sliding_window - 1`` past tokens.
+
+    Its masks and lengths match transformers' ``DynamicSlidingWindowLayer``; tokens that leave the window are
+    dropped from the compact part, so such a layer is bounded whatever the ratio.
+    """
+
+    is_sliding = True
+
+    def __init__(self, sliding_window: int, **kwargs):
+        self.sliding_window = sliding_window
+        super().__init__(**kwargs)
+
+    def after_attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> None:
+        super().after_attention(query, mask, scaling)
+        self._drop_oldest(self.stored_tokens - (self.sliding_window - 1))
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        kv_offset = max(self.seen_tokens - self.sliding_window + 1, 0)
+        return min(self.seen_tokens, self.sliding_window - 1) + query_length, kv_offset
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if -tokens_to_remove > 0 and self.seen_tokens >= self.sliding_window:
+            raise ValueError(
+                "ThinKCache cannot crop a sliding-window layer once its window is full: the older tokens are gone."
+            )
+        super().crop(tokens_to_remove)
+
+    def dense_tokens(self) -> int:
+        return min(self.seen_tokens, self.sliding_window - 1)

@@ -1,0 +1,143 @@
+"""`patch(model)` / `unpatch(model)`: the model surgery, and nothing else."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from . import _compat
+from .attention import ATTENTION_NAME, enter_module, exit_module, register
+from .cache import ThinKCache
+
+__all__ = ["patch", "unpatch", "is_patched", "SUPPORTED_MODEL_TYPES"]
+
+#: Model types whose attention think-cache is tested on.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+_STATE_ATTRIBUTE = "_think_cache_patch"
+
+
+@dataclass
+class _PatchState:
+    original_attn_implementation: str | None
+    hooks: list = field(default_factory=list)
+    defaults: dict = field(default_factory=dict)
+    generate_wrapped: bool = False
+    own_generate: object = None  # a ``generate`` set on the instance before patching, if any
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The self-attention modules: those with a layer index and q/k/v projections, as in Llama and its kin."""
+    return [
+        m
+        for m in model.modules()
+        if hasattr(m, "layer_idx") and all(hasattr(m, p) for p in ("q_proj", "k_proj", "v_proj"))
+    ]
+
+
+def _check_model(model: object) -> list[torch.nn.Module]:
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"think_cache.patch expects a transformers model (a PreTrainedModel), got {type(model).__name__}"
+        )
+    config = model.config
+    supported = ", ".join(SUPPORTED_MODEL_TYPES)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"think_cache does not support encoder-decoder models ({config.model_type!r}); supported decoder-only "
+            f"model types: {supported}"
+        )
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"think_cache does not support model type {config.model_type!r}; supported: {supported}")
+    implementation = _compat.attn_implementation(model) or ""
+    if implementation.startswith("paged"):
+        raise ValueError(
+            f"think_cache cannot serve attn_implementation={implementation!r} (continuous batching with a paged "
+            "cache); load the model with attn_implementation='sdpa' or 'eager'"
+        )
+    modules = _attention_modules(model)
+    if not modules or any(getattr(m, "num_key_value_groups", None) is None for m in modules):
+        raise ValueError(
+            f"think_cache found no attention layer it can serve in {type(model).__name__}: it needs self-attention "
+            "modules with q_proj/k_proj/v_proj, a layer_idx and grouped-query heads (num_key_value_groups)"
+        )
+    return modules
+
+
+def is_patched(model: torch.nn.Module) -> bool:
+    """Whether `patch` was applied to ``model`` (and not undone)."""
+    return getattr(model, _STATE_ATTRIBUTE, None) is not None
+
+
+def patch(model: torch.nn.Module, **defaults) -> torch.nn.Module:
+    """Switch ``model`` to the ThinK attention so that it can use a `ThinKCache`. Idempotent; returns the model.
+
+    Parameters
+    ----------
+    model:
+        A transformers decoder-only model of a supported type (see ``SUPPORTED_MODEL_TYPES``).
+    **defaults:
+        `ThinKCache` settings (``key_ratio``, ``value_ratio``, ``window``, ``recent``). When given,
+        ``model.generate(...)`` without a cache argument uses a fresh ``ThinKCache(**defaults)``: the one-liner
+        ``think_cache.patch(model, key_ratio=0.5)``. Patching again with settings replaces them.
+
+    Other caches keep working on a patched model: the ThinK attention hands them to transformers' sdpa attention.
+    """
+    modules = _check_model(model)
+    if defaults:
+        try:
+            ThinKCache(**defaults)  # validate now, where the settings enter
+        except TypeError as error:
+            raise TypeError(f"think_cache.patch: invalid ThinKCache setting: {error}") from None
+    register()
+
+    state = getattr(model, _STATE_ATTRIBUTE, None)
+    if state is None:
+        state = _PatchState(original_attn_implementation=_compat.attn_implementation(model))
+        for module in modules:
+            state.hooks.append(module.register_forward_pre_hook(enter_module))
+            state.hooks.append(module.register_forward_hook(exit_module))
+        setattr(model, _STATE_ATTRIBUTE, state)
+    _compat.set_attn_implementation(model, ATTENTION_NAME)
+
+    if defaults:
+        state.defaults = dict(defaults)
+        if not state.generate_wrapped:
+            state.own_generate = vars(model).get("generate")
+            model.generate = _generate_with_defaults(model, state)
+            state.generate_wrapped = True
+    return model
+
+
+def _generate_with_defaults(model: torch.nn.Module, state: _PatchState):
+    original = state.own_generate or type(model).generate.__get__(model)
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        wants_cache = kwargs.get("use_cache", model.generation_config.use_cache) is not False
+        has_cache = any(kwargs.get(name) is not None for name in _compat.CACHE_ARGUMENTS)
+        if state.defaults and wants_cache and not has_cache:
+            kwargs[_compat.CACHE_ARGUMENT] = ThinKCache(**state.defaults)
+        return original(*args, **kwargs)
+
+    return generate
+
+
+def unpatch(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `patch`: the original attention implementation and ``generate`` come back. Returns the model."""
+    state = getattr(model, _STATE_ATTRIBUTE, None)
+    if state is None:
+        return model
+    for hook in state.hooks:
+        hook.remove()
+    _compat.set_attn_implementation(model, state.original_attn_implementation or "sdpa")
+    if state.generate_wrapped:
+        vars(model).pop("generate", None)
+        if state.own_generate is not None:
+            model.generate = state.own_generate
+    delattr(model, _STATE_ATTRIBUTE)
+    return model

@@ -1,0 +1,106 @@
+"""Channel scoring and selection: the ThinK criterion as pure tensor functions.
+
+Shapes follow transformers: ``(batch, kv_heads, tokens, head_dim)``. Under grouped-query attention the
+queries of a KV head's whole group are flattened into the token axis: ``(batch, kv_heads, group * window,
+head_dim)``. Every score is computed in float32, whatever the model's dtype, so near-ties in bf16 cannot flip
+a channel choice from one run to the next.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "kept_channel_count",
+    "key_channel_scores",
+    "value_channel_scores",
+    "select_channels",
+    "channel_index_dtype",
+]
+
+
+def kept_channel_count(head_dim: int, ratio: float) -> int:
+    """Channels kept out of ``head_dim`` when a fraction ``ratio`` is pruned: ``ceil((1 - ratio) * head_dim)``."""
+    # round() first so that e.g. (1 - 0.6) * 64 = 25.599999 does not become 26 by float noise
+    return max(1, math.ceil(round((1.0 - ratio) * head_dim, 6)))
+
+
+def key_channel_scores(
+    window_queries: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Score each key channel by ``||Q_win[:, c]|| * ||K[:, c]||``.
+
+    That product is the Frobenius norm of channel ``c``'s share of the window's attention logits
+    (``Q_win[:, c] K[:, c]^T`` is rank one), the criterion of ThinK (arXiv 2407.21018, eq. 4).
+
+    Parameters
+    ----------
+    window_queries:
+        ``(batch, kv_heads, group * window, head_dim)``: the observation window's queries, every query head of
+        a KV head's group. Rows of padded positions must already be zero.
+    keys:
+        ``(batch, kv_heads, tokens, head_dim)``.
+    key_mask:
+        ``(batch, tokens)`` bool, True for real tokens; padded keys are left out of the norm. None: all real.
+
+    Returns
+    -------
+    ``(batch, kv_heads, head_dim)`` float32 scores.
+    """
+    k = keys.float()
+    if key_mask is not None:
+        k = k * key_mask[:, None, :, None].to(k.dtype)
+    return torch.linalg.vector_norm(window_queries.float(), dim=-2) * torch.linalg.vector_norm(k, dim=-2)
+
+
+def value_channel_scores(
+    window_queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scaling: float,
+    window_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Score each value channel by the norm of its share of the window's attention output.
+
+    With ``A = softmax(Q_win K^T * scaling)`` (masked), channel ``c`` contributes ``A V[:, c]`` to the output;
+    its score is ``||A V[:, c]||`` over the window's query rows.
+
+    Parameters
+    ----------
+    window_queries:
+        ``(batch, kv_heads, rows, head_dim)`` with ``rows = group * window``.
+    keys, values:
+        ``(batch, kv_heads, tokens, head_dim)``.
+    scaling:
+        The attention scale (``1 / sqrt(head_dim)``).
+    window_mask:
+        ``(batch, 1, rows, tokens)`` bool, True where a window query may attend a key (causal and padding).
+
+    Returns
+    -------
+    ``(batch, kv_heads, head_dim)`` float32 scores.
+    """
+    logits = torch.matmul(window_queries.float(), keys.float().transpose(-1, -2)) * scaling
+    if window_mask is not None:
+        logits = logits.masked_fill(~window_mask, torch.finfo(logits.dtype).min)
+    weights = torch.softmax(logits, dim=-1)
+    return torch.linalg.vector_norm(torch.matmul(weights, values.float()), dim=-2)
+
+
+def channel_index_dtype(head_dim: int) -> torch.dtype:
+    """The smallest integer dtype that indexes ``head_dim`` channels (int16 for any real head size)."""
+    return torch.int16 if head_dim <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def select_channels(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """Indices of the ``n_keep`` best channels per ``(batch, kv_head)``, ascending, as int64.
+
+    ``scores``: ``(batch, kv_heads, head_dim)``. Returns ``(batch, kv_heads, n_keep)``.
+    """
+    head_dim = scores.shape[-1]
+    if not 1 <= n_keep <= head_dim:
+        raise ValueError(f"n_keep must be in [1, {head_dim}], got {n_keep}")
+    top = torch.topk(scores, n_keep, dim=-1, sorted=False).indices
+    return torch.sort(top, dim=-1).values
