@@ -88,12 +88,16 @@ def think_attention(
     """
     layer = _take_handoff(key)
     if layer is None or not layer.is_compacted:
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        out = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
         if layer is not None:
             layer.after_attention(query, attention_mask, _scale(scaling, query))
         return out
     if dropout and module.training:
-        raise NotImplementedError("ThinKCache is an inference cache: attention dropout in training mode is not supported.")
+        raise NotImplementedError(
+            "ThinKCache is an inference cache: attention dropout in training mode is not supported."
+        )
     out = compact_attention(
         query,
         layer.compact_keys,

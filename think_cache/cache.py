@@ -227,7 +227,9 @@ class ThinKCache(Cache):
         return CacheStats(tuple(layer.stats(i) for i, layer in enumerate(self.layers)))
 
     def __repr__(self) -> str:
-        settings = f"key_ratio={self.key_ratio}, value_ratio={self.value_ratio}, window={self.window}, recent={self.recent}"
+        settings = (
+            f"key_ratio={self.key_ratio}, value_ratio={self.value_ratio}, window={self.window}, recent={self.recent}"
+        )
         if not self.layers:
             return f"ThinKCache({settings}; empty)"
         s = self.stats()

@@ -315,7 +315,12 @@ class ThinKLayer(CacheLayerMixin):
             return LayerStats(layer_idx, 0, 0, 0, 0, 0, 0, 0, 0)
         batch, heads, _, head_dim = self.keys.shape
         v_dim = self.values.shape[-1]
-        dense = batch * heads * self.dense_tokens() * (head_dim * self.keys.element_size() + v_dim * self.values.element_size())
+        dense = (
+            batch
+            * heads
+            * self.dense_tokens()
+            * (head_dim * self.keys.element_size() + v_dim * self.values.element_size())
+        )
         return LayerStats(
             layer_idx=layer_idx,
             tokens=self.seen_tokens,

@@ -1,0 +1,163 @@
+"""Tiny random-weight models and an independent dense reference for think-cache's tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+import think_cache
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+VOCAB = 256
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def make_config(arch: str, **overrides):
+    kwargs = {**_COMMON, **overrides}
+    if arch == "llama":
+        return LlamaConfig(**kwargs)
+    if arch == "mistral":
+        # a short sliding window, so that sliding layers really trim in the tests
+        kwargs.setdefault("sliding_window", 48)
+        return MistralConfig(**kwargs)
+    if arch == "qwen2":
+        return Qwen2Config(**kwargs)
+    if arch == "qwen3":
+        kwargs.setdefault("head_dim", 32)
+        return Qwen3Config(**kwargs)
+    raise ValueError(arch)
+
+
+_CLASSES = {
+    "llama": LlamaForCausalLM,
+    "mistral": MistralForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+}
+
+
+def make_model(arch: str = "llama", seed: int = 0, patch: bool = True, **overrides):
+    """A tiny random-weight model in float32, eval mode, patched for ThinK unless ``patch=False``."""
+    torch.manual_seed(seed)
+    model = _CLASSES[arch](make_config(arch, **overrides)).eval()
+    # no eos stop: every run generates exactly max_new_tokens
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return think_cache.patch(model) if patch else model
+
+
+def make_batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded random prompts of the given lengths: ``(input_ids, attention_mask)``."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(3, VOCAB, (n,), generator=g)
+        mask[row, width - n :] = 1
+    return ids, mask
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+def held_bytes(cache) -> int:
+    """Bytes of every tensor storage a cache's layers hold, found by walking their attributes (not `stats`)."""
+    storages = {}
+    for layer in cache.layers:
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor) and value.numel():
+                s = value.untyped_storage()
+                storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
+
+
+# --------------------------------------------------------------------------------------- dense reference
+class ZeroedLayer(DynamicLayer):
+    """A stock full-size layer whose tokens, once out of the newest ``recent``, get pruned channels set to zero.
+
+    It mirrors ThinK's schedule without sharing its code: channels are given (taken from a ThinK run), and a layer
+    counts as compacted from the first update after a forward that left it with more than ``recent`` tokens.
+    """
+
+    def __init__(self, key_channels, value_channels, recent: int, head_dim: int, sliding_window: int | None = None):
+        super().__init__()
+        self.recent = recent
+        self.sliding_window = sliding_window
+        self.key_keep = self._keep_mask(key_channels, head_dim)
+        self.value_keep = None if value_channels is None else self._keep_mask(value_channels, head_dim)
+        self.compacted = False
+        self.seen = 0
+
+    @staticmethod
+    def _keep_mask(channels, head_dim):
+        keep = torch.zeros(*channels.shape[:-1], head_dim, dtype=torch.bool)
+        keep.scatter_(-1, channels.long(), True)
+        return keep[:, :, None, :]  # (B, H, 1, D)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.is_initialized and self.keys.shape[-2] > self.recent:
+            self.compacted = True
+        self.seen += key_states.shape[-2]
+        keys, values = super().update(key_states, value_states)
+        if self.compacted:
+            old = keys.shape[-2] - self.recent
+            keys[:, :, :old] = keys[:, :, :old] * self.key_keep
+            if self.value_keep is not None:
+                values[:, :, :old] = values[:, :, :old] * self.value_keep
+        out = keys, values
+        if self.sliding_window is not None:  # keep what a sliding layer keeps after the forward
+            self.keys = keys[:, :, -(self.sliding_window - 1) :]
+            self.values = values[:, :, -(self.sliding_window - 1) :]
+        return out
+
+    def get_seq_length(self):
+        return self.seen
+
+    def get_mask_sizes(self, query_length):
+        if self.sliding_window is None:
+            return self.seen + query_length, 0
+        offset = max(self.seen - self.sliding_window + 1, 0)
+        return min(self.seen, self.sliding_window - 1) + query_length, offset
+
+
+def zeroed_reference(think_cache_after_run, model) -> DynamicCache:
+    """A DynamicCache of `ZeroedLayer`s using the channels a ThinK run chose."""
+    layers = []
+    for layer, module in zip(think_cache_after_run.layers, _attention_modules(model)):
+        window = getattr(module, "sliding_window", getattr(model.config, "sliding_window", None))
+        layers.append(
+            ZeroedLayer(layer.key_channels, layer.value_channels, layer.recent, layer.head_dim, sliding_window=window)
+        )
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache
+
+
+def _attention_modules(model):
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]

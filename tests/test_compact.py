@@ -1,0 +1,131 @@
+"""`compact_attention` equals stock attention over a full-size cache whose pruned channels are zero."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from think_cache.compact import compact_attention, gather_channels, key_padding, scatter_channels
+
+
+def _dense_reference(query, keys_full, values_full, key_keep, value_keep, n_compact, mask, scaling):
+    """Zero pruned channels of the first n_compact tokens, then torch's sdpa with repeat_kv."""
+    k = keys_full.clone()
+    v = values_full.clone()
+    k[:, :, :n_compact] *= key_keep[:, :, None, :]
+    if value_keep is not None:
+        v[:, :, :n_compact] *= value_keep[:, :, None, :]
+    group = query.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2)
+
+
+def _keep(channels, dim):
+    keep = torch.zeros(*channels.shape[:-1], dim)
+    return keep.scatter_(-1, channels, 1.0)
+
+
+@pytest.mark.parametrize("q_len", [1, 5])
+@pytest.mark.parametrize("prune_values", [False, True])
+@pytest.mark.parametrize("kv_heads,group", [(2, 3), (1, 4), (4, 1)])
+def test_matches_zeroed_dense(q_len, prune_values, kv_heads, group):
+    torch.manual_seed(q_len * 7 + kv_heads)
+    batch, dim, n_compact, n_recent = 2, 16, 25, 7
+    query = torch.randn(batch, kv_heads * group, q_len, dim)
+    keys_full = torch.randn(batch, kv_heads, n_compact + n_recent, dim)
+    values_full = torch.randn(batch, kv_heads, n_compact + n_recent, dim)
+    key_channels = torch.stack([torch.randperm(dim)[:6].sort().values for _ in range(batch * kv_heads)]).view(
+        batch, kv_heads, 6
+    )
+    value_channels = None
+    if prune_values:
+        value_channels = torch.stack([torch.randperm(dim)[:9].sort().values for _ in range(batch * kv_heads)]).view(
+            batch, kv_heads, 9
+        )
+
+    # padding in row 1 and causal structure among the queries
+    mask = torch.ones(batch, 1, q_len, n_compact + n_recent, dtype=torch.bool)
+    mask[1, :, :, :4] = False
+    mask &= torch.ones(q_len, n_compact + n_recent, dtype=torch.bool).tril(n_compact + n_recent - q_len)
+
+    compact_values = values_full[:, :, :n_compact]
+    if prune_values:
+        compact_values = gather_channels(compact_values, value_channels)
+    out = compact_attention(
+        query,
+        gather_channels(keys_full[:, :, :n_compact], key_channels),
+        key_channels.to(torch.int16),
+        compact_values,
+        value_channels,
+        keys_full[:, :, n_compact:],
+        values_full[:, :, n_compact:],
+        mask,
+        dim**-0.5,
+    )
+    ref = _dense_reference(
+        query,
+        keys_full,
+        values_full,
+        _keep(key_channels, dim),
+        None if value_channels is None else _keep(value_channels, dim),
+        n_compact,
+        mask,
+        dim**-0.5,
+    )
+    assert out.shape == (batch, q_len, kv_heads * group, dim)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_no_mask_means_causal():
+    torch.manual_seed(3)
+    q = torch.randn(1, 2, 4, 8)
+    k = torch.randn(1, 2, 10, 8)
+    v = torch.randn(1, 2, 10, 8)
+    ch = torch.arange(8).expand(1, 2, 8)
+    causal = torch.ones(4, 10, dtype=torch.bool).tril(6)[None, None]
+    a = compact_attention(q, k[:, :, :3], ch, v[:, :, :3], None, k[:, :, 3:], v[:, :, 3:], None, 0.3)
+    b = compact_attention(q, k[:, :, :3], ch, v[:, :, :3], None, k[:, :, 3:], v[:, :, 3:], causal, 0.3)
+    torch.testing.assert_close(a, b)
+
+
+def test_fully_masked_row_is_finite():
+    q = torch.randn(1, 2, 2, 8)
+    k = torch.randn(1, 2, 6, 8)
+    mask = torch.zeros(1, 1, 2, 6, dtype=torch.bool)
+    mask[:, :, 1] = True
+    ch = torch.arange(4).expand(1, 2, 4)
+    out = compact_attention(q, k[:, :, :3, :4], ch, k[:, :, :3], None, k[:, :, 3:], k[:, :, 3:], mask, 0.3)
+    assert torch.isfinite(out).all()
+
+
+def test_mask_width_mismatch_is_a_clear_error():
+    q = torch.randn(1, 2, 1, 8)
+    k = torch.randn(1, 2, 6, 8)
+    ch = torch.arange(8).expand(1, 2, 8)
+    with pytest.raises(RuntimeError, match="mask covers 5 keys but the cache holds 6"):
+        compact_attention(
+            q,
+            k[:, :, :3],
+            ch,
+            k[:, :, :3],
+            None,
+            k[:, :, 3:],
+            k[:, :, 3:],
+            torch.ones(1, 1, 1, 5, dtype=torch.bool),
+            0.3,
+        )
+
+
+def test_gather_scatter_roundtrip_and_padding_helper():
+    x = torch.randn(2, 3, 5, 8)
+    ch = torch.tensor([1, 4, 6]).expand(2, 3, 3)
+    back = scatter_channels(gather_channels(x, ch), ch, 8)
+    assert torch.equal(back[..., [1, 4, 6]], x[..., [1, 4, 6]])
+    assert back[..., [0, 2, 3, 5, 7]].abs().sum() == 0
+    additive = torch.zeros(2, 1, 3, 5)
+    additive[0, :, :, :2] = torch.finfo(torch.float32).min
+    real = key_padding(additive, 2, 5)
+    assert real.tolist() == [[False, False, True, True, True], [True] * 5]

@@ -1,0 +1,127 @@
+"""patch / unpatch and the one-liner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_batch, make_model
+from transformers import DynamicCache
+
+import think_cache
+from think_cache import ThinKCache
+from think_cache import _compat as compat
+
+
+def test_patch_is_idempotent_and_unpatch_restores():
+    model = make_model("llama", patch=False)
+    original = model.config._attn_implementation
+    hooks_before = sum(len(m._forward_pre_hooks) for m in model.modules())
+    assert think_cache.patch(model) is model
+    think_cache.patch(model)
+    assert model.config._attn_implementation == think_cache.ATTENTION_NAME
+    n_attn = sum(1 for m in model.modules() if hasattr(m, "k_proj"))
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == hooks_before + n_attn
+    assert think_cache.unpatch(model) is model
+    assert model.config._attn_implementation == original
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == hooks_before
+    assert not think_cache.is_patched(model)
+    assert think_cache.unpatch(model) is model  # a no-op the second time
+
+
+def test_unpatched_outputs_are_unchanged():
+    model = make_model("qwen2", patch=False)
+    ids, mask = make_batch([25, 14])
+    before = model(input_ids=ids, attention_mask=mask).logits
+    think_cache.patch(model, key_ratio=0.5)
+    think_cache.unpatch(model)
+    after = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(before, after)
+    assert "generate" not in vars(model)
+
+
+def test_other_caches_still_work_on_a_patched_model():
+    patched, plain = make_model("llama"), make_model("llama", patch=False)
+    ids, mask = make_batch([30, 12])
+    a = patched.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    b = plain.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_one_liner_defaults():
+    model = make_model("llama", patch=False)
+    think_cache.patch(model, key_ratio=0.5, window=8)
+    ids, _ = make_batch([40])
+    out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    assert isinstance(cache, ThinKCache)
+    assert cache.key_ratio == 0.5 and cache.window == 8
+    assert cache.stats().ratio < 1
+    # an explicit cache still wins, and use_cache=False still means no cache
+    mine = DynamicCache()
+    model.generate(input_ids=ids, max_new_tokens=2, past_key_values=mine)
+    assert mine.get_seq_length() == 41
+    model.generate(input_ids=ids, max_new_tokens=2, use_cache=False)
+    # patching again replaces the defaults
+    think_cache.patch(model, key_ratio=0.25)
+    out = model.generate(input_ids=ids, max_new_tokens=2, return_dict_in_generate=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    assert cache.key_ratio == 0.25
+
+
+@pytest.mark.parametrize("spelling", ["cache", "past_key_values"])
+def test_both_cache_spellings_in_generate(spelling):
+    if spelling not in compat.CACHE_ARGUMENTS:
+        pytest.skip(f"transformers {compat.TRANSFORMERS_VERSION} has no `{spelling}=` argument")
+    model = make_model("llama")
+    ids, _ = make_batch([40])
+    cache = ThinKCache(key_ratio=0.5, window=8)
+    out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, **{spelling: cache})
+    assert cache.get_seq_length() == 45
+    assert all(layer.is_compacted for layer in cache.layers)
+    assert out.shape == (1, 46)
+
+
+def test_channels_match_an_independent_computation():
+    """The chosen channels are the top ||Q_win[:,c]||*||K[:,c]|| computed from queries captured by hooks."""
+    model = make_model("llama")
+    attn = model.model.layers[1].self_attn
+    captured = {}
+    # capture q and k after RoPE by wrapping the registered attention
+    from transformers import AttentionInterface
+
+    original = AttentionInterface._global_mapping[think_cache.ATTENTION_NAME]
+
+    def spy(module, query, key, value, mask, **kw):
+        if module is attn and "q" not in captured:
+            captured["q"], captured["k"] = query.clone(), key.clone()
+        return original(module, query, key, value, mask, **kw)
+
+    AttentionInterface.register(think_cache.ATTENTION_NAME, spy)
+    try:
+        ids, mask = make_batch([50, 35], seed=3)
+        cache = ThinKCache(key_ratio=0.5, window=8)
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    finally:
+        AttentionInterface.register(think_cache.ATTENTION_NAME, original)
+    q, k = captured["q"], captured["k"]  # (B, 4, 50, 16), (B, 2, 50, 16)
+    for row in range(2):
+        real = mask[row].bool()
+        for h in range(2):
+            qw = q[row, 2 * h : 2 * h + 2, -8:].reshape(-1, 16)
+            kh = k[row, h][real]
+            score = qw.norm(dim=0) * kh.norm(dim=0)
+            expected = score.topk(8).indices.sort().values
+            assert torch.equal(cache.layers[1].key_channels[row, h].long(), expected)
+
+
+def test_padding_values_do_not_change_channels():
+    model = make_model("mistral")
+    ids, mask = make_batch([60, 30], seed=4)
+    ids2 = ids.clone()
+    ids2[1, :30] = torch.randint(3, 200, (30,))  # different tokens under the padding
+    chosen = []
+    for x in (ids, ids2):
+        cache = ThinKCache(key_ratio=0.5, window=8)
+        model(input_ids=x, attention_mask=mask, past_key_values=cache)
+        chosen.append(torch.stack([layer.key_channels for layer in cache.layers]))
+    assert torch.equal(chosen[0], chosen[1])

@@ -1,0 +1,82 @@
+"""key_ratio > 0 equals a dense reference: full-size stock cache with the pruned channels zeroed, stock attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_batch, make_model, zeroed_reference
+
+from think_cache import ThinKCache
+
+ATOL = 1e-4
+
+
+def _run(model, ids, mask, cache, steps):
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        past_key_values=cache,
+        max_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+
+
+def _compare(model, ids, mask, steps, **settings):
+    think = ThinKCache(**settings)
+    out = _run(model, ids, mask, think, steps)
+    assert all(layer.is_compacted for layer in think.layers)
+    ref = _run(model, ids, mask, zeroed_reference(think, model), steps)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    return think, out
+
+
+@pytest.mark.parametrize("key_ratio", [0.25, 0.5, 0.75])
+def test_single_prompt_with_folding(arch, key_ratio):
+    """Decoding 40 tokens past a recent part of 8: every step folds a token into the compact part."""
+    model = make_model(arch)
+    ids, mask = make_batch([36])
+    think, _ = _compare(model, ids, mask, 40, key_ratio=key_ratio, window=8, recent=8)
+    layer = think.layers[0]
+    assert layer.keys.shape[-2] == 8
+    assert layer.compact_keys.shape[-1] == layer.key_channels.shape[-1] < layer.head_dim
+
+
+@pytest.mark.parametrize("key_ratio", [0.25, 0.5, 0.75])
+def test_batch_with_left_padding(arch, key_ratio):
+    model = make_model(arch)
+    ids, mask = make_batch([41, 23, 12], seed=7)
+    think, _ = _compare(model, ids, mask, 30, key_ratio=key_ratio, window=6, recent=10)
+    # rows choose their own channels
+    channels = think.layers[0].key_channels
+    assert channels.shape[0] == 3
+
+
+def test_continued_generation_folds_long_input(arch):
+    """A second, longer input on a compacted cache folds many tokens at once (multi-token compact attention)."""
+    model = make_model(arch)
+    ids, mask = make_batch([30], seed=8)
+    think = ThinKCache(key_ratio=0.5, window=8, recent=8)
+    first = _run(model, ids, mask, think, 6)
+    ids2 = torch.cat([first.sequences, torch.randint(3, 200, (1, 20))], dim=-1)
+    second = _run(model, ids2, torch.ones_like(ids2), think, 10)
+
+    ref_cache = zeroed_reference(think, model)
+    ref_first = _run(model, ids, mask, ref_cache, 6)
+    ref_second = _run(model, ids2, torch.ones_like(ids2), ref_cache, 10)
+    assert torch.equal(first.sequences, ref_first.sequences)
+    assert torch.equal(second.sequences, ref_second.sequences)
+    for a, b in zip(second.logits, ref_second.logits):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_pruning_changes_the_output_at_high_ratio():
+    """Guard against a reference that is trivially equal: at 0.75 the logits differ from the unpruned run."""
+    model = make_model("llama")
+    ids, mask = make_batch([36])
+    pruned = _run(model, ids, mask, ThinKCache(key_ratio=0.75, window=8, recent=8), 10)
+    full = _run(model, ids, mask, ThinKCache(key_ratio=0), 10)
+    assert not torch.allclose(pruned.logits[-1], full.logits[-1], atol=1e-4)

@@ -1,0 +1,103 @@
+"""Bad input fails where it enters, with a message that says what to do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_batch, make_model
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import think_cache
+from think_cache import ThinKCache
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan")])
+def test_key_ratio_out_of_range(ratio):
+    with pytest.raises(ValueError, match=r"key_ratio must be in \[0, 1\)"):
+        ThinKCache(key_ratio=ratio)
+
+
+@pytest.mark.parametrize("ratio", [-0.5, 1.0])
+def test_value_ratio_out_of_range(ratio):
+    with pytest.raises(ValueError, match=r"value_ratio must be in \[0, 1\)"):
+        ThinKCache(value_ratio=ratio)
+
+
+@pytest.mark.parametrize("ratio", ["0.5", None, True, torch.tensor(0.5)])
+def test_ratio_wrong_type(ratio):
+    with pytest.raises(TypeError, match="key_ratio must be a float in"):
+        ThinKCache(key_ratio=ratio)
+
+
+def test_window_and_recent():
+    with pytest.raises(ValueError, match="window must be an int >= 1, got 0"):
+        ThinKCache(window=0)
+    with pytest.raises(TypeError, match="window must be an int >= 1, got float 8.0"):
+        ThinKCache(window=8.0)
+    with pytest.raises(ValueError, match="recent must be an int >= 0, got -1"):
+        ThinKCache(recent=-1)
+    assert ThinKCache(window=16).recent == 16
+    assert ThinKCache(recent=0).recent == 0
+
+
+def test_key_ratio_is_keyword_or_first_positional():
+    assert ThinKCache(0.4).key_ratio == 0.4
+    with pytest.raises(TypeError):
+        ThinKCache(0.4, 0.2)  # value_ratio is keyword-only
+
+
+def test_unpatched_model_names_patch():
+    model = make_model("llama", patch=False)
+    ids, _ = make_batch([20])
+    with pytest.raises(RuntimeError, match=r"call `think_cache.patch\(model\)`"):
+        model.generate(input_ids=ids, past_key_values=ThinKCache(), max_new_tokens=2)
+
+
+def test_attention_switched_after_patch():
+    model = make_model("llama")
+    model.set_attn_implementation("eager")
+    ids, _ = make_batch([20])
+    with pytest.raises(RuntimeError, match="attn_implementation='eager'"):
+        model.generate(input_ids=ids, past_key_values=ThinKCache(), max_new_tokens=2)
+
+
+def test_unsupported_model_type():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="does not support model type 'gpt2'; supported: llama, mistral, qwen2, qwen3"):
+        think_cache.patch(model)
+
+
+def test_not_a_model():
+    with pytest.raises(TypeError, match="expects a transformers model"):
+        think_cache.patch(torch.nn.Linear(2, 2))
+
+
+def test_encoder_decoder_refused():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=64, d_kv=16))
+    with pytest.raises(ValueError, match="does not support encoder-decoder models"):
+        think_cache.patch(model)
+
+
+def test_patch_defaults_are_validated():
+    model = make_model("llama", patch=False)
+    with pytest.raises(ValueError, match=r"key_ratio must be in \[0, 1\)"):
+        think_cache.patch(model, key_ratio=2)
+    with pytest.raises(TypeError, match="invalid ThinKCache setting"):
+        think_cache.patch(model, key_ratoi=0.5)
+    assert not think_cache.is_patched(model)
+
+
+def test_cache_reused_with_another_batch_or_model():
+    model = make_model("llama")
+    cache = ThinKCache()
+    ids, _ = make_batch([20, 20])
+    model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=2)
+    with pytest.raises(ValueError, match="holds a batch of 2 but the model was called with a batch of 1"):
+        model(input_ids=ids[:1, :5], past_key_values=cache)
+    other = make_model("llama", seed=1)
+    with pytest.raises(ValueError, match="filled by another model"):
+        other(input_ids=ids, past_key_values=cache)
+    cache.reset()
+    other(input_ids=ids, past_key_values=cache)  # fine after reset
