@@ -149,7 +149,7 @@ class ZeroedLayer(DynamicLayer):
 def zeroed_reference(think_cache_after_run, model) -> DynamicCache:
     """A DynamicCache of `ZeroedLayer`s using the channels a ThinK run chose."""
     layers = []
-    for layer, module in zip(think_cache_after_run.layers, _attention_modules(model)):
+    for layer, module in zip(think_cache_after_run.layers, _attention_modules(model), strict=True):
         window = getattr(module, "sliding_window", getattr(model.config, "sliding_window", None))
         layers.append(
             ZeroedLayer(layer.key_channels, layer.value_channels, layer.recent, layer.head_dim, sliding_window=window)

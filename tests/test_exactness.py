@@ -28,7 +28,7 @@ def _generate(model, ids, mask, cache, **kwargs):
 def _assert_same(a, b):
     assert torch.equal(a.sequences, b.sequences)
     assert len(a.logits) == len(b.logits)
-    for x, y in zip(a.logits, b.logits):
+    for x, y in zip(a.logits, b.logits, strict=True):
         torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
 
 

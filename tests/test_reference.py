@@ -29,7 +29,7 @@ def _compare(model, ids, mask, steps, **settings):
     assert all(layer.is_compacted for layer in think.layers)
     ref = _run(model, ids, mask, zeroed_reference(think, model), steps)
     assert torch.equal(out.sequences, ref.sequences)
-    for a, b in zip(out.logits, ref.logits):
+    for a, b in zip(out.logits, ref.logits, strict=True):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
     return think, out
 
@@ -69,7 +69,7 @@ def test_continued_generation_folds_long_input(arch):
     ref_second = _run(model, ids2, torch.ones_like(ids2), ref_cache, 10)
     assert torch.equal(first.sequences, ref_first.sequences)
     assert torch.equal(second.sequences, ref_second.sequences)
-    for a, b in zip(second.logits, ref_second.logits):
+    for a, b in zip(second.logits, ref_second.logits, strict=True):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 

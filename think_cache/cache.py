@@ -83,8 +83,9 @@ class CacheStats:
         }
 
     def __str__(self) -> str:
-        head = f"{'layer':>5} {'tokens':>7} {'stored':>7} {'compact':>7} {'k ch':>5} {'v ch':>5} {'held':>10} {'dense':>10} {'ratio':>6}"
-        rows = [head]
+        columns = ("layer", 5), ("tokens", 7), ("stored", 7), ("compact", 7), ("k ch", 5), ("v ch", 5)
+        columns += ("held", 10), ("dense", 10), ("ratio", 6)
+        rows = [" ".join(f"{name:>{width}}" for name, width in columns)]
         for s in self.layers:
             rows.append(
                 f"{s.layer_idx:>5} {s.tokens:>7} {s.stored_tokens:>7} {s.compact_tokens:>7} "
