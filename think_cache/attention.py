@@ -98,6 +98,8 @@ def think_attention(
         raise NotImplementedError(
             "ThinKCache is an inference cache: attention dropout in training mode is not supported."
         )
+    scale = _scale(scaling, query)
+    wants_weights = layer.token_scores is not None  # a policy that accumulates attention (H2O)
     out = compact_attention(
         query,
         layer.compact_keys,
@@ -106,10 +108,12 @@ def think_attention(
         layer.value_channels,
         key,
         value,
-        attention_mask,
-        _scale(scaling, query),
+        layer.attention_mask(attention_mask, query.shape[2]),
+        scale,
+        return_token_weights=wants_weights,
     )
-    layer.after_attention(query, attention_mask, _scale(scaling, query))
+    out, weights = out if wants_weights else (out, None)
+    layer.after_attention(query, attention_mask, scale, weights)
     return out, None
 
 

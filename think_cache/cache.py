@@ -11,6 +11,7 @@ from transformers.cache_utils import Cache
 from . import _compat
 from .attention import ATTENTION_NAME, current_module, hand_off
 from .layer import LayerStats, ThinKLayer, ThinKSlidingLayer, storage_bytes
+from .policies import Policy
 
 __all__ = ["ThinKCache", "CacheStats", "held_bytes"]
 
@@ -114,9 +115,12 @@ class ThinKCache(Cache):
     channels are kept and the others are never stored. The newest ``recent`` tokens stay at full width; older
     ones are stored with the kept channels only.
 
+    With a token eviction ``policy`` (`SnapKV`, `H2O`, `StreamingLLM`), the policy first picks which tokens each
+    KV head keeps, then ThinK thins every kept token.
+
     Use it on a model patched once with `think_cache.patch(model)`::
 
-        cache = ThinKCache(key_ratio=0.5)
+        cache = ThinKCache(key_ratio=0.5, policy=SnapKV(budget=1024))
         model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
 
     Parameters
@@ -130,7 +134,11 @@ class ThinKCache(Cache):
         Observation window: how many of the last prompt queries score the channels (every query head of a
         KV head's group counts).
     recent:
-        How many newest tokens stay at full width. Defaults to ``window``.
+        How many newest tokens stay at full width. Defaults to ``window`` without a policy, and to 0 under a
+        policy: within a token budget every kept token is thinned (32 full-width tokens would take 3 points of
+        a 256-token budget's saving). At most the policy's budget.
+    policy:
+        A token eviction `Policy`, or None to keep every token.
     """
 
     def __init__(
@@ -140,17 +148,37 @@ class ThinKCache(Cache):
         value_ratio: float = 0.0,
         window: int = 32,
         recent: int | None = None,
+        policy: Policy | None = None,
     ):
         self.key_ratio = _check_ratio("key_ratio", key_ratio)
         self.value_ratio = _check_ratio("value_ratio", value_ratio)
         self.window = _check_int("window", window, 1)
-        self.recent = self.window if recent is None else _check_int("recent", recent, 0)
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(
+                f"policy must be a think_cache Policy (SnapKV, H2O, StreamingLLM or a subclass), got "
+                f"{type(policy).__name__}"
+            )
+        self.policy = policy
+        if recent is None:
+            recent = self.window if policy is None else 0
+        self.recent = _check_int("recent", recent, 0)
+        if policy is not None and policy.budget is not None and self.recent > policy.budget:
+            raise ValueError(
+                f"recent ({self.recent}) is larger than the policy's budget ({policy.budget}): the full-width recent "
+                "tokens are always kept, so they must fit in the budget"
+            )
         self._model_config = None
         super().__init__(layers=[])
 
     # ------------------------------------------------------------------------------------------- update
     def _new_layer(self, module: torch.nn.Module) -> ThinKLayer:
-        kwargs = dict(key_ratio=self.key_ratio, value_ratio=self.value_ratio, window=self.window, recent=self.recent)
+        kwargs = dict(
+            key_ratio=self.key_ratio,
+            value_ratio=self.value_ratio,
+            window=self.window,
+            recent=self.recent,
+            policy=self.policy,
+        )
         sliding_window = _compat.sliding_window_of(module)
         if sliding_window is not None:
             return ThinKSlidingLayer(sliding_window=sliding_window, **kwargs)
@@ -238,6 +266,8 @@ class ThinKCache(Cache):
         settings = (
             f"key_ratio={self.key_ratio}, value_ratio={self.value_ratio}, window={self.window}, recent={self.recent}"
         )
+        if self.policy is not None:
+            settings += f", policy={self.policy!r}"
         if not self.layers:
             return f"ThinKCache({settings}; empty)"
         s = self.stats()

@@ -75,7 +75,8 @@ def compact_attention(
     values: torch.Tensor,
     mask: torch.Tensor | None,
     scaling: float,
-) -> torch.Tensor:
+    return_token_weights: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query`` over a compact part followed by a full-width recent part.
 
     Parameters
@@ -93,14 +94,19 @@ def compact_attention(
     keys, values:
         ``(batch, kv_heads, n_recent, head_dim)``: the newest tokens at full width.
     mask:
-        ``(batch | 1, 1, q_len, n_compact + n_recent)``, True (or 0.0) where a query may attend a key, columns in
-        the order compact then recent. None means causal with the queries being the last ``q_len`` tokens.
+        ``(batch | 1, 1 | kv_heads, q_len, n_compact + n_recent)``, True (or 0.0) where a query may attend a key,
+        columns in the order compact then recent. None means causal with the queries being the last ``q_len``
+        tokens.
     scaling:
         The softmax scale, ``1 / sqrt(head_dim)`` for every model supported.
+    return_token_weights:
+        Also return each stored token's attention weight summed over the queries of its KV head's group,
+        ``(batch, kv_heads, n_compact + n_recent)`` float32 (what H2O accumulates).
 
     Returns
     -------
-    ``(batch, q_len, q_heads, head_dim)``, the layout transformers' attention functions return.
+    ``(batch, q_len, q_heads, head_dim)``, the layout transformers' attention functions return (and the token
+    weights when asked).
     """
     batch, q_heads, q_len, head_dim = query.shape
     v_dim = values.shape[-1]
@@ -131,9 +137,13 @@ def compact_attention(
         # a finite minimum, not -inf: a fully masked (padded) row then gives a uniform softmax instead of NaN
         logits = logits.masked_fill(~mask[:, :, None], torch.finfo(logits.dtype).min)
 
-    weights = torch.softmax(logits, dim=-1).to(values.dtype).view(batch, kv_heads, group * q_len, n_total)
+    probs = torch.softmax(logits, dim=-1)
+    weights = probs.to(values.dtype).view(batch, kv_heads, group * q_len, n_total)
     compact_out = torch.matmul(weights[..., :n_compact], compact_values)
     if value_channels is not None:
         compact_out = scatter_channels(compact_out, value_channels, v_dim)
     out = compact_out + torch.matmul(weights[..., n_compact:], values)
-    return out.view(batch, q_heads, q_len, v_dim).transpose(1, 2)
+    out = out.view(batch, q_heads, q_len, v_dim).transpose(1, 2)
+    if return_token_weights:
+        return out, probs.sum(dim=(2, 3))
+    return out

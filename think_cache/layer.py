@@ -8,10 +8,15 @@ A `ThinKLayer` stores one attention layer's keys and values in two parts:
   ``(batch, kv_heads, kept_k)`` (int16) saying which channels are kept, per batch row and KV head; and
   ``compact_values``, full width unless value channels are pruned too (``value_channels``).
 
-Tokens are in logical order: compact part first, then the recent part. The layer is *compacted* once it has
-more than ``recent`` tokens at the end of a forward: the attention (which alone sees the queries) hands it the
-observation window's queries, the channels are chosen once, and from then on every token that leaves the
-recent part is moved into the compact part with those channels.
+With a token `Policy`, the compact part also holds ``compact_positions`` ``(batch, kv_heads, n_compact)`` int32:
+the logical position of each kept token, which may differ per head (eviction is per head); masks are gathered at
+those positions. Policies that accumulate attention (H2O) keep ``token_scores`` for every stored token.
+
+Tokens are in logical order: compact part first, then the recent part, whose tokens are always the newest
+``n_recent`` logical positions. The layer is *compacted* at the end of the first forward that leaves it with
+more than ``recent`` tokens (or more than a policy's budget): the attention, which alone sees the queries, hands
+it the forward's queries; the policy picks the tokens, the channels are chosen once on those tokens, and from
+then on every token that leaves the recent part is moved into the compact part with those channels.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .compact import gather_channels, key_padding
+from .compact import as_bool_mask, causal_mask, gather_channels, key_padding
+from .policies import Policy, top_tokens
 from .scoring import (
     channel_index_dtype,
     kept_channel_count,
@@ -31,7 +37,7 @@ from .scoring import (
     value_channel_scores,
 )
 
-__all__ = ["ThinKLayer", "ThinKSlidingLayer", "LayerStats"]
+__all__ = ["ThinKLayer", "ThinKSlidingLayer", "LayerStats", "gather_tokens", "storage_bytes"]
 
 # Every tensor a layer holds whose first dimension is the batch.
 _ROW_TENSORS = (
@@ -41,6 +47,8 @@ _ROW_TENSORS = (
     "compact_values",
     "key_channels",
     "value_channels",
+    "compact_positions",
+    "token_scores",
     "window_queries",
 )
 
@@ -73,6 +81,11 @@ def storage_bytes(tensors: Iterator[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Keep tokens per (batch, head): ``x (B, H, T, D)``, ``index (B, H, K)`` -> ``(B, H, K, D)``."""
+    return torch.gather(x, 2, index.long()[..., None].expand(*index.shape, x.shape[-1]))
+
+
 class ThinKLayer(CacheLayerMixin):
     """One full-attention layer of a `ThinKCache`. See the module docstring for the layout."""
 
@@ -80,35 +93,38 @@ class ThinKLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, key_ratio: float = 0.5, value_ratio: float = 0.0, window: int = 32, recent: int = 32):
+    def __init__(
+        self,
+        key_ratio: float = 0.5,
+        value_ratio: float = 0.0,
+        window: int = 32,
+        recent: int = 32,
+        policy: Policy | None = None,
+    ):
         super().__init__()
         self.key_ratio = key_ratio
         self.value_ratio = value_ratio
         self.window = window
         self.recent = recent
+        self.policy = policy
         self.reset()
 
     def __repr__(self) -> str:
         state = "compacted" if self.is_compacted else "full"
-        return f"{type(self).__name__}(tokens={self.seen_tokens}, {state})"
+        return f"{type(self).__name__}(tokens={self.seen_tokens}, stored={self.stored_tokens}, {state})"
 
     # ----------------------------------------------------------------------------------------------- state
     def reset(self) -> None:
         """Drop everything; the layer starts again from its first `update`."""
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-        self.compact_keys: torch.Tensor | None = None
-        self.compact_values: torch.Tensor | None = None
-        self.key_channels: torch.Tensor | None = None
-        self.value_channels: torch.Tensor | None = None
-        self.window_queries: torch.Tensor | None = None
+        for name in _ROW_TENSORS:
+            setattr(self, name, None)
         self.seen_tokens = 0
         self.is_initialized = False
 
     @property
     def prunes(self) -> bool:
-        """Whether this layer ever compacts (a ratio above zero)."""
-        return self.key_ratio > 0 or self.value_ratio > 0
+        """Whether this layer ever compacts (a ratio above zero, or a token policy)."""
+        return self.key_ratio > 0 or self.value_ratio > 0 or self.policy is not None
 
     @property
     def is_compacted(self) -> bool:
@@ -156,6 +172,9 @@ class ThinKLayer(CacheLayerMixin):
         self.seen_tokens += key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.token_scores is not None:
+            new = self.token_scores.new_zeros(*key_states.shape[:3])
+            self.token_scores = torch.cat([self.token_scores, new], dim=-1)
         if self.is_compacted:
             self._fold(self.keys.shape[-2] - self.recent)
         return self.keys, self.values
@@ -165,7 +184,8 @@ class ThinKLayer(CacheLayerMixin):
         return self.seen_tokens
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.stored_tokens + query_length, 0
+        # masks span logical positions; after eviction `attention_mask` gathers the kept ones
+        return self.seen_tokens + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
@@ -176,7 +196,7 @@ class ThinKLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the newest ``-tokens_to_remove`` tokens (a non-positive count, as in transformers 5.x).
 
-        Only the full-width recent part can be cut: pruned channels cannot be restored.
+        Only the full-width recent part can be cut: pruned channels and evicted tokens cannot be restored.
         """
         count = -tokens_to_remove
         if count <= 0 or not self.is_initialized:
@@ -189,6 +209,8 @@ class ThinKLayer(CacheLayerMixin):
             )
         self.keys = self.keys[:, :, :-count].clone()
         self.values = self.values[:, :, :-count].clone()
+        if self.token_scores is not None:
+            self.token_scores = self.token_scores[..., :-count].clone()
         self.seen_tokens -= count
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -209,20 +231,34 @@ class ThinKLayer(CacheLayerMixin):
             self._map_tensors(lambda t: t.to(self.device, non_blocking=True))
 
     # ------------------------------------------------------------------------------------ ThinK proper
-    def after_attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> None:
+    def after_attention(
+        self,
+        query: torch.Tensor,
+        mask: torch.Tensor | None,
+        scaling: float,
+        token_weights: torch.Tensor | None = None,
+    ) -> None:
         """Called by the ThinK attention at the end of every forward through this layer.
 
-        Before compaction it remembers the window's queries and compacts once the layer holds more than
-        ``recent`` tokens (`observe`); ``mask`` is that forward's attention mask, which tells padded keys apart.
+        Before compaction it remembers the window's queries and compacts when due (`observe`); ``mask`` is that
+        forward's attention mask, which tells padded keys apart. Once compacted, a policy that evicts while
+        decoding gets the step's attention weights (``token_weights``, ``(batch, kv_heads, stored)``) and the
+        layer is brought back within the policy's budget.
         """
-        if self.prunes and not self.is_compacted:
+        if not self.prunes:
+            return
+        if not self.is_compacted:
             real_keys = key_padding(mask, query.shape[0], self.keys.shape[-2], query.device)
             self.observe(query, real_keys, scaling)
+            return
+        if self.token_scores is not None and token_weights is not None:
+            self.token_scores += token_weights
+        if self.policy is not None and self.policy.evicts_while_decoding:
+            self._evict(mask)
 
     def observe(self, query: torch.Tensor, real_keys: torch.Tensor, scaling: float) -> None:
-        """Remember the observation window's queries; compact once the layer holds more than ``recent`` tokens.
-
-        Called by the ThinK attention after a forward on full-width keys.
+        """Remember the observation window's queries; compact once the layer holds more than ``recent`` tokens
+        (or more than a policy's budget).
 
         Parameters
         ----------
@@ -231,10 +267,8 @@ class ThinKLayer(CacheLayerMixin):
         real_keys:
             ``(batch, stored_tokens)`` bool, False at padded positions.
         scaling:
-            The attention scale, for value-channel scores.
+            The attention scale, for value-channel and token scores.
         """
-        if not self.prunes or self.is_compacted:
-            return
         batch, q_heads, q_len, head_dim = query.shape
         kv_heads = self.keys.shape[1]
         stored = self.keys.shape[-2]
@@ -245,36 +279,120 @@ class ThinKLayer(CacheLayerMixin):
         if self.window_queries is not None:
             q = torch.cat([self.window_queries, q], dim=3)[:, :, :, -self.window :]
         self.window_queries = q.contiguous()
-        if stored > self.recent:
-            self.compact(real_keys, scaling)
+        budget = None if self.policy is None else self.policy.budget
+        if stored > self.recent or (budget is not None and stored > budget):
+            self.compact(real_keys, scaling, query)
 
-    def compact(self, real_keys: torch.Tensor, scaling: float) -> None:
-        """Choose the kept channels from the remembered window and move all but the recent tokens out."""
+    def compact(self, real_keys: torch.Tensor, scaling: float, query: torch.Tensor | None = None) -> None:
+        """Pick the tokens (with a policy), choose the kept channels from the remembered window on those tokens,
+        and move all but the recent tokens into the compact part.
+
+        ``query`` is the current forward's queries; a policy scores the prompt's tokens with them.
+        """
+        keys, values, real = self.keys, self.values, real_keys
+        positions = None
+        if self.policy is not None:
+            keys, values, real, positions = self._select_prompt_tokens(query, real_keys, scaling)
+
         batch, kv_heads, group, w, head_dim = self.window_queries.shape
         queries = self.window_queries.reshape(batch, kv_heads, group * w, head_dim)
         index_dtype = channel_index_dtype(head_dim)
-
-        scores = key_channel_scores(queries, self.keys, real_keys)
+        scores = key_channel_scores(queries, keys, real)
         self.key_channels = select_channels(scores, kept_channel_count(head_dim, self.key_ratio)).to(index_dtype)
         if self.value_ratio > 0:
-            scores = value_channel_scores(
-                queries, self.keys, self.values, scaling, self._window_mask(real_keys, group, w)
-            )
-            kept = kept_channel_count(self.values.shape[-1], self.value_ratio)
+            window_mask = self._window_mask(real, positions, group, w)
+            scores = value_channel_scores(queries, keys, values, scaling, window_mask)
+            kept = kept_channel_count(values.shape[-1], self.value_ratio)
             self.value_channels = select_channels(scores, kept).to(index_dtype)
-
-        self.compact_keys = gather_channels(self.keys[:, :, :0], self.key_channels)
-        self.compact_values = self._compact_values(self.values[:, :, :0])
         self.window_queries = None
-        self._fold(self.keys.shape[-2] - self.recent)
 
-    def _window_mask(self, real_keys: torch.Tensor, group: int, w: int) -> torch.Tensor:
-        """``(batch, 1, group * w, stored)``: which stored keys each remembered window query may attend."""
-        stored = real_keys.shape[-1]
-        q_pos = torch.arange(stored - w, stored, device=real_keys.device)
-        causal = torch.arange(stored, device=real_keys.device)[None, :] <= q_pos[:, None]  # (w, stored)
-        mask = causal[None] & real_keys[:, None, :]  # (B, w, stored)
-        return mask[:, None, None].expand(-1, 1, group, w, stored).reshape(-1, 1, group * w, stored)
+        n = max(keys.shape[-2] - self.recent, 0)
+        self.compact_keys = gather_channels(keys[:, :, :n], self.key_channels)
+        self.compact_values = self._compact_values(values[:, :, :n])
+        if positions is not None:
+            self.compact_positions = positions[:, :, :n].to(torch.int32)
+        # clone: a slice would keep the whole old buffer alive
+        self.keys = keys[:, :, n:].clone()
+        self.values = values[:, :, n:].clone()
+
+    def _select_prompt_tokens(self, query: torch.Tensor, real_keys: torch.Tensor, scaling: float):
+        """Apply the policy to the stored tokens: returns kept keys, values, realness and positions per head."""
+        stored = self.keys.shape[-2]
+        n_keep = stored if self.policy.budget is None else min(self.policy.budget, stored)
+        scores = self.policy.prompt_scores(query, self.keys, real_keys, scaling)
+        positions = torch.arange(stored, device=self.keys.device).expand(*self.keys.shape[:2], stored)
+        real_at, always = self._forced(real_keys, positions, stored)
+        index = top_tokens(scores, n_keep, always, ~real_at)
+        if self.policy.accumulates_attention:
+            self.token_scores = scores.gather(-1, index).contiguous()
+        return gather_tokens(self.keys, index), gather_tokens(self.values, index), real_at.gather(-1, index), index
+
+    def _forced(
+        self, real_logical: torch.Tensor, positions: torch.Tensor, seen: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For tokens at logical ``positions`` ``(B, H, T)``: whether each is real, and whether it must be kept
+        (the policy's sinks and newest tokens, and the full-width recent part). ``real_logical`` is ``(B, seen)``."""
+        flags = real_logical[:, None, :].expand(*positions.shape[:2], -1)
+        real_at = flags.gather(-1, positions)
+        always = positions >= seen - max(self.recent, self.policy.protected_recent)
+        if self.policy.sink:
+            rank = real_logical.cumsum(-1) - 1
+            sinks = real_logical & (rank < self.policy.sink)
+            always = always | sinks[:, None, :].expand_as(flags).gather(-1, positions)
+        return real_at, always
+
+    def _evict(self, mask: torch.Tensor | None) -> None:
+        """Drop the compact tokens the policy scores lowest until the layer is within the policy's budget."""
+        excess = self.stored_tokens - self.policy.budget
+        n_compact = self.compact_keys.shape[-2]
+        if excess <= 0 or n_compact == 0:
+            return
+        positions = self.compact_positions.long()
+        real_logical = key_padding(mask, positions.shape[0], self.seen_tokens, positions.device)
+        real_at, always = self._forced(real_logical, positions, self.seen_tokens)
+        accumulated = None if self.token_scores is None else self.token_scores[..., :n_compact]
+        scores = self.policy.decode_scores(positions, accumulated)
+        keep = top_tokens(scores, max(n_compact - excess, 0), always, ~real_at)
+        self.compact_keys = gather_tokens(self.compact_keys, keep)
+        self.compact_values = gather_tokens(self.compact_values, keep)
+        self.compact_positions = self.compact_positions.gather(-1, keep)
+        if self.token_scores is not None:
+            self.token_scores = torch.cat([accumulated.gather(-1, keep), self.token_scores[..., n_compact:]], -1)
+
+    def attention_mask(self, mask: torch.Tensor | None, q_len: int) -> torch.Tensor | None:
+        """The forward's mask over the stored tokens, compact then recent: ``(B, 1 or kv_heads, q_len, stored)``.
+
+        Without eviction the stored tokens are the logical ones and the mask is returned as is; with eviction
+        its columns are gathered at each head's kept positions.
+        """
+        if self.compact_positions is None:
+            return mask
+        mask = as_bool_mask(mask)
+        if mask is None:
+            if q_len == 1:
+                return None  # a single new token sees every stored token
+            mask = causal_mask(q_len, self.seen_tokens, self.keys.device)
+        batch, heads, n_compact = self.compact_positions.shape
+        full = mask.expand(batch, heads, q_len, mask.shape[-1])
+        index = self.compact_positions.long()[:, :, None, :].expand(batch, heads, q_len, n_compact)
+        return torch.cat([full.gather(-1, index), full[..., mask.shape[-1] - self.keys.shape[-2] :]], dim=-1)
+
+    def _window_mask(self, real: torch.Tensor, positions: torch.Tensor | None, group: int, w: int) -> torch.Tensor:
+        """``(batch, 1 or heads, group * w, tokens)``: which tokens each remembered window query may attend.
+
+        ``real`` is ``(B, T)`` or per head ``(B, H, T)``; ``positions`` the tokens' logical positions per head, or
+        None when they are ``0..T-1``.
+        """
+        seen = self.seen_tokens
+        if positions is None:
+            positions = torch.arange(real.shape[-1], device=real.device)[None, None]
+        if real.dim() == 2:
+            real = real[:, None]
+        q_pos = torch.arange(seen - w, seen, device=real.device)
+        causal = positions[..., None, :] <= q_pos[:, None]  # (B|1, H|1, w, T)
+        mask = (causal & real[..., None, :])[:, :, None]  # (B, H, 1, w, T)
+        mask = mask.expand(-1, -1, group, -1, -1)
+        return mask.reshape(mask.shape[0], mask.shape[1], group * w, mask.shape[-1])
 
     def _compact_values(self, values: torch.Tensor) -> torch.Tensor:
         return values.clone() if self.value_channels is None else gather_channels(values, self.value_channels)
@@ -287,12 +405,16 @@ class ThinKLayer(CacheLayerMixin):
             [self.compact_keys, gather_channels(self.keys[:, :, :n], self.key_channels)], dim=-2
         )
         self.compact_values = torch.cat([self.compact_values, self._compact_values(self.values[:, :, :n])], dim=-2)
+        if self.compact_positions is not None:
+            first = self.seen_tokens - self.keys.shape[-2]  # logical position of the oldest recent token
+            new = torch.arange(first, first + n, dtype=torch.int32, device=self.keys.device)
+            self.compact_positions = torch.cat([self.compact_positions, new.expand(*self.keys.shape[:2], n)], -1)
         # clone: a slice would keep the whole old buffer alive
         self.keys = self.keys[:, :, n:].clone()
         self.values = self.values[:, :, n:].clone()
 
     def _drop_oldest(self, n: int) -> None:
-        """Forget the oldest ``n`` stored tokens (compact part first)."""
+        """Forget the oldest ``n`` stored tokens (compact part first); only without eviction (same for all heads)."""
         if n <= 0:
             return
         if self.compact_keys is not None:
@@ -315,12 +437,7 @@ class ThinKLayer(CacheLayerMixin):
             return LayerStats(layer_idx, 0, 0, 0, 0, 0, 0, 0, 0)
         batch, heads, _, head_dim = self.keys.shape
         v_dim = self.values.shape[-1]
-        dense = (
-            batch
-            * heads
-            * self.dense_tokens()
-            * (head_dim * self.keys.element_size() + v_dim * self.values.element_size())
-        )
+        token_bytes = head_dim * self.keys.element_size() + v_dim * self.values.element_size()
         return LayerStats(
             layer_idx=layer_idx,
             tokens=self.seen_tokens,
@@ -330,15 +447,17 @@ class ThinKLayer(CacheLayerMixin):
             key_channels=head_dim if self.key_channels is None else self.key_channels.shape[-1],
             value_channels=v_dim if self.value_channels is None else self.value_channels.shape[-1],
             stored_bytes=storage_bytes(self.tensors()),
-            dense_bytes=dense,
+            dense_bytes=batch * heads * self.dense_tokens() * token_bytes,
         )
 
 
 class ThinKSlidingLayer(ThinKLayer):
-    """A ThinK layer for sliding-window attention: keeps at most ``sliding_window - 1`` past tokens.
+    """A ThinK layer for sliding-window attention.
 
-    Its masks and lengths match transformers' ``DynamicSlidingWindowLayer``; tokens that leave the window are
-    dropped from the compact part, so such a layer is bounded whatever the ratio.
+    Without a policy it keeps at most ``sliding_window - 1`` past tokens, with the masks and lengths of
+    transformers' ``DynamicSlidingWindowLayer``: tokens that leave the window are dropped from the compact part.
+    With a policy (eviction is per head, so tokens cannot be dropped by count) it stores like a full layer, the
+    sliding mask hides the tokens out of the window, and the policy's budget bounds it.
     """
 
     is_sliding = True
@@ -347,11 +466,14 @@ class ThinKSlidingLayer(ThinKLayer):
         self.sliding_window = sliding_window
         super().__init__(**kwargs)
 
-    def after_attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> None:
-        super().after_attention(query, mask, scaling)
-        self._drop_oldest(self.stored_tokens - (self.sliding_window - 1))
+    def after_attention(self, query, mask, scaling, token_weights=None) -> None:
+        super().after_attention(query, mask, scaling, token_weights)
+        if self.policy is None:
+            self._drop_oldest(self.stored_tokens - (self.sliding_window - 1))
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.policy is not None:
+            return super().get_mask_sizes(query_length)
         kv_offset = max(self.seen_tokens - self.sliding_window + 1, 0)
         return min(self.seen_tokens, self.sliding_window - 1) + query_length, kv_offset
 

@@ -43,7 +43,8 @@ def key_channel_scores(
     keys:
         ``(batch, kv_heads, tokens, head_dim)``.
     key_mask:
-        ``(batch, tokens)`` bool, True for real tokens; padded keys are left out of the norm. None: all real.
+        ``(batch, tokens)`` or per head ``(batch, kv_heads, tokens)`` bool, True for real tokens; padded keys are
+        left out of the norm. None: all real.
 
     Returns
     -------
@@ -51,7 +52,9 @@ def key_channel_scores(
     """
     k = keys.float()
     if key_mask is not None:
-        k = k * key_mask[:, None, :, None].to(k.dtype)
+        if key_mask.dim() == 2:
+            key_mask = key_mask[:, None]
+        k = k * key_mask[..., None].to(k.dtype)
     return torch.linalg.vector_norm(window_queries.float(), dim=-2) * torch.linalg.vector_norm(k, dim=-2)
 
 

@@ -1,0 +1,340 @@
+"""Token eviction policies under ThinK: equal to a dense masked reference, bounded memory, clear errors."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import held_bytes, make_batch, make_model
+from transformers import AttentionInterface, DynamicCache, LogitsProcessor, LogitsProcessorList
+
+import think_cache
+from think_cache import H2O, Policy, SnapKV, StreamingLLM, ThinKCache
+from think_cache import attention as think_attention_module
+from think_cache.policies import top_tokens, window_attention
+
+ATOL = 1e-4
+
+
+def _policies():
+    return {
+        "snapkv": SnapKV(budget=24, window=6, kernel=3),
+        "h2o": H2O(budget=24, recent=6),
+        "streaming": StreamingLLM(sink=3, recent=18),
+    }
+
+
+# ------------------------------------------------------------------------------------- the reference
+@dataclass
+class _Seen:
+    """What one ThinK attention call could see: per head, visible and compact logical positions."""
+
+    visible: torch.Tensor  # (B, H, T) bool
+    compact: torch.Tensor  # (B, H, T) bool
+    key_channels: torch.Tensor | None
+    value_channels: torch.Tensor | None
+
+
+def _record(layer) -> _Seen:
+    batch, heads = layer.keys.shape[:2]
+    seen = layer.seen_tokens
+    visible = torch.zeros(batch, heads, seen, dtype=torch.bool)
+    compact = torch.zeros_like(visible)
+    if not layer.is_compacted:
+        visible[:] = True
+        return _Seen(visible, compact, None, None)
+    visible[..., seen - layer.keys.shape[-2] :] = True
+    if layer.compact_positions is None:
+        compact[..., : seen - layer.keys.shape[-2]] = True
+    else:
+        compact.scatter_(-1, layer.compact_positions.long(), True)
+    visible |= compact
+    return _Seen(
+        visible,
+        compact,
+        layer.key_channels.clone(),
+        None if layer.value_channels is None else layer.value_channels.clone(),
+    )
+
+
+def _keep_mask(channels, dim):
+    keep = torch.zeros(*channels.shape[:-1], dim)
+    return keep.scatter_(-1, channels.long(), 1.0)[:, :, None, :]
+
+
+def run_with_reference(model, ids, mask, steps, **settings):
+    """Generate with ThinK while recording what each attention saw; replay on a full cache with stock sdpa,
+    masking unseen tokens per head and zeroing pruned channels. Returns both generate outputs and the cache."""
+    original = AttentionInterface._global_mapping[think_cache.ATTENTION_NAME]
+    records = defaultdict(list)
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        handoff = think_attention_module._state.handoff
+        if handoff is not None and handoff.key is key:
+            records[module.layer_idx].append(_record(handoff.layer))
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    calls = defaultdict(int)
+
+    def reference(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        seen = records[module.layer_idx][calls[module.layer_idx]]
+        calls[module.layer_idx] += 1
+        k, v = key.clone(), value.clone()
+        if seen.key_channels is not None:
+            zero_k = _keep_mask(seen.key_channels, k.shape[-1])
+            k = torch.where(seen.compact[..., None], k * zero_k, k)
+            if seen.value_channels is not None:
+                v = torch.where(seen.compact[..., None], v * _keep_mask(seen.value_channels, v.shape[-1]), v)
+        q_len, kv_len = query.shape[2], k.shape[2]
+        allowed = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)[None, None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask.bool()
+        allowed = allowed & seen.visible[:, :, None, :]
+        group = query.shape[1] // k.shape[1]
+        out = F.scaled_dot_product_attention(
+            query,
+            k.repeat_interleave(group, 1),
+            v.repeat_interleave(group, 1),
+            attn_mask=allowed.repeat_interleave(group, 1),
+            scale=scaling,
+        )
+        return out.transpose(1, 2), None
+
+    def generate(cache):
+        return model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            max_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+
+    cache = ThinKCache(**settings)
+    try:
+        AttentionInterface.register(think_cache.ATTENTION_NAME, spy)
+        think = generate(cache)
+        AttentionInterface.register(think_cache.ATTENTION_NAME, reference)
+        ref = generate(DynamicCache())
+    finally:
+        AttentionInterface.register(think_cache.ATTENTION_NAME, original)
+    assert all(calls[i] == len(records[i]) for i in records)
+    return think, ref, cache
+
+
+def _assert_same(think, ref):
+    assert torch.equal(think.sequences, ref.sequences)
+    for a, b in zip(think.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+# -------------------------------------------------------------------------------------------- checks
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "streaming"])
+def test_policy_alone_equals_masked_reference(arch, name):
+    model = make_model(arch)
+    ids, mask = make_batch([40, 29, 17], seed=11)
+    think, ref, cache = run_with_reference(model, ids, mask, 20, key_ratio=0, policy=_policies()[name], window=6)
+    _assert_same(think, ref)
+    layer = cache.layers[0]
+    assert layer.is_compacted and layer.compact_positions is not None
+    assert layer.compact_keys.shape[-1] == layer.head_dim  # key_ratio 0 keeps every channel
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "streaming"])
+@pytest.mark.parametrize("ratios", [(0.5, 0.0), (0.0, 0.5), (0.5, 0.5)], ids=["keys", "values", "both"])
+def test_policy_with_channel_pruning_equals_reference(arch, name, ratios):
+    model = make_model(arch)
+    ids, mask = make_batch([38, 21], seed=12)
+    key_ratio, value_ratio = ratios
+    think, ref, cache = run_with_reference(
+        model, ids, mask, 16, key_ratio=key_ratio, value_ratio=value_ratio, policy=_policies()[name], window=6
+    )
+    _assert_same(think, ref)
+    layer = cache.layers[-1]
+    if key_ratio:
+        assert layer.compact_keys.shape[-1] < layer.head_dim
+    if value_ratio:
+        assert layer.compact_values.shape[-1] < layer.head_dim
+
+
+def test_recent_full_width_tokens_under_a_policy(arch):
+    model = make_model(arch)
+    ids, mask = make_batch([37, 25], seed=13)
+    think, ref, cache = run_with_reference(
+        model, ids, mask, 14, key_ratio=0.5, policy=H2O(budget=30, recent=4), window=6, recent=5
+    )
+    _assert_same(think, ref)
+    assert cache.layers[0].keys.shape[-2] == 5
+
+
+class _BudgetWatch(LogitsProcessor):
+    """Asserts, after every forward, that no layer holds more than the budget."""
+
+    def __init__(self, cache, budget):
+        self.cache, self.budget, self.steps = cache, budget, 0
+
+    def __call__(self, input_ids, scores):
+        self.steps += 1
+        for layer in self.cache.layers:
+            assert layer.stored_tokens <= self.budget, (self.steps, layer.stored_tokens)
+            if layer.compact_positions is not None:
+                assert layer.compact_positions.shape[-1] + layer.keys.shape[-2] == layer.stored_tokens
+        return scores
+
+
+@pytest.mark.parametrize(
+    "policy", [H2O(budget=64, recent=16), StreamingLLM(sink=4, recent=60)], ids=["h2o", "streaming"]
+)
+@pytest.mark.parametrize("key_ratio", [0.0, 0.5])
+def test_memory_bounded_while_generating(policy, key_ratio):
+    model = make_model("llama")
+    ids, mask = make_batch([90, 40], seed=14)
+    cache = ThinKCache(key_ratio=key_ratio, policy=policy)
+    watch = _BudgetWatch(cache, policy.budget)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        past_key_values=cache,
+        max_new_tokens=300,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([watch]),
+    )
+    assert watch.steps == 300 and out.shape[1] == 390
+    assert cache.get_seq_length() == 389  # logical length goes on growing
+    assert all(layer.stored_tokens == policy.budget for layer in cache.layers)
+
+
+def test_streaming_keeps_sinks_and_the_newest_tokens():
+    model = make_model("qwen2")
+    ids, mask = make_batch([50, 30], seed=15)
+    cache = ThinKCache(key_ratio=0.5, policy=StreamingLLM(sink=3, recent=10))
+    model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=25, do_sample=False)
+    seen = cache.get_seq_length()
+    for layer in cache.layers:
+        pos = layer.compact_positions.long()
+        # row 0 is unpadded: sinks 0, 1, 2; row 1 is padded by 20: its sinks are positions 20, 21, 22
+        assert pos[0, 0].tolist() == [0, 1, 2] + list(range(seen - 10, seen))
+        assert pos[1, 0].tolist() == [20, 21, 22] + list(range(seen - 10, seen))
+
+
+def test_memory_on_top_of_snapkv():
+    """1k+ prompt, head_dim 64: ThinK thins what SnapKV keeps."""
+    model = make_model("llama", hidden_size=256, intermediate_size=256)
+    ids, _ = make_batch([1100], seed=16)
+
+    def held(**settings):
+        cache = ThinKCache(policy=SnapKV(budget=256), **settings)
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=cache)
+        assert all(layer.stored_tokens == 256 for layer in cache.layers)
+        assert cache.stats().stored_bytes == held_bytes(cache)
+        return held_bytes(cache)
+
+    snapkv = held(key_ratio=0)
+    keys = held(key_ratio=0.5)
+    both = held(key_ratio=0.5, value_ratio=0.5)
+    assert keys / snapkv <= 0.76, keys / snapkv
+    assert both / snapkv <= 0.51, both / snapkv
+    dense = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=dense)
+    assert snapkv / held_bytes(dense) < 0.25  # 256 of 1100 tokens
+
+
+def test_stats_report_tokens_and_channels():
+    model = make_model("llama")
+    ids, _ = make_batch([100])
+    cache = ThinKCache(key_ratio=0.5, value_ratio=0.25, policy=SnapKV(budget=40, window=8))
+    model(input_ids=ids, past_key_values=cache)
+    s = cache.stats().layers[0]
+    assert (s.tokens, s.stored_tokens, s.compact_tokens) == (100, 40, 40)
+    assert (s.key_channels, s.value_channels, s.head_dim) == (8, 12, 16)
+    assert "SnapKV(budget=40" in repr(cache)
+
+
+# ------------------------------------------------------------------------------------------- the math
+def test_top_tokens_never_prefers_padding():
+    scores = torch.tensor([[[9.0, 8.0, 1.0, 2.0, 3.0]]])
+    real = torch.tensor([[[False, False, True, True, True]]])
+    assert top_tokens(scores, 2, never=~real).tolist() == [[[3, 4]]]
+    assert top_tokens(scores, 4, never=~real).tolist()[0][0][1:] == [2, 3, 4]  # one pad only when needed
+    always = torch.tensor([[[False, False, True, False, False]]])
+    assert top_tokens(scores, 2, always=always, never=~real).tolist() == [[[2, 4]]]
+
+
+def test_snapkv_scores_match_a_direct_computation():
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 12, 8)
+    k = torch.randn(1, 2, 12, 8)
+    real = torch.ones(1, 12, dtype=torch.bool)
+    policy = SnapKV(budget=6, window=4, kernel=1)
+    scores = policy.prompt_scores(q, k, real, 0.35)
+    expected = torch.zeros(1, 2, 12)
+    for h in range(4):
+        logits = q[0, h, -4:] @ k[0, h // 2].T * 0.35
+        causal = torch.ones(4, 12, dtype=torch.bool).tril(8)
+        expected[0, h // 2] += torch.softmax(logits.masked_fill(~causal, float("-inf")), -1).sum(0)
+    torch.testing.assert_close(scores, expected)
+    # pooling spreads a spike to its neighbours
+    pooled = SnapKV(budget=6, window=4, kernel=3, pooling="max").prompt_scores(q, k, real, 0.35)
+    assert (pooled >= scores - 1e-6).all()
+
+
+def test_window_attention_ignores_padding():
+    torch.manual_seed(1)
+    q, k = torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
+    real = torch.ones(2, 10, dtype=torch.bool)
+    real[1, :4] = False
+    w = window_attention(q, k, real, 0.3)
+    assert torch.all(w[1, :, :4] == 0)
+    torch.testing.assert_close(w.sum(-1), torch.tensor([[10.0, 10.0], [6.0, 6.0]]))
+
+
+def test_a_user_policy_by_subclassing():
+    @dataclass
+    class KeepFirst(Policy):
+        budget: int = 20
+
+        def prompt_scores(self, query, keys, real_keys, scaling):
+            return -torch.arange(keys.shape[-2], dtype=torch.float32).expand(*keys.shape[:2], -1)
+
+    model = make_model("llama")
+    ids, _ = make_batch([50])
+    cache = ThinKCache(key_ratio=0.5, policy=KeepFirst())
+    model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=3)
+    assert cache.layers[0].compact_positions[0, 0].tolist() == list(range(20)) + [50, 51]
+
+
+# ------------------------------------------------------------------------------------------- errors
+def test_policy_errors():
+    with pytest.raises(ValueError, match=r"SnapKV: budget \(16\) is smaller than the window \(32\)"):
+        SnapKV(budget=16)
+    with pytest.raises(ValueError, match="SnapKV: kernel must be odd"):
+        SnapKV(kernel=4)
+    with pytest.raises(ValueError, match="SnapKV: kernel must be >= 1, got 0"):
+        SnapKV(kernel=0)
+    with pytest.raises(ValueError, match="SnapKV: pooling must be 'avg' or 'max', got 'mean'"):
+        SnapKV(pooling="mean")
+    with pytest.raises(ValueError, match="StreamingLLM: sink must be >= 0, got -1"):
+        StreamingLLM(sink=-1)
+    with pytest.raises(ValueError, match="StreamingLLM: recent must be >= 1, got -5"):
+        StreamingLLM(recent=-5)
+    with pytest.raises(ValueError, match="H2O: recent must be >= 0, got -2"):
+        H2O(recent=-2)
+    with pytest.raises(ValueError, match=r"H2O: budget \(16\) must be larger than recent \(16\)"):
+        H2O(budget=16, recent=16)
+    with pytest.raises(TypeError, match="SnapKV: budget must be an int"):
+        SnapKV(budget=256.0)
+
+
+def test_cache_rejects_bad_policy_settings():
+    with pytest.raises(TypeError, match="policy must be a think_cache Policy"):
+        ThinKCache(policy="snapkv")
+    with pytest.raises(ValueError, match=r"recent \(64\) is larger than the policy's budget \(48\)"):
+        ThinKCache(policy=H2O(budget=48, recent=8), recent=64)
+    assert ThinKCache(policy=SnapKV(budget=256)).recent == 0
+    assert ThinKCache().recent == 32

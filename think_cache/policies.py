@@ -1,0 +1,246 @@
+"""Token eviction policies that ThinK stacks on: eviction picks the tokens, ThinK thins each kept token.
+
+One small dataclass per policy, in the style of NVIDIA kvpress presses: the fields are the hyper-parameters,
+the methods only score tokens. Which tokens are then kept, and the bookkeeping, belong to the cache layer.
+To write your own policy, subclass `Policy` and implement `prompt_scores` (and `decode_scores` if it evicts
+while decoding)::
+
+    @dataclass
+    class KeepNewest(Policy):
+        budget: int = 512
+
+        def prompt_scores(self, query, keys, real_keys, scaling):
+            return torch.arange(keys.shape[-2], dtype=torch.float32).expand(*keys.shape[:2], -1)
+
+Shapes: ``query (batch, q_heads, q_len, head_dim)``, ``keys (batch, kv_heads, tokens, head_dim)``, ``real_keys
+(batch, tokens)`` bool (False at padding). Scores are ``(batch, kv_heads, tokens)`` float32; higher is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Policy", "SnapKV", "H2O", "StreamingLLM", "top_tokens", "window_attention"]
+
+
+def _check_int(owner: str, name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
+
+
+# ------------------------------------------------------------------------------------------- pure math
+def top_tokens(
+    scores: torch.Tensor,
+    n_keep: int,
+    always: torch.Tensor | None = None,
+    never: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Indices of the ``n_keep`` tokens to keep per ``(batch, kv_head)``, ascending (so token order is kept).
+
+    ``always`` tokens win over any score; ``never`` tokens (padding) lose to every other token, so a padded slot is
+    kept only when there are fewer than ``n_keep`` real tokens. All masks broadcast to ``scores`` ``(B, H, T)``.
+    """
+    s = scores.float()
+    if never is not None:
+        s = s.masked_fill(never, float("-inf"))
+    if always is not None:
+        s = s.masked_fill(always & (never.logical_not() if never is not None else True), float("inf"))
+    return torch.topk(s, n_keep, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
+def window_attention(
+    query: torch.Tensor, keys: torch.Tensor, real_keys: torch.Tensor, scaling: float, rows: int | None = None
+) -> torch.Tensor:
+    """Attention weights of the last ``rows`` queries over all keys, summed over those queries and each KV head's
+    query group: ``(batch, kv_heads, tokens)`` float32. Causal and padding masks apply; padded query rows count 0.
+
+    Computed in chunks of queries, so scoring a long prompt never holds a full ``tokens x tokens`` matrix.
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads, tokens = keys.shape[1], keys.shape[2]
+    group = q_heads // kv_heads
+    rows = q_len if rows is None else min(rows, q_len)
+    k = keys.float().transpose(-1, -2)
+    key_pos = torch.arange(tokens, device=keys.device)
+    total = torch.zeros(batch, kv_heads, tokens, dtype=torch.float32, device=keys.device)
+    chunk = max(1, 4096 // max(group, 1))
+    for start in range(q_len - rows, q_len, chunk):
+        stop = min(start + chunk, q_len)
+        q = query[:, :, start:stop].float().reshape(batch, kv_heads, group * (stop - start), head_dim)
+        logits = torch.matmul(q, k).mul_(scaling).view(batch, kv_heads, group, stop - start, tokens)
+        q_pos = torch.arange(tokens - q_len + start, tokens - q_len + stop, device=keys.device)
+        allowed = (key_pos[None, :] <= q_pos[:, None])[None] & real_keys[:, None, :]  # (B, rows, T)
+        logits = logits.masked_fill(~allowed[:, None, None], torch.finfo(torch.float32).min)
+        weights = (
+            torch.softmax(logits, dim=-1)
+            * real_keys[:, tokens - q_len + start : tokens - q_len + stop][:, None, None, :, None]
+        )
+        total += weights.sum(dim=(2, 3))
+    return total
+
+
+# -------------------------------------------------------------------------------------------- policies
+@dataclass
+class Policy:
+    """Base class of a token policy.
+
+    Attributes a subclass sets: ``budget`` (tokens kept per KV head, None for no limit), and the class flags
+    ``evicts_while_decoding`` (keep the budget while generating, not only after the prompt) and
+    ``accumulates_attention`` (the layer adds each step's attention weights to the tokens' scores).
+    """
+
+    budget: int | None = None
+
+    evicts_while_decoding: ClassVar[bool] = False
+    accumulates_attention: ClassVar[bool] = False
+    #: How many first real tokens are always kept (attention sinks).
+    sink = 0
+
+    @property
+    def protected_recent(self) -> int:
+        """How many newest tokens are always kept."""
+        return 0
+
+    def prompt_scores(
+        self, query: torch.Tensor, keys: torch.Tensor, real_keys: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """Scores of the prompt's tokens at the end of the prompt ``(batch, kv_heads, tokens)``; higher is kept."""
+        raise NotImplementedError(f"{type(self).__name__} must implement prompt_scores")
+
+    def decode_scores(self, positions: torch.Tensor, accumulated: torch.Tensor | None) -> torch.Tensor:
+        """Scores of stored tokens while decoding, from their logical ``positions`` and accumulated attention."""
+        raise NotImplementedError(f"{type(self).__name__} does not evict while decoding")
+
+
+@dataclass
+class SnapKV(Policy):
+    """SnapKV (Li et al. 2024, arXiv 2404.14469): after the prompt, per KV head, keep the ``budget`` tokens most
+    attended by the observation window, attention pooled along the sequence; the window itself is always kept.
+
+    Parameters
+    ----------
+    budget:
+        Prompt tokens kept per KV head (at least ``window``). Tokens generated afterwards are all kept.
+    window:
+        The last prompt queries whose attention scores the tokens (every query head of a KV head's group).
+    kernel:
+        Odd width of the pooling along the sequence, which keeps neighbours of attended tokens.
+    pooling:
+        ``"avg"`` or ``"max"``.
+    """
+
+    budget: int = 1024
+    window: int = 32
+    kernel: int = 7
+    pooling: str = "avg"
+
+    def __post_init__(self) -> None:
+        _check_int("SnapKV", "window", self.window, 1)
+        _check_int("SnapKV", "budget", self.budget, 1)
+        if self.budget < self.window:
+            raise ValueError(
+                f"SnapKV: budget ({self.budget}) is smaller than the window ({self.window}); the window is always "
+                "kept, so the budget must be at least the window"
+            )
+        _check_int("SnapKV", "kernel", self.kernel, 1)
+        if self.kernel % 2 == 0:
+            raise ValueError(f"SnapKV: kernel must be odd (centred pooling), got {self.kernel}")
+        if self.pooling not in ("avg", "max"):
+            raise ValueError(f"SnapKV: pooling must be 'avg' or 'max', got {self.pooling!r}")
+
+    @property
+    def protected_recent(self) -> int:
+        return self.window
+
+    def prompt_scores(self, query, keys, real_keys, scaling):
+        scores = window_attention(query, keys, real_keys, scaling, rows=self.window)
+        batch, heads, tokens = scores.shape
+        flat = scores.reshape(batch * heads, 1, tokens)
+        pad = self.kernel // 2
+        if self.pooling == "avg":
+            pooled = F.avg_pool1d(flat, self.kernel, stride=1, padding=pad, count_include_pad=False)
+        else:
+            pooled = F.max_pool1d(flat, self.kernel, stride=1, padding=pad)
+        return pooled.view(batch, heads, tokens)
+
+
+@dataclass
+class H2O(Policy):
+    """Heavy-Hitter Oracle (Zhang et al. 2023, arXiv 2306.14048): keep the tokens with the largest accumulated
+    attention plus the newest ``recent`` ones, at most ``budget`` per KV head, after the prompt and at every
+    decoding step.
+
+    Parameters
+    ----------
+    budget:
+        Tokens kept per KV head, while decoding too.
+    recent:
+        Newest tokens always kept (part of the budget).
+    """
+
+    budget: int = 1024
+    recent: int = 32
+
+    evicts_while_decoding: ClassVar[bool] = True
+    accumulates_attention: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_int("H2O", "recent", self.recent, 0)
+        _check_int("H2O", "budget", self.budget, 1)
+        if self.budget <= self.recent:
+            raise ValueError(
+                f"H2O: budget ({self.budget}) must be larger than recent ({self.recent}), to leave room for heavy "
+                "hitters"
+            )
+
+    @property
+    def protected_recent(self) -> int:
+        return self.recent
+
+    def prompt_scores(self, query, keys, real_keys, scaling):
+        return window_attention(query, keys, real_keys, scaling)
+
+    def decode_scores(self, positions, accumulated):
+        return accumulated
+
+
+@dataclass
+class StreamingLLM(Policy):
+    """StreamingLLM (Xiao et al. 2023, arXiv 2309.17453): keep the first ``sink`` tokens (attention sinks) and a
+    sliding window of the newest ``recent`` tokens, after the prompt and while decoding.
+
+    Parameters
+    ----------
+    sink:
+        First real tokens always kept.
+    recent:
+        Newest tokens kept. The budget is ``sink + recent``.
+    """
+
+    sink: int = 4
+    recent: int = 1020
+    budget: int = field(init=False)
+
+    evicts_while_decoding: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        _check_int("StreamingLLM", "sink", self.sink, 0)
+        _check_int("StreamingLLM", "recent", self.recent, 1)
+        self.budget = self.sink + self.recent
+
+    @property
+    def protected_recent(self) -> int:
+        return self.recent
+
+    def prompt_scores(self, query, keys, real_keys, scaling):
+        batch, heads, tokens = keys.shape[:3]
+        return torch.arange(tokens, dtype=torch.float32, device=keys.device).expand(batch, heads, tokens)
+
+    def decode_scores(self, positions, accumulated):
+        return positions.float()
