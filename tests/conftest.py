@@ -17,6 +17,7 @@ from transformers import (
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 import think_cache
+from think_cache import _compat as compat
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 VOCAB = 256
@@ -121,7 +122,7 @@ class ZeroedLayer(DynamicLayer):
         return keep[:, :, None, :]  # (B, H, 1, D)
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if self.is_initialized and self.keys.shape[-2] > self.recent:
+        if self.keys is not None and self.keys.dim() == 4 and self.keys.shape[-2] > self.recent:
             self.compacted = True
         self.seen += key_states.shape[-2]
         keys, values = super().update(key_states, value_states)
@@ -140,6 +141,7 @@ class ZeroedLayer(DynamicLayer):
         return self.seen
 
     def get_mask_sizes(self, query_length):
+        query_length = compat.query_length(query_length)  # cache positions on transformers 4.x
         if self.sliding_window is None:
             return self.seen + query_length, 0
         offset = max(self.seen - self.sliding_window + 1, 0)
