@@ -100,19 +100,22 @@ def held_bytes(cache) -> int:
 
 # --------------------------------------------------------------------------------------- dense reference
 class ZeroedLayer(DynamicLayer):
-    """A stock full-size layer whose tokens, once out of the newest ``recent``, get pruned channels set to zero.
+    """A stock full-size layer whose tokens, once out of the full-width recent part, get pruned channels zeroed.
 
-    It mirrors ThinK's schedule without sharing its code: channels are given (taken from a ThinK run), and a layer
-    counts as compacted from the first update after a forward that left it with more than ``recent`` tokens.
+    It mirrors ThinK's schedule without sharing its code: channels are given (taken from a ThinK run); a layer
+    counts as compacted from the first update after a forward that left it with more than ``recent`` tokens; at
+    that point the newest ``recent`` tokens stay full-width, and later the full-width part is cut back to the
+    newest ``recent`` whenever it reaches ``recent + fold_block`` tokens.
     """
 
-    def __init__(self, key_channels, value_channels, recent: int, head_dim: int, sliding_window: int | None = None):
+    def __init__(self, key_channels, value_channels, recent: int, head_dim: int, fold_block: int, sliding_window=None):
         super().__init__()
         self.recent = recent
+        self.fold_block = fold_block
         self.sliding_window = sliding_window
         self.key_keep = self._keep_mask(key_channels, head_dim)
         self.value_keep = None if value_channels is None else self._keep_mask(value_channels, head_dim)
-        self.compacted = False
+        self.full_from = None  # logical position where the full-width part starts, once compacted
         self.seen = 0
 
     @staticmethod
@@ -122,15 +125,19 @@ class ZeroedLayer(DynamicLayer):
         return keep[:, :, None, :]  # (B, H, 1, D)
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if self.keys is not None and self.keys.dim() == 4 and self.keys.shape[-2] > self.recent:
-            self.compacted = True
+        stored_before = 0 if self.keys is None or self.keys.dim() != 4 else self.keys.shape[-2]
+        if self.full_from is None and stored_before > self.recent:
+            self.full_from = self.seen - self.recent
         self.seen += key_states.shape[-2]
+        if self.full_from is not None and self.seen - self.full_from >= self.recent + self.fold_block:
+            self.full_from = self.seen - self.recent
         keys, values = super().update(key_states, value_states)
-        if self.compacted:
-            old = keys.shape[-2] - self.recent
-            keys[:, :, :old] = keys[:, :, :old] * self.key_keep
-            if self.value_keep is not None:
-                values[:, :, :old] = values[:, :, :old] * self.value_keep
+        if self.full_from is not None:
+            old = keys.shape[-2] - (self.seen - self.full_from)  # stored tokens before the full-width part
+            if old > 0:
+                keys[:, :, :old] = keys[:, :, :old] * self.key_keep
+                if self.value_keep is not None:
+                    values[:, :, :old] = values[:, :, :old] * self.value_keep
         out = keys, values
         if self.sliding_window is not None:  # keep what a sliding layer keeps after the forward
             self.keys = keys[:, :, -(self.sliding_window - 1) :]
@@ -154,7 +161,14 @@ def zeroed_reference(think_cache_after_run, model) -> DynamicCache:
     for layer, module in zip(think_cache_after_run.layers, _attention_modules(model), strict=True):
         window = getattr(module, "sliding_window", getattr(model.config, "sliding_window", None))
         layers.append(
-            ZeroedLayer(layer.key_channels, layer.value_channels, layer.recent, layer.head_dim, sliding_window=window)
+            ZeroedLayer(
+                layer.key_channels,
+                layer.value_channels,
+                layer.recent,
+                layer.head_dim,
+                layer.fold_block,
+                sliding_window=window,
+            )
         )
     cache = DynamicCache()
     cache.layers = layers

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 from conftest import held_bytes, make_batch, make_model
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from think_cache import ThinKCache
+from think_cache.layer import FOLD_BLOCK
 
 
 def _prefill(model, cache, ids):
@@ -33,14 +34,29 @@ def test_memory_stays_bounded_relative_while_decoding():
     model = make_model("llama")
     ids, _ = make_batch([200])
     cache = ThinKCache(key_ratio=0.75, recent=16)
-    model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=50, do_sample=False)
-    for layer in cache.layers:
-        assert layer.keys.shape[-2] == 16  # the full-width part never grows past `recent`
-        assert layer.compact_keys.shape[-2] == 200 + 49 - 16
-    # keys at a quarter width except 16 tokens: (233*4 + 16*16) / (249*16) of the keys, plus full values
-    s = cache.stats()
-    expected = ((233 * 4 + 16 * 16) + 249 * 16) / (2 * 249 * 16)
-    assert abs(s.ratio - expected) < 0.01
+    steps = []
+
+    class Watch(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            steps.append([layer.keys.shape[-2] for layer in cache.layers])
+            return scores
+
+    model.generate(
+        input_ids=ids,
+        past_key_values=cache,
+        max_new_tokens=80,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([Watch()]),
+    )
+    # the full-width part never holds more than recent + FOLD_BLOCK - 1 tokens; it folds back to `recent`
+    assert all(16 <= n < 16 + FOLD_BLOCK for row in steps for n in row)
+    assert steps[0] == [16, 16] and 16 in [row[0] for row in steps[1:]]
+    n_full = cache.layers[0].keys.shape[-2]
+    n_compact = 200 + 79 - n_full
+    assert cache.layers[0].compact_keys.shape[-2] == n_compact
+    # keys at a quarter width except the full-width ones, plus full values
+    expected = ((n_compact * 4 + n_full * 16) + 279 * 16) / (2 * 279 * 16)
+    assert abs(cache.stats().ratio - expected) < 0.005
 
 
 def test_no_hidden_views_of_large_buffers():

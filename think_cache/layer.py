@@ -16,7 +16,8 @@ Tokens are in logical order: compact part first, then the recent part, whose tok
 ``n_recent`` logical positions. The layer is *compacted* at the end of the first forward that leaves it with
 more than ``recent`` tokens (or more than a policy's budget): the attention, which alone sees the queries, hands
 it the forward's queries; the policy picks the tokens, the channels are chosen once on those tokens, and from
-then on every token that leaves the recent part is moved into the compact part with those channels.
+then on the tokens that leave the recent part are moved into the compact part with those channels, a block of
+`FOLD_BLOCK` at a time (a token at a time under a policy that evicts while decoding).
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ _ROW_TENSORS = (
     "token_scores",
     "window_queries",
 )
+
+#: Once compacted, the recent part folds into the compact part when it reaches ``recent + FOLD_BLOCK`` tokens,
+#: all but the newest ``recent`` at once. Appending to the compact part copies it, so folding a block at a time
+#: instead of a token a step keeps that copy off most decoding steps (transformers' DynamicCache copies its whole
+#: cache every step). The full-width part holds between ``recent`` and ``recent + FOLD_BLOCK - 1`` tokens.
+FOLD_BLOCK = 32
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,8 @@ class ThinKLayer(CacheLayerMixin):
         self.window = window
         self.recent = recent
         self.policy = policy
+        # a policy that evicts every step gathers the compact part every step anyway: fold as it goes
+        self.fold_block = 1 if policy is not None and policy.evicts_while_decoding else FOLD_BLOCK
         self.reset()
 
     def __repr__(self) -> str:
@@ -175,7 +184,7 @@ class ThinKLayer(CacheLayerMixin):
         if self.token_scores is not None:
             new = self.token_scores.new_zeros(*key_states.shape[:3])
             self.token_scores = torch.cat([self.token_scores, new], dim=-1)
-        if self.is_compacted:
+        if self.is_compacted and self.keys.shape[-2] >= self.recent + self.fold_block:
             self._fold(self.keys.shape[-2] - self.recent)
         return self.keys, self.values
 
