@@ -54,18 +54,33 @@ _OBJECTS = (
 )
 
 
+def filler_sentences(rng: random.Random, n: int) -> list[str]:
+    """``n`` varied filler sentences (subject, verb and object drawn at random), never one repeated line."""
+    return [f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}." for _ in range(n)]
+
+
+def fill_to_tokens(tokenizer, rng: random.Random, n_tokens: int) -> list[str]:
+    """Filler sentences until they make about ``n_tokens`` tokens."""
+    sentences: list[str] = []
+    while len(tokenizer(" ".join(sentences))["input_ids"]) < n_tokens:
+        sentences += filler_sentences(rng, 10)
+    return sentences
+
+
+def chat_prompt(tokenizer, document: str, question: str) -> dict:
+    """The model's chat template around a document and a question, as ``generate`` inputs."""
+    messages = [{"role": "user", "content": document + "\n\n" + question}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+
 def haystack_question(tokenizer, n_tokens: int, seed: int = 0, depth: float = 0.5) -> tuple[dict, str]:
     """A prompt of about ``n_tokens`` tokens of varied filler with a secret code hidden at ``depth``."""
     rng = random.Random(seed)
     code = str(rng.randint(10000, 99999))
-    sentences: list[str] = []
-    while len(tokenizer(" ".join(sentences))["input_ids"]) < n_tokens - 40:
-        sentences += [f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}." for _ in range(10)]
+    sentences = fill_to_tokens(tokenizer, rng, n_tokens - 40)
     sentences.insert(int(len(sentences) * depth), f"The secret code is {code}.")
     question = "What is the secret code? Answer with the number only."
-    messages = [{"role": "user", "content": " ".join(sentences) + "\n\n" + question}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    return inputs, code
+    return chat_prompt(tokenizer, " ".join(sentences), question), code
 
 
 def main(argv: list[str] | None = None) -> int:

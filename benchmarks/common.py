@@ -1,0 +1,235 @@
+"""What the benchmarks share: the tasks, the methods by name, one prefill replayed into every method's cache,
+greedy decoding, and JSON results with the machine they came from."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+
+import think_cache
+from think_cache import H2O, SnapKV, StreamingLLM, ThinKCache
+from think_cache.demo import chat_prompt, fill_to_tokens
+
+RESULTS = Path(__file__).parent / "results"
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+@dataclass
+class Sample:
+    task: str
+    length: int
+    depth: float
+    seed: int
+    inputs: dict
+    answer: str
+
+
+def passkey(tokenizer, n_tokens: int, depth: float, seed: int) -> Sample:
+    """A five-digit pass key stated once at ``depth`` in about ``n_tokens`` tokens of varied filler."""
+    rng = random.Random(seed)
+    key = str(rng.randint(10000, 99999))
+    sentences = fill_to_tokens(tokenizer, rng, n_tokens - 50)
+    sentences.insert(round(len(sentences) * depth), f"The pass key is {key}. Remember it. {key} is the pass key.")
+    inputs = chat_prompt(tokenizer, " ".join(sentences), "What is the pass key? Answer with the number only.")
+    return Sample("passkey", n_tokens, depth, seed, inputs, key)
+
+
+_KEY_NAMES = (
+    "amber",
+    "birch",
+    "cobalt",
+    "delta",
+    "ember",
+    "fjord",
+    "garnet",
+    "harbor",
+    "indigo",
+    "juniper",
+    "kestrel",
+    "lumen",
+    "maple",
+    "nectar",
+    "onyx",
+    "pepper",
+    "quartz",
+    "raven",
+    "saffron",
+    "tundra",
+    "violet",
+    "willow",
+    "yarrow",
+    "zephyr",
+    "falcon",
+    "canyon",
+    "meadow",
+    "glacier",
+    "lotus",
+    "cedar",
+)
+
+
+def kv_retrieval(tokenizer, n_tokens: int, depth: float, seed: int, n_keys: int = 12) -> Sample:
+    """Key-value retrieval: ``n_keys`` keyed five-digit numbers ("The number of the amber box is 12345.") spread
+    through about ``n_tokens`` tokens of filler; the question asks for the one nearest ``depth``. Harder than the
+    pass key: every key looks like the answer (SmolLM2-135M gets about a third right at 1k tokens)."""
+    rng = random.Random(seed)
+    pairs = [(name, rng.randint(10000, 99999)) for name in rng.sample(_KEY_NAMES, n_keys)]
+    sentences = fill_to_tokens(tokenizer, rng, n_tokens - 20 * n_keys)
+    step = len(sentences) // n_keys
+    for i, (name, value) in enumerate(pairs):
+        sentences.insert(i * (step + 1) + rng.randint(0, step - 1), f"The number of the {name} box is {value}.")
+    name, value = pairs[min(int(depth * n_keys), n_keys - 1)]
+    question = f"What is the number of the {name} box? Answer with the number only."
+    return Sample("kv", n_tokens, depth, seed, chat_prompt(tokenizer, " ".join(sentences), question), str(value))
+
+
+TASKS = {"passkey": passkey, "kv": kv_retrieval}
+
+
+# ---------------------------------------------------------------------------------------------- methods
+def make_cache(method: str):
+    """A cache from a method name: ``dynamic``, or ``+``-joined parts among ``think-R`` (key ratio),
+    ``value-R`` (value ratio), ``snapkv-B``, ``h2o-B`` and ``streaming-B`` (token budgets).
+
+    >>> make_cache("snapkv-256+think-0.5")  # SnapKV keeps 256 tokens per head, ThinK prunes half their key channels
+    """
+    if method == "dynamic":
+        return DynamicCache()
+    settings: dict = {"key_ratio": 0.0}
+    for part in method.split("+"):
+        kind, _, arg = part.partition("-")
+        if kind == "think":
+            settings["key_ratio"] = float(arg)
+        elif kind == "value":
+            settings["value_ratio"] = float(arg)
+        elif kind == "snapkv":
+            settings["policy"] = SnapKV(budget=int(arg))
+        elif kind == "h2o":
+            settings["policy"] = H2O(budget=int(arg), recent=32)
+        elif kind == "streaming":
+            settings["policy"] = StreamingLLM(sink=4, recent=int(arg) - 4)
+        else:
+            raise ValueError(f"unknown method part {part!r} in {method!r}")
+    return ThinKCache(**settings)
+
+
+# --------------------------------------------------------------------------------------- shared prefill
+@dataclass
+class Prefill:
+    """One prompt's prefill, recorded: per layer its keys, values and last queries, and the last logits."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    queries: list[torch.Tensor]
+    logits: torch.Tensor
+    seconds: float
+
+
+def record_prefill(model, input_ids: torch.Tensor, keep_queries: int | None = 64) -> Prefill:
+    """Run the prompt once. Under ThinK (and SnapKV) the prefill attends over full keys whatever the method, and
+    each layer is compacted from that layer's own keys, values and queries, so `cache_from_prefill` rebuilds any
+    method's cache exactly from this record. The prompt's ``keep_queries`` last queries are kept per layer (all of
+    them with None, which H2O's prompt scores need)."""
+    first = 0 if keep_queries is None else -keep_queries
+    queries: dict[int, torch.Tensor] = {}
+    original = AttentionInterface._global_mapping[think_cache.ATTENTION_NAME]
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        queries[module.layer_idx] = query[:, :, first:].clone()
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    cache = DynamicCache()
+    AttentionInterface.register(think_cache.ATTENTION_NAME, spy)
+    try:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model(input_ids=input_ids, use_cache=True, **{think_cache._compat.CACHE_ARGUMENT: cache})
+        seconds = time.perf_counter() - start
+    finally:
+        AttentionInterface.register(think_cache.ATTENTION_NAME, original)
+    keys = [layer.keys for layer in cache.layers]
+    values = [layer.values for layer in cache.layers]
+    return Prefill(keys, values, [queries[i] for i in range(len(keys))], out.logits[:, -1], seconds)
+
+
+def attention_modules(model) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
+
+
+def cache_from_prefill(model, method: str, prefill: Prefill):
+    """The cache ``method`` would hold after the recorded prefill (exactly: see `record_prefill`)."""
+    cache = make_cache(method)
+    if isinstance(cache, DynamicCache):
+        for i, (k, v) in enumerate(zip(prefill.keys, prefill.values, strict=True)):
+            cache.update(k.clone(), v.clone(), i)
+        return cache
+    cache._model_config = model.config
+    for module, k, v, q in zip(attention_modules(model), prefill.keys, prefill.values, prefill.queries, strict=True):
+        layer = cache._new_layer(module)  # what ThinKCache.update does on a layer's first call
+        cache.layers.append(layer)
+        layer.update(k.clone(), v.clone())
+        layer.after_attention(q, None, module.scaling)
+    return cache
+
+
+def greedy_decode(model, cache, first_token: torch.Tensor, max_new_tokens: int, eos: set[int]) -> list[int]:
+    """Greedy tokens after the prompt, the first one given (from the prefill's logits)."""
+    tokens = [int(first_token)]
+    token = first_token.view(1, 1)
+    with torch.no_grad():
+        while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+            out = model(input_ids=token, use_cache=True, **{think_cache._compat.CACHE_ARGUMENT: cache})
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(token))
+    return tokens
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def is_correct(answer_text: str, expected: str) -> bool:
+    return expected in re.findall(r"\d+", answer_text)
+
+
+# ------------------------------------------------------------------------------------------------- JSON
+def machine() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "think_cache": think_cache.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def save_json(data: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def group_mean(rows: list[dict], keys: tuple[str, ...], value: str) -> dict[tuple, float]:
+    sums: dict[tuple, list[float]] = defaultdict(list)
+    for row in rows:
+        sums[tuple(row[k] for k in keys)].append(float(row[value]))
+    return {k: sum(v) / len(v) for k, v in sums.items()}

@@ -1,0 +1,122 @@
+"""Long-context retrieval accuracy on SmolLM2-135M-Instruct, every method on the same prompts.
+
+    python -m benchmarks.eval --methods dynamic,think-0.4,snapkv-512,snapkv-512+think-0.4 --lengths 1024,2048
+
+Each prompt is prefilled once and replayed into every method's cache (exact, see `common.record_prefill`),
+then decoded greedily. Writes benchmarks/results/eval_<tag>.json: one row per (prompt, method) with the answer,
+whether it is right, and the bytes the cache held after the prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+import think_cache
+from think_cache import held_bytes
+from think_cache.models import load_smollm2
+
+from .common import (
+    RESULTS,
+    TASKS,
+    cache_from_prefill,
+    eos_ids,
+    greedy_decode,
+    group_mean,
+    is_correct,
+    machine,
+    record_prefill,
+    save_json,
+)
+
+DEFAULT_METHODS = "dynamic,think-0.4,think-0.5,snapkv-512,snapkv-512+think-0.4,snapkv-512+think-0.5"
+
+
+def depths(n: int) -> list[float]:
+    """``n`` depths spread evenly over (0, 1)."""
+    return [round((i + 0.5) / n, 3) for i in range(n)]
+
+
+#: New tokens per task: the model often restates the key before the number in the key-value task.
+MAX_NEW_TOKENS = {"passkey": 12, "kv": 24}
+
+
+def run(methods: list[str], lengths: list[int], tasks: list[str], samples: int) -> dict:
+    model, tokenizer = load_smollm2()
+    think_cache.patch(model)
+    eos = eos_ids(model, tokenizer)
+    keep_queries = None if any("h2o" in m for m in methods) else 64
+    rows = []
+    jobs = [(length, task, i) for length in lengths for task in tasks for i in range(samples)]
+    for length, task, i in tqdm(jobs, desc="prompts", unit="prompt"):
+        depth = depths(samples)[i]
+        sample = TASKS[task](tokenizer, length, depth, seed=1000 * length + i)
+        ids = sample.inputs["input_ids"]
+        prefill = record_prefill(model, ids, keep_queries)
+        first = prefill.logits.argmax(-1)
+        for method in methods:
+            cache = cache_from_prefill(model, method, prefill)
+            held = held_bytes(cache)
+            start = time.perf_counter()
+            tokens = greedy_decode(model, cache, first, MAX_NEW_TOKENS[task], eos)
+            answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            rows.append(
+                {
+                    "task": task,
+                    "length": length,
+                    "prompt_tokens": ids.shape[1],
+                    "depth": depth,
+                    "seed": sample.seed,
+                    "method": method,
+                    "answer": answer,
+                    "expected": sample.answer,
+                    "correct": is_correct(answer, sample.answer),
+                    "held_bytes": held,
+                    "decode_seconds": time.perf_counter() - start,
+                }
+            )
+        del prefill
+    return {"machine": machine(), "methods": methods, "lengths": lengths, "tasks": tasks, "rows": rows}
+
+
+def summary(result: dict) -> str:
+    """A markdown table: accuracy (%) per method, task and length, with the KV memory ratio to DynamicCache."""
+    rows = result["rows"]
+    acc = group_mean(rows, ("method", "task", "length"), "correct")
+    mem = group_mean(rows, ("method", "length"), "held_bytes")
+    cols = [(task, length) for task in result["tasks"] for length in result["lengths"]]
+    lines = ["| method | " + " | ".join(f"{t} {n}" for t, n in cols) + " | KV memory vs dynamic |"]
+    lines.append("|" + "---|" * (len(cols) + 2))
+    for method in result["methods"]:
+        cells = [f"{100 * acc[(method, t, n)]:.0f}" for t, n in cols]
+        ratios = [mem[(method, n)] / mem[("dynamic", n)] for n in result["lengths"] if ("dynamic", n) in mem]
+        ratio = " / ".join(f"{r:.2f}" for r in ratios) if ratios else "n/a"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
+    parser.add_argument("--lengths", default="1024,2048", help="prompt lengths in tokens (default 1024,2048)")
+    parser.add_argument("--tasks", default="passkey,kv", help="passkey and/or kv (default both)")
+    parser.add_argument("--samples", type=int, default=10, help="prompts per task and length, depths spread evenly")
+    parser.add_argument("--tag", default="cpu", help="name of the JSON file: results/eval_<tag>.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run(
+        args.methods.split(","), [int(n) for n in args.lengths.split(",")], args.tasks.split(","), args.samples
+    )
+    path = save_json(result, RESULTS / f"eval_{args.tag}.json")
+    print(summary(result))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

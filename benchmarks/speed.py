@@ -1,0 +1,133 @@
+"""Memory and speed of each method against DynamicCache, in one run, on SmolLM2-135M-Instruct.
+
+    python -m benchmarks.speed --lengths 1024,2048,4096 --repeats 3
+
+For every context length and method: the bytes the cache holds after the prompt (measured from its tensors),
+the prefill time, and the median decode time per token. Methods run interleaved, their order rotated each
+repeat, after a warm-up; each figure is the median over repeats and is also given as a ratio to DynamicCache
+from the same run. Writes benchmarks/results/speed_<tag>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+import think_cache
+from think_cache import _compat, held_bytes
+from think_cache.models import load_smollm2
+
+from .common import RESULTS, machine, make_cache, passkey, save_json
+
+DEFAULT_METHODS = (
+    "dynamic,think-0.25,think-0.4,think-0.5,think-0.6,snapkv-256,snapkv-1024,"
+    "snapkv-256+think-0.5,snapkv-1024+think-0.5,think-0.5+value-0.5"
+)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(model, input_ids: torch.Tensor, method: str, decode_tokens: int, warmup_tokens: int = 3) -> dict:
+    """One prefill and ``decode_tokens`` greedy steps with a fresh cache of ``method``."""
+    device = input_ids.device
+    cache = make_cache(method)
+    kwargs = {_compat.CACHE_ARGUMENT: cache, "use_cache": True}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        _sync(device)
+        start = time.perf_counter()
+        out = model(input_ids=input_ids, **kwargs)
+        _sync(device)
+        prefill = time.perf_counter() - start
+        held = held_bytes(cache)
+        token = out.logits[:, -1:].argmax(-1)
+        del out
+        steps = []
+        for _ in range(warmup_tokens + decode_tokens):
+            _sync(device)
+            start = time.perf_counter()
+            out = model(input_ids=token, **kwargs)
+            token = out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            steps.append(time.perf_counter() - start)
+    row = {"prefill_s": prefill, "decode_s_per_token": statistics.median(steps[warmup_tokens:]), "held_bytes": held}
+    if device.type == "cuda":
+        row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() - base
+    return row
+
+
+def run(methods: list[str], lengths: list[int], repeats: int, decode_tokens: int, device: str, dtype) -> dict:
+    model, tokenizer = load_smollm2(dtype=dtype)
+    model = think_cache.patch(model.to(device))
+    rows = []
+    for length in lengths:
+        ids = passkey(tokenizer, length, 0.5, seed=length).inputs["input_ids"].to(device)
+        measure(model, ids[:, : min(256, length)], "dynamic", 2)  # warm-up
+        samples: dict[str, list[dict]] = {m: [] for m in methods}
+        order = list(methods)
+        for _ in tqdm(range(repeats), desc=f"{length} tokens", unit="repeat"):
+            for method in order:
+                samples[method].append(measure(model, ids, method, decode_tokens))
+            order = order[1:] + order[:1]
+        base = {k: statistics.median(s[k] for s in samples["dynamic"]) for k in samples["dynamic"][0]}
+        for method in methods:
+            row = {"length": length, "prompt_tokens": ids.shape[1], "method": method}
+            for key in samples[method][0]:
+                value = statistics.median(s[key] for s in samples[method])
+                row[key] = value
+                row[key + "_vs_dynamic"] = value / base[key]
+            row["repeats"] = [s for s in samples[method]]
+            rows.append(row)
+    return {
+        "machine": machine(),
+        "device": device,
+        "dtype": str(dtype),
+        "repeats": repeats,
+        "decode_tokens": decode_tokens,
+        "rows": rows,
+    }
+
+
+def summary(result: dict) -> str:
+    lines = ["| context | method | KV memory | prefill | decode / token |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['length']} | {r['method']} | {r['held_bytes'] / 2**20:.1f} MiB ({r['held_bytes_vs_dynamic']:.2f}x) "
+            f"| {r['prefill_s']:.2f} s ({r['prefill_s_vs_dynamic']:.2f}x) "
+            f"| {1000 * r['decode_s_per_token']:.1f} ms ({r['decode_s_per_token_vs_dynamic']:.2f}x) |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=DEFAULT_METHODS)
+    parser.add_argument("--lengths", default="1024,2048,4096")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--tag", default=None, help="results/speed_<tag>.json (default: the device)")
+    args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    if "dynamic" not in methods:
+        methods.insert(0, "dynamic")
+    lengths = [int(n) for n in args.lengths.split(",")]
+    result = run(methods, lengths, args.repeats, args.decode_tokens, args.device, getattr(torch, args.dtype))
+    path = save_json(result, RESULTS / f"speed_{args.tag or args.device}.json")
+    print(summary(result))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
