@@ -67,3 +67,20 @@ def test_half_the_key_channels_on_the_real_model(smollm2):
     assert code in answers[0] and code in answers[1]
     assert held_bytes(think) / held_bytes(dense) <= 0.76
     assert len(think.layers) == 30 and think.layers[0].key_channels.shape == (1, 3, 32)
+
+
+def test_notebook_runs_top_to_bottom():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("matplotlib")
+    from pathlib import Path
+
+    examples = Path(__file__).parent.parent / "examples"
+    nb = nbformat.read(examples / "explore.ipynb", as_version=4)
+    nbclient.NotebookClient(
+        nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(examples)}}
+    ).execute()
+    outputs = "".join(o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []))
+    assert "MiB" in outputs and "total:" in outputs
+    images = [o for cell in nb.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 2  # the channel map and the memory bars

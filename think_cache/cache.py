@@ -262,6 +262,13 @@ class ThinKCache(Cache):
         """Tokens, kept channels and bytes held per layer, against a ``DynamicCache`` on the same inputs."""
         return CacheStats(tuple(layer.stats(i) for i, layer in enumerate(self.layers)))
 
+    def plot_channels(self, batch_index: int = 0, ax=None, title: str | None = None):
+        """Heat map of the kept key channels per layer and KV head; returns a matplotlib Figure
+        (needs ``think-cache[plot]``)."""
+        from .plotting import plot_channels
+
+        return plot_channels(self, batch_index, ax=ax, title=title)
+
     def __repr__(self) -> str:
         settings = (
             f"key_ratio={self.key_ratio}, value_ratio={self.value_ratio}, window={self.window}, recent={self.recent}"

@@ -1,0 +1,138 @@
+"""PNG plots from the committed results: the accuracy/memory frontier, decode time against context, and the
+kept-channel map of SmolLM2.
+
+    python -m benchmarks.plots [--channels]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .common import RESULTS, group_mean  # noqa: E402
+
+
+def family(method: str) -> str:
+    """The line a method belongs to in the frontier: its name with the ratio or budget it sweeps left out."""
+    if method == "dynamic":
+        return "DynamicCache"
+    if re.fullmatch(r"think-[\d.]+", method):
+        return "ThinK (key_ratio)"
+    if re.fullmatch(r"snapkv-\d+", method):
+        return "SnapKV (budget)"
+    if m := re.fullmatch(r"snapkv-\d+\+think-([\d.]+)", method):
+        return f"SnapKV + ThinK {m.group(1)}"
+    return method
+
+
+def frontier(eval_files: list, path) -> None:
+    rows = [r for f in eval_files for r in json.loads(f.read_text())["rows"]]
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
+    acc = group_mean(rows, ("method", "length"), "correct")
+    mem = group_mean(rows, ("method", "length"), "held_bytes")
+    for ax, length in zip(axes[0], lengths, strict=True):
+        lines = defaultdict(list)
+        for (method, n), a in acc.items():
+            if n == length and ("dynamic", n) in mem:
+                lines[family(method)].append((mem[(method, n)] / mem[("dynamic", n)], 100 * a, method))
+        for name, points in sorted(lines.items()):
+            points.sort()
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                "o-" if len(points) > 1 else "*",
+                label=name,
+                markersize=10 if name == "DynamicCache" else 6,
+            )
+        tasks = sorted({r["task"] for r in rows if r["length"] == length})
+        n_prompts = len({(r["task"], r["seed"]) for r in rows if r["length"] == length})
+        ax.set_title(f"{length} tokens ({', '.join(tasks)}; {n_prompts} prompts)")
+        ax.set_xlabel("KV cache bytes / DynamicCache")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_xlim(0, 1.05)
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle("SmolLM2-135M-Instruct: accuracy against KV memory")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def decode_time(speed_file, path) -> None:
+    rows = json.loads(speed_file.read_text())["rows"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    by = defaultdict(list)
+    for r in rows:
+        by[r["method"]].append(r)
+    for method, rs in by.items():
+        rs.sort(key=lambda r: r["length"])
+        style = "k--" if method == "dynamic" else "o-"
+        ax1.plot([r["length"] for r in rs], [1000 * r["decode_s_per_token"] for r in rs], style, label=method)
+        ax2.plot([r["length"] for r in rs], [r["held_bytes"] / 2**20 for r in rs], style, label=method)
+    ax1.set_xlabel("context (tokens)")
+    ax1.set_ylabel("decode time per token (ms)")
+    ax2.set_xlabel("context (tokens)")
+    ax2.set_ylabel("KV cache after the prompt (MiB)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    ax2.legend(fontsize=7)
+    data = json.loads(speed_file.read_text())
+    fig.suptitle(f"SmolLM2-135M-Instruct, {data['device']} {data['dtype']}, median of {data['repeats']} runs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def channels(path, key_ratio: float = 0.5) -> None:
+    import torch
+
+    import think_cache
+    from think_cache import ThinKCache
+    from think_cache.models import load_smollm2
+
+    from .common import passkey
+
+    model, tokenizer = load_smollm2()
+    think_cache.patch(model)
+    cache = ThinKCache(key_ratio=key_ratio)
+    with torch.no_grad():
+        model(
+            **passkey(tokenizer, 1024, 0.5, seed=0).inputs,
+            use_cache=True,
+            **{think_cache._compat.CACHE_ARGUMENT: cache},
+        )
+    fig = cache.plot_channels(title=f"SmolLM2-135M, 1k-token prompt, key_ratio={key_ratio}: kept key channels")
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--channels", action="store_true", help="also run SmolLM2 once for the channel map")
+    args = parser.parse_args(argv)
+    written = []
+    evals = sorted(RESULTS.glob("eval_cpu*.json"))
+    if evals:
+        frontier(evals, RESULTS / "frontier.png")
+        written.append("frontier.png")
+    for speed in sorted(RESULTS.glob("speed_*.json")):
+        name = f"decode_{speed.stem.removeprefix('speed_')}.png"
+        decode_time(speed, RESULTS / name)
+        written.append(name)
+    if args.channels:
+        channels(RESULTS / "channels.png")
+        written.append("channels.png")
+    print("wrote", ", ".join(written) or "nothing (no results yet)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""Plots of what a ThinKCache kept. matplotlib is optional: ``pip install think-cache[plot]``."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["channel_map", "plot_channels"]
+
+
+def channel_map(cache, batch_index: int = 0) -> torch.Tensor:
+    """``(layers * kv_heads, head_dim)`` float: 1 where a key channel is kept, 0 where pruned, for one batch row.
+
+    Rows are ordered layer by layer, KV head by KV head. Layers not compacted yet count as all kept.
+    """
+    rows = []
+    for layer in cache.layers:
+        if not layer.is_initialized:
+            continue
+        heads, head_dim = layer.keys.shape[1], layer.keys.shape[-1]
+        kept = torch.ones(heads, head_dim)
+        if layer.key_channels is not None:
+            kept = torch.zeros(heads, head_dim)
+            kept.scatter_(-1, layer.key_channels[batch_index].long().cpu(), 1.0)
+        rows.append(kept)
+    if not rows:
+        raise ValueError("the cache is empty: run the model with it first")
+    return torch.cat(rows)
+
+
+def plot_channels(cache, batch_index: int = 0, ax=None, title: str | None = None):
+    """Heat map of the kept key channels per layer and KV head (rows) and channel (columns).
+
+    Returns the matplotlib Figure. In a notebook it displays by itself; elsewhere ``fig.savefig("channels.png")``.
+    """
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("plot_channels needs matplotlib: pip install 'think-cache[plot]'") from error
+    data = channel_map(cache, batch_index).numpy()
+    heads = cache.layers[0].keys.shape[1]
+    n_layers = data.shape[0] // heads
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(8, max(3.0, 0.12 * data.shape[0])))
+    else:
+        fig = ax.figure
+    ax.imshow(data, aspect="auto", interpolation="nearest", cmap="Blues", vmin=0, vmax=1)
+    step = max(1, n_layers // 10)
+    ax.set_yticks([i * heads for i in range(0, n_layers, step)], [str(i) for i in range(0, n_layers, step)])
+    ax.set_ylabel(f"layer ({heads} KV heads each)")
+    ax.set_xlabel("key channel")
+    ratio = 1 - data.mean()
+    ax.set_title(title or f"kept key channels (blue), {ratio:.0%} pruned, batch row {batch_index}")
+    fig.tight_layout()
+    return fig
