@@ -80,3 +80,9 @@ def sliding_window_of(module: torch.nn.Module) -> int | None:
     if hasattr(module, "sliding_window"):
         return module.sliding_window
     return getattr(module.config, "sliding_window", None)
+
+
+def is_compiling() -> bool:
+    """Whether torch.compile (dynamo) is tracing the current code."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())

@@ -215,6 +215,11 @@ class ThinKCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new tokens of layer ``layer_idx``; called by the model's attention modules."""
+        if _compat.is_compiling():
+            raise RuntimeError(
+                "ThinKCache cannot run under torch.compile: its compact part changes shape as channels are pruned "
+                "and tokens fold in. Run the model uncompiled with ThinKCache (is_compileable is False)."
+            )
         module = current_module()
         self._check_module(module, key_states, layer_idx)
         while len(self.layers) <= layer_idx:
