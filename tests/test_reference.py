@@ -81,3 +81,52 @@ def test_pruning_changes_the_output_at_high_ratio():
     pruned = _run(model, ids, mask, ThinKCache(key_ratio=0.75, window=8, recent=8), 10)
     full = _run(model, ids, mask, ThinKCache(key_ratio=0), 10)
     assert not torch.allclose(pruned.logits[-1], full.logits[-1], atol=1e-4)
+
+
+def test_beam_search_with_pruning(arch):
+    """Beams reorder every per-row tensor (channels, compact and recent parts) at each step."""
+    model = make_model(arch)
+    ids, mask = make_batch([34, 20], seed=9)
+    settings = dict(key_ratio=0.5, window=6, recent=6)
+    think = ThinKCache(**settings)
+    kwargs = dict(
+        num_beams=3,
+        num_return_sequences=3,
+        max_new_tokens=40,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=think, **kwargs)
+    assert think.layers[0].compact_keys.shape[0] == 6  # 2 prompts x 3 beams
+    ref = model.generate(input_ids=ids, attention_mask=mask, past_key_values=zeroed_reference(think, model), **kwargs)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, atol=ATOL, rtol=0)
+
+
+def test_reorder_and_select_move_every_row_tensor():
+    from think_cache import H2O
+
+    model = make_model("llama")
+    ids, mask = make_batch([40, 30, 20], seed=10)
+    cache = ThinKCache(key_ratio=0.5, value_ratio=0.5, policy=H2O(budget=24, recent=4), window=6)
+    _run(model, ids, mask, cache, 3)
+    layer = cache.layers[0]
+    before = {name: t.clone() for name, t in vars(layer).items() if isinstance(t, torch.Tensor)}
+    assert {
+        "compact_keys",
+        "compact_values",
+        "key_channels",
+        "value_channels",
+        "compact_positions",
+        "token_scores",
+    } <= set(before)
+    order = torch.tensor([2, 0, 1])
+    cache.reorder_cache(order)
+    for name, t in before.items():
+        assert torch.equal(getattr(layer, name), t[order]), name
+    cache.batch_select_indices(torch.tensor([1]))
+    for name, t in before.items():
+        assert torch.equal(getattr(layer, name), t[order][1:2]), name
+    cache.batch_repeat_interleave(2)
+    assert all(getattr(layer, name).shape[0] == 2 for name in before)
