@@ -82,6 +82,20 @@ def make_batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+def generate(model, ids, mask, cache, steps: int = 12, **kwargs):
+    """``model.generate`` with ``cache``, greedy unless told otherwise, returning the per-step logits too."""
+    kwargs.setdefault("do_sample", False)
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        past_key_values=cache,
+        max_new_tokens=steps,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param

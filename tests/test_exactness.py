@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from conftest import generate, make_batch, make_model
 from transformers import DynamicCache
 
 from think_cache import ThinKCache
 
 ATOL = 1e-5
-
-
-def _generate(model, ids, mask, cache, **kwargs):
-    kwargs.setdefault("do_sample", False)
-    return model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        past_key_values=cache,
-        max_new_tokens=kwargs.pop("max_new_tokens", 12),
-        output_logits=True,
-        return_dict_in_generate=True,
-        **kwargs,
-    )
 
 
 def _assert_same(a, b):
@@ -35,27 +22,25 @@ def _assert_same(a, b):
 def test_single_prompt(arch):
     model = make_model(arch)
     ids, mask = make_batch([40])
-    _assert_same(_generate(model, ids, mask, ThinKCache(key_ratio=0)), _generate(model, ids, mask, DynamicCache()))
+    _assert_same(generate(model, ids, mask, ThinKCache(key_ratio=0)), generate(model, ids, mask, DynamicCache()))
 
 
 def test_batch_with_left_padding(arch):
     model = make_model(arch)
     ids, mask = make_batch([37, 20, 9], seed=1)
-    think = _generate(model, ids, mask, ThinKCache(key_ratio=0), max_new_tokens=60)
-    _assert_same(think, _generate(model, ids, mask, DynamicCache(), max_new_tokens=60))
+    think = generate(model, ids, mask, ThinKCache(key_ratio=0), steps=60)
+    _assert_same(think, generate(model, ids, mask, DynamicCache(), steps=60))
     # the padded run agrees with the same prompts run one by one
     for row, n in enumerate((37, 20, 9)):
-        alone = _generate(
-            model, ids[row : row + 1, -n:], mask[row : row + 1, -n:], ThinKCache(key_ratio=0), max_new_tokens=60
-        )
+        alone = generate(model, ids[row : row + 1, -n:], mask[row : row + 1, -n:], ThinKCache(key_ratio=0), steps=60)
         assert torch.equal(alone.sequences[0, n:], think.sequences[row, ids.shape[1] :])
 
 
 def test_beam_search(arch):
     model = make_model(arch)
     ids, mask = make_batch([30, 22], seed=2)
-    a = _generate(model, ids, mask, ThinKCache(key_ratio=0), num_beams=3, num_return_sequences=3)
-    b = _generate(model, ids, mask, DynamicCache(), num_beams=3, num_return_sequences=3)
+    a = generate(model, ids, mask, ThinKCache(key_ratio=0), num_beams=3, num_return_sequences=3)
+    b = generate(model, ids, mask, DynamicCache(), num_beams=3, num_return_sequences=3)
     assert torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(a.sequences_scores, b.sequences_scores, atol=ATOL, rtol=0)
 
@@ -64,9 +49,9 @@ def test_sampling_with_seed(arch):
     model = make_model(arch)
     ids, mask = make_batch([33, 25], seed=3)
     torch.manual_seed(123)
-    a = _generate(model, ids, mask, ThinKCache(key_ratio=0), do_sample=True, top_k=20, temperature=0.9)
+    a = generate(model, ids, mask, ThinKCache(key_ratio=0), do_sample=True, top_k=20, temperature=0.9)
     torch.manual_seed(123)
-    b = _generate(model, ids, mask, DynamicCache(), do_sample=True, top_k=20, temperature=0.9)
+    b = generate(model, ids, mask, DynamicCache(), do_sample=True, top_k=20, temperature=0.9)
     _assert_same(a, b)
 
 
@@ -76,10 +61,10 @@ def test_continued_generation(arch):
     ids, mask = make_batch([28], seed=4)
     runs = []
     for cache in (ThinKCache(key_ratio=0), DynamicCache()):
-        first = _generate(model, ids, mask, cache)
+        first = generate(model, ids, mask, cache)
         extra = torch.randint(3, 200, (1, 7), generator=torch.Generator().manual_seed(5))
         ids2 = torch.cat([first.sequences, extra], dim=-1)
-        second = _generate(model, ids2, torch.ones_like(ids2), cache)
+        second = generate(model, ids2, torch.ones_like(ids2), cache)
         assert cache.get_seq_length() == ids2.shape[1] + 12 - 1
         runs.append((first, second))
     _assert_same(runs[0][0], runs[1][0])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import held_bytes, make_batch, make_model
+from conftest import generate, held_bytes, make_batch, make_model
 from transformers import AttentionInterface, DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import think_cache
@@ -103,23 +103,12 @@ def run_with_reference(model, ids, mask, steps, **settings):
         )
         return out.transpose(1, 2), None
 
-    def generate(cache):
-        return model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            past_key_values=cache,
-            max_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-
     cache = ThinKCache(**settings)
     try:
         AttentionInterface.register(think_cache.ATTENTION_NAME, spy)
-        think = generate(cache)
+        think = generate(model, ids, mask, cache, steps)
         AttentionInterface.register(think_cache.ATTENTION_NAME, reference)
-        ref = generate(DynamicCache())
+        ref = generate(model, ids, mask, DynamicCache(), steps)
     finally:
         AttentionInterface.register(think_cache.ATTENTION_NAME, original)
     assert all(calls[i] == len(records[i]) for i in records)

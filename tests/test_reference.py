@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batch, make_model, zeroed_reference
+from conftest import generate, make_batch, make_model, zeroed_reference
 
 from think_cache import ThinKCache
 
 ATOL = 1e-4
 
 
-def _run(model, ids, mask, cache, steps):
-    return model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        past_key_values=cache,
-        max_new_tokens=steps,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-
-
 def _compare(model, ids, mask, steps, **settings):
     think = ThinKCache(**settings)
-    out = _run(model, ids, mask, think, steps)
+    out = generate(model, ids, mask, think, steps)
     assert all(layer.is_compacted for layer in think.layers)
-    ref = _run(model, ids, mask, zeroed_reference(think, model), steps)
+    ref = generate(model, ids, mask, zeroed_reference(think, model), steps)
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits, strict=True):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
@@ -61,13 +49,13 @@ def test_continued_generation_folds_long_input(arch):
     model = make_model(arch)
     ids, mask = make_batch([30], seed=8)
     think = ThinKCache(key_ratio=0.5, window=8, recent=8)
-    first = _run(model, ids, mask, think, 6)
+    first = generate(model, ids, mask, think, 6)
     ids2 = torch.cat([first.sequences, torch.randint(3, 200, (1, 20))], dim=-1)
-    second = _run(model, ids2, torch.ones_like(ids2), think, 10)
+    second = generate(model, ids2, torch.ones_like(ids2), think, 10)
 
     ref_cache = zeroed_reference(think, model)
-    ref_first = _run(model, ids, mask, ref_cache, 6)
-    ref_second = _run(model, ids2, torch.ones_like(ids2), ref_cache, 10)
+    ref_first = generate(model, ids, mask, ref_cache, 6)
+    ref_second = generate(model, ids2, torch.ones_like(ids2), ref_cache, 10)
     assert torch.equal(first.sequences, ref_first.sequences)
     assert torch.equal(second.sequences, ref_second.sequences)
     for a, b in zip(second.logits, ref_second.logits, strict=True):
@@ -78,8 +66,8 @@ def test_pruning_changes_the_output_at_high_ratio():
     """Guard against a reference that is trivially equal: at 0.75 the logits differ from the unpruned run."""
     model = make_model("llama")
     ids, mask = make_batch([36])
-    pruned = _run(model, ids, mask, ThinKCache(key_ratio=0.75, window=8, recent=8), 10)
-    full = _run(model, ids, mask, ThinKCache(key_ratio=0), 10)
+    pruned = generate(model, ids, mask, ThinKCache(key_ratio=0.75, window=8, recent=8), 10)
+    full = generate(model, ids, mask, ThinKCache(key_ratio=0), 10)
     assert not torch.allclose(pruned.logits[-1], full.logits[-1], atol=1e-4)
 
 
@@ -110,7 +98,7 @@ def test_reorder_and_select_move_every_row_tensor():
     model = make_model("llama")
     ids, mask = make_batch([40, 30, 20], seed=10)
     cache = ThinKCache(key_ratio=0.5, value_ratio=0.5, policy=H2O(budget=24, recent=4), window=6)
-    _run(model, ids, mask, cache, 3)
+    generate(model, ids, mask, cache, 3)
     layer = cache.layers[0]
     before = {name: t.clone() for name, t in vars(layer).items() if isinstance(t, torch.Tensor)}
     assert {

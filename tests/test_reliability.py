@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from conftest import generate, make_batch, make_model
 from test_policies import run_with_reference
 from transformers import AutoModelForCausalLM, DynamicCache, LogitsProcessor, LogitsProcessorList
 
@@ -16,26 +16,13 @@ from think_cache import H2O, StreamingLLM, ThinKCache
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
-def _generate(model, ids, mask, cache, steps=10, **kwargs):
-    return model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        past_key_values=cache,
-        max_new_tokens=steps,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        **kwargs,
-    )
-
-
 # ------------------------------------------------------------------------------------------------ dtypes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_key_ratio_zero_is_exact_in_every_dtype(arch, dtype):
     model = make_model(arch).to(dtype)
     ids, mask = make_batch([33, 18], seed=31)
-    a = _generate(model, ids, mask, ThinKCache(key_ratio=0))
-    b = _generate(model, ids, mask, DynamicCache())
+    a = generate(model, ids, mask, ThinKCache(key_ratio=0))
+    b = generate(model, ids, mask, DynamicCache())
     assert torch.equal(a.sequences, b.sequences)
     for x, y in zip(a.logits, b.logits, strict=True):
         torch.testing.assert_close(x, y, atol=TOLERANCE[dtype], rtol=0)
@@ -48,7 +35,7 @@ def test_low_precision_channels_are_deterministic_and_scored_in_float32(dtype):
     chosen = []
     for _ in range(3):
         cache = ThinKCache(key_ratio=0.5, value_ratio=0.5)
-        out = _generate(model, ids, mask, cache, steps=6)
+        out = generate(model, ids, mask, cache, steps=6)
         chosen.append(
             torch.stack([torch.cat([layer.key_channels, layer.value_channels], -1) for layer in cache.layers])
         )
@@ -61,8 +48,8 @@ def test_bfloat16_compact_attention_tracks_float32():
     """The same pruned cache in bf16 and fp32 gives close logits: softmax runs in float32."""
     model = make_model("llama")
     ids, mask = make_batch([50], seed=33)
-    fp32 = _generate(model, ids, mask, ThinKCache(key_ratio=0.5, window=8), steps=4)
-    bf16 = _generate(model.to(torch.bfloat16), ids, mask, ThinKCache(key_ratio=0.5, window=8), steps=4)
+    fp32 = generate(model, ids, mask, ThinKCache(key_ratio=0.5, window=8), steps=4)
+    bf16 = generate(model.to(torch.bfloat16), ids, mask, ThinKCache(key_ratio=0.5, window=8), steps=4)
     assert torch.equal(fp32.sequences, bf16.sequences)
     torch.testing.assert_close(bf16.logits[-1].float(), fp32.logits[-1], atol=0.05, rtol=0)
 
@@ -90,9 +77,9 @@ def test_accelerate_device_map_with_disk_offload(tmp_path):
     think_cache.patch(model)
     think_cache.patch(base)
     ids, mask = make_batch([40], seed=34)
-    a = _generate(model, ids, mask, ThinKCache(key_ratio=0.5, window=8), steps=8)
+    a = generate(model, ids, mask, ThinKCache(key_ratio=0.5, window=8), steps=8)
     cache = ThinKCache(key_ratio=0.5, window=8)
-    b = _generate(base, ids, mask, cache, steps=8)
+    b = generate(base, ids, mask, cache, steps=8)
     assert torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(a.logits[-1], b.logits[-1], atol=1e-5, rtol=0)
     assert all(t.device.type == "cpu" for layer in cache.layers for t in layer.tensors())
@@ -106,7 +93,7 @@ def test_two_models_in_two_threads_match_running_alone():
 
     def run(name):
         ids, mask = inputs[name]
-        return _generate(models[name], ids, mask, ThinKCache(**settings[name]), steps=40).sequences
+        return generate(models[name], ids, mask, ThinKCache(**settings[name]), steps=40).sequences
 
     alone = {name: run(name) for name in models}
     together, errors = {}, []

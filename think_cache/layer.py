@@ -330,25 +330,27 @@ class ThinKLayer(CacheLayerMixin):
         n_keep = stored if self.policy.budget is None else min(self.policy.budget, stored)
         scores = self.policy.prompt_scores(query, self.keys, real_keys, scaling)
         positions = torch.arange(stored, device=self.keys.device).expand(*self.keys.shape[:2], stored)
-        real_at, always = self._forced(real_keys, positions, stored)
-        index = top_tokens(scores, n_keep, always, ~real_at)
+        real_at, always, prefer = self._forced(real_keys, positions, stored)
+        index = top_tokens(scores, n_keep, always, ~real_at, prefer)
         if self.policy.accumulates_attention:
             self.token_scores = scores.gather(-1, index).contiguous()
         return gather_tokens(self.keys, index), gather_tokens(self.values, index), real_at.gather(-1, index), index
 
     def _forced(
         self, real_logical: torch.Tensor, positions: torch.Tensor, seen: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """For tokens at logical ``positions`` ``(B, H, T)``: whether each is real, and whether it must be kept
-        (the policy's sinks and newest tokens, and the full-width recent part). ``real_logical`` is ``(B, seen)``."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For tokens at logical ``positions`` ``(B, H, T)``: whether each is real, whether it must be kept (the
+        full-width recent part, whose tokens are the newest ``recent`` by construction), and whether the policy
+        prefers it (its sinks and newest tokens). ``real_logical`` is ``(B, seen)``."""
         flags = real_logical[:, None, :].expand(*positions.shape[:2], -1)
         real_at = flags.gather(-1, positions)
-        always = positions >= seen - max(self.recent, self.policy.protected_recent)
+        always = positions >= seen - self.recent
+        prefer = positions >= seen - self.policy.protected_recent
         if self.policy.sink:
             rank = real_logical.cumsum(-1) - 1
             sinks = real_logical & (rank < self.policy.sink)
-            always = always | sinks[:, None, :].expand_as(flags).gather(-1, positions)
-        return real_at, always
+            prefer = prefer | sinks[:, None, :].expand_as(flags).gather(-1, positions)
+        return real_at, always, prefer & real_at
 
     def _evict(self, mask: torch.Tensor | None) -> None:
         """Drop the compact tokens the policy scores lowest until the layer is within the policy's budget."""
@@ -358,10 +360,10 @@ class ThinKLayer(CacheLayerMixin):
             return
         positions = self.compact_positions.long()
         real_logical = key_padding(mask, positions.shape[0], self.seen_tokens, positions.device)
-        real_at, always = self._forced(real_logical, positions, self.seen_tokens)
+        real_at, always, prefer = self._forced(real_logical, positions, self.seen_tokens)
         accumulated = None if self.token_scores is None else self.token_scores[..., :n_compact]
         scores = self.policy.decode_scores(positions, accumulated)
-        keep = top_tokens(scores, max(n_compact - excess, 0), always, ~real_at)
+        keep = top_tokens(scores, max(n_compact - excess, 0), always, ~real_at, prefer)
         self.compact_keys = gather_tokens(self.compact_keys, keep)
         self.compact_values = gather_tokens(self.compact_values, keep)
         self.compact_positions = self.compact_positions.gather(-1, keep)

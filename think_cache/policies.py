@@ -40,17 +40,22 @@ def top_tokens(
     n_keep: int,
     always: torch.Tensor | None = None,
     never: torch.Tensor | None = None,
+    prefer: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indices of the ``n_keep`` tokens to keep per ``(batch, kv_head)``, ascending (so token order is kept).
 
-    ``always`` tokens win over any score; ``never`` tokens (padding) lose to every other token, so a padded slot is
-    kept only when there are fewer than ``n_keep`` real tokens. All masks broadcast to ``scores`` ``(B, H, T)``.
+    Priority, highest first: ``always`` tokens (the cache's full-width recent part, which must stay), then
+    ``prefer`` tokens (a policy's sinks and newest tokens), then the others by score, and ``never`` tokens
+    (padding) last, so a padded slot is kept only when there are fewer than ``n_keep`` real tokens. All masks
+    broadcast to ``scores`` ``(B, H, T)``.
     """
     s = scores.float()
+    if prefer is not None:
+        s = s.masked_fill(prefer, torch.finfo(torch.float32).max)
     if never is not None:
         s = s.masked_fill(never, float("-inf"))
     if always is not None:
-        s = s.masked_fill(always & (never.logical_not() if never is not None else True), float("inf"))
+        s = s.masked_fill(always, float("inf"))
     return torch.topk(s, n_keep, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
