@@ -60,9 +60,13 @@ def frontier(eval_files: list, path) -> None:
         ax.set_xlim(0, 1.05)
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    labels = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            labels.setdefault(label, handle)
+    fig.legend(labels.values(), labels.keys(), fontsize=8, loc="lower center", ncol=len(labels))
     fig.suptitle("SmolLM2-135M-Instruct: accuracy against KV memory")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
