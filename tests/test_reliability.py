@@ -174,6 +174,10 @@ def test_one_liner_refuses_a_static_or_compiled_request():
 
     with pytest.raises(ValueError, match="compile_config"):
         model.generate(input_ids=ids, compile_config=CompileConfig(), max_new_tokens=2)
+    # a cache of the user's own is not ThinK's business: transformers decides (here it skips compiling)
+    mine = DynamicCache()
+    model.generate(input_ids=ids, compile_config=CompileConfig(), past_key_values=mine, max_new_tokens=2)
+    assert mine.get_seq_length() == 21
 
 
 @pytest.mark.parametrize("fullgraph", [True, False])

@@ -118,16 +118,16 @@ def _generate_with_defaults(model: torch.nn.Module, state: _PatchState):
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
-        for option in ("cache_implementation", "compile_config"):
-            if kwargs.get(option) is not None and state.defaults:
-                raise ValueError(
-                    f"generate(..., {option}={kwargs[option]!r}) asks for a cache transformers builds (static or "
-                    "compiled), but think_cache.patch(model, ...) makes generate use a ThinKCache, which is neither. "
-                    "Pass a cache yourself, or call think_cache.unpatch(model) first."
-                )
         wants_cache = kwargs.get("use_cache", model.generation_config.use_cache) is not False
         has_cache = any(kwargs.get(name) is not None for name in _compat.CACHE_ARGUMENTS)
         if state.defaults and wants_cache and not has_cache:
+            for option in ("cache_implementation", "compile_config"):
+                if kwargs.get(option) is not None:
+                    raise ValueError(
+                        f"generate(..., {option}={kwargs[option]!r}) asks for a cache transformers builds (static "
+                        "or compiled), but think_cache.patch(model, ...) makes generate use a ThinKCache, which is "
+                        "neither. Pass a cache yourself, or call think_cache.unpatch(model) first."
+                    )
             kwargs[_compat.CACHE_ARGUMENT] = ThinKCache(**state.defaults)
         return original(*args, **kwargs)
 
