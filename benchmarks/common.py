@@ -123,6 +123,16 @@ def make_cache(method: str):
     return ThinKCache(**settings)
 
 
+def baseline_of(method: str) -> str | None:
+    """The cache a method thins: ``snapkv-512+think-0.4`` -> ``snapkv-512``; ``think-0.4`` -> ``dynamic``;
+    None for methods that thin nothing (``dynamic``, ``snapkv-512``)."""
+    parts = method.split("+")
+    kept = [p for p in parts if not p.startswith(("think-", "value-"))]
+    if len(kept) == len(parts):
+        return None
+    return "+".join(kept) or "dynamic"
+
+
 # --------------------------------------------------------------------------------------- shared prefill
 @dataclass
 class Prefill:
@@ -224,8 +234,46 @@ def machine() -> dict:
 
 def save_json(data: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1))
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(data, indent=1))
+    partial.replace(path)  # atomic: an interrupt never leaves half a file
     return path
+
+
+@dataclass
+class Paired:
+    """``method`` against ``baseline`` on the same prompts: accuracy difference in points, with the prompts it
+    got right where the baseline did not (``gained``) and the reverse (``lost``), and a 95% interval
+    (Agresti-Min: half a prompt added to each cell of the paired 2x2 table, so that no change on a few prompts
+    still gives an honest width rather than zero)."""
+
+    n: int
+    gained: int
+    lost: int
+
+    @property
+    def delta(self) -> float:
+        return 100 * (self.gained - self.lost) / self.n if self.n else float("nan")
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        n = self.n + 2
+        up, down = (self.gained + 0.5) / n, (self.lost + 0.5) / n
+        centre = up - down
+        half = 1.96 * ((up + down - centre**2) / n) ** 0.5
+        return 100 * max(centre - half, -1.0), 100 * min(centre + half, 1.0)
+
+
+def paired(rows: list[dict], method: str, baseline: str, **where) -> Paired:
+    """Compare two methods prompt by prompt (prompts keyed by task, length and seed), over rows matching ``where``."""
+    outcome: dict[tuple[str, tuple], bool] = {}
+    for row in rows:
+        if row["method"] in (method, baseline) and all(row[k] == v for k, v in where.items()):
+            outcome[row["method"], (row["task"], row["length"], row["seed"])] = bool(row["correct"])
+    prompts = [key for m, key in outcome if m == method and (baseline, key) in outcome]
+    gained = sum(outcome[method, k] and not outcome[baseline, k] for k in prompts)
+    lost = sum(outcome[baseline, k] and not outcome[method, k] for k in prompts)
+    return Paired(len(prompts), gained, lost)
 
 
 def group_mean(rows: list[dict], keys: tuple[str, ...], value: str) -> dict[tuple, float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -22,12 +23,14 @@ from think_cache.models import load_smollm2
 from .common import (
     RESULTS,
     TASKS,
+    baseline_of,
     cache_from_prefill,
     eos_ids,
     greedy_decode,
     group_mean,
     is_correct,
     machine,
+    paired,
     record_prefill,
     save_json,
 )
@@ -44,7 +47,14 @@ def depths(n: int) -> list[float]:
 MAX_NEW_TOKENS = {"passkey": 12, "kv": 24}
 
 
-def run(methods: list[str], lengths: list[int], tasks: list[str], samples: int) -> dict:
+def run(
+    methods: list[str],
+    lengths: list[int],
+    tasks: list[str],
+    samples: int,
+    on_prompt: Callable[[dict], None] | None = None,
+) -> dict:
+    """Every method on ``samples`` prompts per task and length. ``on_prompt`` gets the partial result after each."""
     model, tokenizer = load_smollm2()
     think_cache.patch(model)
     eos = eos_ids(model, tokenizer)
@@ -79,6 +89,12 @@ def run(methods: list[str], lengths: list[int], tasks: list[str], samples: int) 
                 }
             )
         del prefill
+        if on_prompt is not None:
+            on_prompt(_result(methods, lengths, tasks, rows))
+    return _result(methods, lengths, tasks, rows)
+
+
+def _result(methods: list[str], lengths: list[int], tasks: list[str], rows: list[dict]) -> dict:
     return {"machine": machine(), "methods": methods, "lengths": lengths, "tasks": tasks, "rows": rows}
 
 
@@ -98,6 +114,27 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def paired_summary(result: dict) -> str:
+    """A markdown table: each thinned method against the cache it thins, on the same prompts, per task and
+    length: the difference in points, prompts gained / lost, and a 95% interval."""
+    rows = result["rows"]
+    lines = ["| method | vs | task | length | prompts | Δ points | gained / lost | 95% interval |"]
+    lines.append("|" + "---|" * 8)
+    for method in result["methods"]:
+        baseline = baseline_of(method)
+        if baseline not in result["methods"]:
+            continue
+        for task in result["tasks"] + ["all"]:
+            for length in result["lengths"]:
+                where = {"length": length} if task == "all" else {"task": task, "length": length}
+                p = paired(rows, method, baseline, **where)
+                lines.append(
+                    f"| {method} | {baseline} | {task} | {length} | {p.n} | {p.delta:+.1f} | "
+                    f"{p.gained} / {p.lost} | {p.interval[0]:+.1f} to {p.interval[1]:+.1f} |"
+                )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
@@ -109,11 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    path = RESULTS / f"eval_{args.tag}.json"
     result = run(
-        args.methods.split(","), [int(n) for n in args.lengths.split(",")], args.tasks.split(","), args.samples
+        args.methods.split(","),
+        [int(n) for n in args.lengths.split(",")],
+        args.tasks.split(","),
+        args.samples,
+        on_prompt=lambda partial: save_json(partial, path),  # an interrupted run keeps what it measured
     )
-    path = save_json(result, RESULTS / f"eval_{args.tag}.json")
+    save_json(result, path)
     print(summary(result))
+    print()
+    print(paired_summary(result))
     print(f"\nwrote {path}")
     return 0
 

@@ -6,7 +6,15 @@ import pytest
 import torch
 from conftest import make_batch, make_model
 
-from benchmarks.common import cache_from_prefill, greedy_decode, make_cache, record_prefill
+from benchmarks.common import (
+    Paired,
+    baseline_of,
+    cache_from_prefill,
+    greedy_decode,
+    make_cache,
+    paired,
+    record_prefill,
+)
 from think_cache import H2O, SnapKV, StreamingLLM, ThinKCache, held_bytes
 
 
@@ -36,3 +44,34 @@ def test_method_names():
     assert make_cache("streaming-64").policy == StreamingLLM(sink=4, recent=60)
     with pytest.raises(ValueError, match="unknown method part 'pyramid-3'"):
         make_cache("pyramid-3")
+
+
+def test_baseline_of_names_the_cache_a_method_thins():
+    assert baseline_of("think-0.4") == "dynamic"
+    assert baseline_of("think-0.5+value-0.5") == "dynamic"
+    assert baseline_of("snapkv-512+think-0.4") == "snapkv-512"
+    assert baseline_of("h2o-128+value-0.25") == "h2o-128"
+    assert baseline_of("snapkv-512") is None and baseline_of("dynamic") is None
+
+
+def _row(method, seed, correct, task="passkey", length=2048):
+    return {"method": method, "seed": seed, "correct": correct, "task": task, "length": length}
+
+
+def test_paired_counts_prompts_where_exactly_one_method_is_right():
+    rows = [_row("a", s, c) for s, c in enumerate([1, 1, 0, 0, 1])]
+    rows += [_row("b", s, c) for s, c in enumerate([1, 0, 1, 0, 0])]
+    rows += [_row("a", 9, 1, task="kv"), _row("a", 10, 1)]  # no partner in b: left out
+    p = paired(rows, "a", "b", task="passkey")
+    assert (p.n, p.gained, p.lost) == (5, 2, 1)
+    assert p.delta == pytest.approx(20.0)
+    lo, hi = p.interval
+    assert lo < 0 < p.delta < hi  # five prompts cannot settle a one-prompt difference
+
+
+def test_paired_interval_narrows_with_prompts_and_is_never_empty():
+    assert Paired(12, 0, 0).interval[0] < -10  # no change on 12 prompts is not proof of "within 2 points"
+    wide, narrow = Paired(50, 1, 1).interval, Paired(500, 10, 10).interval
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]
+    assert narrow[0] < 0 < narrow[1]
+    assert Paired(40, 0, 20).interval[1] < 0  # losing half the prompts is a real loss
