@@ -33,16 +33,22 @@ def family(method: str) -> str:
 
 
 def frontier(eval_files: list, path) -> None:
-    rows = [r for f in eval_files for r in json.loads(f.read_text())["rows"]]
-    lengths = sorted({r["length"] for r in rows})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
-    acc = group_mean(rows, ("method", "length"), "correct")
-    mem = group_mean(rows, ("method", "length"), "held_bytes")
-    for ax, length in zip(axes[0], lengths, strict=True):
+    """One panel per eval file and context length, so that every point in a panel comes from the same prompts."""
+    panels = []
+    for f in eval_files:
+        rows = json.loads(f.read_text())["rows"]
+        panels += [[r for r in rows if r["length"] == n] for n in sorted({r["length"] for r in rows})]
+    ncols = min(len(panels), 2 if len(panels) == 4 else 3)
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, rows in zip(axes.flat, panels, strict=False):
+        acc = group_mean(rows, ("method",), "correct")
+        mem = group_mean(rows, ("method",), "held_bytes")
         lines = defaultdict(list)
-        for (method, n), a in acc.items():
-            if n == length and ("dynamic", n) in mem:
-                lines[family(method)].append((mem[(method, n)] / mem[("dynamic", n)], 100 * a, method))
+        for (method,), a in acc.items():
+            lines[family(method)].append((mem[(method,)] / mem[("dynamic",)], 100 * a, method))
         for name, points in sorted(lines.items()):
             points.sort()
             ax.plot(
@@ -52,21 +58,21 @@ def frontier(eval_files: list, path) -> None:
                 label=name,
                 markersize=10 if name == "DynamicCache" else 6,
             )
-        tasks = sorted({r["task"] for r in rows if r["length"] == length})
-        n_prompts = len({(r["task"], r["seed"]) for r in rows if r["length"] == length})
-        ax.set_title(f"{length} tokens ({', '.join(tasks)}; {n_prompts} prompts)")
+        tasks = sorted({r["task"] for r in rows})
+        n_prompts = len({(r["task"], r["seed"]) for r in rows})
+        ax.set_title(f"{rows[0]['length']} tokens ({', '.join(tasks)}; {n_prompts} prompts)")
         ax.set_xlabel("KV cache bytes / DynamicCache")
         ax.set_ylabel("accuracy (%)")
         ax.set_xlim(0, 1.05)
         ax.set_ylim(-5, 105)
         ax.grid(alpha=0.3)
     labels = {}
-    for ax in axes[0]:
+    for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             labels.setdefault(label, handle)
-    fig.legend(labels.values(), labels.keys(), fontsize=8, loc="lower center", ncol=len(labels))
+    fig.legend(labels.values(), labels.keys(), fontsize=8, loc="lower center", ncol=min(len(labels), 4))
     fig.suptitle("SmolLM2-135M-Instruct: accuracy against KV memory")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.1 / nrows, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

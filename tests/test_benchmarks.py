@@ -75,3 +75,36 @@ def test_paired_interval_narrows_with_prompts_and_is_never_empty():
     assert narrow[1] - narrow[0] < wide[1] - wide[0]
     assert narrow[0] < 0 < narrow[1]
     assert Paired(40, 0, 20).interval[1] < 0  # losing half the prompts is a real loss
+
+
+def test_frontier_draws_one_panel_per_file_and_length(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import json
+
+    from benchmarks import plots
+
+    def rows(length, methods, n):
+        return [
+            {"method": m, "length": length, "task": "passkey", "seed": s, "correct": s % 2, "held_bytes": b}
+            for m, b in methods.items()
+            for s in range(n)
+        ]
+
+    sweep = {"dynamic": 100, "think-0.25": 88, "think-0.5": 76, "snapkv-256": 25, "snapkv-256+think-0.5": 19}
+    a, b = tmp_path / "eval_a.json", tmp_path / "eval_b.json"
+    a.write_text(json.dumps({"rows": rows(1024, sweep, 4) + rows(2048, sweep, 4)}))
+    b.write_text(json.dumps({"rows": rows(2048, {"dynamic": 100, "think-0.4": 81}, 6)}))
+    out = tmp_path / "frontier.png"
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)  # keep the figure to look at
+    plots.frontier([a, b], out)
+    assert out.stat().st_size > 0
+    axes = [ax for ax in figures[0].axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == [
+        "1024 tokens (passkey; 4 prompts)",
+        "2048 tokens (passkey; 4 prompts)",
+        "2048 tokens (passkey; 6 prompts)",
+    ]
+    think = next(line for line in axes[0].get_lines() if line.get_label() == "ThinK (key_ratio)")
+    assert list(think.get_xdata()) == [0.76, 0.88]  # memory ratios to DynamicCache, sorted
+    assert plots.family("snapkv-512+think-0.4") == "SnapKV + ThinK 0.4"
