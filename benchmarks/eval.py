@@ -4,14 +4,18 @@
 
 Each prompt is prefilled once and replayed into every method's cache (exact, see `common.record_prefill`),
 then decoded greedily. Writes benchmarks/results/eval_<tag>.json: one row per (prompt, method) with the answer,
-whether it is right, and the bytes the cache held after the prompt.
+whether it is right, and the bytes the cache held after the prompt. Prints accuracy per method, task and
+length, then each thinned method against the cache it thins on the same prompts (prompts gained and lost, with
+a 95% interval). ``--summarize results/eval_<tag>.json`` prints those tables again without running anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -143,7 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=10, help="prompts per task and length, depths spread evenly")
     parser.add_argument("--tag", default="cpu", help="name of the JSON file: results/eval_<tag>.json")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--summarize", metavar="JSON", help="print the tables of a results file and run nothing")
     args = parser.parse_args(argv)
+    if args.summarize:
+        result = json.loads(Path(args.summarize).read_text())
+        print(summary(result) + "\n\n" + paired_summary(result))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     path = RESULTS / f"eval_{args.tag}.json"
