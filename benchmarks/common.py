@@ -123,6 +123,12 @@ def make_cache(method: str):
     return ThinKCache(**settings)
 
 
+def depths(n: int) -> list[float]:
+    """``n`` depths spread evenly over (0, 1): prompt ``i`` of a task and length puts its answer at ``depths(n)[i]``
+    (with seed ``1000 * length + i``), in every benchmark, so their rows can be matched prompt by prompt."""
+    return [round((i + 0.5) / n, 3) for i in range(n)]
+
+
 def baseline_of(method: str) -> str | None:
     """The cache a method thins: ``snapkv-512+think-0.4`` -> ``snapkv-512``; ``think-0.4`` -> ``dynamic``;
     None for methods that thin nothing (``dynamic``, ``snapkv-512``)."""

@@ -29,6 +29,7 @@ from .common import (
     TASKS,
     baseline_of,
     cache_from_prefill,
+    depths,
     eos_ids,
     greedy_decode,
     group_mean,
@@ -40,11 +41,6 @@ from .common import (
 )
 
 DEFAULT_METHODS = "dynamic,think-0.4,think-0.5,snapkv-512,snapkv-512+think-0.4,snapkv-512+think-0.5"
-
-
-def depths(n: int) -> list[float]:
-    """``n`` depths spread evenly over (0, 1)."""
-    return [round((i + 0.5) / n, 3) for i in range(n)]
 
 
 #: New tokens per task: the model often restates the key before the number in the key-value task.
@@ -111,7 +107,7 @@ def summary(result: dict) -> str:
     lines = ["| method | " + " | ".join(f"{t} {n}" for t, n in cols) + " | KV memory vs dynamic |"]
     lines.append("|" + "---|" * (len(cols) + 2))
     for method in result["methods"]:
-        cells = [f"{100 * acc[(method, t, n)]:.0f}" for t, n in cols]
+        cells = [f"{100 * acc[(method, t, n)]:.0f}" if (method, t, n) in acc else "-" for t, n in cols]
         ratios = [mem[(method, n)] / mem[("dynamic", n)] for n in result["lengths"] if ("dynamic", n) in mem]
         ratio = " / ".join(f"{r:.2f}" for r in ratios) if ratios else "n/a"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {ratio} |")
@@ -132,6 +128,8 @@ def paired_summary(result: dict) -> str:
             for length in result["lengths"]:
                 where = {"length": length} if task == "all" else {"task": task, "length": length}
                 p = paired(rows, method, baseline, **where)
+                if not p.n:  # a partial results file: this task has not run yet
+                    continue
                 lines.append(
                     f"| {method} | {baseline} | {task} | {length} | {p.n} | {p.delta:+.1f} | "
                     f"{p.gained} / {p.lost} | {p.interval[0]:+.1f} to {p.interval[1]:+.1f} |"

@@ -4,6 +4,7 @@ kvpress pins transformers<5.3, so this runs in its own environment:
 
     bash benchmarks/setup_kvpress.sh                       # once: makes .venv-kvpress
     .venv-kvpress/bin/python -m benchmarks.kvpress_compare --lengths 1024 --samples 6
+    .venv-kvpress/bin/python -m benchmarks.kvpress_compare --methods dynamic,think --ratio 0.4 --lengths 2048
 
 Both libraries run in that one process (same transformers, same torch, same prompts), methods interleaved.
 For each: accuracy, the bytes the cache actually holds after the prompt (measured from its tensors), prefill
@@ -27,32 +28,40 @@ import think_cache
 from think_cache import SnapKV, ThinKCache, _compat, held_bytes
 from think_cache.models import load_smollm2
 
-from .common import RESULTS, TASKS, eos_ids, is_correct, machine, save_json
+from .common import RESULTS, TASKS, depths, eos_ids, is_correct, machine, paired, save_json
 
-RATIO = 0.5  # channels pruned by ThinK, tokens dropped by SnapKV, in both libraries
+#: What ``--methods`` picks from: each but ``dynamic`` runs in both libraries.
+KINDS = ("dynamic", "think", "snapkv", "snapkv+think")
 
 
-def methods(prompt_tokens: int) -> dict:
-    """name -> (kvpress press or None, cache factory)."""
+def methods(prompt_tokens: int, ratio: float = 0.5, kinds: tuple[str, ...] = KINDS) -> dict:
+    """name -> (kvpress press or None, cache factory). ``ratio``: the share of key channels ThinK prunes and of
+    prompt tokens SnapKV drops, in both libraries."""
     from kvpress import ComposedPress, SnapKVPress, ThinKPress
 
-    budget = int(prompt_tokens * (1 - RATIO))
-    ours_snapkv = dict(budget=budget, window=64, kernel=5)
-    return {
-        "dynamic": (None, DynamicCache),
-        "kvpress ThinKPress(0.5)": (ThinKPress(key_channel_compression_ratio=RATIO), DynamicCache),
-        "think-cache ThinK(0.5)": (None, lambda: ThinKCache(key_ratio=RATIO)),
-        "kvpress SnapKVPress(0.5)": (SnapKVPress(compression_ratio=RATIO), DynamicCache),
-        "think-cache SnapKV(0.5)": (None, lambda: ThinKCache(key_ratio=0, policy=SnapKV(**ours_snapkv))),
-        "kvpress SnapKV(0.5)+ThinK(0.5)": (
-            ComposedPress([SnapKVPress(compression_ratio=RATIO), ThinKPress(key_channel_compression_ratio=RATIO)]),
-            DynamicCache,
-        ),
-        "think-cache SnapKV(0.5)+ThinK(0.5)": (
-            None,
-            lambda: ThinKCache(key_ratio=RATIO, policy=SnapKV(**ours_snapkv)),
-        ),
+    ours_snapkv = dict(budget=int(prompt_tokens * (1 - ratio)), window=64, kernel=5)
+    table = {
+        "dynamic": {"dynamic": (None, DynamicCache)},
+        "think": {
+            f"kvpress ThinKPress({ratio})": (ThinKPress(key_channel_compression_ratio=ratio), DynamicCache),
+            f"think-cache ThinK({ratio})": (None, lambda: ThinKCache(key_ratio=ratio)),
+        },
+        "snapkv": {
+            f"kvpress SnapKVPress({ratio})": (SnapKVPress(compression_ratio=ratio), DynamicCache),
+            f"think-cache SnapKV({ratio})": (None, lambda: ThinKCache(key_ratio=0, policy=SnapKV(**ours_snapkv))),
+        },
+        "snapkv+think": {
+            f"kvpress SnapKV({ratio})+ThinK({ratio})": (
+                ComposedPress([SnapKVPress(compression_ratio=ratio), ThinKPress(key_channel_compression_ratio=ratio)]),
+                DynamicCache,
+            ),
+            f"think-cache SnapKV({ratio})+ThinK({ratio})": (
+                None,
+                lambda: ThinKCache(key_ratio=ratio, policy=SnapKV(**ours_snapkv)),
+            ),
+        },
     }
+    return {name: entry for kind in kinds for name, entry in table[kind].items()}
 
 
 def run_one(model, input_ids, press, make_cache, max_new_tokens: int, eos: set[int]) -> dict:
@@ -84,7 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="passkey,kv")
     parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--tag", default="cpu")
+    parser.add_argument("--ratio", type=float, default=0.5, help="channels pruned / tokens dropped (default 0.5)")
+    parser.add_argument("--methods", default=",".join(KINDS), help=f"comma-separated among {', '.join(KINDS)}")
     args = parser.parse_args(argv)
+    kinds = tuple(args.methods.split(","))
+    if unknown := set(kinds) - set(KINDS):
+        parser.error(f"unknown methods {sorted(unknown)}; choose among {', '.join(KINDS)}")
+    if "dynamic" not in kinds:
+        kinds = ("dynamic", *kinds)  # the ratios are to DynamicCache
     import kvpress  # noqa: F401  (fail early outside .venv-kvpress)
 
     model, tokenizer = load_smollm2()
@@ -95,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         (n, t, i) for n in map(int, args.lengths.split(",")) for t in args.tasks.split(",") for i in range(args.samples)
     ]
     for length, task, i in tqdm(jobs, desc="prompts", unit="prompt"):
-        sample = TASKS[task](tokenizer, length, (i + 0.5) / args.samples, seed=1000 * length + i)
+        sample = TASKS[task](tokenizer, length, depths(args.samples)[i], seed=1000 * length + i)
         ids = sample.inputs["input_ids"]
-        table = methods(ids.shape[1])
+        table = methods(ids.shape[1], args.ratio, kinds)
         names = list(table)
         names = names[i % len(names) :] + names[: i % len(names)]  # rotate the order from prompt to prompt
         for name in names:
@@ -109,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                     "task": task,
                     "length": length,
                     "depth": sample.depth,
+                    "seed": sample.seed,
                     "method": name,
                     "answer": answer,
                     "expected": sample.answer,
@@ -116,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                     **r,
                 }
             )
-    result = {"machine": machine(), "kvpress": _kvpress_version(), "rows": rows}
+    result = {"machine": machine(), "kvpress": _kvpress_version(), "ratio": args.ratio, "rows": rows}
     path = save_json(result, RESULTS / f"kvpress_{args.tag}.json")
     print(summary(result))
     print(f"\nwrote {path}")
@@ -150,6 +167,16 @@ def summary(result: dict) -> str:
             f"| {name} | {acc:.0f}% ({len(rs)}) | {held / 2**20:.1f} MiB ({held / base_held:.2f}x) "
             f"| {pre:.2f} s ({pre / base_pre:.2f}x) | {1000 * dec:.1f} ms ({dec / base_dec:.2f}x) |"
         )
+    if all("seed" in r for r in result["rows"]):  # files from before seeds were recorded cannot be paired
+        lines += ["", "| method | vs dynamic on the same prompts | 95% interval |", "|---|---|---|"]
+        for name in by:
+            if name != "dynamic":
+                p = paired(result["rows"], name, "dynamic")
+                lo, hi = p.interval
+                lines.append(
+                    f"| {name} | {p.delta:+.1f} points ({p.gained} gained / {p.lost} lost of {p.n}) "
+                    f"| {lo:+.1f} to {hi:+.1f} |"
+                )
     return "\n".join(lines)
 
 
