@@ -99,7 +99,8 @@ TASKS = {"passkey": passkey, "kv": kv_retrieval}
 # ---------------------------------------------------------------------------------------------- methods
 def make_cache(method: str):
     """A cache from a method name: ``dynamic``, or ``+``-joined parts among ``think-R`` (key ratio),
-    ``value-R`` (value ratio), ``snapkv-B``, ``h2o-B`` and ``streaming-B`` (token budgets).
+    ``value-R`` (value ratio), ``recent-N`` (full-width recent tokens), ``snapkv-B``, ``h2o-B`` and
+    ``streaming-B`` (token budgets).
 
     >>> make_cache("snapkv-256+think-0.5")  # SnapKV keeps 256 tokens per head, ThinK prunes half their key channels
     """
@@ -112,6 +113,8 @@ def make_cache(method: str):
             settings["key_ratio"] = float(arg)
         elif kind == "value":
             settings["value_ratio"] = float(arg)
+        elif kind == "recent":
+            settings["recent"] = int(arg)
         elif kind == "snapkv":
             settings["policy"] = SnapKV(budget=int(arg))
         elif kind == "h2o":
@@ -133,7 +136,7 @@ def baseline_of(method: str) -> str | None:
     """The cache a method thins: ``snapkv-512+think-0.4`` -> ``snapkv-512``; ``think-0.4`` -> ``dynamic``;
     None for methods that thin nothing (``dynamic``, ``snapkv-512``)."""
     parts = method.split("+")
-    kept = [p for p in parts if not p.startswith(("think-", "value-"))]
+    kept = [p for p in parts if not p.startswith(("think-", "value-", "recent-"))]
     if len(kept) == len(parts):
         return None
     return "+".join(kept) or "dynamic"

@@ -41,6 +41,7 @@ def test_method_names():
     c = make_cache("snapkv-256+think-0.5+value-0.25")
     assert isinstance(c.policy, SnapKV) and c.policy.budget == 256 and c.value_ratio == 0.25
     assert isinstance(make_cache("h2o-128").policy, H2O)
+    assert make_cache("think-0.4+recent-0").recent == 0 and make_cache("think-0.4").recent == 32
     assert make_cache("streaming-64").policy == StreamingLLM(sink=4, recent=60)
     with pytest.raises(ValueError, match="unknown method part 'pyramid-3'"):
         make_cache("pyramid-3")
@@ -49,6 +50,7 @@ def test_method_names():
 def test_baseline_of_names_the_cache_a_method_thins():
     assert baseline_of("think-0.4") == "dynamic"
     assert baseline_of("think-0.5+value-0.5") == "dynamic"
+    assert baseline_of("think-0.4+recent-0") == "dynamic"
     assert baseline_of("snapkv-512+think-0.4") == "snapkv-512"
     assert baseline_of("h2o-128+value-0.25") == "h2o-128"
     assert baseline_of("snapkv-512") is None and baseline_of("dynamic") is None
