@@ -57,6 +57,7 @@ def run(
     """Every method on ``samples`` prompts per task and length. ``on_prompt`` gets the partial result after each."""
     model, tokenizer = load_smollm2()
     think_cache.patch(model)
+    header = {"machine": machine(), "methods": methods, "lengths": lengths, "tasks": tasks}
     eos = eos_ids(model, tokenizer)
     keep_queries = None if any("h2o" in m for m in methods) else 64
     rows = []
@@ -90,12 +91,8 @@ def run(
             )
         del prefill
         if on_prompt is not None:
-            on_prompt(_result(methods, lengths, tasks, rows))
-    return _result(methods, lengths, tasks, rows)
-
-
-def _result(methods: list[str], lengths: list[int], tasks: list[str], rows: list[dict]) -> dict:
-    return {"machine": machine(), "methods": methods, "lengths": lengths, "tasks": tasks, "rows": rows}
+            on_prompt({**header, "rows": rows})
+    return {**header, "rows": rows}
 
 
 def summary(result: dict) -> str:
