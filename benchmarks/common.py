@@ -126,6 +126,11 @@ def make_cache(method: str):
     return ThinKCache(**settings)
 
 
+def describe(methods: list[str]) -> dict[str, str]:
+    """Each method's cache with its settings (its ``repr``), for result files: defaults change between versions."""
+    return {m: "DynamicCache()" if m == "dynamic" else repr(make_cache(m)) for m in methods}
+
+
 def depths(n: int) -> list[float]:
     """``n`` depths spread evenly over (0, 1): prompt ``i`` of a task and length puts its answer at ``depths(n)[i]``
     (with seed ``1000 * length + i``), in every benchmark, so their rows can be matched prompt by prompt."""

@@ -30,6 +30,7 @@ from .common import (
     baseline_of,
     cache_from_prefill,
     depths,
+    describe,
     eos_ids,
     greedy_decode,
     group_mean,
@@ -57,7 +58,7 @@ def run(
     """Every method on ``samples`` prompts per task and length. ``on_prompt`` gets the partial result after each."""
     model, tokenizer = load_smollm2()
     think_cache.patch(model)
-    header = {"machine": machine(), "methods": methods, "lengths": lengths, "tasks": tasks}
+    header = {"machine": machine(), "methods": methods, "caches": describe(methods), "lengths": lengths, "tasks": tasks}
     eos = eos_ids(model, tokenizer)
     keep_queries = None if any("h2o" in m for m in methods) else 64
     rows = []

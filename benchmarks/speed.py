@@ -21,7 +21,7 @@ import think_cache
 from think_cache import _compat, held_bytes
 from think_cache.models import load_smollm2
 
-from .common import RESULTS, machine, make_cache, passkey, save_json
+from .common import RESULTS, describe, machine, make_cache, passkey, save_json
 
 DEFAULT_METHODS = (
     "dynamic,think-0.25,think-0.4,think-0.5,think-0.6,snapkv-256,snapkv-1024,"
@@ -89,6 +89,7 @@ def run(methods: list[str], lengths: list[int], repeats: int, decode_tokens: int
             rows.append(row)
     return {
         "machine": machine(),
+        "caches": describe(methods),
         "device": device,
         "dtype": str(dtype),
         "repeats": repeats,

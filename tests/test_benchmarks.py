@@ -10,6 +10,7 @@ from benchmarks.common import (
     Paired,
     baseline_of,
     cache_from_prefill,
+    describe,
     greedy_decode,
     make_cache,
     paired,
@@ -41,7 +42,7 @@ def test_method_names():
     c = make_cache("snapkv-256+think-0.5+value-0.25")
     assert isinstance(c.policy, SnapKV) and c.policy.budget == 256 and c.value_ratio == 0.25
     assert isinstance(make_cache("h2o-128").policy, H2O)
-    assert make_cache("think-0.4+recent-0").recent == 0 and make_cache("think-0.4").recent == 32
+    assert make_cache("think-0.4+recent-32").recent == 32 and make_cache("think-0.4").recent == 0
     assert make_cache("streaming-64").policy == StreamingLLM(sink=4, recent=60)
     with pytest.raises(ValueError, match="unknown method part 'pyramid-3'"):
         make_cache("pyramid-3")
@@ -110,3 +111,11 @@ def test_frontier_draws_one_panel_per_file_and_length(tmp_path, monkeypatch):
     think = next(line for line in axes[0].get_lines() if line.get_label() == "ThinK (key_ratio)")
     assert list(think.get_xdata()) == [0.76, 0.88]  # memory ratios to DynamicCache, sorted
     assert plots.family("snapkv-512+think-0.4") == "SnapKV + ThinK 0.4"
+
+
+def test_describe_records_each_methods_settings():
+    d = describe(["dynamic", "think-0.4", "snapkv-512+think-0.4+recent-8"])
+    assert d["dynamic"] == "DynamicCache()"
+    assert "key_ratio=0.4" in d["think-0.4"] and "recent=0" in d["think-0.4"]
+    stacked = d["snapkv-512+think-0.4+recent-8"]
+    assert "recent=8" in stacked and "SnapKV(budget=512" in stacked

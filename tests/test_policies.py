@@ -328,4 +328,4 @@ def test_cache_rejects_bad_policy_settings():
     with pytest.raises(ValueError, match=r"recent \(64\) is larger than the policy's budget \(48\)"):
         ThinKCache(policy=H2O(budget=48, recent=8), recent=64)
     assert ThinKCache(policy=SnapKV(budget=256)).recent == 0
-    assert ThinKCache().recent == 32
+    assert ThinKCache().recent == 0

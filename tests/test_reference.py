@@ -34,6 +34,19 @@ def test_single_prompt_with_folding(arch, key_ratio):
     assert layer.compact_keys.shape[-1] == layer.key_channels.shape[-1] < layer.head_dim
 
 
+def test_defaults_thin_every_prompt_token(arch):
+    """The defaults (recent=0): the whole prompt is compacted; generated tokens wait full-width, then fold."""
+    model = make_model(arch)
+    ids, mask = make_batch([40, 25], seed=5)
+    think, _ = _compare(model, ids, mask, 36, key_ratio=0.5, window=8)
+    layer = think.layers[0]
+    assert layer.recent == 0
+    # 35 generated tokens reached the cache (the last one is not fed back): one block of 32 folded
+    assert layer.keys.shape[-2] == 35 - layer.fold_block
+    if not layer.is_sliding:  # a sliding layer (mistral's window of 48) trims the oldest compact tokens
+        assert layer.compact_keys.shape[-2] == 40 + layer.fold_block
+
+
 @pytest.mark.parametrize("key_ratio", [0.25, 0.5, 0.75])
 def test_batch_with_left_padding(arch, key_ratio):
     model = make_model(arch)

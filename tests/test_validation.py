@@ -36,7 +36,7 @@ def test_window_and_recent():
         ThinKCache(window=8.0)
     with pytest.raises(ValueError, match="recent must be an int >= 0, got -1"):
         ThinKCache(recent=-1)
-    assert ThinKCache(window=16).recent == 16
+    assert ThinKCache(window=16).recent == 0  # recent does not follow the window
     assert ThinKCache(recent=0).recent == 0
 
 

@@ -105,7 +105,7 @@ class ThinKLayer(CacheLayerMixin):
         key_ratio: float = 0.5,
         value_ratio: float = 0.0,
         window: int = 32,
-        recent: int = 32,
+        recent: int = 0,
         policy: Policy | None = None,
     ):
         super().__init__()
