@@ -100,14 +100,8 @@ class ThinKLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = True
 
-    def __init__(
-        self,
-        key_ratio: float = 0.5,
-        value_ratio: float = 0.0,
-        window: int = 32,
-        recent: int = 0,
-        policy: Policy | None = None,
-    ):
+    def __init__(self, key_ratio: float, value_ratio: float, window: int, recent: int, policy: Policy | None):
+        # the settings come from ThinKCache, which validates them and holds their defaults
         super().__init__()
         self.key_ratio = key_ratio
         self.value_ratio = value_ratio
