@@ -29,6 +29,10 @@ def family(method: str) -> str:
         return "SnapKV (budget)"
     if m := re.fullmatch(r"snapkv-\d+\+think-([\d.]+)", method):
         return f"SnapKV + ThinK {m.group(1)}"
+    if m := re.fullmatch(r"think-([\d.]+)\+value-([\d.]+)", method):
+        return f"ThinK {m.group(1)} + values {m.group(2)}"
+    if m := re.fullmatch(r"think-([\d.]+)\+recent-(\d+)", method):
+        return f"ThinK {m.group(1)}, recent={m.group(2)}"
     return method
 
 
@@ -43,6 +47,9 @@ def frontier(eval_files: list, path) -> None:
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4 * nrows), squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
+    # one colour per line name across every panel, so that the shared legend reads the same everywhere
+    names = sorted({family(r["method"]) for rows in panels for r in rows})
+    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
     for ax, rows in zip(axes.flat, panels, strict=False):
         acc = group_mean(rows, ("method",), "correct")
         mem = group_mean(rows, ("method",), "held_bytes")
@@ -56,6 +63,7 @@ def frontier(eval_files: list, path) -> None:
                 [p[1] for p in points],
                 "o-" if len(points) > 1 else "*",
                 label=name,
+                color=colours[name],
                 markersize=10 if name == "DynamicCache" else 6,
             )
         tasks = sorted({r["task"] for r in rows})

@@ -111,6 +111,11 @@ def test_frontier_draws_one_panel_per_file_and_length(tmp_path, monkeypatch):
     think = next(line for line in axes[0].get_lines() if line.get_label() == "ThinK (key_ratio)")
     assert list(think.get_xdata()) == [0.76, 0.88]  # memory ratios to DynamicCache, sorted
     assert plots.family("snapkv-512+think-0.4") == "SnapKV + ThinK 0.4"
+    assert plots.family("think-0.4+recent-32") == "ThinK 0.4, recent=32"
+    assert plots.family("think-0.5+value-0.5") == "ThinK 0.5 + values 0.5"
+    # a line keeps its colour from panel to panel, and no two lines share one
+    colour = {(line.get_label(), line.get_color()) for ax in axes for line in ax.get_lines()}
+    assert len(colour) == len({label for label, _ in colour}) == len({c for _, c in colour})
 
 
 def test_describe_records_each_methods_settings():
