@@ -202,7 +202,8 @@ def cache_from_prefill(model, method: str, prefill: Prefill):
         layer = cache._new_layer(module)  # what ThinKCache.update does on a layer's first call
         cache.layers.append(layer)
         layer.update(k.clone(), v.clone())
-        layer.after_attention(q, None, module.scaling)
+        layer.observe(q, None, module.scaling)
+        layer.compact()
     return cache
 
 

@@ -96,6 +96,16 @@ def generate(model, ids, mask, cache, steps: int = 12, **kwargs):
     )
 
 
+def prefill(model, cache, ids, mask=None):
+    """The prompt in one forward, told to be the whole prompt (what the patched ``generate`` tells a ThinKCache),
+    so that the cache is compacted at its end."""
+    if isinstance(cache, think_cache.ThinKCache):
+        cache.mark_prompt_end(ids.shape[1])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    return cache
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param
@@ -114,12 +124,12 @@ def held_bytes(cache) -> int:
 
 # --------------------------------------------------------------------------------------- dense reference
 class ZeroedLayer(DynamicLayer):
-    """A stock full-size layer whose tokens, once out of the full-width recent part, get pruned channels zeroed.
+    """A stock full-size layer whose tokens, once out of the full-width part, get pruned channels zeroed.
 
-    It mirrors ThinK's schedule without sharing its code: channels are given (taken from a ThinK run); a layer
-    counts as compacted from the first update after a forward that left it with more than ``recent`` tokens; at
-    that point the newest ``recent`` tokens stay full-width, and later the full-width part is cut back to the
-    newest ``recent`` whenever it reaches ``recent + fold_block`` tokens.
+    It mirrors ThinK's schedule without sharing its code: channels are given (taken from a ThinK run); the prompt
+    ends at the first single-token forward after a multi-token one (where the patched ``generate`` puts it too);
+    from then on a forward starting at position ``t`` sees tokens before
+    ``origin - recent + fold_block * ((t - origin) // fold_block)`` thinned, where ``origin`` is the prompt's end.
     """
 
     def __init__(self, key_channels, value_channels, recent: int, head_dim: int, fold_block: int, sliding_window=None):
@@ -129,7 +139,8 @@ class ZeroedLayer(DynamicLayer):
         self.sliding_window = sliding_window
         self.key_keep = self._keep_mask(key_channels, head_dim)
         self.value_keep = None if value_channels is None else self._keep_mask(value_channels, head_dim)
-        self.full_from = None  # logical position where the full-width part starts, once compacted
+        self.origin = None  # logical end of the latest prompt
+        self.last_forward = 0
         self.seen = 0
 
     @staticmethod
@@ -139,15 +150,15 @@ class ZeroedLayer(DynamicLayer):
         return keep[:, :, None, :]  # (B, H, 1, D)
 
     def update(self, key_states, value_states, *args, **kwargs):
-        stored_before = 0 if self.keys is None or self.keys.dim() != 4 else self.keys.shape[-2]
-        if self.full_from is None and stored_before > self.recent:
-            self.full_from = self.seen - self.recent
-        self.seen += key_states.shape[-2]
-        if self.full_from is not None and self.seen - self.full_from >= self.recent + self.fold_block:
-            self.full_from = self.seen - self.recent
+        n, t0 = key_states.shape[-2], self.seen
+        if n == 1 and t0 > 0 and (self.last_forward > 1 or self.origin is None):
+            self.origin = t0
+        self.last_forward = n
+        self.seen += n
         keys, values = super().update(key_states, value_states)
-        if self.full_from is not None:
-            old = keys.shape[-2] - (self.seen - self.full_from)  # stored tokens before the full-width part
+        if self.origin is not None:
+            thinned_before = self.origin - self.recent + self.fold_block * ((t0 - self.origin) // self.fold_block)
+            old = keys.shape[-2] - (self.seen - thinned_before)  # stored tokens before that position
             if old > 0:
                 keys[:, :, :old] = keys[:, :, :old] * self.key_keep
                 if self.value_keep is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from conftest import make_batch, make_model, prefill
 from transformers import DynamicCache
 
 import think_cache
@@ -100,7 +100,7 @@ def test_channels_match_an_independent_computation():
     try:
         ids, mask = make_batch([50, 35], seed=3)
         cache = ThinKCache(key_ratio=0.5, window=8)
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        prefill(model, cache, ids, mask)
     finally:
         AttentionInterface.register(think_cache.ATTENTION_NAME, original)
     q, k = captured["q"], captured["k"]  # (B, 4, 50, 16), (B, 2, 50, 16)
@@ -122,6 +122,6 @@ def test_padding_values_do_not_change_channels():
     chosen = []
     for x in (ids, ids2):
         cache = ThinKCache(key_ratio=0.5, window=8)
-        model(input_ids=x, attention_mask=mask, past_key_values=cache)
+        prefill(model, cache, x, mask)
         chosen.append(torch.stack([layer.key_channels for layer in cache.layers]))
     assert torch.equal(chosen[0], chosen[1])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import generate, held_bytes, make_batch, make_model
+from conftest import generate, held_bytes, make_batch, make_model, prefill
 from transformers import AttentionInterface, DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import think_cache
@@ -157,7 +157,7 @@ def test_recent_full_width_tokens_under_a_policy(arch):
         model, ids, mask, 14, key_ratio=0.5, policy=H2O(budget=30, recent=4), window=6, recent=5
     )
     _assert_same(think, ref)
-    assert cache.layers[0].keys.shape[-2] == 5
+    assert cache.layers[0].keys.shape[-2] == 5 + 1  # recent, and the newest forward's token until the next one
 
 
 class _BudgetWatch(LogitsProcessor):
@@ -204,10 +204,12 @@ def test_streaming_keeps_sinks_and_the_newest_tokens():
     model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=25, do_sample=False)
     seen = cache.get_seq_length()
     for layer in cache.layers:
-        pos = layer.compact_positions.long()
+        # compact tokens by position, then the full-width part: the newest forward's token
+        assert layer.keys.shape[-2] == 1
+        pos = layer.compact_positions.long().tolist()
         # row 0 is unpadded: sinks 0, 1, 2; row 1 is padded by 20: its sinks are positions 20, 21, 22
-        assert pos[0, 0].tolist() == [0, 1, 2] + list(range(seen - 10, seen))
-        assert pos[1, 0].tolist() == [20, 21, 22] + list(range(seen - 10, seen))
+        assert pos[0][0] + [seen - 1] == [0, 1, 2] + list(range(seen - 10, seen))
+        assert pos[1][0] + [seen - 1] == [20, 21, 22] + list(range(seen - 10, seen))
 
 
 def test_memory_on_top_of_snapkv():
@@ -217,8 +219,7 @@ def test_memory_on_top_of_snapkv():
 
     def held(**settings):
         cache = ThinKCache(policy=SnapKV(budget=256), **settings)
-        with torch.no_grad():
-            model(input_ids=ids, past_key_values=cache)
+        prefill(model, cache, ids)
         assert all(layer.stored_tokens == 256 for layer in cache.layers)
         assert cache.stats().stored_bytes == held_bytes(cache)
         return held_bytes(cache)
@@ -238,7 +239,7 @@ def test_stats_report_tokens_and_channels():
     model = make_model("llama")
     ids, _ = make_batch([100])
     cache = ThinKCache(key_ratio=0.5, value_ratio=0.25, policy=SnapKV(budget=40, window=8))
-    model(input_ids=ids, past_key_values=cache)
+    prefill(model, cache, ids)
     s = cache.stats().layers[0]
     assert (s.tokens, s.stored_tokens, s.compact_tokens) == (100, 40, 40)
     assert (s.key_channels, s.value_channels, s.head_dim) == (8, 12, 16)

@@ -107,7 +107,8 @@ def test_layer_equals_dense_reference(s):
     causal = torch.ones(s["prompt"], s["prompt"], dtype=torch.bool).tril()
     prompt_mask = (causal[None] & real[:, None, :])[:, None]  # (B, 1, T, T)
     layer.update(keys, values)
-    layer.after_attention(query, prompt_mask, scale)
+    layer.observe(query, prompt_mask, scale)
+    layer.compact()  # the prompt ends here (what a ThinKCache does when generate tells it the prompt's end)
 
     all_k, all_v = keys, values
     for _ in range(s["steps"]):
@@ -119,8 +120,7 @@ def test_layer_equals_dense_reference(s):
         mask = real[:, None, None, :]  # (B, 1, 1, seen)
         recent_k, recent_v = layer.update(k, v)
         seen = layer.seen_tokens
-        if not layer.is_compacted:  # nothing pruned yet: stock attention is what runs
-            layer.after_attention(q, mask, scale)
+        if not layer.is_compacted:  # nothing pruned: stock attention is what runs
             continue
 
         out = compact_attention(
@@ -154,10 +154,11 @@ def test_layer_equals_dense_reference(s):
         ).transpose(1, 2)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
-        layer.after_attention(q, mask, scale, weights)
+        layer.after_attention(mask, weights)
         policy = s["policy"]
         if policy is not None and policy.evicts_while_decoding:
-            assert layer.stored_tokens <= policy.budget
+            # the full-width part (recent + the newest forward's token) is kept whole; the rest fits the budget
+            assert layer.stored_tokens <= max(policy.budget, layer.keys.shape[-2])
         if layer.compact_positions is not None:
             # padding only fills slots no real token could take: the kept real tokens are as many as possible
             candidates = real[:, : seen - layer.keys.shape[-2]].sum(-1)  # real tokens older than the recent part
@@ -187,7 +188,8 @@ def test_prompt_selection_prefers_real_tokens(budget, prompt, pad, policy_kind):
     real[0, :pad] = False
     layer.update(torch.randn(1, 2, prompt, 8, generator=g), torch.randn(1, 2, prompt, 8, generator=g))
     mask = (torch.ones(prompt, prompt, dtype=torch.bool).tril()[None] & real[:, None])[:, None]
-    layer.after_attention(torch.randn(1, 4, prompt, 8, generator=g), mask, 0.35)
+    layer.observe(torch.randn(1, 4, prompt, 8, generator=g), mask, 0.35)
+    layer.compact()
     kept = layer.compact_positions.long()
     assert kept.shape[-1] == min(budget, prompt)
     n_real = prompt - pad

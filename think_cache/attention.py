@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .compact import compact_attention
+from .compact import causal_mask, compact_attention
 
 __all__ = ["ATTENTION_NAME", "think_attention", "register"]
 
@@ -81,24 +81,54 @@ def think_attention(
 ) -> tuple[torch.Tensor, None]:
     """Attention for models patched by `think_cache.patch`.
 
-    With a `ThinKCache` layer that is not compacted yet (prefill), the stock sdpa kernel runs on the full keys and
-    the layer is then handed this forward's queries to choose its channels. Once compacted, attention runs over
-    the compact part (query gathered at the kept channels) and the full-width recent part in one softmax.
+    Before its layer is compacted (the prompt), the stock sdpa kernel runs on the full keys and the layer remembers
+    the queries it needs to choose its channels; at the end of the prompt the layer is compacted. Once compacted,
+    attention runs over the compact part (query gathered at the kept channels) and the full-width part in one
+    softmax. When the prompt ends inside a forward (assisted decoding's first forward holds the prompt and the
+    drafts), the rows before the end attend the prompt at full width and the rows after it the compacted layer.
     Anything else falls through to transformers' sdpa attention.
     """
     layer = _take_handoff(key)
-    if layer is None or not layer.is_compacted:
-        out = sdpa_attention_forward(
+    if layer is None:
+        return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-        if layer is not None:
-            layer.after_attention(query, attention_mask, _scale(scaling, query))
-        return out
     if dropout and module.training:
         raise NotImplementedError(
             "ThinKCache is an inference cache: attention dropout in training mode is not supported."
         )
     scale = _scale(scaling, query)
+    if layer.is_compacted:
+        return _attend_compacted(layer, query, attention_mask, scale), None
+
+    q_len = query.shape[2]
+    rows = layer.rows_before_end(q_len)
+    mask = _stored_columns(attention_mask, key.shape[-2])  # while uncompacted the stored tokens are the newest
+    if rows == q_len:
+        out, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, **kwargs)
+        layer.observe(query, mask, scale)
+        if layer.prompt_end == layer.seen_tokens:  # the prompt ends with this forward
+            layer.compact()
+        return out, None
+
+    # the prompt ends after `rows` of this forward's queries
+    cols = key.shape[-2] - (q_len - rows)
+    if mask is None:
+        mask = causal_mask(q_len, key.shape[-2], query.device)
+    head_mask = mask[:, :, :rows, :cols]
+    out_head, _ = sdpa_attention_forward(
+        module, query[:, :, :rows], key[:, :, :cols], value[:, :, :cols], head_mask, scaling=scaling, **kwargs
+    )
+    layer.observe(query[:, :, :rows], head_mask, scale, upto=layer.prompt_end)
+    layer.compact(layer.prompt_end)
+    tail_mask = None if attention_mask is None else attention_mask[:, :, rows:]
+    out_tail = _attend_compacted(layer, query[:, :, rows:], tail_mask, scale)
+    return torch.cat([out_head, out_tail], dim=1), None
+
+
+def _attend_compacted(layer, query: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Attention of ``query`` (the forward's newest rows) over a compacted layer, then the layer's bookkeeping."""
+    q_len = query.shape[2]
     wants_weights = layer.token_scores is not None  # a policy that accumulates attention (H2O)
     out = compact_attention(
         query,
@@ -106,15 +136,24 @@ def think_attention(
         layer.key_channels,
         layer.compact_values,
         layer.value_channels,
-        key,
-        value,
-        layer.attention_mask(attention_mask, query.shape[2]),
+        layer.keys,
+        layer.values,
+        layer.attention_mask(mask, q_len),
         scale,
         return_token_weights=wants_weights,
+        thinned_rows=layer.thinned_rows(q_len),
     )
     out, weights = out if wants_weights else (out, None)
-    layer.after_attention(query, attention_mask, scale, weights)
-    return out, None
+    layer.after_attention(mask, weights)
+    return out
+
+
+def _stored_columns(mask: torch.Tensor | None, stored: int) -> torch.Tensor | None:
+    """The columns of a forward's mask that belong to the stored tokens (a mask over logical positions, as a
+    policy's layers get, is longer than what a sliding layer still stores)."""
+    if mask is None or mask.shape[-1] == stored:
+        return mask
+    return mask[..., mask.shape[-1] - stored :]
 
 
 def _scale(scaling: float | None, query: torch.Tensor) -> float:

@@ -50,6 +50,22 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
+def _fingerprint(config) -> tuple:
+    """What tells one model's attention layers from another's: a copied or unpickled config gives the same."""
+    names = (
+        "model_type",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "hidden_size",
+        "head_dim",
+        "sliding_window",
+        "layer_types",
+        "vocab_size",
+    )
+    return tuple(repr(getattr(config, name, None)) for name in names)
+
+
 @dataclass(frozen=True)
 class CacheStats:
     """Memory held by a `ThinKCache`, per layer and in total, against a ``DynamicCache`` on the same inputs."""
@@ -169,6 +185,8 @@ class ThinKCache(Cache):
                 "tokens are always kept, so they must fit in the budget"
             )
         self._model_config = None
+        self._model_fingerprint = None
+        self._prompt_end: int | None = None
         super().__init__(layers=[])
 
     # ------------------------------------------------------------------------------------------- update
@@ -197,13 +215,14 @@ class ThinKCache(Cache):
                 f"ThinKCache needs the ThinK attention, but the model now uses attn_implementation={implementation!r}. "
                 "Call `think_cache.patch(model)` again after changing the attention implementation."
             )
-        if self._model_config is None:
-            self._model_config = module.config
-        elif module.config is not self._model_config:
-            raise ValueError(
-                "This ThinKCache was filled by another model. Use one ThinKCache per model, or call `cache.reset()` "
-                "before reusing it."
-            )
+        if module.config is not self._model_config:  # first use, a copy or unpickled cache, or another model
+            fingerprint = _fingerprint(module.config)
+            if self._model_config is not None or fingerprint != (self._model_fingerprint or fingerprint):
+                raise ValueError(
+                    "This ThinKCache was filled by another model. Use one ThinKCache per model, or call "
+                    "`cache.reset()` before reusing it."
+                )
+            self._model_config, self._model_fingerprint = module.config, fingerprint
         if layer_idx < len(self.layers) and self.layers[layer_idx].is_initialized:
             held = self.layers[layer_idx].keys.shape[0]
             if held != key_states.shape[0]:
@@ -226,6 +245,7 @@ class ThinKCache(Cache):
         while len(self.layers) <= layer_idx:
             self.layers.append(self._new_layer(module))
         layer = self.layers[layer_idx]
+        layer.prompt_end = self._prompt_end
         keys, values = layer.update(key_states, value_states)
         hand_off(layer, keys)
         return keys, values
@@ -257,7 +277,34 @@ class ThinKCache(Cache):
     def reset(self) -> None:
         """Forget every token (the settings stay); the cache can then serve another model or batch."""
         super().reset()
-        self._model_config = None
+        self._model_config = self._model_fingerprint = None
+
+    # ------------------------------------------------------------------------------------------ schedule
+    def mark_prompt_end(self, length: int | None) -> None:
+        """Say that the prompt is ``length`` tokens long in all (None: not known). The patched ``generate`` does
+        this for every call, so users rarely need it.
+
+        Each layer is compacted (channels and a policy's tokens chosen) when the prompt ends, from the prompt's
+        last ``window`` queries, however the prompt was fed (in one forward, in chunks with
+        ``prefill_chunk_size``, or together with an assistant's drafts). Without it, the first single-token
+        forward after the prompt marks the end.
+        """
+        if length is not None:
+            length = _check_int("length", length, 0)
+        self._prompt_end = length
+
+    def compact(self) -> None:
+        """Compact every layer now, with the queries seen so far (e.g. to measure the saving after a plain forward
+        over a prompt). Normally layers compact by themselves when generation starts."""
+        for layer in self.layers:
+            if layer.is_initialized and layer.prunes and not layer.is_compacted and layer.window_queries is not None:
+                layer.compact()
+
+    def __getstate__(self) -> dict:
+        # copies and pickles do not drag the model's config along; the fingerprint still recognises the model
+        state = dict(self.__dict__)
+        state["_model_config"] = None
+        return state
 
     @property
     def is_compileable(self) -> bool:

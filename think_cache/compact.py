@@ -76,6 +76,7 @@ def compact_attention(
     mask: torch.Tensor | None,
     scaling: float,
     return_token_weights: bool = False,
+    thinned_rows: list[int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query`` over a compact part followed by a full-width recent part.
 
@@ -102,6 +103,10 @@ def compact_attention(
     return_token_weights:
         Also return each stored token's attention weight summed over the queries of its KV head's group,
         ``(batch, kv_heads, n_compact + n_recent)`` float32 (what H2O accumulates).
+    thinned_rows:
+        Per query row (``q_len`` ints), how many of the oldest recent tokens that row sees thinned (through the
+        kept channels only, as if they were in the compact part): the view each row would have had if the
+        queries had come one at a time and the recent part had folded in between. None: all at full width.
 
     Returns
     -------
@@ -116,13 +121,17 @@ def compact_attention(
     # (B, Hkv, G * L, D): a view of each KV head's whole query group, no repeat_kv
     q = query.reshape(batch, kv_heads, group * q_len, head_dim)
 
-    logits = torch.cat(
-        [
-            torch.matmul(gather_channels(q, key_channels), compact_keys.transpose(-1, -2)),
-            torch.matmul(q, keys.transpose(-1, -2)),
-        ],
-        dim=-1,
-    ).float()
+    q_kept = gather_channels(q, key_channels)
+    recent_logits = torch.matmul(q, keys.transpose(-1, -2))
+    thin = None
+    if thinned_rows is not None:
+        # rows are laid out (group, q_len): row g * q_len + l is query l of group member g
+        n_thin = max(thinned_rows)
+        counts = torch.tensor(thinned_rows, device=query.device).repeat(group)
+        thin = torch.arange(n_thin, device=query.device)[None, :] < counts[:, None]  # (G * L, n_thin)
+        thin_logits = torch.matmul(q_kept, gather_channels(keys[:, :, :n_thin], key_channels).transpose(-1, -2))
+        recent_logits[..., :n_thin] = torch.where(thin, thin_logits, recent_logits[..., :n_thin])
+    logits = torch.cat([torch.matmul(q_kept, compact_keys.transpose(-1, -2)), recent_logits], dim=-1).float()
     logits = logits.mul_(scaling).view(batch, kv_heads, group, q_len, n_total)
 
     mask = as_bool_mask(mask)
@@ -142,7 +151,14 @@ def compact_attention(
     compact_out = torch.matmul(weights[..., :n_compact], compact_values)
     if value_channels is not None:
         compact_out = scatter_channels(compact_out, value_channels, v_dim)
-    out = compact_out + torch.matmul(weights[..., n_compact:], values)
+    recent_weights = weights[..., n_compact:]
+    if thin is not None and value_channels is not None:  # thinned recent tokens lose their pruned value channels
+        n_thin = thin.shape[-1]
+        thin_weights = recent_weights[..., :n_thin] * thin
+        thin_out = torch.matmul(thin_weights, gather_channels(values[:, :, :n_thin], value_channels))
+        compact_out = compact_out + scatter_channels(thin_out, value_channels, v_dim)
+        recent_weights = torch.cat([recent_weights[..., :n_thin] * ~thin, recent_weights[..., n_thin:]], dim=-1)
+    out = compact_out + torch.matmul(recent_weights, values)
     out = out.view(batch, q_heads, q_len, v_dim).transpose(1, 2)
     if return_token_weights:
         return out, probs.sum(dim=(2, 3))

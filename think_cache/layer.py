@@ -2,8 +2,8 @@
 
 A `ThinKLayer` stores one attention layer's keys and values in two parts:
 
-* the **recent** part, ``keys``/``values`` ``(batch, kv_heads, n_recent, head_dim)``: the newest tokens at full
-  width. Before the layer is compacted it holds every token.
+* the **full-width** part, ``keys``/``values`` ``(batch, kv_heads, n_full, head_dim)``: the newest tokens. Before the
+  layer is compacted it holds every token.
 * the **compact** part, ``compact_keys`` ``(batch, kv_heads, n_compact, kept_k)`` with ``key_channels``
   ``(batch, kv_heads, kept_k)`` (int16) saying which channels are kept, per batch row and KV head; and
   ``compact_values``, full width unless value channels are pruned too (``value_channels``).
@@ -12,12 +12,22 @@ With a token `Policy`, the compact part also holds ``compact_positions`` ``(batc
 the logical position of each kept token, which may differ per head (eviction is per head); masks are gathered at
 those positions. Policies that accumulate attention (H2O) keep ``token_scores`` for every stored token.
 
-Tokens are in logical order: compact part first, then the recent part, whose tokens are always the newest
-``n_recent`` logical positions. The layer is *compacted* at the end of the first forward that leaves it with
-more than ``recent`` tokens (or more than a policy's budget): the attention, which alone sees the queries, hands
-it the forward's queries; the policy picks the tokens, the channels are chosen once on those tokens, and from
-then on the tokens that leave the recent part are moved into the compact part with those channels, a block of
-`FOLD_BLOCK` at a time (a token at a time under a policy that evicts while decoding).
+When things happen (the schedule), in logical positions, whatever the way tokens are fed:
+
+* **A forward's own tokens attend to each other at full width.** `update` only appends them; whatever is due
+  (folding, dropping tokens that left a sliding window) happens at the start of the *next* `update`, so a
+  forward's tokens stay full-width until then and `crop` can remove them exactly (assisted decoding).
+* **The layer is compacted at the end of the prompt**, position ``P``: the policy picks the prompt's tokens and the
+  channels are chosen from the prompt's last ``window`` queries (remembered across forwards, so a prompt fed in
+  chunks is scored like one prefill). ``generate`` tells the cache where its prompt ends (`ThinKCache` is told by
+  the patched ``generate``); without that, a single-token forward after a multi-token one marks the end (the
+  first decoding step). A plain forward over a document therefore leaves it full-width: copies of the cache can
+  then each be compacted at the end of their own question (prefix caching).
+* **Generated tokens fold in blocks.** A query at position ``t >= P`` sees every token before
+  ``P - recent + FOLD_BLOCK * ((t - P) // FOLD_BLOCK)`` thinned and the later ones at full width: generated
+  tokens wait full-width and fold ``FOLD_BLOCK`` at a time. When one forward holds several generated positions
+  (assisted decoding verifies drafts in one forward), each query row gets exactly the view it would have had
+  one token at a time (`thinned_rows`). A later prompt (a chat's next turn) restarts the schedule at its own end.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from .compact import as_bool_mask, causal_mask, gather_channels, key_padding
-from .policies import Policy, top_tokens
+from .policies import Policy, top_tokens, window_attention
 from .scoring import (
     channel_index_dtype,
     kept_channel_count,
@@ -38,7 +48,7 @@ from .scoring import (
     value_channel_scores,
 )
 
-__all__ = ["ThinKLayer", "ThinKSlidingLayer", "LayerStats", "gather_tokens", "storage_bytes"]
+__all__ = ["ThinKLayer", "ThinKSlidingLayer", "LayerStats", "gather_tokens", "storage_bytes", "FOLD_BLOCK"]
 
 # Every tensor a layer holds whose first dimension is the batch.
 _ROW_TENSORS = (
@@ -51,12 +61,14 @@ _ROW_TENSORS = (
     "compact_positions",
     "token_scores",
     "window_queries",
+    "window_real",
+    "real_keys",
 )
 
-#: Once compacted, the recent part folds into the compact part when it reaches ``recent + FOLD_BLOCK`` tokens,
-#: all but the newest ``recent`` at once. Appending to the compact part copies it, so folding a block at a time
-#: instead of a token a step keeps that copy off most decoding steps (transformers' DynamicCache copies its whole
-#: cache every step). The full-width part holds between ``recent`` and ``recent + FOLD_BLOCK - 1`` tokens.
+#: Generated tokens fold into the compact part this many at a time. Appending to the compact part copies it, so
+#: folding a block at a time instead of a token a step keeps that copy off most decoding steps (transformers'
+#: DynamicCache copies its whole cache every step). Between forwards the full-width part holds between ``recent``
+#: and ``recent + FOLD_BLOCK - 1`` generated tokens.
 FOLD_BLOCK = 32
 
 
@@ -94,11 +106,10 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class ThinKLayer(CacheLayerMixin):
-    """One full-attention layer of a `ThinKCache`. See the module docstring for the layout."""
+    """One full-attention layer of a `ThinKCache`. See the module docstring for the layout and the schedule."""
 
     is_compileable = False
     is_sliding = False
-    is_croppable = True
 
     def __init__(self, key_ratio: float, value_ratio: float, window: int, recent: int, policy: Policy | None):
         # the settings come from ThinKCache, which validates them and holds their defaults
@@ -109,7 +120,11 @@ class ThinKLayer(CacheLayerMixin):
         self.recent = recent
         self.policy = policy
         # a policy that evicts every step gathers the compact part every step anyway: fold as it goes
-        self.fold_block = 1 if policy is not None and policy.evicts_while_decoding else FOLD_BLOCK
+        self.fold_block = 1 if self.evicts_while_decoding else FOLD_BLOCK
+        # the queries remembered for the end of the prompt: ThinK's window and the policy's, whichever is longer
+        self.query_rows = max(window, 0 if policy is None else policy.observation_window)
+        #: logical length of the prompt, when `generate` told the cache (None: not known)
+        self.prompt_end: int | None = None
         self.reset()
 
     def __repr__(self) -> str:
@@ -122,7 +137,20 @@ class ThinKLayer(CacheLayerMixin):
         for name in _ROW_TENSORS:
             setattr(self, name, None)
         self.seen_tokens = 0
+        self.origin: int | None = None  # logical end of the last prompt: where the fold schedule counts from
+        self.real_keys: torch.Tensor | None = None  # (batch, stored) before compaction: False at padding
+        self.scaling = 1.0
+        self.forward_tokens = 0  # tokens of the last forward
         self.is_initialized = False
+
+    @property
+    def evicts_while_decoding(self) -> bool:
+        return self.policy is not None and self.policy.evicts_while_decoding
+
+    @property
+    def is_croppable(self) -> bool:
+        """Whether `crop` can undo the newest forward exactly (not after a policy evicted during it)."""
+        return not self.evicts_while_decoding
 
     @property
     def prunes(self) -> bool:
@@ -135,10 +163,17 @@ class ThinKLayer(CacheLayerMixin):
         return self.key_channels is not None
 
     @property
+    def compact_tokens(self) -> int:
+        return 0 if self.compact_keys is None else self.compact_keys.shape[-2]
+
+    @property
     def stored_tokens(self) -> int:
-        compact = 0 if self.compact_keys is None else self.compact_keys.shape[-2]
-        recent = 0 if self.keys is None else self.keys.shape[-2]
-        return compact + recent
+        return self.compact_tokens + (0 if self.keys is None else self.keys.shape[-2])
+
+    @property
+    def full_from(self) -> int:
+        """Logical position of the oldest full-width token."""
+        return self.seen_tokens - self.keys.shape[-2]
 
     def tensors(self) -> Iterator[torch.Tensor]:
         """Every tensor the layer holds."""
@@ -166,20 +201,21 @@ class ThinKLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new tokens to the recent part; once compacted, fold the overflow into the compact part.
+        """Do what the schedule says is due before this forward, then append its tokens at full width.
 
-        Returns the recent part's keys and values: the ThinK attention reads the compact part from the layer.
+        Returns the full-width part's keys and values: the ThinK attention reads the compact part from the layer.
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.seen_tokens += key_states.shape[-2]
+        n = key_states.shape[-2]
+        self._before_forward(self.seen_tokens, n)
+        self.seen_tokens += n
+        self.forward_tokens = n
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         if self.token_scores is not None:
             new = self.token_scores.new_zeros(*key_states.shape[:3])
             self.token_scores = torch.cat([self.token_scores, new], dim=-1)
-        if self.is_compacted and self.keys.shape[-2] >= self.recent + self.fold_block:
-            self._fold(self.keys.shape[-2] - self.recent)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -199,22 +235,34 @@ class ThinKLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the newest ``-tokens_to_remove`` tokens (a non-positive count, as in transformers 5.x).
 
-        Only the full-width recent part can be cut: pruned channels and evicted tokens cannot be restored.
+        Exact for the tokens still at full width, which always include the newest forward's: pruned channels and
+        evicted tokens cannot be restored.
         """
         count = -tokens_to_remove
         if count <= 0 or not self.is_initialized:
             return
-        if self.is_compacted and count > self.keys.shape[-2]:
+        if not self.is_croppable:
+            raise ValueError(
+                f"ThinKCache cannot crop under {type(self.policy).__name__}: the policy evicts tokens at every "
+                "step, and evicted tokens cannot be restored, so assisted decoding and other rollbacks would not "
+                "be exact. Use no policy or SnapKV for assisted decoding."
+            )
+        if count > self.keys.shape[-2]:
             raise ValueError(
                 f"ThinKCache cannot crop {count} tokens: only the newest {self.keys.shape[-2]} tokens are stored at "
                 f"full width and older ones were pruned to {self.key_channels.shape[-1]} of {self.head_dim} key "
-                "channels. Crop fewer tokens, or build the cache with a larger `recent`."
+                "channels. Crop at most the tokens of the newest forward."
             )
         self.keys = self.keys[:, :, :-count].clone()
         self.values = self.values[:, :, :-count].clone()
         if self.token_scores is not None:
             self.token_scores = self.token_scores[..., :-count].clone()
+        if self.window_queries is not None:  # forget the queries of the removed tokens
+            keep = max(self.window_queries.shape[3] - count, 0)
+            self.window_queries = self.window_queries[:, :, :, :keep].clone()
+            self.window_real = self.window_real[:, :keep].clone()
         self.seen_tokens -= count
+        self.forward_tokens = max(self.forward_tokens - count, 0)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -233,81 +281,134 @@ class ThinKLayer(CacheLayerMixin):
         if self.is_initialized and self.keys.device != self.device:
             self._map_tensors(lambda t: t.to(self.device, non_blocking=True))
 
-    # ------------------------------------------------------------------------------------ ThinK proper
-    def after_attention(
-        self,
-        query: torch.Tensor,
-        mask: torch.Tensor | None,
-        scaling: float,
-        token_weights: torch.Tensor | None = None,
-    ) -> None:
-        """Called by the ThinK attention at the end of every forward through this layer.
+    # -------------------------------------------------------------------------------------------- schedule
+    def _ended_prompt(self, t0: int, n: int) -> int | None:
+        """The end of a prompt that lies at or before ``t0``, the first position of a forward of ``n`` tokens, if
+        this forward starts generating after it; None while a prompt may still go on."""
+        if self.prompt_end is not None:
+            return self.prompt_end if self.prompt_end <= t0 else None
+        if n == 1 and t0 > 0 and (self.forward_tokens > 1 or not self.is_compacted):
+            return t0  # the first single-token forward after a prompt: decoding has begun
+        return None
 
-        Before compaction it remembers the window's queries and compacts when due (`observe`); ``mask`` is that
-        forward's attention mask, which tells padded keys apart. Once compacted, a policy that evicts while
-        decoding gets the step's attention weights (``token_weights``, ``(batch, kv_heads, stored)``) and the
-        layer is brought back within the policy's budget.
+    def fold_point(self, t: int) -> int:
+        """Logical position before which a query at ``t`` sees tokens thinned (``t`` at or after the origin)."""
+        return self.origin - self.recent + self.fold_block * ((t - self.origin) // self.fold_block)
+
+    def _before_forward(self, t0: int, n: int) -> None:
+        """What is due before a forward whose first token is at logical position ``t0``: compacting an ended
+        prompt, folding generated tokens, dropping tokens no later query can see."""
+        end = self._ended_prompt(t0, n)
+        if not self.is_compacted:
+            self._trim(t0)
+            if end is not None and self.prunes and self.keys.shape[-2] > 0:
+                self.compact(end)
+        elif end is not None and end > self.origin:
+            self.origin = end  # a new prompt (a chat's next turn) restarts the schedule at its end
+        if self.is_compacted:
+            self._fold(self.fold_point(t0) - self.full_from)
+            self._trim(t0)
+
+    def _trim(self, t0: int) -> None:
+        """Drop tokens that no query from ``t0`` on can see (sliding-window layers)."""
+
+    def thinned_rows(self, q_len: int) -> list[int] | None:
+        """For the current forward's query rows: how many of the oldest full-width tokens each row must see thinned
+        (the view it would have had decoding one token at a time). None when every row sees them at full width,
+        the usual case."""
+        t0 = self.seen_tokens - q_len
+        if q_len == 1 or self.prompt_end is None or self.prompt_end >= t0 + q_len or not self.is_compacted:
+            return None  # one token, or a forward of prompt tokens: all at full width
+        origin = self.prompt_end if self.prompt_end > t0 else self.origin
+        counts = []
+        for t in range(t0, t0 + q_len):
+            if t < origin:
+                counts.append(0)
+            else:
+                point = origin - self.recent + self.fold_block * ((t - origin) // self.fold_block)
+                counts.append(max(point - self.full_from, 0))
+        return counts if any(counts) else None
+
+    def rows_before_end(self, q_len: int) -> int:
+        """How many of the current forward's query rows come before the prompt's end when that end lies inside
+        this forward (assisted decoding's first forward holds the prompt and the drafts); else ``q_len``."""
+        t0 = self.seen_tokens - q_len
+        if self.prompt_end is not None and t0 < self.prompt_end < t0 + q_len and self.prunes:
+            return self.prompt_end - t0
+        return q_len
+
+    # ------------------------------------------------------------------------------------ ThinK proper
+    def observe(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, upto: int | None = None) -> None:
+        """Remember what the end of the prompt will need from an uncompacted forward.
+
+        ``query`` ``(batch, q_heads, rows, head_dim)`` holds the queries of the logical positions just before
+        ``upto`` (default: the layer's end); ``mask`` is their attention mask over the stored tokens before
+        ``upto``, which tells padded keys and queries apart. Keeps the last ``query_rows`` queries (padded rows
+        zeroed) and, for a policy that accumulates attention (H2O), adds each stored token's attention weight.
         """
         if not self.prunes:
             return
-        if not self.is_compacted:
-            real_keys = key_padding(mask, query.shape[0], self.keys.shape[-2], query.device)
-            self.observe(query, real_keys, scaling)
-            return
-        if self.token_scores is not None and token_weights is not None:
-            self.token_scores += token_weights
-        if self.policy is not None and self.policy.evicts_while_decoding:
-            self._evict(mask)
-
-    def observe(self, query: torch.Tensor, real_keys: torch.Tensor, scaling: float) -> None:
-        """Remember the observation window's queries; compact once the layer holds more than ``recent`` tokens
-        (or more than a policy's budget).
-
-        Parameters
-        ----------
-        query:
-            ``(batch, q_heads, q_len, head_dim)``, this forward's queries (the last ``q_len`` stored tokens).
-        real_keys:
-            ``(batch, stored_tokens)`` bool, False at padded positions.
-        scaling:
-            The attention scale, for value-channel and token scores.
-        """
-        batch, q_heads, q_len, head_dim = query.shape
+        batch, q_heads, rows, head_dim = query.shape
         kv_heads = self.keys.shape[1]
-        stored = self.keys.shape[-2]
-        w = min(self.window, q_len)
-        real_queries = real_keys[:, stored - w :]  # query i is stored token stored - q_len + i
-        q = query[:, :, q_len - w :] * real_queries[:, None, :, None].to(query.dtype)
+        stored = self.keys.shape[-2] if upto is None else upto - self.full_from
+        real_keys = key_padding(mask, batch, stored, query.device)
+        real_rows = real_keys[:, stored - rows :]  # query i is stored token stored - rows + i
+        if self.policy is not None and self.policy.accumulates_attention:
+            if self.token_scores is None:
+                self.token_scores = query.new_zeros(batch, kv_heads, self.keys.shape[-2], dtype=torch.float32)
+            weights = window_attention(query, self.keys[:, :, :stored], real_keys, scaling)
+            self.token_scores[..., :stored] += weights
+        w = min(self.query_rows, rows)
+        q = query[:, :, rows - w :] * real_rows[:, None, rows - w :, None].to(query.dtype)
         q = q.reshape(batch, kv_heads, q_heads // kv_heads, w, head_dim)
+        real = real_rows[:, rows - w :]
         if self.window_queries is not None:
-            q = torch.cat([self.window_queries, q], dim=3)[:, :, :, -self.window :]
-        self.window_queries = q.contiguous()
-        budget = None if self.policy is None else self.policy.budget
-        if stored > self.recent or (budget is not None and stored > budget):
-            self.compact(real_keys, scaling, query)
+            q = torch.cat([self.window_queries, q], dim=3)
+            real = torch.cat([self.window_real, real], dim=1)
+        self.window_queries = q[:, :, :, -self.query_rows :].contiguous()
+        self.window_real = real[:, -self.query_rows :].contiguous()
+        self.real_keys = real_keys
+        self.scaling = scaling
 
-    def compact(self, real_keys: torch.Tensor, scaling: float, query: torch.Tensor | None = None) -> None:
-        """Pick the tokens (with a policy), choose the kept channels from the remembered window on those tokens,
-        and move all but the recent tokens into the compact part.
-
-        ``query`` is the current forward's queries; a policy scores the prompt's tokens with them.
-        """
-        keys, values, real = self.keys, self.values, real_keys
+    def compact(self, end: int | None = None) -> None:
+        """End of the prompt at logical position ``end`` (default: every stored token): pick the prompt's tokens
+        (with a policy), choose the kept channels from the remembered window on those tokens, and move all but
+        the newest ``recent`` prompt tokens into the compact part. Tokens after ``end`` stay at full width."""
+        if not self.prunes:
+            self._trim(self.seen_tokens if end is None else end)
+            return
+        if self.is_compacted:
+            return
+        if self.window_queries is None:
+            raise RuntimeError(
+                "think_cache: a layer was asked to compact before it saw any query; this is a bug, please report it"
+            )
+        end = self.seen_tokens if end is None else end
+        first = self.full_from
+        n_prompt = end - first  # stored prompt tokens
+        keys, values = self.keys[:, :, :n_prompt], self.values[:, :, :n_prompt]
+        after_k, after_v = self.keys[:, :, n_prompt:], self.values[:, :, n_prompt:]
+        real = self.real_keys[:, :n_prompt]
         positions = None
+        visible = self._visible_after(end, torch.arange(first, end, device=keys.device))
+        if visible is not None:  # tokens out of a sliding window are no query's concern any more
+            real = real & visible
         if self.policy is not None:
-            keys, values, real, positions = self._select_prompt_tokens(query, real_keys, scaling)
+            keys, values, real, positions = self._select_prompt_tokens(keys, values, real, first, end)
 
         batch, kv_heads, group, w, head_dim = self.window_queries.shape
-        queries = self.window_queries.reshape(batch, kv_heads, group * w, head_dim)
+        queries = self.window_queries[:, :, :, -self.window :].reshape(batch, kv_heads, -1, head_dim)
         index_dtype = channel_index_dtype(head_dim)
         scores = key_channel_scores(queries, keys, real)
         self.key_channels = select_channels(scores, kept_channel_count(head_dim, self.key_ratio)).to(index_dtype)
         if self.value_ratio > 0:
-            window_mask = self._window_mask(real, positions, group, w)
-            scores = value_channel_scores(queries, keys, values, scaling, window_mask)
+            w = min(w, self.window)
+            window_mask = self._window_mask(real, positions, group, w, end, first)
+            scores = value_channel_scores(queries, keys, values, self.scaling, window_mask)
             kept = kept_channel_count(values.shape[-1], self.value_ratio)
             self.value_channels = select_channels(scores, kept).to(index_dtype)
-        self.window_queries = None
+        self.window_queries = self.window_real = self.real_keys = None
+        self.origin = end
 
         n = max(keys.shape[-2] - self.recent, 0)
         self.compact_keys = gather_channels(keys[:, :, :n], self.key_channels)
@@ -315,20 +416,47 @@ class ThinKLayer(CacheLayerMixin):
         if positions is not None:
             self.compact_positions = positions[:, :, :n].to(torch.int32)
         # clone: a slice would keep the whole old buffer alive
-        self.keys = keys[:, :, n:].clone()
-        self.values = values[:, :, n:].clone()
+        self.keys = torch.cat([keys[:, :, n:], after_k], dim=-2)
+        self.values = torch.cat([values[:, :, n:], after_v], dim=-2)
+        self._trim(end)  # what a sliding window hides from every query after the prompt
 
-    def _select_prompt_tokens(self, query: torch.Tensor, real_keys: torch.Tensor, scaling: float):
-        """Apply the policy to the stored tokens: returns kept keys, values, realness and positions per head."""
-        stored = self.keys.shape[-2]
+    def _select_prompt_tokens(self, keys, values, real_keys, first: int, end: int):
+        """Apply the policy to the prompt's stored tokens (logical positions ``first`` to ``end``): returns kept
+        keys, values, realness and positions per head."""
+        stored = keys.shape[-2]
+        positions = torch.arange(first, end, device=keys.device).expand(*keys.shape[:2], stored)
+        real_logical = torch.zeros(real_keys.shape[0], end, dtype=torch.bool, device=keys.device)
+        real_logical[:, first:] = real_keys
+        real_at, always, prefer = self._forced(real_logical, positions, end)
+        never = ~real_at
+        visible = self._visible_after(end, positions)
         n_keep = stored if self.policy.budget is None else min(self.policy.budget, stored)
-        scores = self.policy.prompt_scores(query, self.keys, real_keys, scaling)
-        positions = torch.arange(stored, device=self.keys.device).expand(*self.keys.shape[:2], stored)
-        real_at, always, prefer = self._forced(real_keys, positions, stored)
-        index = top_tokens(scores, n_keep, always, ~real_at, prefer)
+        if visible is not None:  # a sliding layer: tokens out of the window are never seen again
+            never = never | ~visible
+            always = always & visible
+            n_keep = min(n_keep, int(visible[0, 0].sum()))
+        batch, kv_heads, group, w, head_dim = self.window_queries.shape
+        rows = min(w, stored)  # a window longer than the tokens left (a short sliding window) scores what is there
+        query = self.window_queries[:, :, :, w - rows :].reshape(batch, kv_heads * group, rows, head_dim)
+        extra = {}
         if self.policy.accumulates_attention:
-            self.token_scores = scores.gather(-1, index).contiguous()
-        return gather_tokens(self.keys, index), gather_tokens(self.values, index), real_at.gather(-1, index), index
+            extra["accumulated"] = self.token_scores[..., :stored]
+        scores = self.policy.prompt_scores(query, keys, real_keys, self.scaling, **extra)
+        index = top_tokens(scores, n_keep, always, never, prefer)
+        if self.policy.accumulates_attention:
+            self.token_scores = torch.cat(
+                [scores.float().gather(-1, index), self.token_scores[..., stored:]], dim=-1
+            ).contiguous()
+        return (
+            gather_tokens(keys, index),
+            gather_tokens(values, index),
+            real_at.gather(-1, index),
+            positions.gather(-1, index),
+        )
+
+    def _visible_after(self, end: int, positions: torch.Tensor) -> torch.Tensor | None:
+        """Which tokens a query at ``end`` or later can still see (None: all; sliding layers override)."""
+        return None
 
     def _forced(
         self, real_logical: torch.Tensor, positions: torch.Tensor, seen: int
@@ -346,10 +474,21 @@ class ThinKLayer(CacheLayerMixin):
             prefer = prefer | sinks[:, None, :].expand_as(flags).gather(-1, positions)
         return real_at, always, prefer & real_at
 
+    def after_attention(self, mask: torch.Tensor | None, token_weights: torch.Tensor | None = None) -> None:
+        """Called by the ThinK attention at the end of a forward through a compacted layer: a policy that
+        accumulates attention gets the forward's weights (``token_weights``, ``(batch, kv_heads, stored)``), and
+        one that evicts while decoding brings the layer back within its budget."""
+        if self.token_scores is not None and token_weights is not None:
+            self.token_scores += token_weights
+        if self.evicts_while_decoding:
+            self._evict(mask)
+
     def _evict(self, mask: torch.Tensor | None) -> None:
         """Drop the compact tokens the policy scores lowest until the layer is within the policy's budget."""
+        if self.policy.budget is None:
+            return
         excess = self.stored_tokens - self.policy.budget
-        n_compact = self.compact_keys.shape[-2]
+        n_compact = self.compact_tokens
         if excess <= 0 or n_compact == 0:
             return
         positions = self.compact_positions.long()
@@ -358,14 +497,20 @@ class ThinKLayer(CacheLayerMixin):
         accumulated = None if self.token_scores is None else self.token_scores[..., :n_compact]
         scores = self.policy.decode_scores(positions, accumulated)
         keep = top_tokens(scores, max(n_compact - excess, 0), always, ~real_at, prefer)
-        self.compact_keys = gather_tokens(self.compact_keys, keep)
-        self.compact_values = gather_tokens(self.compact_values, keep)
-        self.compact_positions = self.compact_positions.gather(-1, keep)
+        self._keep_compact(keep)
+
+    def _keep_compact(self, index: torch.Tensor) -> None:
+        """Keep the compact tokens at ``index`` ``(B, H, K)`` per head (ascending)."""
+        n_compact = self.compact_tokens
+        self.compact_keys = gather_tokens(self.compact_keys, index)
+        self.compact_values = gather_tokens(self.compact_values, index)
+        self.compact_positions = self.compact_positions.gather(-1, index)
         if self.token_scores is not None:
-            self.token_scores = torch.cat([accumulated.gather(-1, keep), self.token_scores[..., n_compact:]], -1)
+            kept = self.token_scores[..., :n_compact].gather(-1, index)
+            self.token_scores = torch.cat([kept, self.token_scores[..., n_compact:]], -1)
 
     def attention_mask(self, mask: torch.Tensor | None, q_len: int) -> torch.Tensor | None:
-        """The forward's mask over the stored tokens, compact then recent: ``(B, 1 or kv_heads, q_len, stored)``.
+        """The forward's mask over the stored tokens, compact then full-width: ``(B, 1 or kv_heads, q_len, stored)``.
 
         Without eviction the stored tokens are the logical ones and the mask is returned as is; with eviction
         its columns are gathered at each head's kept positions.
@@ -382,18 +527,19 @@ class ThinKLayer(CacheLayerMixin):
         index = self.compact_positions.long()[:, :, None, :].expand(batch, heads, q_len, n_compact)
         return torch.cat([full.gather(-1, index), full[..., mask.shape[-1] - self.keys.shape[-2] :]], dim=-1)
 
-    def _window_mask(self, real: torch.Tensor, positions: torch.Tensor | None, group: int, w: int) -> torch.Tensor:
+    def _window_mask(
+        self, real: torch.Tensor, positions: torch.Tensor | None, group: int, w: int, end: int, first: int
+    ) -> torch.Tensor:
         """``(batch, 1 or heads, group * w, tokens)``: which tokens each remembered window query may attend.
 
-        ``real`` is ``(B, T)`` or per head ``(B, H, T)``; ``positions`` the tokens' logical positions per head, or
-        None when they are ``0..T-1``.
+        The window's queries are the logical positions ``end - w`` to ``end``. ``real`` is ``(B, T)`` or per head
+        ``(B, H, T)``; ``positions`` the tokens' logical positions per head, or None when they are ``first..end``.
         """
-        seen = self.seen_tokens
         if positions is None:
-            positions = torch.arange(real.shape[-1], device=real.device)[None, None]
+            positions = torch.arange(first, first + real.shape[-1], device=real.device)[None, None]
         if real.dim() == 2:
             real = real[:, None]
-        q_pos = torch.arange(seen - w, seen, device=real.device)
+        q_pos = torch.arange(end - w, end, device=real.device)
         causal = positions[..., None, :] <= q_pos[:, None]  # (B|1, H|1, w, T)
         mask = (causal & real[..., None, :])[:, :, None]  # (B, H, 1, w, T)
         mask = mask.expand(-1, -1, group, -1, -1)
@@ -403,7 +549,8 @@ class ThinKLayer(CacheLayerMixin):
         return values.clone() if self.value_channels is None else gather_channels(values, self.value_channels)
 
     def _fold(self, n: int) -> None:
-        """Move the oldest ``n`` tokens of the recent part into the compact part."""
+        """Move the oldest ``n`` full-width tokens into the compact part."""
+        n = min(n, self.keys.shape[-2])
         if n <= 0:
             return
         self.compact_keys = torch.cat(
@@ -411,7 +558,7 @@ class ThinKLayer(CacheLayerMixin):
         )
         self.compact_values = torch.cat([self.compact_values, self._compact_values(self.values[:, :, :n])], dim=-2)
         if self.compact_positions is not None:
-            first = self.seen_tokens - self.keys.shape[-2]  # logical position of the oldest recent token
+            first = self.full_from
             new = torch.arange(first, first + n, dtype=torch.int32, device=self.keys.device)
             self.compact_positions = torch.cat([self.compact_positions, new.expand(*self.keys.shape[:2], n)], -1)
         # clone: a slice would keep the whole old buffer alive
@@ -419,17 +566,26 @@ class ThinKLayer(CacheLayerMixin):
         self.values = self.values[:, :, n:].clone()
 
     def _drop_oldest(self, n: int) -> None:
-        """Forget the oldest ``n`` stored tokens (compact part first); only without eviction (same for all heads)."""
+        """Forget the oldest ``n`` stored tokens, compact part first (the same tokens for every head)."""
         if n <= 0:
             return
-        if self.compact_keys is not None:
-            from_compact = min(n, self.compact_keys.shape[-2])
+        n_compact = self.compact_tokens
+        if n_compact:
+            from_compact = min(n, n_compact)
             self.compact_keys = self.compact_keys[:, :, from_compact:].clone()
             self.compact_values = self.compact_values[:, :, from_compact:].clone()
+            if self.compact_positions is not None:
+                self.compact_positions = self.compact_positions[..., from_compact:].clone()
+            if self.token_scores is not None:
+                self.token_scores = self.token_scores[..., from_compact:].clone()
             n -= from_compact
         if n > 0:
             self.keys = self.keys[:, :, n:].clone()
             self.values = self.values[:, :, n:].clone()
+            if self.token_scores is not None:
+                self.token_scores = self.token_scores[..., n:].clone()
+            if getattr(self, "real_keys", None) is not None:
+                self.real_keys = self.real_keys[:, n:]
 
     # ---------------------------------------------------------------------------------------------- stats
     def dense_tokens(self) -> int:
@@ -447,7 +603,7 @@ class ThinKLayer(CacheLayerMixin):
             layer_idx=layer_idx,
             tokens=self.seen_tokens,
             stored_tokens=self.stored_tokens,
-            compact_tokens=self.stored_tokens - self.keys.shape[-2],
+            compact_tokens=self.compact_tokens,
             head_dim=head_dim,
             key_channels=head_dim if self.key_channels is None else self.key_channels.shape[-1],
             value_channels=v_dim if self.value_channels is None else self.value_channels.shape[-1],
@@ -457,12 +613,13 @@ class ThinKLayer(CacheLayerMixin):
 
 
 class ThinKSlidingLayer(ThinKLayer):
-    """A ThinK layer for sliding-window attention.
+    """A ThinK layer for sliding-window attention: it keeps at most ``sliding_window - 1`` past tokens, with the
+    masks and lengths of transformers' ``DynamicSlidingWindowLayer``.
 
-    Without a policy it keeps at most ``sliding_window - 1`` past tokens, with the masks and lengths of
-    transformers' ``DynamicSlidingWindowLayer``: tokens that leave the window are dropped from the compact part.
-    With a policy (eviction is per head, so tokens cannot be dropped by count) it stores like a full layer, the
-    sliding mask hides the tokens out of the window, and the policy's budget bounds it.
+    Tokens that leave the window are dropped at the start of the next forward (so `crop` stays exact). With a
+    policy, the prompt's tokens are picked among those still in the window, and as eviction is per head, each head
+    then keeps its newest tokens up to the largest number any head still has in the window (the sliding mask hides
+    the rest): never more than the window.
     """
 
     is_sliding = True
@@ -470,11 +627,20 @@ class ThinKSlidingLayer(ThinKLayer):
     def __init__(self, sliding_window: int, **kwargs):
         self.sliding_window = sliding_window
         super().__init__(**kwargs)
+        if self.fold_block > 1:  # fold often enough that a window's worth of tokens is mostly thinned
+            self.fold_block = max(1, min(FOLD_BLOCK, (sliding_window - 1 - self.recent) // 2))
 
-    def after_attention(self, query, mask, scaling, token_weights=None) -> None:
-        super().after_attention(query, mask, scaling, token_weights)
-        if self.policy is None:
-            self._drop_oldest(self.stored_tokens - (self.sliding_window - 1))
+    def _trim(self, t0: int) -> None:
+        oldest_visible = t0 - self.sliding_window + 1
+        if self.compact_positions is not None:  # per-head positions: keep the newest `in_window` of each head
+            in_window = int((self.compact_positions >= oldest_visible).sum(-1).max()) if self.compact_tokens else 0
+            self._drop_oldest(self.compact_tokens - in_window)
+            self._drop_oldest(max(oldest_visible - self.full_from, 0))
+        else:
+            self._drop_oldest(self.stored_tokens - max(t0 - max(oldest_visible, 0), 0))
+
+    def _visible_after(self, end: int, positions: torch.Tensor) -> torch.Tensor | None:
+        return positions >= end - self.sliding_window + 1
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.policy is not None:
@@ -486,10 +652,15 @@ class ThinKSlidingLayer(ThinKLayer):
         return self.sliding_window
 
     def crop(self, tokens_to_remove: int) -> None:
-        if -tokens_to_remove > 0 and self.seen_tokens >= self.sliding_window:
-            raise ValueError(
-                "ThinKCache cannot crop a sliding-window layer once its window is full: the older tokens are gone."
-            )
+        count = -tokens_to_remove
+        if count > 0 and self.is_initialized:
+            t0 = self.seen_tokens - count  # the next forward's first position
+            oldest_needed = max(t0 - self.sliding_window + 1, 0)
+            if self.compact_positions is None and self.seen_tokens - self.stored_tokens > oldest_needed:
+                raise ValueError(
+                    f"ThinKCache cannot crop {count} tokens from a sliding-window layer: the tokens the window "
+                    "would need again were already dropped. Crop at most the tokens of the newest forward."
+                )
         super().crop(tokens_to_remove)
 
     def dense_tokens(self) -> int:

@@ -85,6 +85,9 @@ def patch(model: torch.nn.Module, **defaults) -> torch.nn.Module:
         ``model.generate(...)`` without a cache argument uses a fresh ``ThinKCache(**defaults)``: the one-liner
         ``think_cache.patch(model, key_ratio=0.5)``. Patching again with settings replaces them.
 
+    The patched ``generate`` also tells a `ThinKCache` where each call's prompt ends, so that channels are
+    chosen there however the prompt is fed (chunked prefill, assisted decoding, a filled cache).
+
     Other caches keep working on a patched model: the ThinK attention hands them to transformers' sdpa attention.
     """
     modules = _check_model(model)
@@ -106,10 +109,10 @@ def patch(model: torch.nn.Module, **defaults) -> torch.nn.Module:
 
     if defaults:
         state.defaults = dict(defaults)
-        if not state.generate_wrapped:
-            state.own_generate = vars(model).get("generate")
-            model.generate = _generate_with_defaults(model, state)
-            state.generate_wrapped = True
+    if not state.generate_wrapped:
+        state.own_generate = vars(model).get("generate")
+        model.generate = _generate_with_defaults(model, state)
+        state.generate_wrapped = True
     return model
 
 
@@ -129,9 +132,45 @@ def _generate_with_defaults(model: torch.nn.Module, state: _PatchState):
                         "neither. Pass a cache yourself, or call think_cache.unpatch(model) first."
                     )
             kwargs[_compat.CACHE_ARGUMENT] = ThinKCache(**state.defaults)
-        return original(*args, **kwargs)
+        cache = next((kwargs[name] for name in _compat.CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
+        if not isinstance(cache, ThinKCache):
+            return original(*args, **kwargs)
+        _check_rollback(cache, kwargs)
+        cache.mark_prompt_end(_prompt_length(cache, args, kwargs))
+        try:
+            return original(*args, **kwargs)
+        finally:
+            cache.mark_prompt_end(None)
 
     return generate
+
+
+def _prompt_length(cache: ThinKCache, args: tuple, kwargs: dict) -> int | None:
+    """The whole prompt's length in a ``generate`` call: the attention mask spans it when given, else the inputs
+    (``generate`` takes either the whole sequence or, on a filled cache, only the new tokens)."""
+    inputs = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        return mask.shape[1]
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        return None
+    length = inputs.shape[1]
+    past = cache.get_seq_length()
+    return length if length >= past else past + length
+
+
+def _check_rollback(cache: ThinKCache, kwargs: dict) -> None:
+    """Assisted decoding and prompt lookup roll back rejected drafts: refuse where that cannot be exact."""
+    drafts = kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None
+    policy = cache.policy
+    if drafts and policy is not None and policy.evicts_while_decoding:
+        raise ValueError(
+            f"Assisted decoding and prompt lookup roll back rejected draft tokens, which ThinKCache cannot do "
+            f"exactly under {type(policy).__name__}: it evicts tokens at every step. Use no policy or SnapKV with "
+            "an assistant."
+        )
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:

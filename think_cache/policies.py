@@ -112,10 +112,20 @@ class Policy:
         """How many newest tokens are always kept."""
         return 0
 
+    @property
+    def observation_window(self) -> int:
+        """How many of the prompt's last queries `prompt_scores` receives (the layer remembers them across the
+        forwards of a chunked prompt)."""
+        return 0
+
     def prompt_scores(
         self, query: torch.Tensor, keys: torch.Tensor, real_keys: torch.Tensor, scaling: float
     ) -> torch.Tensor:
-        """Scores of the prompt's tokens at the end of the prompt ``(batch, kv_heads, tokens)``; higher is kept."""
+        """Scores of the prompt's tokens at the end of the prompt ``(batch, kv_heads, tokens)``; higher is kept.
+
+        ``query`` holds the prompt's last queries (at most `observation_window`, padded rows zeroed), the last
+        positions of ``keys``. A policy with ``accumulates_attention`` also receives ``accumulated``: each token's
+        attention weight summed over every query of the prompt, ``(batch, kv_heads, tokens)`` float32."""
         raise NotImplementedError(f"{type(self).__name__} must implement prompt_scores")
 
     def decode_scores(self, positions: torch.Tensor, accumulated: torch.Tensor | None) -> torch.Tensor:
@@ -163,6 +173,10 @@ class SnapKV(Policy):
     def protected_recent(self) -> int:
         return self.window
 
+    @property
+    def observation_window(self) -> int:
+        return self.window
+
     def prompt_scores(self, query, keys, real_keys, scaling):
         scores = window_attention(query, keys, real_keys, scaling, rows=self.window)
         batch, heads, tokens = scores.shape
@@ -208,8 +222,8 @@ class H2O(Policy):
     def protected_recent(self) -> int:
         return self.recent
 
-    def prompt_scores(self, query, keys, real_keys, scaling):
-        return window_attention(query, keys, real_keys, scaling)
+    def prompt_scores(self, query, keys, real_keys, scaling, accumulated=None):
+        return accumulated
 
     def decode_scores(self, positions, accumulated):
         return accumulated

@@ -79,16 +79,20 @@ def value_channel_scores(
     scaling:
         The attention scale (``1 / sqrt(head_dim)``).
     window_mask:
-        ``(batch, 1, rows, tokens)`` bool, True where a window query may attend a key (causal and padding).
+        ``(batch, 1 or kv_heads, rows, tokens)`` bool, True where a window query may attend a key (causal and
+        padding). A row that may attend no key (a padded query) counts nothing: its softmax is undefined, and
+        spreading it evenly over the keys would make a row's channels depend on its batch-mates' lengths.
 
     Returns
     -------
     ``(batch, kv_heads, head_dim)`` float32 scores.
     """
     logits = torch.matmul(window_queries.float(), keys.float().transpose(-1, -2)) * scaling
-    if window_mask is not None:
+    if window_mask is None:
+        weights = torch.softmax(logits, dim=-1)
+    else:
         logits = logits.masked_fill(~window_mask, torch.finfo(logits.dtype).min)
-    weights = torch.softmax(logits, dim=-1)
+        weights = torch.softmax(logits, dim=-1) * window_mask.any(dim=-1, keepdim=True)
     return torch.linalg.vector_norm(torch.matmul(weights, values.float()), dim=-2)
 
 

@@ -1,0 +1,253 @@
+"""Everything that feeds several tokens into a cache at once: chunked prompts, chat turns on one cache, prefix
+caching with copies, assisted decoding. Each answers as one prefill would (issue: conversations and long prompts)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from conftest import generate, make_batch, make_model, zeroed_reference
+
+import think_cache
+from think_cache import H2O, SnapKV, StreamingLLM, ThinKCache
+from think_cache import _compat as compat
+
+ATOL = 1e-4
+
+
+def _repetitive_prompt(n: int, seed: int = 0) -> torch.Tensor:
+    """A prompt that repeats a 12-token phrase, so prompt lookup finds drafts in it."""
+    g = torch.Generator().manual_seed(seed)
+    phrase = torch.randint(3, 200, (12,), generator=g)
+    return phrase.repeat(n // 12 + 1)[:n][None]
+
+
+# ------------------------------------------------------------------------------------------- chunked prompts
+@pytest.mark.parametrize("chunk", [7, 16, 50])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(key_ratio=0.5),
+        dict(key_ratio=0.5, value_ratio=0.25),
+        dict(key_ratio=0.5, policy=SnapKV(budget=24, window=8)),
+    ],
+    ids=["think", "think+values", "snapkv"],
+)
+def test_chunked_prefill_equals_one_prefill(arch, chunk, settings):
+    """Channels (and SnapKV's tokens) are chosen at the prompt's real end, not on the first chunk."""
+    model = make_model(arch)
+    ids, mask = make_batch([60], seed=3)
+    whole = ThinKCache(**settings)
+    chunked = ThinKCache(**settings)
+    a = generate(model, ids, mask, whole, 20)
+    b = generate(model, ids, mask, chunked, 20, prefill_chunk_size=chunk)
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.logits, b.logits, strict=True):
+        torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+    for la, lb in zip(whole.layers, chunked.layers, strict=True):
+        assert torch.equal(la.key_channels, lb.key_channels)
+        if la.compact_positions is not None:
+            assert torch.equal(la.compact_positions[..., :10], lb.compact_positions[..., :10])
+
+
+def test_chunked_prefill_keeps_snapkv_budget():
+    """SnapKV(B) holds at most B prompt tokens per head however the prompt is chunked (it kept every later chunk)."""
+    model = make_model("llama")
+    ids, mask = make_batch([200], seed=4)
+    for chunk in (None, 32, 50, 64):
+        cache = ThinKCache(key_ratio=0.5, policy=SnapKV(budget=32, window=8))
+        generate(model, ids, mask, cache, 4, prefill_chunk_size=chunk)
+        for layer in cache.layers:
+            prompt_tokens = (layer.compact_positions < 200).sum(-1)
+            assert int(prompt_tokens.max()) <= 32, chunk
+            assert layer.stored_tokens <= 32 + 3, chunk
+
+
+def test_prompt_tokens_attend_each_other_at_full_width():
+    """Regression: a forward's tokens were folded into the compact part before that forward's own attention."""
+    model = make_model("llama")
+    ids, mask = make_batch([40], seed=5)
+    cache = ThinKCache(key_ratio=0.75, window=8)
+    first = generate(model, ids, mask, cache, 3)
+    follow = torch.randint(3, 200, (1, 60))
+    ids2 = torch.cat([first.sequences, follow], dim=-1)
+    # the second call's prompt forward: its 61 new tokens see each other at full width
+    dense = think_cache.patch(make_model("llama"))
+    dense_cache = zeroed_reference(cache, model)
+    generate(dense, ids, mask, dense_cache, 3)
+    with torch.no_grad():
+        out = model(input_ids=ids2[:, -61:], past_key_values=cache, use_cache=True).logits
+        ref = dense(input_ids=ids2[:, -61:], past_key_values=dense_cache, use_cache=True).logits
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ chat turns
+def test_chat_turns_on_one_cache_follow_the_reference(arch):
+    """Three turns on one cache: each turn's prompt attends itself at full width, then folds with the channels of
+    the first turn. The dense reference with those channels zeroed gives the same logits."""
+    model = make_model(arch)
+    ids, _ = make_batch([50], seed=6)
+    user_turns = [torch.randint(3, 200, (1, 25 + 10 * t), generator=torch.Generator().manual_seed(t)) for t in (1, 2)]
+
+    def chat(cache):
+        outs, sequence = [], ids
+        for turn in range(3):
+            out = generate(model, sequence, torch.ones_like(sequence), cache, 8)
+            outs.append(out)
+            if turn < 2:
+                sequence = torch.cat([out.sequences, user_turns[turn]], dim=-1)
+        return outs
+
+    cache = ThinKCache(key_ratio=0.5, window=8)
+    turns = chat(cache)
+    assert all(layer.is_compacted for layer in cache.layers)
+    ref_turns = chat(zeroed_reference(cache, model))
+    for a, b in zip(turns, ref_turns, strict=True):
+        assert torch.equal(a.sequences, b.sequences)
+        for x, y in zip(a.logits, b.logits, strict=True):
+            torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+
+
+def test_chat_turns_at_ratio_zero_equal_dynamic_cache():
+    from transformers import DynamicCache
+
+    model = make_model("llama")
+    ids, _ = make_batch([30], seed=7)
+    outs = {}
+    for name, cache in (("think", ThinKCache(key_ratio=0)), ("dynamic", DynamicCache())):
+        sequence, logits = ids, []
+        for turn in range(3):
+            out = generate(model, sequence, torch.ones_like(sequence), cache, 6)
+            logits += list(out.logits)
+            g = torch.Generator().manual_seed(turn)
+            sequence = torch.cat([out.sequences, torch.randint(3, 200, (1, 20), generator=g)], dim=-1)
+        outs[name] = (sequence, logits)
+    assert torch.equal(outs["think"][0], outs["dynamic"][0])
+    for x, y in zip(outs["think"][1], outs["dynamic"][1], strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
+# -------------------------------------------------------------------------------------------- prefix caching
+def _copies(cache: ThinKCache) -> dict[str, ThinKCache]:
+    buffer = io.BytesIO()
+    torch.save(cache, buffer)
+    buffer.seek(0)
+    return {
+        "deepcopy": copy.deepcopy(cache),
+        "pickle": pickle.loads(pickle.dumps(cache)),
+        "torch.save": torch.load(buffer, weights_only=False),
+    }
+
+
+@pytest.mark.parametrize("policy", [None, SnapKV(budget=24, window=8)], ids=["think", "snapkv"])
+def test_prefix_cache_copies_answer_like_one_prefill(policy):
+    """Prefill a document once with a plain forward, copy the cache, ask questions from the copies: each copy is
+    compacted at the end of its own question, as document + question in one prefill would be."""
+    model = make_model("llama")
+    doc, _ = make_batch([60], seed=8)
+    prefix = ThinKCache(key_ratio=0.5, window=8, policy=policy)
+    with torch.no_grad():
+        model(input_ids=doc, use_cache=True, **{compat.CACHE_ARGUMENT: prefix})
+    assert not any(layer.is_compacted for layer in prefix.layers)  # a plain forward leaves the document full-width
+    for i, (how, filled) in enumerate(_copies(prefix).items()):
+        question = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(i))
+        full = torch.cat([doc, question], dim=-1)
+        from_copy = generate(model, full, torch.ones_like(full), filled, 10)
+        fresh = generate(model, full, torch.ones_like(full), ThinKCache(key_ratio=0.5, window=8, policy=policy), 10)
+        assert torch.equal(from_copy.sequences, fresh.sequences), how
+        for x, y in zip(from_copy.logits, fresh.logits, strict=True):
+            torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+    assert prefix.get_seq_length() == 60  # the copies took nothing from the original
+
+
+def test_a_copy_still_refuses_another_model():
+    model = make_model("llama")
+    other = make_model("qwen2")
+    ids, mask = make_batch([20])
+    cache = ThinKCache(key_ratio=0.5)
+    generate(model, ids, mask, cache, 2)
+    clone = copy.deepcopy(cache)
+    with pytest.raises(ValueError, match="filled by another model"):
+        generate(other, ids, mask, clone, 2)
+
+
+# ----------------------------------------------------------------------------------------- assisted decoding
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(key_ratio=0.5),
+        dict(key_ratio=0.5, value_ratio=0.5),
+        dict(key_ratio=0.5, policy=SnapKV(budget=32, window=8)),
+    ],
+    ids=["think", "think+values", "snapkv"],
+)
+@pytest.mark.parametrize("drafts", ["prompt_lookup", "assistant"])
+def test_assisted_decoding_gives_plain_greedy_tokens(settings, drafts):
+    model = make_model("llama")
+    ids = _repetitive_prompt(70)
+    mask = torch.ones_like(ids)
+    plain = generate(model, ids, mask, ThinKCache(window=8, **settings), 50)
+    if drafts == "prompt_lookup":
+        extra = dict(prompt_lookup_num_tokens=6)
+    else:
+        extra = dict(assistant_model=make_model("llama", patch=False), num_assistant_tokens=5)
+    assisted = generate(model, ids, mask, ThinKCache(window=8, **settings), 50, **extra)
+    assert torch.equal(plain.sequences, assisted.sequences)
+    for x, y in zip(plain.logits, assisted.logits, strict=True):
+        torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+
+
+def test_assisted_decoding_crosses_fold_blocks_exactly():
+    """Drafts verified in one forward that crosses a fold boundary: each row sees what it would one at a time."""
+    model = make_model("qwen3")
+    ids = _repetitive_prompt(40, seed=2)
+    mask = torch.ones_like(ids)
+    settings = dict(key_ratio=0.5, window=8, recent=3)
+    plain = generate(model, ids, mask, ThinKCache(**settings), 90)
+    assisted = generate(model, ids, mask, ThinKCache(**settings), 90, prompt_lookup_num_tokens=10)
+    assert torch.equal(plain.sequences, assisted.sequences)
+
+
+def test_one_liner_with_an_assistant():
+    model = make_model("llama")
+    think_cache.patch(model, key_ratio=0.5, window=8)
+    ids = _repetitive_prompt(50, seed=3)
+    mask = torch.ones_like(ids)
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
+    assisted = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False, prompt_lookup_num_tokens=8
+    )
+    assert torch.equal(plain, assisted)
+
+
+@pytest.mark.parametrize("policy", [H2O(budget=32, recent=4), StreamingLLM(sink=2, recent=30)])
+def test_assisted_decoding_refused_under_evicting_policies(policy):
+    model = make_model("llama")
+    ids = _repetitive_prompt(50)
+    with pytest.raises(ValueError, match="roll back rejected draft tokens"):
+        generate(
+            model, ids, torch.ones_like(ids), ThinKCache(key_ratio=0.5, policy=policy), 10, prompt_lookup_num_tokens=5
+        )
+    cache = ThinKCache(key_ratio=0.5, policy=policy)
+    generate(model, ids, torch.ones_like(ids), cache, 3)
+    assert not cache.is_croppable
+    with pytest.raises(ValueError, match="evicts tokens at every step"):
+        cache.crop(-1)
+
+
+def test_crop_undoes_the_newest_forward_exactly():
+    """After a forward of several tokens on a compacted cache, crop restores the state: re-feeding gives the
+    same logits."""
+    model = make_model("mistral", sliding_window=16)
+    ids, mask = make_batch([60], seed=9)
+    cache = ThinKCache(key_ratio=0.5, window=8)
+    generate(model, ids, mask, cache, 2)
+    extra = torch.randint(3, 200, (1, 7))
+    with torch.no_grad():
+        first = model(input_ids=extra, use_cache=True, past_key_values=cache).logits
+        cache.crop(-5)
+        again = model(input_ids=extra[:, 2:], use_cache=True, past_key_values=cache).logits
+    torch.testing.assert_close(first[:, 2:], again, atol=ATOL, rtol=0)
