@@ -172,3 +172,75 @@ def test_describe_records_each_methods_settings():
     stacked = d["snapkv-512+think-0.4+recent-8"]
     assert "recent=8" in stacked and "SnapKV(budget=512" in stacked
 
+
+# ------------------------------------------------------------------------------------ conversations
+ROW_FIELDS = {"task", "length", "seed", "method", "status", "error", "tokens", "answer", "expected", "correct"}
+
+
+@pytest.fixture
+def conversations():
+    pytest.importorskip("tqdm")  # the demo extra
+    from benchmarks import conversations
+
+    return conversations
+
+
+def test_conversations_chat_rows_and_key_ratio_zero_reuses_like_dynamic_cache(conversations):
+    model, tokenizer = make_model("llama"), ByteTokenizer()
+    result = conversations.chat(model, tokenizer, ["dynamic", "think-0", "think-0.5"], 300, 1, 4)
+    rows = result["rows"]
+    assert len(rows) == 3 * 2 * 3  # methods x ways x turns
+    assert all(
+        ROW_FIELDS | {"way", "turn", "fact", "empty", "repeats_previous", "cached_tokens"} <= set(r) for r in rows
+    )
+    assert [r["fact"] for r in rows[:3]] == ["passkey", "kv", "place"]
+    reused = [r for r in rows if r["way"] == "reused" and r["status"] == "ok"]
+    assert [r["cached_tokens"] > 0 for r in reused if r["method"] == "dynamic"] == [False, True, True]
+    assert all(r["cached_tokens"] == 0 for r in rows if r["way"] == "fresh")
+    assert "think-0 reused vs dynamic reused: 3 of 3 replies token-identical" in conversations.chat_summary(result)
+
+
+def test_conversations_chunked_rows_record_memory_and_the_budget(conversations):
+    model, tokenizer = make_model("llama"), ByteTokenizer()
+    result = conversations.chunked(model, tokenizer, ["dynamic", "snapkv-64+think-0.5"], 200, 1, 3, (None, 32))
+    rows = result["rows"]
+    assert [(r["method"], r["chunk"]) for r in rows] == [
+        ("dynamic", None),
+        ("dynamic", 32),
+        ("snapkv-64+think-0.5", None),
+        ("snapkv-64+think-0.5", 32),
+    ]
+    assert all(ROW_FIELDS | {"peak_bytes", "held_bytes", "prompt_tokens_held", "within_budget"} <= set(r) for r in rows)
+    assert all(r["peak_bytes"] is None or r["peak_bytes"] >= 0 for r in rows)
+    snap = [r for r in rows if r["budget"] == 64]
+    assert len(snap) == 2 and all(len(r["prompt_tokens_held"]) == 2 for r in snap if r["status"] == "ok")
+    assert snap[0]["within_budget"] is True  # one prefill: SnapKV keeps its budget of prompt tokens
+    assert "snapkv-64+think-0.5 | 32 |" in conversations.chunked_summary(result)
+
+
+def test_conversations_prefix_copies_the_cache_three_ways_and_records_refusals(conversations):
+    model, tokenizer = make_model("llama"), ByteTokenizer()
+    result = conversations.prefix(model, tokenizer, ["dynamic", "think-0.5"], 300, 1, 3)
+    rows = result["rows"]
+    cached = [r for r in rows if r["way"] == "prefix"]
+    assert [r["copy"] for r in cached] == list(conversations.COPIES) * 2
+    assert len([r for r in rows if r["way"] == "one-prefill"]) == 6
+    assert all(ROW_FIELDS | {"question", "prefix_tokens", "copy"} <= set(r) for r in rows)
+    assert 250 < rows[0]["prefix_tokens"] < rows[0]["prompt_tokens"]
+    # a copied DynamicCache of the document continues exactly as one prefill of document and question
+    assert all(r["same_as_one_prefill"] for r in cached if r["method"] == "dynamic")
+    assert all(r["status"] in ("ok", "error") for r in cached)
+    assert "| think-0.5 |" in conversations.prefix_summary(result)
+
+
+def test_conversations_assisted_compares_with_plain_greedy(conversations):
+    model, tokenizer = make_model("llama"), ByteTokenizer()
+    assistant = make_model("llama", seed=1)
+    result = conversations.assisted(model, tokenizer, assistant, ["dynamic", "think-0.5"], 200, 1, 6, 4)
+    rows = result["rows"]
+    assert [(r["method"], r["way"]) for r in rows] == [
+        (m, w) for m in ("dynamic", "think-0.5") for w in ("plain", "prompt-lookup", "assistant")
+    ]
+    assert all(ROW_FIELDS | {"way", "same_as_plain"} <= set(r) for r in rows)
+    assert all(r["same_as_plain"] is None for r in rows if r["way"] == "plain")
+    assert "| think-0.5 | assistant |" in conversations.assisted_summary(result)
