@@ -34,13 +34,19 @@ class Sample:
     answer: str
 
 
+PASSKEY_STATEMENT = "The pass key is {0}. Remember it. {0} is the pass key."
+PASSKEY_QUESTION = "What is the pass key? Answer with the number only."
+KV_STATEMENT = "The number of the {} box is {}."
+KV_QUESTION = "What is the number of the {} box? Answer with the number only."
+
+
 def passkey(tokenizer, n_tokens: int, depth: float, seed: int) -> Sample:
     """A five-digit pass key stated once at ``depth`` in about ``n_tokens`` tokens of varied filler."""
     rng = random.Random(seed)
     key = str(rng.randint(10000, 99999))
     sentences = fill_to_tokens(tokenizer, rng, n_tokens - 50)
-    sentences.insert(round(len(sentences) * depth), f"The pass key is {key}. Remember it. {key} is the pass key.")
-    inputs = chat_prompt(tokenizer, " ".join(sentences), "What is the pass key? Answer with the number only.")
+    sentences.insert(round(len(sentences) * depth), PASSKEY_STATEMENT.format(key))
+    inputs = chat_prompt(tokenizer, " ".join(sentences), PASSKEY_QUESTION)
     return Sample("passkey", n_tokens, depth, seed, inputs, key)
 
 
@@ -87,13 +93,54 @@ def kv_retrieval(tokenizer, n_tokens: int, depth: float, seed: int, n_keys: int 
     sentences = fill_to_tokens(tokenizer, rng, n_tokens - 20 * n_keys)
     step = len(sentences) // n_keys
     for i, (name, value) in enumerate(pairs):
-        sentences.insert(i * (step + 1) + rng.randint(0, step - 1), f"The number of the {name} box is {value}.")
+        sentences.insert(i * (step + 1) + rng.randint(0, step - 1), KV_STATEMENT.format(name, value))
     name, value = pairs[min(int(depth * n_keys), n_keys - 1)]
-    question = f"What is the number of the {name} box? Answer with the number only."
+    question = KV_QUESTION.format(name)
     return Sample("kv", n_tokens, depth, seed, chat_prompt(tokenizer, " ".join(sentences), question), str(value))
 
 
 TASKS = {"passkey": passkey, "kv": kv_retrieval}
+
+_PEOPLE = ("Marta Oyelaran", "Tomas Brevik", "Ines Kovalenko", "Pavel Achebe", "Lena Marchetti", "Omar Lindqvist")
+_CITIES = ("Lisbon", "Nairobi", "Kyoto", "Quito", "Tromso", "Hanoi", "Tunis", "Riga", "Perth", "Zagreb")
+
+
+@dataclass
+class Fact:
+    """One fact hidden in a document: its sentence, the question that asks for it, and the expected answer."""
+
+    kind: str  # passkey, kv or place
+    statement: str
+    question: str
+    answer: str
+
+
+def fact_document(tokenizer, n_tokens: int, depth: float, seed: int, n_keys: int = 1) -> tuple[str, list[Fact]]:
+    """About ``n_tokens`` tokens of varied filler hiding several facts, for questions asked one after another about
+    one document: a pass key (at ``depth``), ``n_keys`` keyed five-digit numbers and a person's home town (each at
+    a random place; SmolLM2 finds a home town far more often than where someone "lives"). Returns the document
+    and the facts in that order."""
+    rng = random.Random(seed)
+    key = str(rng.randint(10000, 99999))
+    facts = [Fact("passkey", PASSKEY_STATEMENT.format(key), PASSKEY_QUESTION, key)]
+    for name in rng.sample(_KEY_NAMES, n_keys):
+        value = str(rng.randint(10000, 99999))
+        facts.append(Fact("kv", KV_STATEMENT.format(name, value), KV_QUESTION.format(name), value))
+    person, city = rng.choice(_PEOPLE), rng.choice(_CITIES)
+    facts.append(
+        Fact(
+            "place",
+            f"The home town of {person} is {city}.",
+            f"What is the home town of {person}? Answer with the town only.",
+            city,
+        )
+    )
+    sentences = fill_to_tokens(tokenizer, rng, n_tokens - 30 - 15 * len(facts))
+    places = [round(len(sentences) * depth)] + [rng.randint(0, len(sentences)) for _ in facts[1:]]
+    # back to front, so that inserting one fact leaves the places of those before it as they were
+    for place, fact in sorted(zip(places, facts, strict=True), key=lambda p: -p[0]):
+        sentences.insert(place, fact.statement)
+    return " ".join(sentences), facts
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -228,7 +275,10 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 def is_correct(answer_text: str, expected: str) -> bool:
-    return expected in re.findall(r"\d+", answer_text)
+    """A number must stand whole in the answer (12345 is not in 123456); a word (a city) as a word, in any case."""
+    if expected.isdigit():
+        return expected in re.findall(r"\d+", answer_text)
+    return re.search(rf"\b{re.escape(expected)}\b", answer_text, re.IGNORECASE) is not None
 
 
 # ------------------------------------------------------------------------------------------------- JSON
@@ -278,13 +328,29 @@ class Paired:
         half = 1.96 * ((up + down - centre**2) / n) ** 0.5
         return 100 * max(centre - half, -1.0), 100 * min(centre + half, 1.0)
 
+    def __str__(self) -> str:
+        lo, hi = self.interval
+        return f"{self.delta:+.1f} points ({self.gained} gained / {self.lost} lost of {self.n}; {lo:+.1f} to {hi:+.1f})"
 
-def paired(rows: list[dict], method: str, baseline: str, **where) -> Paired:
-    """Compare two methods prompt by prompt (prompts keyed by task, length and seed), over rows matching ``where``."""
-    outcome: dict[tuple[str, tuple], bool] = {}
+
+def paired(
+    rows: list[dict],
+    method,
+    baseline,
+    /,
+    *,
+    arm: str = "method",
+    prompt: tuple[str, ...] = ("task", "length", "seed"),
+    **where,
+) -> Paired:
+    """Compare two methods prompt by prompt (prompts keyed by task, length and seed), over rows matching ``where``.
+
+    ``arm`` names the field that tells the two apart (``method`` and ``baseline`` are its values: two ways of
+    running one method, say) and ``prompt`` the fields that make a prompt (add ``turn`` for a chat's turns)."""
+    outcome: dict[tuple[object, tuple], bool] = {}
     for row in rows:
-        if row["method"] in (method, baseline) and all(row[k] == v for k, v in where.items()):
-            outcome[row["method"], (row["task"], row["length"], row["seed"])] = bool(row["correct"])
+        if row[arm] in (method, baseline) and all(row[k] == v for k, v in where.items()):
+            outcome[row[arm], tuple(row[k] for k in prompt)] = bool(row["correct"])
     prompts = [key for m, key in outcome if m == method and (baseline, key) in outcome]
     gained = sum(outcome[method, k] and not outcome[baseline, k] for k in prompts)
     lost = sum(outcome[baseline, k] and not outcome[method, k] for k in prompts)

@@ -4,19 +4,42 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from conftest import VOCAB, make_batch, make_model
 
 from benchmarks.common import (
     Paired,
     baseline_of,
     cache_from_prefill,
     describe,
+    fact_document,
     greedy_decode,
+    is_correct,
     make_cache,
     paired,
     record_prefill,
 )
 from think_cache import H2O, SnapKV, StreamingLLM, ThinKCache, held_bytes
+
+
+class ByteTokenizer:
+    """A stand-in tokenizer for the tiny random models: one token per byte, a plain chat template."""
+
+    eos_token_id = None  # the tiny models never stop early
+
+    def __call__(self, text, add_special_tokens=True, return_tensors=None):
+        ids = [3 + b % (VOCAB - 3) for b in text.encode()]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True, return_dict=False, **kw):
+        text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+        text += "<assistant>" if add_generation_prompt else ""
+        if not tokenize:
+            return text
+        ids = self(text, return_tensors="pt")["input_ids"]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)} if return_dict else ids
+
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(i - 3 for i in ids if i >= 3).decode(errors="replace")
 
 
 @pytest.mark.parametrize(
@@ -72,6 +95,30 @@ def test_paired_counts_prompts_where_exactly_one_method_is_right():
     assert lo < 0 < p.delta < hi  # five prompts cannot settle a one-prompt difference
 
 
+def test_paired_can_compare_two_ways_of_one_method_over_any_prompt_key():
+    rows = [
+        {"method": "m", "way": w, "seed": 1, "turn": t, "correct": c}
+        for w, t, c in [("reused", 2, 0), ("reused", 3, 1), ("fresh", 2, 1), ("fresh", 3, 1), ("reused", 4, 1)]
+    ]
+    p = paired(rows, "reused", "fresh", arm="way", prompt=("seed", "turn"), method="m")
+    assert (p.n, p.gained, p.lost) == (2, 0, 1)
+    assert str(p).startswith("-50.0 points (0 gained / 1 lost of 2; ")
+
+
+def test_is_correct_takes_whole_numbers_and_whole_words():
+    assert is_correct("The pass key is 52445.", "52445") and not is_correct("524451", "52445")
+    assert is_correct("He lives in lisbon.", "Lisbon") and not is_correct("Lisbonia", "Lisbon")
+
+
+def test_fact_document_hides_each_fact_once():
+    tokenizer = ByteTokenizer()
+    document, facts = fact_document(tokenizer, 600, 0.5, seed=3, n_keys=2)
+    assert [f.kind for f in facts] == ["passkey", "kv", "kv", "place"]
+    assert all(document.count(f.statement) == 1 and f.answer in f.statement for f in facts)
+    assert 500 < len(tokenizer(document)["input_ids"]) < 600 + 300  # filler comes 10 sentences (~300 bytes) at a time
+    assert fact_document(tokenizer, 600, 0.5, seed=3, n_keys=2) == (document, facts)
+
+
 def test_paired_interval_narrows_with_prompts_and_is_never_empty():
     assert Paired(12, 0, 0).interval[0] < -10  # no change on 12 prompts is not proof of "within 2 points"
     wide, narrow = Paired(50, 1, 1).interval, Paired(500, 10, 10).interval
@@ -124,3 +171,76 @@ def test_describe_records_each_methods_settings():
     assert "key_ratio=0.4" in d["think-0.4"] and "recent=0" in d["think-0.4"]
     stacked = d["snapkv-512+think-0.4+recent-8"]
     assert "recent=8" in stacked and "SnapKV(budget=512" in stacked
+
+
+# ------------------------------------------------------------------------------------ conversations
+ROW_FIELDS = {"task", "length", "seed", "method", "status", "error", "tokens", "answer", "expected", "correct"}
+
+
+@pytest.fixture
+def conversations():
+    pytest.importorskip("tqdm")  # the demo extra
+    from benchmarks import conversations
+
+    return conversations
+
+
+def test_conversations_chat_rows_and_key_ratio_zero_reuses_like_dynamic_cache(conversations):
+    model, tokenizer = make_model("llama"), ByteTokenizer()
+    result = conversations.chat(model, tokenizer, ["dynamic", "think-0", "think-0.5"], 300, 1, 4)
+    rows = result["rows"]
+    assert len(rows) == 3 * 2 * 3  # methods x ways x turns
+    assert all(
+        ROW_FIELDS | {"way", "turn", "fact", "empty", "repeats_previous", "cached_tokens"} <= set(r) for r in rows
+    )
+    assert [r["fact"] for r in rows[:3]] == ["passkey", "kv", "place"]
+    reused = [r for r in rows if r["way"] == "reused" and r["status"] == "ok"]
+    assert [r["cached_tokens"] > 0 for r in reused if r["method"] == "dynamic"] == [False, True, True]
+    assert all(r["cached_tokens"] == 0 for r in rows if r["way"] == "fresh")
+    assert "think-0 reused vs dynamic reused: 3 of 3 replies token-identical" in conversations.chat_summary(result)
+
+
+def test_conversations_chunked_rows_record_memory_and_the_budget(conversations):
+    model, tokenizer = make_model("llama"), ByteTokenizer()
+    result = conversations.chunked(model, tokenizer, ["dynamic", "snapkv-64+think-0.5"], 200, 1, 3, (None, 32))
+    rows = result["rows"]
+    assert [(r["method"], r["chunk"]) for r in rows] == [
+        ("dynamic", None),
+        ("dynamic", 32),
+        ("snapkv-64+think-0.5", None),
+        ("snapkv-64+think-0.5", 32),
+    ]
+    assert all(ROW_FIELDS | {"peak_bytes", "held_bytes", "prompt_tokens_held", "within_budget"} <= set(r) for r in rows)
+    assert all(r["peak_bytes"] is None or r["peak_bytes"] >= 0 for r in rows)
+    snap = [r for r in rows if r["budget"] == 64]
+    assert len(snap) == 2 and all(len(r["prompt_tokens_held"]) == 2 for r in snap if r["status"] == "ok")
+    assert snap[0]["within_budget"] is True  # one prefill: SnapKV keeps its budget of prompt tokens
+    assert "snapkv-64+think-0.5 | 32 |" in conversations.chunked_summary(result)
+
+
+def test_conversations_prefix_copies_the_cache_three_ways_and_records_refusals(conversations):
+    model, tokenizer = make_model("llama"), ByteTokenizer()
+    result = conversations.prefix(model, tokenizer, ["dynamic", "think-0.5"], 300, 1, 3)
+    rows = result["rows"]
+    cached = [r for r in rows if r["way"] == "prefix"]
+    assert [r["copy"] for r in cached] == list(conversations.COPIES) * 2
+    assert len([r for r in rows if r["way"] == "one-prefill"]) == 6
+    assert all(ROW_FIELDS | {"question", "prefix_tokens", "copy"} <= set(r) for r in rows)
+    assert 250 < rows[0]["prefix_tokens"] < rows[0]["prompt_tokens"]
+    # a copied DynamicCache of the document continues exactly as one prefill of document and question
+    assert all(r["same_as_one_prefill"] for r in cached if r["method"] == "dynamic")
+    assert all(r["status"] in ("ok", "error") for r in cached)
+    assert "| think-0.5 |" in conversations.prefix_summary(result)
+
+
+def test_conversations_assisted_compares_with_plain_greedy(conversations):
+    model, tokenizer = make_model("llama"), ByteTokenizer()
+    assistant = make_model("llama", seed=1)
+    result = conversations.assisted(model, tokenizer, assistant, ["dynamic", "think-0.5"], 200, 1, 6, 4)
+    rows = result["rows"]
+    assert [(r["method"], r["way"]) for r in rows] == [
+        (m, w) for m in ("dynamic", "think-0.5") for w in ("plain", "prompt-lookup", "assistant")
+    ]
+    assert all(ROW_FIELDS | {"way", "same_as_plain"} <= set(r) for r in rows)
+    assert all(r["same_as_plain"] is None for r in rows if r["way"] == "plain")
+    assert "| think-0.5 | assistant |" in conversations.assisted_summary(result)
