@@ -254,6 +254,13 @@ def cache_from_prefill(model, method: str, prefill: Prefill):
     return cache
 
 
+def tell_prompt_length(cache, input_ids: torch.Tensor) -> None:
+    """Benchmarks that drive the forward loop themselves tell a ThinKCache where the prompt ends, as the patched
+    ``generate`` does for every call, so that it is compacted at the end of the prefill forward."""
+    if isinstance(cache, ThinKCache):
+        cache.mark_prompt_end(input_ids.shape[1])
+
+
 def greedy_decode(model, cache, first_token: torch.Tensor, max_new_tokens: int, eos: set[int]) -> list[int]:
     """Greedy tokens after the prompt, the first one given (from the prefill's logits)."""
     tokens = [int(first_token)]

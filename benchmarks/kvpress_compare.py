@@ -28,7 +28,7 @@ import think_cache
 from think_cache import SnapKV, ThinKCache, _compat, held_bytes
 from think_cache.models import load_smollm2
 
-from .common import RESULTS, TASKS, depths, eos_ids, is_correct, machine, paired, save_json
+from .common import RESULTS, TASKS, depths, eos_ids, is_correct, machine, paired, save_json, tell_prompt_length
 
 #: What ``--methods`` picks from: each but ``dynamic`` runs in both libraries.
 KINDS = ("dynamic", "think", "snapkv", "snapkv+think")
@@ -67,6 +67,7 @@ def methods(prompt_tokens: int, ratio: float = 0.5, kinds: tuple[str, ...] = KIN
 def run_one(model, input_ids, press, make_cache, max_new_tokens: int, eos: set[int]) -> dict:
     cache = make_cache()
     kwargs = {_compat.CACHE_ARGUMENT: cache, "use_cache": True}
+    tell_prompt_length(cache, input_ids)
     with torch.no_grad():
         start = time.perf_counter()
         if press is None:

@@ -21,7 +21,7 @@ import think_cache
 from think_cache import _compat, held_bytes
 from think_cache.models import load_smollm2
 
-from .common import RESULTS, describe, machine, make_cache, passkey, save_json
+from .common import RESULTS, describe, machine, make_cache, passkey, save_json, tell_prompt_length
 
 DEFAULT_METHODS = (
     "dynamic,think-0.25,think-0.4,think-0.5,think-0.6,snapkv-256,snapkv-1024,"
@@ -39,6 +39,7 @@ def measure(model, input_ids: torch.Tensor, method: str, decode_tokens: int, war
     device = input_ids.device
     cache = make_cache(method)
     kwargs = {_compat.CACHE_ARGUMENT: cache, "use_cache": True}
+    tell_prompt_length(cache, input_ids)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

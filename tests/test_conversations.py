@@ -217,10 +217,9 @@ def test_one_liner_with_an_assistant():
     ids = _repetitive_prompt(50, seed=3)
     mask = torch.ones_like(ids)
     plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
-    assisted = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False, prompt_lookup_num_tokens=8
-    )
-    assert torch.equal(plain, assisted)
+    for drafts in (dict(prompt_lookup_num_tokens=8), dict(assistant_model=make_model("llama", seed=1, patch=False))):
+        assisted = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30, do_sample=False, **drafts)
+        assert torch.equal(plain, assisted), drafts
 
 
 @pytest.mark.parametrize("policy", [H2O(budget=32, recent=4), StreamingLLM(sink=2, recent=30)])
