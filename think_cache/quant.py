@@ -77,9 +77,10 @@ BITS = (2, 4, 8)
 DEFAULT_BLOCK = 32
 #: Value channels per scale / zero point (KIVI's default); the last group takes the remainder.
 DEFAULT_GROUP_SIZE = 32
-#: Tokens per attention chunk. Measured on a 2-core AVX2 CPU for 4k-8k contexts: fewer, larger chunks win
-#: (each op has a fixed cost); 1024 keeps one chunk's float buffer at 128 KiB per (batch, head) for 32 channels.
-DEFAULT_CHUNK_TOKENS = 1024
+#: Tokens per attention chunk. On a 2-core AVX2 CPU at 4k-8k tokens larger chunks are faster (every op has a
+#: fixed cost): 4-bit logits at 8k take 1.6x as long with 1024-token chunks as with 4096. 2048 bounds one chunk's
+#: float32 buffer to 256 KiB per (batch, head) for 32 channels, 512 KiB for 64, at about 1.2x the 4096 time.
+DEFAULT_CHUNK_TOKENS = 2048
 
 
 # -------------------------------------------------------------------------------------------- validation
@@ -665,7 +666,8 @@ def quantized_attention_logits(
     s_planes = scale.view(batch, heads, qk.n_blocks, per, width).permute(3, 0, 1, 2, 4)  # (per, B, H, nb, width)
     block = qk.block
     chunk = _chunk_tokens(chunk_tokens, block, tokens)
-    buffer = torch.zeros(per, batch, heads, chunk, width, dtype=torch.float32, device=query.device)
+    # uninitialised: a last partial block scales a few rows past the tokens, which no matmul reads
+    buffer = torch.empty(per, batch, heads, chunk, width, dtype=torch.float32, device=query.device)
     index = None if qk.block_index is None else qk.block_index.long()
     for start in range(0, tokens, chunk):
         n = min(chunk, tokens - start)
@@ -695,8 +697,9 @@ def quantized_attention_output(
     """``weights @ dequant(values)`` without dequantizing the whole context.
 
     The value scales are folded into the weights: with ``G`` channel groups the weights become ``G`` rows per
-    query, ``weights * scale[..., g]``, multiplied by each chunk's unpacked codes in one matmul, and each channel
-    reads the rows of its group; the zero points add ``weights @ zero``. Everything is computed in float32.
+    query, ``weights * scale[..., g]`` (a matmul costs the same for 3 or 6 rows on CPU), multiplied by each
+    chunk's unpacked codes, one matmul per plane; each channel then reads the rows of its group. The zero points
+    add ``weights @ zero``. Everything is computed in float32.
 
     Parameters
     ----------
@@ -709,8 +712,9 @@ def quantized_attention_output(
 
     Returns
     -------
-    ``(batch, kv_heads, q_rows, channels)`` float32. Largest transient: ``batch * kv_heads * chunk * channels``
-    float32; see `attention_transient_bytes` (with ``block=1``).
+    ``(batch, kv_heads, q_rows, channels)`` float32. Largest transient: one chunk's codes in float32,
+    ``batch * kv_heads * chunk * channels`` (see `attention_transient_bytes` with ``block=1``); the scaled
+    weights are ``groups`` times the size of ``weights``.
     """
     _check_float("weights", weights, 4)
     batch, heads, rows, tokens = weights.shape
@@ -722,24 +726,26 @@ def quantized_attention_output(
     channels, groups = qv.channels, qv.n_groups
     w = weights.float()
     group = _group_of_channel(channels, qv.group_size, w.device)
-    out_zero = torch.matmul(w, qv.zero.float())[..., group]  # (B, H, rows, channels)
+    out = torch.matmul(w, qv.zero.float())[..., group]  # (B, H, rows, channels): the zero points' share
     if tokens == 0:
-        return out_zero
+        return out
     per, width = 8 // qv.bits, qv.codes.shape[-1]
-    scale = qv.scale.float()
+    # (B, H, G, rows, tokens): the weights times each group's scales, G rows per query
+    scaled = torch.empty(batch, heads, groups, rows, tokens, dtype=torch.float32, device=w.device)
+    torch.mul(w[:, :, None], qv.scale.float().transpose(-1, -2)[:, :, :, None], out=scaled)
+    scaled = scaled.view(batch * heads, groups * rows, tokens)
     chunk = _chunk_tokens(chunk_tokens, 1, tokens)
     buffer = torch.empty(per, batch, heads, chunk, width, dtype=torch.float32, device=w.device)
-    acc = torch.zeros(per, batch, heads, groups * rows, width, dtype=torch.float32, device=w.device)
+    acc = torch.zeros(per, batch * heads, groups * rows, width, dtype=torch.float32, device=w.device)
     for start in range(0, tokens, chunk):
         n = min(chunk, tokens - start)
         v = _unpack_planes(qv.codes[:, :, start : start + n], qv.bits, buffer[:, :, :, :n])
-        # (B, H, G, rows, n): the weights times each group's scales, G rows per query
-        ws = w[:, :, None, :, start : start + n] * scale[:, :, start : start + n].transpose(-1, -2)[:, :, :, None, :]
-        acc += torch.matmul(ws.reshape(batch, heads, groups * rows, n), v)
+        v = v.view(per, batch * heads, n, width)
+        for i in range(per):
+            acc[i].baddbmm_(scaled[..., start : start + n], v[i])
     acc = acc.view(per, batch, heads, groups, rows, width)
     if groups > 1:  # channel i * width + j reads the rows of its group
         plane_group = torch.arange(per * width, device=w.device).clamp_(max=channels - 1) // qv.group_size
-        at = plane_group.view(per, 1, 1, 1, 1, width).expand(per, batch, heads, 1, rows, width)
-        acc = acc.gather(3, at)
-    out = acc[:, :, :, 0].permute(1, 2, 3, 0, 4).reshape(batch, heads, rows, per * width)[..., :channels]
-    return out + out_zero
+        acc = acc.gather(3, plane_group.view(per, 1, 1, 1, 1, width).expand(per, batch, heads, 1, rows, width))
+    values = acc[:, :, :, 0].permute(1, 2, 3, 0, 4).reshape(batch, heads, rows, per * width)
+    return out.add_(values[..., :channels])
