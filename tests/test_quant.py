@@ -1,0 +1,369 @@
+"""Quantized storage math: packing, quantization bounds, and attention against an independent fake-quant reference.
+
+The reference never calls `think_cache.quant` for the numbers it checks: it quantizes the same tokens with the same
+groups itself (min/max, round, clamp), dequantizes in float, scatters the kept key channels into a zero-filled
+full-size cache and runs torch's own attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from think_cache import quant
+from think_cache.compact import gather_channels
+
+BITS = (2, 4, 8)
+
+
+# ------------------------------------------------------------------------------------------ the reference
+def fake_quant(x: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Quantize-dequantize float32 ``x (..., g)`` over its last axis, scales rounded to ``dtype``."""
+    qmax = 2**bits - 1
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    scale = ((hi - lo) / qmax).to(dtype).float()
+    zero = lo.to(dtype).float()
+    codes = torch.clamp(torch.round((x - zero) / torch.where(scale == 0, 1.0, scale)), 0, qmax)
+    return codes * scale + zero
+
+
+def fake_quant_keys(keys: torch.Tensor, bits: int, pieces: list[int], block: int = 32) -> torch.Tensor:
+    """Keys ``(B, H, T, C)`` quantized per channel, piece by piece (each a `quantize_keys` call), in blocks of
+    ``block`` tokens from each piece's start; returns float32 dequantized keys."""
+    out, start = [], 0
+    for n in pieces:
+        for b in range(start, start + n, block):
+            chunk = keys[:, :, b : min(b + block, start + n)].float()
+            out.append(fake_quant(chunk.transpose(-1, -2), bits, keys.dtype).transpose(-1, -2))
+        start += n
+    assert start == keys.shape[2]
+    return torch.cat(out, dim=2)
+
+
+def fake_quant_values(values: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Values ``(B, H, T, C)`` quantized per token in groups of ``group_size`` channels (last group: the rest)."""
+    x = values.float()
+    return torch.cat([fake_quant(g, bits, values.dtype) for g in x.split(group_size, dim=-1)], dim=-1)
+
+
+def random_channels(batch: int, heads: int, head_dim: int, kept: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randperm(head_dim, generator=g)[:kept].sort().values for _ in range(batch * heads)]
+    return torch.stack(rows).view(batch, heads, kept)
+
+
+def quantize_pieces(keys: torch.Tensor, bits: int, pieces: list[int]) -> quant.QuantKeys:
+    """`quantize_keys` on consecutive pieces of ``keys``, appended with `cat_keys` (a prompt, then folds)."""
+    qk, start = None, 0
+    for n in pieces:
+        part = quant.quantize_keys(keys[:, :, start : start + n], bits)
+        qk = part if qk is None else quant.cat_keys(qk, part)
+        start += n
+    return qk
+
+
+# ---------------------------------------------------------------------------------------------- packing
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 8, 13, 32, 33])
+def test_pack_round_trip(bits, n):
+    g = torch.Generator().manual_seed(n * 10 + bits)
+    codes = torch.randint(0, 2**bits, (2, 3, n), dtype=torch.uint8, generator=g)
+    packed = quant.pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (2, 3, math.ceil(n * bits / 8)) == (2, 3, quant.packed_width(n, bits))
+    assert torch.equal(quant.unpack_codes(packed, bits, n), codes)
+
+
+def test_packing_is_planar():
+    # 4 bits, 5 codes -> 3 bytes; byte j holds codes j (low nibble) and j + 3 (high nibble)
+    codes = torch.tensor([1, 2, 3, 4, 5], dtype=torch.uint8)
+    assert quant.pack_codes(codes, 4).tolist() == [1 | 4 << 4, 2 | 5 << 4, 3]
+    # 2 bits, 4 codes -> 1 byte, code i in bits [2i, 2i + 2)
+    assert quant.pack_codes(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [1 | 2 << 2 | 3 << 4]
+
+
+def test_pack_validation():
+    codes = torch.zeros(4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        quant.pack_codes(codes, 3)
+    with pytest.raises(TypeError, match="bits must be an int"):
+        quant.pack_codes(codes, 4.0)
+    with pytest.raises(TypeError, match="bits must be an int"):
+        quant.pack_codes(codes, True)
+    with pytest.raises(TypeError, match="uint8"):
+        quant.pack_codes(codes.long(), 4)
+    with pytest.raises(ValueError, match="must be < 16"):
+        quant.pack_codes(torch.tensor([16], dtype=torch.uint8), 4)
+    with pytest.raises(ValueError, match="pack into 2 bytes"):
+        quant.unpack_codes(torch.zeros(3, dtype=torch.uint8), 4, 4)
+
+
+# ----------------------------------------------------------------------------------------- quantization
+@pytest.mark.parametrize("bits", BITS)
+def test_keys_error_within_half_a_step(bits):
+    keys = torch.randn(2, 3, 77, 13) * torch.linspace(0.1, 5, 13)  # channels of different ranges
+    qk = quant.quantize_keys(keys, bits, block=32)
+    assert qk.codes.shape == (2, 3, 77, quant.packed_width(13, bits))
+    assert qk.scale.shape == qk.zero.shape == (2, 3, 3, 13)  # blocks of 32, 32, 13
+    assert qk.scale.dtype == keys.dtype and qk.is_regular
+    step = qk.scale.repeat_interleave(32, dim=2)[:, :, :77]
+    err = (quant.dequantize_keys(qk) - keys).abs()
+    assert (err <= step / 2 * (1 + 1e-5) + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_values_error_within_half_a_step(bits):
+    values = torch.randn(2, 3, 9, 45) * 3
+    qv = quant.quantize_values(values, bits, group_size=32)  # groups of 32 and 13 channels
+    assert qv.scale.shape == (2, 3, 9, 2) and qv.n_groups == quant.value_groups(45, 32) == 2
+    step = qv.scale[..., torch.arange(45) // 32]
+    err = (quant.dequantize_values(qv) - values).abs()
+    assert (err <= step / 2 * (1 + 1e-5) + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_constant_groups_are_exact(bits):
+    keys = torch.randn(1, 2, 40, 6)
+    keys[:, :, :32, 2] = 0.37  # channel 2 constant over the first block
+    keys[:, 1, 32:, :] = -1.25  # head 1's last block entirely constant
+    qk = quant.quantize_keys(keys, bits)
+    assert qk.scale[:, :, 0, 2].eq(0).all() and qk.scale[:, 1, 1].eq(0).all()
+    deq = quant.dequantize_keys(qk)
+    assert torch.equal(deq[:, :, :32, 2], keys[:, :, :32, 2])
+    assert torch.equal(deq[:, 1, 32:], keys[:, 1, 32:])
+
+    values = torch.randn(1, 2, 5, 8)
+    values[:, :, 3] = 2.5  # token 3 constant
+    qv = quant.quantize_values(values, bits, group_size=4)
+    assert torch.equal(quant.dequantize_values(qv)[:, :, 3], values[:, :, 3])
+
+
+def test_quantize_validation():
+    keys = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        quant.quantize_keys(keys, 16)
+    with pytest.raises(TypeError, match="bits must be an int"):
+        quant.quantize_values(keys, "4")
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        quant.quantize_keys(keys, 4, block=0)
+    with pytest.raises(TypeError, match="group_size must be an int"):
+        quant.quantize_values(keys, 4, group_size=2.0)
+    with pytest.raises(ValueError, match="group_size must be >= 1"):
+        quant.quantize_values(keys, 4, group_size=0)
+    with pytest.raises(TypeError, match="floating-point"):
+        quant.quantize_keys(keys.long(), 4)
+    with pytest.raises(ValueError, match="4 dimensions"):
+        quant.quantize_keys(keys[0], 4)
+
+
+def test_group_size_larger_than_the_width_is_one_group():
+    qv = quant.quantize_values(torch.randn(1, 1, 3, 10), 4, group_size=32)
+    assert qv.group_size == 10 and qv.n_groups == 1
+
+
+# -------------------------------------------------------------------------------------------- attention
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("pieces", [[77], [64, 32], [17, 32, 5, 32], [3]])
+@pytest.mark.parametrize("chunk", [32, quant.DEFAULT_CHUNK_TOKENS])
+def test_attention_equals_fake_quant_reference(bits, pieces, chunk):
+    """Logits, outputs and the whole attention equal stock attention over a zero-filled fake-quant cache."""
+    torch.manual_seed(bits * 100 + len(pieces) + chunk)
+    batch, kv_heads, group, q_len, head_dim, kept = 2, 2, 3, 2, 16, 7
+    tokens = sum(pieces)
+    scaling = head_dim**-0.5
+    keys = torch.randn(batch, kv_heads, tokens, head_dim) * 2
+    values = torch.randn(batch, kv_heads, tokens, head_dim)
+    query = torch.randn(batch, kv_heads * group, q_len, head_dim)
+    channels = random_channels(batch, kv_heads, head_dim, kept, seed=tokens)
+
+    compact_keys = gather_channels(keys, channels)
+    qk = quantize_pieces(compact_keys, bits, pieces)
+    qv = quant.quantize_values(values, bits, group_size=6)  # groups of 6, 6, 4 channels
+    assert qk.is_regular == all(n % 32 == 0 for n in pieces[:-1])
+
+    # the reference: a full-size cache, pruned channels zero, kept ones fake-quantized; torch's own attention
+    ref_keys = torch.zeros(batch, kv_heads, tokens, head_dim)
+    index = channels[:, :, None, :].expand(batch, kv_heads, tokens, kept)
+    ref_keys.scatter_(-1, index, fake_quant_keys(compact_keys, bits, pieces))
+    ref_values = fake_quant_values(values, bits, 6)
+    ref_logits = torch.matmul(query, ref_keys.repeat_interleave(group, dim=1).transpose(-1, -2)) * scaling
+    ref_out = F.scaled_dot_product_attention(
+        query, ref_keys.repeat_interleave(group, 1), ref_values.repeat_interleave(group, 1), scale=scaling
+    )
+
+    # GQA flattened: a KV head's whole query group as rows
+    q_rows = query.reshape(batch, kv_heads, group * q_len, head_dim)
+    logits = quant.quantized_attention_logits(gather_channels(q_rows, channels), qk, scaling, chunk)
+    assert logits.dtype == torch.float32 and logits.shape == (batch, kv_heads, group * q_len, tokens)
+    torch.testing.assert_close(logits.view_as(ref_logits), ref_logits, atol=1e-4, rtol=1e-4)
+
+    weights = torch.softmax(logits, dim=-1)
+    out = quant.quantized_attention_output(weights, qv, chunk)
+    torch.testing.assert_close(out, torch.matmul(weights, ref_values), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.view_as(ref_out), ref_out, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_bf16_scales_and_float32_accumulation(bits):
+    torch.manual_seed(bits)
+    keys = (torch.randn(1, 2, 70, 8) * 3).bfloat16()
+    values = torch.randn(1, 2, 70, 12).bfloat16()
+    query = torch.randn(1, 2, 3, 8).bfloat16()
+    qk = quantize_pieces(keys, bits, [40, 30])
+    qv = quant.quantize_values(values, bits, group_size=8)
+    assert qk.scale.dtype == qk.zero.dtype == qv.scale.dtype == qv.zero.dtype == torch.bfloat16
+    assert qk.dtype == qv.dtype == torch.bfloat16
+
+    logits = quant.quantized_attention_logits(query, qk, 0.25, chunk_tokens=32)
+    ref = torch.matmul(query.float(), fake_quant_keys(keys, bits, [40, 30]).transpose(-1, -2)) * 0.25
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+
+    weights = torch.softmax(logits, -1)
+    out = quant.quantized_attention_output(weights.bfloat16(), qv, chunk_tokens=32)
+    ref_out = torch.matmul(weights.bfloat16().float(), fake_quant_values(values, bits, 8))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    # the float32 dequantized keys are what the bf16 codes and scales stand for
+    torch.testing.assert_close(
+        quant.dequantize_keys(qk, torch.float32), fake_quant_keys(keys, bits, [40, 30]), atol=1e-6, rtol=0
+    )
+
+
+def test_empty_context():
+    qk = quant.quantize_keys(torch.randn(1, 2, 0, 4), 4)
+    qv = quant.quantize_values(torch.randn(1, 2, 0, 6), 4)
+    assert quant.quantized_attention_logits(torch.randn(1, 2, 3, 4), qk, 0.5).shape == (1, 2, 3, 0)
+    assert quant.quantized_attention_output(torch.randn(1, 2, 3, 0), qv).eq(0).all()
+
+
+def test_attention_validation():
+    qk = quant.quantize_keys(torch.randn(1, 2, 5, 4), 4)
+    qv = quant.quantize_values(torch.randn(1, 2, 5, 6), 4)
+    with pytest.raises(ValueError, match="does not match the keys"):
+        quant.quantized_attention_logits(torch.randn(1, 2, 3, 5), qk, 0.5)
+    with pytest.raises(ValueError, match="does not match the values"):
+        quant.quantized_attention_output(torch.randn(1, 2, 3, 4), qv)
+    with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
+        quant.quantized_attention_logits(torch.randn(1, 2, 3, 4), qk, 0.5, chunk_tokens=0)
+
+
+# ------------------------------------------------------------------------------- appending, gathering, rows
+@pytest.mark.parametrize("bits", BITS)
+def test_cat_keeps_every_token_and_its_scale(bits):
+    keys = torch.randn(2, 2, 100, 5)
+    full = quantize_pieces(keys, bits, [64, 36])
+    assert full.is_regular and full.n_blocks == 4
+    ragged = quantize_pieces(keys, bits, [50, 32, 18])
+    assert not ragged.is_regular and ragged.n_blocks == 2 + 1 + 1
+    assert ragged.block_index.dtype == torch.int32
+    torch.testing.assert_close(quant.dequantize_keys(ragged), fake_quant_keys(keys, bits, [50, 32, 18]))
+    # appending after an irregular part stays irregular and numbers the new blocks after the old
+    more = quant.cat_keys(ragged, quant.quantize_keys(keys[:, :, :32], bits))
+    assert more.block_index[..., -1].eq(4).all() and more.tokens == 132
+
+    values = torch.randn(2, 2, 100, 7)
+    qv = quant.cat_values(
+        quant.quantize_values(values[:, :, :30], bits), quant.quantize_values(values[:, :, 30:], bits)
+    )
+    torch.testing.assert_close(
+        quant.dequantize_values(qv), quant.dequantize_values(quant.quantize_values(values, bits))
+    )
+
+    with pytest.raises(ValueError, match="bits differs"):
+        quant.cat_keys(full, quant.quantize_keys(keys, 8 if bits != 8 else 4))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_gather_tokens_per_head(bits):
+    torch.manual_seed(bits)
+    keys, values = torch.randn(2, 3, 150, 6), torch.randn(2, 3, 150, 10)
+    qk = quantize_pieces(keys, bits, [70, 32, 48])
+    qv = quant.quantize_values(values, bits, group_size=4)
+    # per head: keep 20 tokens, all from the first and the last blocks for head 0 (blocks in between die)
+    index = torch.stack([torch.randperm(150)[:20].sort().values for _ in range(6)]).view(2, 3, 20)
+    index[:, 0] = torch.cat([torch.arange(10), torch.arange(140, 150)])
+    gk, gv = quant.gather_keys(qk, index), quant.gather_values(qv, index)
+
+    dense_k, dense_v = quant.dequantize_keys(qk), quant.dequantize_values(qv)
+    take = lambda x: torch.gather(x, 2, index[..., None].expand(*index.shape, x.shape[-1]))  # noqa: E731
+    assert torch.equal(quant.dequantize_keys(gk), take(dense_k))
+    assert torch.equal(quant.dequantize_values(gv), take(dense_v))
+    assert gk.n_blocks <= min(20, qk.n_blocks)  # scales of blocks no head uses are dropped
+    assert gk.codes.shape == (2, 3, 20, quant.packed_width(6, bits))
+
+    # attention over the gathered tokens equals attention over the gathered dense tokens
+    query = torch.randn(2, 3, 4, 6)
+    logits = quant.quantized_attention_logits(query, gk, 0.5, chunk_tokens=32)
+    torch.testing.assert_close(logits, torch.matmul(query, take(dense_k).transpose(-1, -2)) * 0.5)
+    with pytest.raises(ValueError, match="index must be"):
+        quant.gather_keys(qk, index[0])
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_narrow_drops_oldest_and_crops(bits):
+    keys = torch.randn(1, 2, 100, 5)
+    qk = quant.quantize_keys(keys, bits)
+    dense = quant.dequantize_keys(qk)
+    aligned = quant.narrow_keys(qk, 32, 60)  # starts a block: stays regular
+    assert aligned.is_regular and aligned.n_blocks == 2
+    assert torch.equal(quant.dequantize_keys(aligned), dense[:, :, 32:92])
+    shifted = quant.narrow_keys(qk, 5, 90)
+    assert not shifted.is_regular
+    assert torch.equal(quant.dequantize_keys(shifted), dense[:, :, 5:95])
+    qv = quant.quantize_values(torch.randn(1, 2, 100, 8), bits)
+    assert torch.equal(quant.dequantize_values(quant.narrow_values(qv, 7, 3)), quant.dequantize_values(qv)[:, :, 7:10])
+    with pytest.raises(ValueError, match="out of range"):
+        quant.narrow_keys(qk, 90, 20)
+
+
+def test_batch_rows_and_bytes():
+    keys, values = torch.randn(3, 2, 45, 6), torch.randn(3, 2, 45, 8)
+    qk, qv = quantize_pieces(keys, 4, [13, 32]), quant.quantize_values(values, 2, group_size=4)
+    order = torch.tensor([2, 0, 0])
+    assert torch.equal(quant.dequantize_keys(qk.index_select(order)), quant.dequantize_keys(qk)[order])
+    assert torch.equal(quant.dequantize_values(qv.index_select(order)), quant.dequantize_values(qv)[order])
+    doubled = qk.map(lambda t: t.repeat_interleave(2, dim=0))
+    assert torch.equal(quant.dequantize_keys(doubled), quant.dequantize_keys(qk).repeat_interleave(2, dim=0))
+
+    # codes really packed: 4-bit keys take 3 bytes a token for 6 channels, 2-bit values 2 bytes for 8
+    assert qk.codes.shape[-1] == 3 and qv.codes.shape[-1] == 2
+    assert qk.nbytes == qk.codes.numel() + 2 * qk.scale.numel() * 4 + qk.block_index.numel() * 4
+    assert qv.nbytes == sum(t.numel() * t.element_size() for t in qv.tensors())
+    assert {id(t) for t in qk.tensors()} == {id(qk.codes), id(qk.scale), id(qk.zero), id(qk.block_index)}
+
+
+# ------------------------------------------------------------------------------------------ the transient
+def largest_allocation(*fns) -> int:
+    """Bytes of the largest allocation an op itself made while ``fns`` ran (the CPU profiler's memory record)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for fn in fns:
+            fn()
+    return max(e.self_cpu_memory_usage for e in prof.events())
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_largest_temporary_does_not_grow_with_context(bits):
+    """At 1k and 4k tokens the largest allocation is one chunk's float buffer, 1/8 of the dense keys at 4k."""
+    batch, heads, channels, chunk = 1, 2, 64, 512
+    expected = quant.attention_transient_bytes(batch, heads, channels, bits, 4096, chunk)
+    assert expected == quant.attention_transient_bytes(batch, heads, channels, bits, 1024, chunk)
+    assert expected == batch * heads * chunk * channels * 4
+    query = torch.randn(batch, heads, 1, channels)
+    for tokens in (1024, 4096):
+        keys = torch.randn(batch, heads, tokens, channels)
+        regular = quant.quantize_keys(keys, bits)
+        ragged = quantize_pieces(keys, bits, [17, tokens - 17])
+        qv = quant.quantize_values(torch.randn(batch, heads, tokens, channels), bits, group_size=64)
+        weights = torch.softmax(torch.randn(batch, heads, 1, tokens), -1)
+        largest = largest_allocation(
+            lambda qk=regular: quant.quantized_attention_logits(query, qk, 0.1, chunk),
+            lambda qk=ragged: quant.quantized_attention_logits(query, qk, 0.1, chunk),
+            lambda qv=qv, w=weights: quant.quantized_attention_output(w, qv, chunk),
+        )
+        assert largest == expected, tokens
+    assert expected * 8 == batch * heads * 4096 * channels * 4

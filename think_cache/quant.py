@@ -1,0 +1,754 @@
+"""Quantized storage for the compact part, KIVI-style: the math as pure tensor functions.
+
+Keys are quantized **per channel** over a block of tokens (every kept channel has a scale and a zero point per
+block, the 32-token fold block being the natural block): key outliers live in a few channels, so a per-channel
+range keeps them from flattening the other channels. Values are quantized **per token** in groups of
+``group_size`` channels. Quantization is asymmetric min/max: ``x ~ code * scale + zero`` with ``zero = min`` and
+``scale = (max - min) / (2**bits - 1)``; a group whose values are all equal gets ``scale = 0`` and is stored
+exactly.
+
+Layout and packing
+------------------
+Keys and values are both stored **token-major**, one row of packed bytes per token:
+``codes (batch, kv_heads, tokens, packed_width(channels, bits))`` uint8, packed along the channel axis. So every
+token's codes are self-contained: appending a block, dropping the oldest tokens, gathering the tokens a policy
+keeps and reordering batch rows are row operations that never unpack or re-pack anything, and a block of any
+length (the last partial block of a prompt) packs like any other.
+
+Packing is **planar**: with ``per = 8 // bits`` codes to a byte and ``m = ceil(n / per)`` bytes, byte ``j``
+holds codes ``j, j + m, ..., j + (per - 1) m`` (code ``j + i m`` in bits ``[i * bits, (i + 1) * bits)``). Unpacking
+plane ``i`` is then one shift-and-mask over the contiguous packed rows that yields channels ``[i m, (i + 1) m)``
+of every token as a contiguous ``(tokens, m)`` matrix, which the attention matmuls consume directly as one
+batch entry per plane. With the interleaved packing (byte ``j`` holding codes ``per j .. per j + per - 1``) the
+planes would have to be interleaved back, a strided write of every element (measured about twice the planar
+unpack on CPU). Packing along the token axis instead (KIVI's choice for keys; ``per`` consecutive tokens of a
+channel in one byte) gives one matmul over all channels instead of one per plane, measured 20-40% faster for
+the logits on CPU, but then tokens share bytes: appending to a part whose length is not a multiple of ``per``,
+dropping the oldest tokens and gathering tokens per head would all unpack and re-pack.
+
+Attention without a dense copy
+------------------------------
+`quantized_attention_logits` and `quantized_attention_output` walk the context in chunks of ``chunk_tokens``
+tokens (a multiple of the key block). The float32 buffer of one chunk's unpacked codes is the largest transient:
+``batch * kv_heads * chunk_tokens * channels`` float32 (channels rounded up to a multiple of ``per``), the same
+whatever the context length; see `attention_transient_bytes`. Key scales multiply the chunk's codes in place,
+key zero points become a per-block bias ``q . zero`` added to the logits; value scales are folded into the
+attention weights (one row of weights per channel group) and value zero points into ``weights @ zero``.
+
+Shapes follow transformers: ``(batch, kv_heads, tokens, channels)``; queries of a KV head's whole group are
+flattened into the query axis: ``(batch, kv_heads, group * q_len, channels)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import torch
+
+__all__ = [
+    "BITS",
+    "DEFAULT_BLOCK",
+    "DEFAULT_GROUP_SIZE",
+    "DEFAULT_CHUNK_TOKENS",
+    "QuantKeys",
+    "QuantValues",
+    "codes_per_byte",
+    "packed_width",
+    "pack_codes",
+    "unpack_codes",
+    "value_groups",
+    "quantize_keys",
+    "quantize_values",
+    "dequantize_keys",
+    "dequantize_values",
+    "cat_keys",
+    "cat_values",
+    "gather_keys",
+    "gather_values",
+    "narrow_keys",
+    "narrow_values",
+    "quantized_attention_logits",
+    "quantized_attention_output",
+    "attention_transient_bytes",
+]
+
+#: Supported code widths.
+BITS = (2, 4, 8)
+#: Tokens per key block: the ThinK layer's fold block, so every fold quantizes exactly one block.
+DEFAULT_BLOCK = 32
+#: Value channels per scale / zero point (KIVI's default); the last group takes the remainder.
+DEFAULT_GROUP_SIZE = 32
+#: Tokens per attention chunk. On a 2-core AVX2 CPU at 4k-8k tokens larger chunks are faster (every op has a
+#: fixed cost): 4-bit logits at 8k take 1.6x as long with 1024-token chunks as with 4096. 2048 bounds one chunk's
+#: float32 buffer to 256 KiB per (batch, head) for 32 channels, 512 KiB for 64, at about 1.2x the 4096 time.
+DEFAULT_CHUNK_TOKENS = 2048
+
+
+# -------------------------------------------------------------------------------------------- validation
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_bits(bits: object) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"bits must be an int, one of {BITS}, got {type(bits).__name__} {bits!r}")
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    return bits
+
+
+def _check_float(name: str, x: torch.Tensor, dims: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(x.shape)}")
+
+
+# ------------------------------------------------------------------------------------------------ packing
+def codes_per_byte(bits: int) -> int:
+    """How many ``bits``-wide codes one byte holds: 4, 2 or 1."""
+    return 8 // _check_bits(bits)
+
+
+def packed_width(n: int, bits: int) -> int:
+    """Bytes that ``n`` codes of ``bits`` bits take when packed: ``ceil(n * bits / 8)``."""
+    return -(-n // codes_per_byte(bits))
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """`pack_codes` without the argument checks (codes are known to be uint8 and in range)."""
+    per = 8 // bits
+    if per == 1:
+        return codes.contiguous()
+    n = codes.shape[-1]
+    m = -(-n // per)
+    if per * m != n:
+        codes = torch.nn.functional.pad(codes, (0, per * m - n))
+    planes = codes.reshape(*codes.shape[:-1], per, m)
+    out = planes[..., 0, :].clone()
+    for i in range(1, per):
+        out |= planes[..., i, :] << (bits * i)
+    return out
+
+
+def _unpack_planes(packed: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
+    """Write plane ``i`` of ``packed (..., m)`` into ``out[i]`` ``(per, ..., m)``, any dtype ``out`` may hold.
+
+    Every plane is one or two elementwise ops over contiguous rows; writing a float ``out`` converts on the way.
+    """
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    if per == 1:
+        out[0].copy_(packed)
+        return out
+    torch.bitwise_and(packed, mask, out=out[0])
+    for i in range(1, per - 1):
+        torch.bitwise_and(packed >> (bits * i), mask, out=out[i])
+    torch.bitwise_right_shift(packed, bits * (per - 1), out=out[per - 1])
+    return out
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``bits``-wide codes along the last axis, planar (see the module docstring).
+
+    Parameters
+    ----------
+    codes:
+        ``(..., n)`` uint8, every value in ``[0, 2**bits)``.
+    bits:
+        2, 4 or 8.
+
+    Returns
+    -------
+    ``(..., ceil(n * bits / 8))`` uint8: byte ``j`` holds codes ``j + i * m`` in bits ``[i * bits, (i + 1) * bits)``
+    with ``m`` the packed width; codes past ``n`` are zero.
+    """
+    bits = _check_bits(bits)
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
+        got = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
+        raise TypeError(f"codes must be a uint8 tensor, got {got}")
+    if codes.dim() == 0:
+        raise ValueError("codes must have at least one dimension (the axis to pack)")
+    if bits < 8 and codes.numel() and int(codes.max()) >= 1 << bits:
+        raise ValueError(f"codes must be < {1 << bits} for bits={bits}, got a code {int(codes.max())}")
+    return _pack(codes, bits)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The inverse of `pack_codes`: ``(..., ceil(n * bits / 8))`` uint8 -> ``(..., n)`` uint8."""
+    bits = _check_bits(bits)
+    _check_int("n", n, 0)
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        got = packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise TypeError(f"packed must be a uint8 tensor, got {got}")
+    per = 8 // bits
+    m = -(-n // per)
+    if packed.dim() == 0 or packed.shape[-1] != m:
+        raise ValueError(f"{n} codes of {bits} bits pack into {m} bytes, got packed of shape {tuple(packed.shape)}")
+    out = packed.new_empty(per, *packed.shape)
+    _unpack_planes(packed, bits, out)
+    return out.movedim(0, -2).reshape(*packed.shape[:-1], per * m)[..., :n]
+
+
+# -------------------------------------------------------------------------------------- quantized tensors
+def _map_fields(obj, fn: Callable[[torch.Tensor], torch.Tensor], names: tuple[str, ...]):
+    return replace(obj, **{name: fn(getattr(obj, name)) for name in names if getattr(obj, name) is not None})
+
+
+@dataclass(frozen=True, eq=False)
+class QuantKeys:
+    """Keys quantized per channel over blocks of tokens.
+
+    Token ``t`` of head ``(b, h)`` dequantizes to ``code[b, h, t] * scale[b, h, k] + zero[b, h, k]`` with
+    ``k = block_index[b, h, t]``, or ``k = t // block`` when ``block_index`` is None (the *regular* layout: blocks
+    of ``block`` tokens from the first, only the last one possibly shorter).
+
+    Attributes
+    ----------
+    codes:
+        ``(batch, kv_heads, tokens, packed_width(channels, bits))`` uint8, packed along channels.
+    scale, zero:
+        ``(batch, kv_heads, n_blocks, channels)`` in the keys' dtype.
+    block_index:
+        None (regular), or ``(batch, kv_heads, tokens)`` int32 once blocks are irregular: after appending to a
+        partial block, dropping tokens that do not start a block, or gathering tokens per head.
+    bits, block, channels:
+        Code width, nominal tokens per block, and unpacked channels.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    block_index: torch.Tensor | None
+    bits: int
+    block: int
+    channels: int
+
+    @property
+    def tokens(self) -> int:
+        return self.codes.shape[-2]
+
+    @property
+    def n_blocks(self) -> int:
+        return self.scale.shape[-2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scale.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def is_regular(self) -> bool:
+        return self.block_index is None
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor held: codes, scale, zero, and the block index when there is one."""
+        yield from (t for t in (self.codes, self.scale, self.zero, self.block_index) if t is not None)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors held (their sizes, not of any larger storage they might view)."""
+        return sum(t.nbytes for t in self.tensors())
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantKeys:
+        """Apply ``fn`` to every tensor (all have the batch first): reorder rows, ``repeat_interleave``, move."""
+        return _map_fields(self, fn, ("codes", "scale", "zero", "block_index"))
+
+    def index_select(self, index: torch.Tensor) -> QuantKeys:
+        """Keep batch rows ``index`` (beam reordering, ``batch_select_indices``)."""
+        return self.map(lambda t: t.index_select(0, index.to(t.device)))
+
+
+@dataclass(frozen=True, eq=False)
+class QuantValues:
+    """Values quantized per token in groups of ``group_size`` channels.
+
+    Channel ``c`` of token ``t`` dequantizes to ``code[..., t, c] * scale[..., t, c // group_size] + zero[...]``.
+
+    Attributes
+    ----------
+    codes:
+        ``(batch, kv_heads, tokens, packed_width(channels, bits))`` uint8, packed along channels.
+    scale, zero:
+        ``(batch, kv_heads, tokens, ceil(channels / group_size))`` in the values' dtype.
+    bits, group_size, channels:
+        Code width, channels per group (the last group holds the remainder), unpacked channels.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+    channels: int
+
+    @property
+    def tokens(self) -> int:
+        return self.codes.shape[-2]
+
+    @property
+    def n_groups(self) -> int:
+        return self.scale.shape[-1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scale.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor held: codes, scale, zero."""
+        yield from (self.codes, self.scale, self.zero)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors held (their sizes, not of any larger storage they might view)."""
+        return sum(t.nbytes for t in self.tensors())
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantValues:
+        """Apply ``fn`` to every tensor (all have the batch first): reorder rows, ``repeat_interleave``, move."""
+        return _map_fields(self, fn, ("codes", "scale", "zero"))
+
+    def index_select(self, index: torch.Tensor) -> QuantValues:
+        """Keep batch rows ``index`` (beam reordering, ``batch_select_indices``)."""
+        return self.map(lambda t: t.index_select(0, index.to(t.device)))
+
+
+# ------------------------------------------------------------------------------------------- quantization
+def _minmax_quantize(x: torch.Tensor, bits: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Asymmetric min/max over the last axis of float32 ``x (..., g)``: ``(codes uint8, scale, zero)``.
+
+    ``scale``/``zero`` ``(...)`` are rounded to ``dtype`` first and the codes computed from the rounded values, so
+    dequantizing with the stored scale and zero reproduces what was quantized. A constant group gets scale 0.
+    """
+    qmax = (1 << bits) - 1
+    lo = x.amin(dim=-1)
+    hi = x.amax(dim=-1)
+    scale = ((hi - lo) / qmax).to(dtype)
+    zero = lo.to(dtype)
+    s = scale.float()
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    codes = ((x - zero.float()[..., None]) / s[..., None]).round_().clamp_(0, qmax).to(torch.uint8)
+    return codes, scale, zero
+
+
+def quantize_keys(keys: torch.Tensor, bits: int, block: int = DEFAULT_BLOCK) -> QuantKeys:
+    """Quantize keys per channel over blocks of ``block`` tokens, the last block holding the remainder.
+
+    Parameters
+    ----------
+    keys:
+        ``(batch, kv_heads, tokens, channels)`` floating point (the kept key channels of the tokens to fold).
+    bits:
+        2, 4 or 8.
+    block:
+        Tokens per block (the ThinK fold block). A prompt of ``tokens`` gets ``ceil(tokens / block)`` blocks.
+
+    Returns
+    -------
+    A regular `QuantKeys`; ``scale``/``zero`` ``(batch, kv_heads, ceil(tokens / block), channels)`` in
+    ``keys.dtype``. Every element dequantizes within ``scale / 2`` of its value (up to the rounding of scale and
+    zero to ``keys.dtype``).
+    """
+    _check_float("keys", keys, 4)
+    bits = _check_bits(bits)
+    block = _check_int("block", block, 1)
+    batch, heads, tokens, channels = keys.shape
+    n_blocks = -(-tokens // block)
+    x = keys.float()
+    if n_blocks * block != tokens:  # pad the last block with copies of its last token: min and max unchanged
+        x = torch.cat([x, x[:, :, -1:].expand(batch, heads, n_blocks * block - tokens, channels)], dim=2)
+    x = x.view(batch, heads, n_blocks, block, channels).transpose(-1, -2)  # ranges over the block's tokens
+    codes, scale, zero = _minmax_quantize(x, bits, keys.dtype)
+    codes = codes.transpose(-1, -2).reshape(batch, heads, n_blocks * block, channels)[:, :, :tokens]
+    return QuantKeys(_pack(codes, bits), scale, zero, None, bits, block, channels)
+
+
+def value_groups(channels: int, group_size: int) -> int:
+    """Groups of ``group_size`` channels in a value row of ``channels``: ``ceil(channels / group_size)``.
+
+    When value channels are pruned to a width that ``group_size`` does not divide, the last group holds the
+    remainder (e.g. 45 channels, group size 32: groups of 32 and 13). Picking the largest divisor instead would
+    turn a prime width (37) into 37 groups of one channel, a scale and a zero point per code.
+    """
+    _check_int("channels", channels, 1)
+    _check_int("group_size", group_size, 1)
+    return -(-channels // group_size)
+
+
+def quantize_values(values: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> QuantValues:
+    """Quantize values per token, in groups of ``group_size`` channels (see `value_groups`).
+
+    Parameters
+    ----------
+    values:
+        ``(batch, kv_heads, tokens, channels)`` floating point.
+    bits:
+        2, 4 or 8.
+    group_size:
+        Channels per scale and zero point; larger than ``channels`` means one group per token.
+
+    Returns
+    -------
+    `QuantValues` with ``scale``/``zero`` ``(batch, kv_heads, tokens, ceil(channels / group_size))`` in
+    ``values.dtype`` and ``group_size`` clipped to ``channels``.
+    """
+    _check_float("values", values, 4)
+    bits = _check_bits(bits)
+    channels = values.shape[-1]
+    if channels == 0:
+        raise ValueError("values must have at least one channel")
+    n_groups = value_groups(channels, group_size)
+    group_size = min(group_size, channels)
+    x = values.float()
+    if n_groups * group_size != channels:  # pad the last group with copies of its last channel
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], n_groups * group_size - channels)], dim=-1)
+    x = x.view(*x.shape[:-1], n_groups, group_size)
+    codes, scale, zero = _minmax_quantize(x, bits, values.dtype)
+    codes = codes.flatten(-2)[..., :channels]
+    return QuantValues(_pack(codes, bits), scale, zero, bits, group_size, channels)
+
+
+def _key_block_index(qk: QuantKeys) -> torch.Tensor:
+    """``(batch, kv_heads, tokens)`` int64: the block of every token."""
+    if qk.block_index is not None:
+        return qk.block_index.long()
+    batch, heads = qk.codes.shape[:2]
+    return (torch.arange(qk.tokens, device=qk.device) // qk.block).expand(batch, heads, qk.tokens)
+
+
+def dequantize_keys(qk: QuantKeys, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(batch, kv_heads, tokens, channels)``: the keys ``qk`` stands for, in ``dtype`` (default: the scales').
+
+    Materialises the whole tensor: for tests, references and bounded-chunk paths, not for attention.
+    """
+    codes = unpack_codes(qk.codes, qk.bits, qk.channels).float()
+    index = _key_block_index(qk)[..., None].expand_as(codes)
+    scale = qk.scale.float().gather(2, index)
+    zero = qk.zero.float().gather(2, index)
+    return (codes * scale + zero).to(dtype or qk.dtype)
+
+
+def _group_of_channel(channels: int, group_size: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(channels, device=device) // group_size
+
+
+def dequantize_values(qv: QuantValues, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(batch, kv_heads, tokens, channels)``: the values ``qv`` stands for, in ``dtype`` (default: the scales').
+
+    Materialises the whole tensor: for tests, references and bounded-chunk paths, not for attention.
+    """
+    codes = unpack_codes(qv.codes, qv.bits, qv.channels).float()
+    group = _group_of_channel(qv.channels, qv.group_size, qv.device)
+    scale = qv.scale.float()[..., group]
+    zero = qv.zero.float()[..., group]
+    return (codes * scale + zero).to(dtype or qv.dtype)
+
+
+# ------------------------------------------------------------------------------------------ token operations
+def _check_same(a, b, fields: tuple[str, ...]) -> None:
+    for name in fields:
+        if getattr(a, name) != getattr(b, name):
+            raise ValueError(f"cannot concatenate: {name} differs ({getattr(a, name)} vs {getattr(b, name)})")
+    if a.codes.shape[:2] != b.codes.shape[:2]:
+        raise ValueError(
+            f"cannot concatenate: (batch, kv_heads) differ ({tuple(a.codes.shape[:2])} vs {tuple(b.codes.shape[:2])})"
+        )
+
+
+def cat_keys(a: QuantKeys, b: QuantKeys) -> QuantKeys:
+    """``a`` then ``b`` along the tokens (appending a folded block to the compact part).
+
+    The result is regular when both are and every block of ``a`` is full; otherwise it carries a ``block_index``
+    (``b``'s blocks numbered after ``a``'s). Each token keeps the scale it was quantized with.
+    """
+    _check_same(a, b, ("bits", "block", "channels", "dtype"))
+    if a.tokens == 0:
+        return b
+    if b.tokens == 0:
+        return a
+    codes = torch.cat([a.codes, b.codes], dim=2)
+    scale = torch.cat([a.scale, b.scale], dim=2)
+    zero = torch.cat([a.zero, b.zero], dim=2)
+    block_index = None
+    if not (a.is_regular and b.is_regular and a.tokens % a.block == 0):
+        block_index = torch.cat([_key_block_index(a), _key_block_index(b) + a.n_blocks], dim=2).to(torch.int32)
+    return QuantKeys(codes, scale, zero, block_index, a.bits, a.block, a.channels)
+
+
+def cat_values(a: QuantValues, b: QuantValues) -> QuantValues:
+    """``a`` then ``b`` along the tokens."""
+    _check_same(a, b, ("bits", "group_size", "channels", "dtype"))
+    return QuantValues(
+        torch.cat([a.codes, b.codes], dim=2),
+        torch.cat([a.scale, b.scale], dim=2),
+        torch.cat([a.zero, b.zero], dim=2),
+        a.bits,
+        a.group_size,
+        a.channels,
+    )
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x (B, H, T, D)``, ``index (B, H, K)`` -> ``(B, H, K, D)``."""
+    return torch.gather(x, 2, index[..., None].expand(*index.shape, x.shape[-1]))
+
+
+def _check_index(index: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    if not isinstance(index, torch.Tensor) or index.dtype.is_floating_point or index.dtype == torch.bool:
+        raise TypeError(f"index must be an integer tensor, got {getattr(index, 'dtype', type(index).__name__)}")
+    if index.dim() != 3 or tuple(index.shape[:2]) != (batch, heads):
+        raise ValueError(f"index must be (batch={batch}, kv_heads={heads}, kept), got shape {tuple(index.shape)}")
+    return index.long()
+
+
+def gather_keys(qk: QuantKeys, index: torch.Tensor, compact_blocks: bool = True) -> QuantKeys:
+    """Keep tokens ``index`` ``(batch, kv_heads, kept)`` per head (token eviction).
+
+    Tokens are not re-quantized: each keeps its codes and points, through the ``block_index`` the result carries,
+    at the scale and zero point of the block it was quantized in. With ``compact_blocks`` the blocks no head still
+    uses are dropped and the rest renumbered per head (padded to the head that keeps the most blocks), so the
+    scales shrink with the tokens; that reads one integer back from the device (a sync on GPU).
+    """
+    batch, heads = qk.codes.shape[:2]
+    index = _check_index(index, batch, heads)
+    codes = _gather_rows(qk.codes, index)
+    block_index = _key_block_index(qk).gather(2, index)
+    scale, zero = qk.scale, qk.zero
+    if compact_blocks and qk.n_blocks:
+        used = torch.zeros(batch, heads, qk.n_blocks, dtype=torch.bool, device=qk.device)
+        used.scatter_(2, block_index, True)
+        new_id = used.long().cumsum(-1) - 1
+        kept = int(used.sum(-1).max()) if index.shape[-1] else 0
+        if kept < qk.n_blocks:
+            dest = torch.where(used, new_id, kept)[..., None].expand_as(scale)  # unused blocks go to a dropped slot
+            scale = scale.new_zeros(batch, heads, kept + 1, qk.channels).scatter_(2, dest, scale)[:, :, :kept]
+            zero = zero.new_zeros(batch, heads, kept + 1, qk.channels).scatter_(2, dest, zero)[:, :, :kept]
+            scale, zero = scale.clone(), zero.clone()  # do not keep the extra slot's storage alive
+            block_index = new_id.gather(2, block_index)
+    return QuantKeys(codes, scale, zero, block_index.to(torch.int32), qk.bits, qk.block, qk.channels)
+
+
+def gather_values(qv: QuantValues, index: torch.Tensor) -> QuantValues:
+    """Keep tokens ``index`` ``(batch, kv_heads, kept)`` per head, with their scales and zero points."""
+    index = _check_index(index, *qv.codes.shape[:2])
+    return QuantValues(
+        _gather_rows(qv.codes, index),
+        _gather_rows(qv.scale, index),
+        _gather_rows(qv.zero, index),
+        qv.bits,
+        qv.group_size,
+        qv.channels,
+    )
+
+
+def _check_range(start: int, length: int, tokens: int) -> None:
+    _check_int("start", start, 0)
+    _check_int("length", length, 0)
+    if start + length > tokens:
+        raise ValueError(f"tokens [{start}, {start + length}) are out of range for {tokens} stored tokens")
+
+
+def narrow_keys(qk: QuantKeys, start: int, length: int) -> QuantKeys:
+    """Tokens ``[start, start + length)`` of every head, as new tensors (dropping the oldest, cropping).
+
+    Stays regular when ``qk`` is and ``start`` begins a block; otherwise goes through `gather_keys`.
+    """
+    _check_range(start, length, qk.tokens)
+    if qk.is_regular and start % qk.block == 0:
+        first, stop = start // qk.block, -(-(start + length) // qk.block)
+        return QuantKeys(
+            qk.codes[:, :, start : start + length].clone(),
+            qk.scale[:, :, first:stop].clone(),
+            qk.zero[:, :, first:stop].clone(),
+            None,
+            qk.bits,
+            qk.block,
+            qk.channels,
+        )
+    batch, heads = qk.codes.shape[:2]
+    index = torch.arange(start, start + length, device=qk.device).expand(batch, heads, length)
+    return gather_keys(qk, index)
+
+
+def narrow_values(qv: QuantValues, start: int, length: int) -> QuantValues:
+    """Tokens ``[start, start + length)`` of every head, as new tensors."""
+    _check_range(start, length, qv.tokens)
+    return qv.map(lambda t: t[:, :, start : start + length].clone())
+
+
+# ------------------------------------------------------------------------------------------------ attention
+def _chunk_tokens(chunk_tokens: int, block: int, tokens: int) -> int:
+    """Tokens per attention chunk: ``chunk_tokens`` rounded up to whole blocks, at most the blocks stored."""
+    _check_int("chunk_tokens", chunk_tokens, 1)
+    chunk = -(-chunk_tokens // block) * block
+    return max(block, min(chunk, -(-tokens // block) * block))
+
+
+def attention_transient_bytes(
+    batch: int,
+    kv_heads: int,
+    channels: int,
+    bits: int,
+    tokens: int,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    block: int = DEFAULT_BLOCK,
+) -> int:
+    """Bytes of the largest transient of `quantized_attention_logits` / `quantized_attention_output`.
+
+    That is one chunk's unpacked codes in float32: ``batch * kv_heads * chunk * per * ceil(channels / per) * 4``
+    with ``chunk = min(chunk_tokens, tokens)`` rounded up to whole blocks (``block = 1`` for values) and
+    ``per = 8 // bits``: bounded by ``chunk_tokens``, not by the context. The key path over irregular blocks
+    (a ``block_index``) holds a second buffer of that size (the gathered scales). What else grows with the context
+    is the size of the ``(batch, kv_heads, q_rows, tokens)`` result: the per-block bias, and for values the
+    weights scaled per channel group (``groups`` times the weights).
+    """
+    per = codes_per_byte(bits)
+    chunk = _chunk_tokens(chunk_tokens, block, max(tokens, 1))
+    return batch * kv_heads * chunk * per * -(-channels // per) * 4
+
+
+def quantized_attention_logits(
+    query: torch.Tensor, qk: QuantKeys, scaling: float, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> torch.Tensor:
+    """Scaled attention logits ``scaling * query @ dequant(keys)^T`` without dequantizing the whole context.
+
+    Per chunk of ``chunk_tokens`` tokens, each plane of packed codes is unpacked straight into a float32 buffer,
+    multiplied in place by its block's scales, and multiplied by that plane's query channels; the zero points
+    add ``scaling * query . zero`` per block to the logits. Everything is computed in float32.
+
+    Parameters
+    ----------
+    query:
+        ``(batch, kv_heads, q_rows, channels)``: the queries gathered at the kept key channels, a KV head's whole
+        group flattened into ``q_rows``; any float dtype.
+    qk:
+        The quantized keys, ``channels`` kept channels.
+    scaling:
+        The attention scale (``1 / sqrt(head_dim)`` of the full head).
+    chunk_tokens:
+        Tokens unpacked at a time (rounded up to whole blocks).
+
+    Returns
+    -------
+    ``(batch, kv_heads, q_rows, tokens)`` float32. Largest transient: ``batch * kv_heads * chunk * channels``
+    float32 (twice that over irregular blocks); see `attention_transient_bytes`.
+    """
+    _check_float("query", query, 4)
+    batch, heads, rows, channels = query.shape
+    if (batch, heads, channels) != (qk.codes.shape[0], qk.codes.shape[1], qk.channels):
+        raise ValueError(
+            f"query (batch, kv_heads, channels) = {(batch, heads, channels)} does not match the keys' "
+            f"{(qk.codes.shape[0], qk.codes.shape[1], qk.channels)}"
+        )
+    tokens = qk.tokens
+    out = torch.empty(batch, heads, rows, tokens, dtype=torch.float32, device=query.device)
+    if tokens == 0:
+        return out
+    per, width = 8 // qk.bits, qk.codes.shape[-1]
+    padded = per * width
+    q = query.float() * scaling
+    bias = torch.matmul(q, qk.zero.float().transpose(-1, -2))  # (B, H, rows, n_blocks)
+    scale = qk.scale.float()
+    if padded != channels:  # codes past the channels are zero; pad query and scales to match
+        q = torch.nn.functional.pad(q, (0, padded - channels))
+        scale = torch.nn.functional.pad(scale, (0, padded - channels))
+    q_planes = q.view(batch, heads, rows, per, width).permute(3, 0, 1, 2, 4).contiguous()
+    s_planes = scale.view(batch, heads, qk.n_blocks, per, width).permute(3, 0, 1, 2, 4)  # (per, B, H, nb, width)
+    block = qk.block
+    chunk = _chunk_tokens(chunk_tokens, block, tokens)
+    # uninitialised: a last partial block scales a few rows past the tokens, which no matmul reads
+    buffer = torch.empty(per, batch, heads, chunk, width, dtype=torch.float32, device=query.device)
+    for start in range(0, tokens, chunk):
+        n = min(chunk, tokens - start)
+        k = _unpack_planes(qk.codes[:, :, start : start + n], qk.bits, buffer[:, :, :, :n])
+        logits = out[..., start : start + n]
+        if qk.block_index is None:  # regular blocks: the scales broadcast over each block's tokens
+            first, blocks = start // block, -(-n // block)
+            tiles = buffer[:, :, :, : blocks * block].view(per, batch, heads, blocks, block, width)
+            tiles.mul_(s_planes[:, :, :, first : first + blocks, None])
+            torch.sum(torch.matmul(q_planes, k.transpose(-1, -2)), dim=0, out=logits)
+        else:  # each token's block through the index
+            index = qk.block_index[:, :, start : start + n].long()
+            k.mul_(s_planes.gather(3, index[None, :, :, :, None].expand(per, batch, heads, n, width)))
+            torch.sum(torch.matmul(q_planes, k.transpose(-1, -2)), dim=0, out=logits)
+            logits.add_(bias.gather(-1, index[:, :, None].expand(batch, heads, rows, n)))
+    if qk.block_index is None:  # the zero points' bias, block by block
+        full = tokens // block * block
+        if full:
+            out[..., :full].view(batch, heads, rows, full // block, block).add_(bias[..., : full // block, None])
+        if full < tokens:
+            out[..., full:].add_(bias[..., -1:])
+    return out
+
+
+def quantized_attention_output(
+    weights: torch.Tensor, qv: QuantValues, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> torch.Tensor:
+    """``weights @ dequant(values)`` without dequantizing the whole context.
+
+    The value scales are folded into the weights: with ``G`` channel groups the weights become ``G`` rows per
+    query, ``weights * scale[..., g]`` (a matmul costs the same for 3 or 6 rows on CPU), multiplied by each
+    chunk's unpacked codes, one matmul per plane; each channel then reads the rows of its group. The zero points
+    add ``weights @ zero``. Everything is computed in float32.
+
+    Parameters
+    ----------
+    weights:
+        ``(batch, kv_heads, q_rows, tokens)``: attention probabilities over the quantized tokens; any float dtype.
+    qv:
+        The quantized values.
+    chunk_tokens:
+        Tokens unpacked at a time.
+
+    Returns
+    -------
+    ``(batch, kv_heads, q_rows, channels)`` float32. Largest transient: one chunk's codes in float32,
+    ``batch * kv_heads * chunk * channels`` (see `attention_transient_bytes` with ``block=1``); the scaled
+    weights are ``groups`` times the size of ``weights``.
+    """
+    _check_float("weights", weights, 4)
+    batch, heads, rows, tokens = weights.shape
+    if (batch, heads, tokens) != tuple(qv.codes.shape[:3]):
+        raise ValueError(
+            f"weights (batch, kv_heads, tokens) = {(batch, heads, tokens)} does not match the values' "
+            f"{tuple(qv.codes.shape[:3])}"
+        )
+    channels, groups = qv.channels, qv.n_groups
+    w = weights.float()
+    group = _group_of_channel(channels, qv.group_size, w.device)
+    out = torch.matmul(w, qv.zero.float())[..., group]  # (B, H, rows, channels): the zero points' share
+    if tokens == 0:
+        return out
+    per, width = 8 // qv.bits, qv.codes.shape[-1]
+    # (B, H, G, rows, tokens): the weights times each group's scales, G rows per query
+    scaled = torch.empty(batch, heads, groups, rows, tokens, dtype=torch.float32, device=w.device)
+    torch.mul(w[:, :, None], qv.scale.float().transpose(-1, -2)[:, :, :, None], out=scaled)
+    scaled = scaled.view(batch * heads, groups * rows, tokens)
+    chunk = _chunk_tokens(chunk_tokens, 1, tokens)
+    buffer = torch.empty(per, batch, heads, chunk, width, dtype=torch.float32, device=w.device)
+    acc = torch.zeros(per, batch * heads, groups * rows, width, dtype=torch.float32, device=w.device)
+    for start in range(0, tokens, chunk):
+        n = min(chunk, tokens - start)
+        v = _unpack_planes(qv.codes[:, :, start : start + n], qv.bits, buffer[:, :, :, :n])
+        v = v.view(per, batch * heads, n, width)
+        for i in range(per):
+            acc[i].baddbmm_(scaled[..., start : start + n], v[i])
+    acc = acc.view(per, batch, heads, groups, rows, width)
+    if groups > 1:  # channel i * width + j reads the rows of its group
+        plane_group = torch.arange(per * width, device=w.device).clamp_(max=channels - 1) // qv.group_size
+        acc = acc.gather(3, plane_group.view(per, 1, 1, 1, 1, width).expand(per, batch, heads, 1, rows, width))
+    values = acc[:, :, :, 0].permute(1, 2, 3, 0, 4).reshape(batch, heads, rows, per * width)
+    return out.add_(values[..., :channels])
