@@ -327,15 +327,25 @@ class QuantValues:
 
 
 # ------------------------------------------------------------------------------------------- quantization
-def _minmax_quantize(x: torch.Tensor, bits: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def _minmax_quantize(
+    x: torch.Tensor, bits: int, dtype: torch.dtype, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
     """Asymmetric min/max over the last axis of float32 ``x (..., g)``: ``(codes uint8, scale, zero)``.
 
     ``scale``/``zero`` ``(...)`` are rounded to ``dtype`` first and the codes computed from the rounded values, so
     dequantizing with the stored scale and zero reproduces what was quantized. A constant group gets scale 0.
+    With ``valid`` (bool, broadcast to ``x``) only valid elements set the range; the others are clamped into it,
+    and a group with no valid element gets scale 0 and zero point 0.
     """
     qmax = (1 << bits) - 1
-    lo = x.amin(dim=-1)
-    hi = x.amax(dim=-1)
+    if valid is None:
+        lo = x.amin(dim=-1)
+        hi = x.amax(dim=-1)
+    else:
+        lo = x.masked_fill(~valid, float("inf")).amin(dim=-1)
+        hi = x.masked_fill(~valid, float("-inf")).amax(dim=-1)
+        empty = lo.isinf()
+        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
     scale = ((hi - lo) / qmax).to(dtype)
     zero = lo.to(dtype)
     s = scale.float()
@@ -344,7 +354,9 @@ def _minmax_quantize(x: torch.Tensor, bits: int, dtype: torch.dtype) -> tuple[to
     return codes, scale, zero
 
 
-def quantize_keys(keys: torch.Tensor, bits: int, block: int = DEFAULT_BLOCK) -> QuantKeys:
+def quantize_keys(
+    keys: torch.Tensor, bits: int, block: int = DEFAULT_BLOCK, real: torch.Tensor | None = None
+) -> QuantKeys:
     """Quantize keys per channel over blocks of ``block`` tokens, the last block holding the remainder.
 
     Parameters
@@ -355,6 +367,10 @@ def quantize_keys(keys: torch.Tensor, bits: int, block: int = DEFAULT_BLOCK) -> 
         2, 4 or 8.
     block:
         Tokens per block (the ThinK fold block). A prompt of ``tokens`` gets ``ceil(tokens / block)`` blocks.
+    real:
+        Optional ``(batch, kv_heads or 1, tokens)`` bool: the tokens that set each block's range (padding does
+        not: its keys are arbitrary and would only widen the range of the real tokens beside it). The others are
+        clamped into that range; a block with no real token gets scale and zero point 0.
 
     Returns
     -------
@@ -368,10 +384,21 @@ def quantize_keys(keys: torch.Tensor, bits: int, block: int = DEFAULT_BLOCK) -> 
     batch, heads, tokens, channels = keys.shape
     n_blocks = -(-tokens // block)
     x = keys.float()
+    valid = None
+    if real is not None:
+        if real.dtype != torch.bool or real.dim() != 3 or real.shape[-1] != tokens:
+            raise ValueError(
+                f"real must be a (batch, kv_heads, {tokens}) bool tensor, got {real.dtype} {tuple(real.shape)}"
+            )
+        valid = real.expand(batch, heads, tokens)
     if n_blocks * block != tokens:  # pad the last block with copies of its last token: min and max unchanged
         x = torch.cat([x, x[:, :, -1:].expand(batch, heads, n_blocks * block - tokens, channels)], dim=2)
+        if valid is not None:
+            valid = torch.cat([valid, valid[:, :, -1:].expand(batch, heads, n_blocks * block - tokens)], dim=2)
     x = x.view(batch, heads, n_blocks, block, channels).transpose(-1, -2)  # ranges over the block's tokens
-    codes, scale, zero = _minmax_quantize(x, bits, keys.dtype)
+    if valid is not None:
+        valid = valid.reshape(batch, heads, n_blocks, 1, block)
+    codes, scale, zero = _minmax_quantize(x, bits, keys.dtype, valid)
     codes = codes.transpose(-1, -2).reshape(batch, heads, n_blocks * block, channels)[:, :, :tokens]
     return QuantKeys(_pack(codes, bits), scale, zero, None, bits, block, channels)
 
