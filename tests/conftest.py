@@ -111,12 +111,24 @@ def arch(request) -> str:
     return request.param
 
 
+def named_tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor ``obj`` holds, by attribute path (``store.keys.scale``), found by walking its attributes and
+    those of the think_cache objects it holds (a layer's store, quantized keys), not by asking it."""
+    found = {}
+    for name, value in vars(obj).items():
+        if isinstance(value, torch.Tensor):
+            found[prefix + name] = value
+        elif type(value).__module__.startswith("think_cache.") and hasattr(value, "__dict__"):
+            found.update(named_tensors(value, f"{prefix}{name}."))
+    return found
+
+
 def held_bytes(cache) -> int:
     """Bytes of every tensor storage a cache's layers hold, found by walking their attributes (not `stats`)."""
     storages = {}
     for layer in cache.layers:
-        for value in vars(layer).values():
-            if isinstance(value, torch.Tensor) and value.numel():
+        for value in named_tensors(layer).values():
+            if value.numel():
                 s = value.untyped_storage()
                 storages[s.data_ptr()] = s.nbytes()
     return sum(storages.values())

@@ -7,6 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from think_cache.compact import compact_attention, gather_channels, key_padding, scatter_channels
+from think_cache.storage import FullStore
+
+
+def _store(keys, key_channels, values, value_channels=None):
+    """A full-precision compact part holding full-width ``keys``/``values`` at the given channels."""
+    store = FullStore()
+    store.start(key_channels, value_channels)
+    store.append(keys, values)
+    return store
 
 
 def _dense_reference(query, keys_full, values_full, key_keep, value_keep, n_compact, mask, scaling):
@@ -51,15 +60,13 @@ def test_matches_zeroed_dense(q_len, prune_values, kv_heads, group):
     mask[1, :, :, :4] = False
     mask &= torch.ones(q_len, n_compact + n_recent, dtype=torch.bool).tril(n_compact + n_recent - q_len)
 
-    compact_values = values_full[:, :, :n_compact]
+    store = _store(keys_full[:, :, :n_compact], key_channels.to(torch.int16), values_full[:, :, :n_compact])
     if prune_values:
-        compact_values = gather_channels(compact_values, value_channels)
+        store = _store(keys_full[:, :, :n_compact], key_channels, values_full[:, :, :n_compact], value_channels)
+        assert store.values.shape[-1] == 9
     out = compact_attention(
         query,
-        gather_channels(keys_full[:, :, :n_compact], key_channels),
-        key_channels.to(torch.int16),
-        compact_values,
-        value_channels,
+        store,
         keys_full[:, :, n_compact:],
         values_full[:, :, n_compact:],
         mask,
@@ -86,8 +93,9 @@ def test_no_mask_means_causal():
     v = torch.randn(1, 2, 10, 8)
     ch = torch.arange(8).expand(1, 2, 8)
     causal = torch.ones(4, 10, dtype=torch.bool).tril(6)[None, None]
-    a = compact_attention(q, k[:, :, :3], ch, v[:, :, :3], None, k[:, :, 3:], v[:, :, 3:], None, 0.3)
-    b = compact_attention(q, k[:, :, :3], ch, v[:, :, :3], None, k[:, :, 3:], v[:, :, 3:], causal, 0.3)
+    store = _store(k[:, :, :3], ch, v[:, :, :3])
+    a = compact_attention(q, store, k[:, :, 3:], v[:, :, 3:], None, 0.3)
+    b = compact_attention(q, store, k[:, :, 3:], v[:, :, 3:], causal, 0.3)
     torch.testing.assert_close(a, b)
 
 
@@ -97,7 +105,7 @@ def test_fully_masked_row_is_finite():
     mask = torch.zeros(1, 1, 2, 6, dtype=torch.bool)
     mask[:, :, 1] = True
     ch = torch.arange(4).expand(1, 2, 4)
-    out = compact_attention(q, k[:, :, :3, :4], ch, k[:, :, :3], None, k[:, :, 3:], k[:, :, 3:], mask, 0.3)
+    out = compact_attention(q, _store(k[:, :, :3], ch, k[:, :, :3]), k[:, :, 3:], k[:, :, 3:], mask, 0.3)
     assert torch.isfinite(out).all()
 
 
@@ -108,10 +116,7 @@ def test_mask_width_mismatch_is_a_clear_error():
     with pytest.raises(RuntimeError, match="mask covers 5 keys but the cache holds 6"):
         compact_attention(
             q,
-            k[:, :, :3],
-            ch,
-            k[:, :, :3],
-            None,
+            _store(k[:, :, :3], ch, k[:, :, :3]),
             k[:, :, 3:],
             k[:, :, 3:],
             torch.ones(1, 1, 1, 5, dtype=torch.bool),

@@ -47,7 +47,7 @@ def test_memory_stays_bounded_relative_while_decoding():
     assert steps[0] == [16, 16] and 17 in [row[0] for row in steps[1:]]
     n_full = cache.layers[0].keys.shape[-2]
     n_compact = 200 + 79 - n_full
-    assert cache.layers[0].compact_keys.shape[-2] == n_compact
+    assert cache.layers[0].compact_tokens == n_compact
     # keys at a quarter width except the full-width ones, plus full values
     expected = ((n_compact * 4 + n_full * 16) + 279 * 16) / (2 * 279 * 16)
     assert abs(cache.stats().ratio - expected) < 0.005

@@ -130,7 +130,7 @@ def test_policy_alone_equals_masked_reference(arch, name):
     _assert_same(think, ref)
     layer = cache.layers[0]
     assert layer.is_compacted and layer.compact_positions is not None
-    assert layer.compact_keys.shape[-1] == layer.head_dim  # key_ratio 0 keeps every channel
+    assert layer.store.keys.shape[-1] == layer.head_dim  # key_ratio 0 keeps every channel
 
 
 @pytest.mark.parametrize("name", ["snapkv", "h2o", "streaming"])
@@ -145,9 +145,9 @@ def test_policy_with_channel_pruning_equals_reference(arch, name, ratios):
     _assert_same(think, ref)
     layer = cache.layers[-1]
     if key_ratio:
-        assert layer.compact_keys.shape[-1] < layer.head_dim
+        assert layer.store.keys.shape[-1] < layer.head_dim
     if value_ratio:
-        assert layer.compact_values.shape[-1] < layer.head_dim
+        assert layer.store.values.shape[-1] < layer.head_dim
 
 
 def test_recent_full_width_tokens_under_a_policy(arch):

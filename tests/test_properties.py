@@ -125,10 +125,7 @@ def test_layer_equals_dense_reference(s):
 
         out = compact_attention(
             q,
-            layer.compact_keys,
-            layer.key_channels,
-            layer.compact_values,
-            layer.value_channels,
+            layer.store,
             recent_k,
             recent_v,
             layer.attention_mask(mask, 1),

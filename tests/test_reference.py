@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import generate, make_batch, make_model, zeroed_reference
+from conftest import generate, make_batch, make_model, named_tensors, zeroed_reference
 
 from think_cache import ThinKCache
 
@@ -30,8 +30,8 @@ def test_single_prompt_with_folding(arch, key_ratio):
     think, _ = _compare(model, ids, mask, 40, key_ratio=key_ratio, window=8, recent=8)
     layer = think.layers[0]
     assert 8 <= layer.keys.shape[-2] < 8 + layer.fold_block
-    assert layer.compact_keys.shape[-2] > 36 - 8  # a block was folded while decoding
-    assert layer.compact_keys.shape[-1] == layer.key_channels.shape[-1] < layer.head_dim
+    assert layer.compact_tokens > 36 - 8  # a block was folded while decoding
+    assert layer.store.keys.shape[-1] == layer.key_channels.shape[-1] < layer.head_dim
 
 
 def test_defaults_thin_every_prompt_token(arch):
@@ -44,7 +44,7 @@ def test_defaults_thin_every_prompt_token(arch):
     # 35 generated tokens reached the cache (the last one is not fed back): one block of 32 folded
     assert layer.keys.shape[-2] == 35 - layer.fold_block
     if not layer.is_sliding:  # a sliding layer (mistral's window of 48) trims the oldest compact tokens
-        assert layer.compact_keys.shape[-2] == 40 + layer.fold_block
+        assert layer.compact_tokens == 40 + layer.fold_block
 
 
 @pytest.mark.parametrize("key_ratio", [0.25, 0.5, 0.75])
@@ -99,30 +99,40 @@ def test_beam_search_with_pruning(arch):
         return_dict_in_generate=True,
     )
     out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=think, **kwargs)
-    assert think.layers[0].compact_keys.shape[0] == 6  # 2 prompts x 3 beams
+    assert think.layers[0].store.keys.shape[0] == 6  # 2 prompts x 3 beams
     ref = model.generate(input_ids=ids, attention_mask=mask, past_key_values=zeroed_reference(think, model), **kwargs)
     assert torch.equal(out.sequences, ref.sequences)
     torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, atol=ATOL, rtol=0)
 
 
-def test_reorder_and_select_move_every_row_tensor():
+@pytest.mark.parametrize("bits", [None, 4])
+def test_reorder_and_select_move_every_row_tensor(bits):
     from think_cache import H2O
 
     model = make_model("llama")
     ids, mask = make_batch([40, 30, 20], seed=10)
-    cache = ThinKCache(key_ratio=0.5, value_ratio=0.5, policy=H2O(budget=24, recent=4), window=6)
+    cache = ThinKCache(key_ratio=0.5, value_ratio=0.5, policy=H2O(budget=24, recent=4), window=6, bits=bits)
     generate(model, ids, mask, cache, 3)
     layer = cache.layers[0]
-    before = {name: t.clone() for name, t in vars(layer).items() if isinstance(t, torch.Tensor)}
+    before = {name: t.clone() for name, t in named_tensors(layer).items()}
     # every per-row tensor this cache (compacted, values pruned, H2O scores) holds must follow the beams
-    held = "compact_keys compact_values key_channels value_channels compact_positions token_scores".split()
+    held = "store.key_channels store.value_channels compact_positions token_scores".split()
+    if bits is None:
+        held += ["store.keys", "store.values"]
+    else:  # codes, scales, zero points, and the block index eviction made
+        held += [f"store.{part}.{name}" for part in ("keys", "values") for name in ("codes", "scale", "zero")]
+        held += ["store.keys.block_index"]
     assert set(held) <= set(before)
+
+    def now():
+        return named_tensors(layer)
+
     order = torch.tensor([2, 0, 1])
     cache.reorder_cache(order)
     for name, t in before.items():
-        assert torch.equal(getattr(layer, name), t[order]), name
+        assert torch.equal(now()[name], t[order]), name
     cache.batch_select_indices(torch.tensor([1]))
     for name, t in before.items():
-        assert torch.equal(getattr(layer, name), t[order][1:2]), name
+        assert torch.equal(now()[name], t[order][1:2]), name
     cache.batch_repeat_interleave(2)
-    assert all(getattr(layer, name).shape[0] == 2 for name in before)
+    assert all(now()[name].shape[0] == 2 for name in before)

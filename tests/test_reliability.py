@@ -40,7 +40,7 @@ def test_low_precision_channels_are_deterministic_and_scored_in_float32(dtype):
             torch.stack([torch.cat([layer.key_channels, layer.value_channels], -1) for layer in cache.layers])
         )
         assert all(torch.isfinite(logits.float()).all() for logits in out.logits)
-        assert cache.layers[0].compact_keys.dtype == dtype
+        assert cache.layers[0].store.keys.dtype == dtype
     assert torch.equal(chosen[0], chosen[1]) and torch.equal(chosen[1], chosen[2])
 
 

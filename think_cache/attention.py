@@ -132,10 +132,7 @@ def _attend_compacted(layer, query: torch.Tensor, mask: torch.Tensor | None, sca
     wants_weights = layer.token_scores is not None  # a policy that accumulates attention (H2O)
     out = compact_attention(
         query,
-        layer.compact_keys,
-        layer.key_channels,
-        layer.compact_values,
-        layer.value_channels,
+        layer.store,
         layer.keys,
         layer.values,
         layer.attention_mask(mask, q_len),

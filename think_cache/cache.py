@@ -19,7 +19,13 @@ __all__ = ["ThinKCache", "CacheStats", "held_bytes"]
 def held_bytes(cache: Cache) -> int:
     """Bytes of the tensor storages any transformers cache holds (a `ThinKCache` or a stock one), measured."""
     return storage_bytes(
-        value for layer in cache.layers for value in vars(layer).values() if isinstance(value, torch.Tensor)
+        t
+        for layer in cache.layers
+        for t in (
+            layer.tensors()
+            if isinstance(layer, ThinKLayer)
+            else (value for value in vars(layer).values() if isinstance(value, torch.Tensor))
+        )
     )
 
 

@@ -9,13 +9,19 @@ scale is unchanged, so the logits equal those of a full cache whose pruned chann
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .storage import CompactStore
 
 __all__ = [
     "as_bool_mask",
     "key_padding",
     "causal_mask",
     "gather_channels",
+    "gather_tokens",
     "scatter_channels",
     "compact_attention",
 ]
@@ -58,6 +64,11 @@ def gather_channels(x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, -1, index)
 
 
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Keep tokens per (batch, head): ``x (B, H, T, D)``, ``index (B, H, K)`` -> ``(B, H, K, D)``."""
+    return torch.gather(x, 2, index.long()[..., None].expand(*index.shape, x.shape[-1]))
+
+
 def scatter_channels(x: torch.Tensor, channels: torch.Tensor, head_dim: int) -> torch.Tensor:
     """The inverse of `gather_channels`: put ``x``'s channels back at ``channels`` in a zero ``head_dim`` tensor."""
     out = x.new_zeros(*x.shape[:-1], head_dim)
@@ -67,10 +78,7 @@ def scatter_channels(x: torch.Tensor, channels: torch.Tensor, head_dim: int) -> 
 
 def compact_attention(
     query: torch.Tensor,
-    compact_keys: torch.Tensor,
-    key_channels: torch.Tensor,
-    compact_values: torch.Tensor,
-    value_channels: torch.Tensor | None,
+    store: CompactStore,
     keys: torch.Tensor,
     values: torch.Tensor,
     mask: torch.Tensor | None,
@@ -84,14 +92,11 @@ def compact_attention(
     ----------
     query:
         ``(batch, q_heads, q_len, head_dim)``; query head ``j`` reads KV head ``j // group``.
-    compact_keys:
-        ``(batch, kv_heads, n_compact, kept_k)``: older tokens, kept key channels only.
-    key_channels:
-        ``(batch, kv_heads, kept_k)``: which channels ``compact_keys`` holds.
-    compact_values:
-        ``(batch, kv_heads, n_compact, kept_v)``; full width when ``value_channels`` is None.
-    value_channels:
-        ``(batch, kv_heads, kept_v)`` or None.
+    store:
+        The compact part (a `think_cache.storage.CompactStore`): older tokens at the kept key channels
+        ``store.key_channels`` ``(batch, kv_heads, kept_k)`` and the kept value channels ``store.value_channels``
+        (None: all), in full precision or quantized. Attention over it goes through ``store.logits`` and
+        ``store.output``, so a quantized store is never dequantized whole.
     keys, values:
         ``(batch, kv_heads, n_recent, head_dim)``: the newest tokens at full width.
     mask:
@@ -104,9 +109,9 @@ def compact_attention(
         Also return each stored token's attention weight summed over the queries of its KV head's group,
         ``(batch, kv_heads, n_compact + n_recent)`` float32 (what H2O accumulates).
     thinned_rows:
-        Per query row (``q_len`` ints), how many of the oldest recent tokens that row sees thinned (through the
-        kept channels only, as if they were in the compact part): the view each row would have had if the
-        queries had come one at a time and the recent part had folded in between. None: all at full width.
+        Per query row (``q_len`` ints), how many of the oldest recent tokens that row sees thinned (as the store
+        would hold them: kept channels only, quantized if the store quantizes): the view each row would have had
+        if the queries had come one at a time and the recent part had folded in between. None: all at full width.
 
     Returns
     -------
@@ -115,24 +120,25 @@ def compact_attention(
     """
     batch, q_heads, q_len, head_dim = query.shape
     v_dim = values.shape[-1]
-    kv_heads, n_compact = compact_keys.shape[1], compact_keys.shape[2]
+    kv_heads, n_compact = keys.shape[1], store.tokens
     n_total = n_compact + keys.shape[2]
     group = q_heads // kv_heads
     # (B, Hkv, G * L, D): a view of each KV head's whole query group, no repeat_kv
     q = query.reshape(batch, kv_heads, group * q_len, head_dim)
 
-    q_kept = gather_channels(q, key_channels)
-    recent_logits = torch.matmul(q, keys.transpose(-1, -2))
+    q_kept = gather_channels(q, store.key_channels)
+    recent_logits = torch.matmul(q, keys.transpose(-1, -2)).float().mul_(scaling)
     thin = None
     if thinned_rows is not None:
         # rows are laid out (group, q_len): row g * q_len + l is query l of group member g
         n_thin = max(thinned_rows)
         counts = torch.tensor(thinned_rows, device=query.device).repeat(group)
         thin = torch.arange(n_thin, device=query.device)[None, :] < counts[:, None]  # (G * L, n_thin)
-        thin_logits = torch.matmul(q_kept, gather_channels(keys[:, :, :n_thin], key_channels).transpose(-1, -2))
+        thinned = store.preview(keys[:, :, :n_thin], values[:, :, :n_thin])
+        thin_logits = thinned.logits(q_kept, scaling)
         recent_logits[..., :n_thin] = torch.where(thin, thin_logits, recent_logits[..., :n_thin])
-    logits = torch.cat([torch.matmul(q_kept, compact_keys.transpose(-1, -2)), recent_logits], dim=-1).float()
-    logits = logits.mul_(scaling).view(batch, kv_heads, group, q_len, n_total)
+    logits = torch.cat([store.logits(q_kept, scaling), recent_logits], dim=-1)
+    logits = logits.view(batch, kv_heads, group, q_len, n_total)
 
     mask = as_bool_mask(mask)
     if mask is None and q_len > 1:
@@ -146,20 +152,17 @@ def compact_attention(
         # a finite minimum, not -inf: a fully masked (padded) row then gives a uniform softmax instead of NaN
         logits = logits.masked_fill(~mask[:, :, None], torch.finfo(logits.dtype).min)
 
-    probs = torch.softmax(logits, dim=-1)
-    weights = probs.to(values.dtype).view(batch, kv_heads, group * q_len, n_total)
-    compact_out = torch.matmul(weights[..., :n_compact], compact_values)
-    if value_channels is not None:
-        compact_out = scatter_channels(compact_out, value_channels, v_dim)
-    recent_weights = weights[..., n_compact:]
-    if thin is not None and value_channels is not None:  # thinned recent tokens lose their pruned value channels
+    probs = torch.softmax(logits, dim=-1).view(batch, kv_heads, group * q_len, n_total)
+    compact_out = store.output(probs[..., :n_compact])
+    recent_weights = probs[..., n_compact:]
+    if thin is not None:  # thinned recent tokens are read as the store holds them
         n_thin = thin.shape[-1]
-        thin_weights = recent_weights[..., :n_thin] * thin
-        thin_out = torch.matmul(thin_weights, gather_channels(values[:, :, :n_thin], value_channels))
-        compact_out = compact_out + scatter_channels(thin_out, value_channels, v_dim)
+        compact_out = compact_out + thinned.output(recent_weights[..., :n_thin] * thin)
         recent_weights = torch.cat([recent_weights[..., :n_thin] * ~thin, recent_weights[..., n_thin:]], dim=-1)
-    out = compact_out + torch.matmul(recent_weights, values)
+    if store.value_channels is not None:
+        compact_out = scatter_channels(compact_out, store.value_channels, v_dim)
+    out = compact_out.to(values.dtype) + torch.matmul(recent_weights.to(values.dtype), values)
     out = out.view(batch, q_heads, q_len, v_dim).transpose(1, 2)
     if return_token_weights:
-        return out, probs.sum(dim=(2, 3))
+        return out, probs.view(batch, kv_heads, group, q_len, n_total).sum(dim=(2, 3))
     return out

@@ -4,13 +4,17 @@ A `ThinKLayer` stores one attention layer's keys and values in two parts:
 
 * the **full-width** part, ``keys``/``values`` ``(batch, kv_heads, n_full, head_dim)``: the newest tokens. Before the
   layer is compacted it holds every token.
-* the **compact** part, ``compact_keys`` ``(batch, kv_heads, n_compact, kept_k)`` with ``key_channels``
-  ``(batch, kv_heads, kept_k)`` (int16) saying which channels are kept, per batch row and KV head; and
-  ``compact_values``, full width unless value channels are pruned too (``value_channels``).
+* the **compact** part, ``store``, a `CompactStore` (`think_cache.storage`): the older tokens at the kept key
+  channels, ``key_channels`` ``(batch, kv_heads, kept_k)`` (int16) per batch row and KV head, and their values,
+  full width unless value channels are pruned too (``value_channels``). A `FullStore` holds them in the model's
+  dtype, a `QuantizedStore` as 2/4/8-bit codes; the layer only says which tokens go in and when.
 
-With a token `Policy`, the compact part also holds ``compact_positions`` ``(batch, kv_heads, n_compact)`` int32:
-the logical position of each kept token, which may differ per head (eviction is per head); masks are gathered at
-those positions. Policies that accumulate attention (H2O) keep ``token_scores`` for every stored token.
+With a token `Policy`, the layer also holds ``compact_positions`` ``(batch, kv_heads, n_compact)`` int32: the
+logical position of each compact token, which may differ per head (eviction is per head); masks are gathered at
+those positions. Policies that accumulate attention (H2O) keep ``token_scores`` for every stored token. Both stay
+in the layer, not the store: they are token choice and masking in logical positions, which the store does not
+know about, and ``token_scores`` spans the full-width part too; the layer moves them with the same index it
+gives the store (`_keep_compact`, `_drop_oldest`, `_fold`).
 
 When things happen (the schedule), in logical positions, whatever the way tokens are fed:
 
@@ -25,7 +29,10 @@ When things happen (the schedule), in logical positions, whatever the way tokens
   then each be compacted at the end of their own question (prefix caching).
 * **Generated tokens fold in blocks.** A query at position ``t >= P`` sees every token before
   ``P - recent + FOLD_BLOCK * ((t - P) // FOLD_BLOCK)`` thinned and the later ones at full width: generated
-  tokens wait full-width and fold ``FOLD_BLOCK`` at a time. When one forward holds several generated positions
+  tokens wait full-width and fold ``FOLD_BLOCK`` at a time. A store with a ``block`` (quantized keys: 32 tokens
+  share a scale per channel) takes whole blocks only: without a policy the prompt's last ``< block`` tokens stay
+  full-width at compaction, folds take whole blocks, and a policy that evicts while decoding folds a block at a
+  time too instead of a token a step. When one forward holds several generated positions
   (assisted decoding verifies drafts in one forward), each query row gets exactly the view it would have had
   one token at a time (`thinned_rows`). A later prompt (a chat's next turn) restarts the schedule at its own end.
 """
@@ -38,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .compact import as_bool_mask, causal_mask, gather_channels, key_padding
+from .compact import as_bool_mask, causal_mask, gather_tokens, key_padding
 from .policies import Policy, top_tokens, window_attention
 from .scoring import (
     channel_index_dtype,
@@ -47,17 +54,14 @@ from .scoring import (
     select_channels,
     value_channel_scores,
 )
+from .storage import CompactStore, FullStore
 
 __all__ = ["ThinKLayer", "ThinKSlidingLayer", "LayerStats", "gather_tokens", "storage_bytes", "FOLD_BLOCK"]
 
-# Every tensor a layer holds whose first dimension is the batch.
+# Every tensor a layer holds itself whose first dimension is the batch (the store holds the compact part's).
 _ROW_TENSORS = (
     "keys",
     "values",
-    "compact_keys",
-    "compact_values",
-    "key_channels",
-    "value_channels",
     "compact_positions",
     "token_scores",
     "window_queries",
@@ -85,6 +89,7 @@ class LayerStats:
     value_channels: int
     stored_bytes: int
     dense_bytes: int
+    bits: int | None = None  # code width of the compact part (None: the model's dtype)
 
     @property
     def ratio(self) -> float:
@@ -100,18 +105,21 @@ def storage_bytes(tensors: Iterator[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Keep tokens per (batch, head): ``x (B, H, T, D)``, ``index (B, H, K)`` -> ``(B, H, K, D)``."""
-    return torch.gather(x, 2, index.long()[..., None].expand(*index.shape, x.shape[-1]))
-
-
 class ThinKLayer(CacheLayerMixin):
     """One full-attention layer of a `ThinKCache`. See the module docstring for the layout and the schedule."""
 
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, key_ratio: float, value_ratio: float, window: int, recent: int, policy: Policy | None):
+    def __init__(
+        self,
+        key_ratio: float,
+        value_ratio: float,
+        window: int,
+        recent: int,
+        policy: Policy | None,
+        store: CompactStore | None = None,
+    ):
         # the settings come from ThinKCache, which validates them and holds their defaults
         super().__init__()
         self.key_ratio = key_ratio
@@ -119,8 +127,10 @@ class ThinKLayer(CacheLayerMixin):
         self.window = window
         self.recent = recent
         self.policy = policy
-        # a policy that evicts every step gathers the compact part every step anyway: fold as it goes
-        self.fold_block = 1 if self.evicts_while_decoding else FOLD_BLOCK
+        self.store = FullStore() if store is None else store
+        # a policy that evicts every step gathers the compact part every step anyway: fold as it goes (whole
+        # blocks of the store's, where it has them)
+        self.fold_block = max(self.store.block, 1 if self.evicts_while_decoding else FOLD_BLOCK)
         # the queries remembered for the end of the prompt: ThinK's window and the policy's, whichever is longer
         self.query_rows = max(window, 0 if policy is None else policy.observation_window)
         #: logical length of the prompt, when `generate` told the cache (None: not known)
@@ -136,6 +146,7 @@ class ThinKLayer(CacheLayerMixin):
         """Drop everything; the layer starts again from its first `update`."""
         for name in _ROW_TENSORS:
             setattr(self, name, None)
+        self.store.clear()
         self.seen_tokens = 0
         self.origin: int | None = None  # logical end of the last prompt: where the fold schedule counts from
         self.real_keys: torch.Tensor | None = None  # (batch, stored) before compaction: False at padding
@@ -163,8 +174,18 @@ class ThinKLayer(CacheLayerMixin):
         return self.key_channels is not None
 
     @property
+    def key_channels(self) -> torch.Tensor | None:
+        """``(batch, kv_heads, kept_k)``: the kept key channels (None before compaction)."""
+        return self.store.key_channels
+
+    @property
+    def value_channels(self) -> torch.Tensor | None:
+        """``(batch, kv_heads, kept_v)``: the kept value channels (None: every channel)."""
+        return self.store.value_channels
+
+    @property
     def compact_tokens(self) -> int:
-        return 0 if self.compact_keys is None else self.compact_keys.shape[-2]
+        return self.store.tokens
 
     @property
     def stored_tokens(self) -> int:
@@ -176,17 +197,19 @@ class ThinKLayer(CacheLayerMixin):
         return self.seen_tokens - self.keys.shape[-2]
 
     def tensors(self) -> Iterator[torch.Tensor]:
-        """Every tensor the layer holds."""
+        """Every tensor the layer holds, its store's included."""
         for name in _ROW_TENSORS:
             t = getattr(self, name)
             if t is not None:
                 yield t
+        yield from self.store.tensors()
 
     def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for name in _ROW_TENSORS:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
+        self.store.map(fn)
 
     # ---------------------------------------------------------------------------------------- cache API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
@@ -326,7 +349,7 @@ class ThinKLayer(CacheLayerMixin):
                 counts.append(0)
             else:
                 point = origin - self.recent + self.fold_block * ((t - origin) // self.fold_block)
-                counts.append(max(point - self.full_from, 0))
+                counts.append(self.store.whole_blocks(max(point - self.full_from, 0)))
         return counts if any(counts) else None
 
     def rows_before_end(self, q_len: int) -> int:
@@ -400,19 +423,23 @@ class ThinKLayer(CacheLayerMixin):
         queries = self.window_queries[:, :, :, -self.window :].reshape(batch, kv_heads, -1, head_dim)
         index_dtype = channel_index_dtype(head_dim)
         scores = key_channel_scores(queries, keys, real)
-        self.key_channels = select_channels(scores, kept_channel_count(head_dim, self.key_ratio)).to(index_dtype)
+        key_channels = select_channels(scores, kept_channel_count(head_dim, self.key_ratio)).to(index_dtype)
+        value_channels = None
         if self.value_ratio > 0:
             w = min(w, self.window)
             window_mask = self._window_mask(real, positions, group, w, end, first)
             scores = value_channel_scores(queries, keys, values, self.scaling, window_mask)
             kept = kept_channel_count(values.shape[-1], self.value_ratio)
-            self.value_channels = select_channels(scores, kept).to(index_dtype)
+            value_channels = select_channels(scores, kept).to(index_dtype)
+        self.store.start(key_channels, value_channels)
         self.window_queries = self.window_real = self.real_keys = None
         self.origin = end
 
         n = max(keys.shape[-2] - self.recent, 0)
-        self.compact_keys = gather_channels(keys[:, :, :n], self.key_channels)
-        self.compact_values = self._compact_values(values[:, :, :n])
+        if positions is None:  # the same tokens for every head: a partial block can wait at full width
+            n = self.store.whole_blocks(n)
+            real = real[:, None]
+        self.store.append(keys[:, :, :n], values[:, :, :n], real=real[..., :n])
         if positions is not None:
             self.compact_positions = positions[:, :, :n].to(torch.int32)
         # clone: a slice would keep the whole old buffer alive
@@ -502,8 +529,7 @@ class ThinKLayer(CacheLayerMixin):
     def _keep_compact(self, index: torch.Tensor) -> None:
         """Keep the compact tokens at ``index`` ``(B, H, K)`` per head (ascending)."""
         n_compact = self.compact_tokens
-        self.compact_keys = gather_tokens(self.compact_keys, index)
-        self.compact_values = gather_tokens(self.compact_values, index)
+        self.store.gather(index)
         self.compact_positions = self.compact_positions.gather(-1, index)
         if self.token_scores is not None:
             kept = self.token_scores[..., :n_compact].gather(-1, index)
@@ -545,18 +571,12 @@ class ThinKLayer(CacheLayerMixin):
         mask = mask.expand(-1, -1, group, -1, -1)
         return mask.reshape(mask.shape[0], mask.shape[1], group * w, mask.shape[-1])
 
-    def _compact_values(self, values: torch.Tensor) -> torch.Tensor:
-        return values.clone() if self.value_channels is None else gather_channels(values, self.value_channels)
-
     def _fold(self, n: int) -> None:
-        """Move the oldest ``n`` full-width tokens into the compact part."""
-        n = min(n, self.keys.shape[-2])
+        """Move the oldest ``n`` full-width tokens into the compact part (whole blocks of the store's)."""
+        n = self.store.whole_blocks(min(n, self.keys.shape[-2]))
         if n <= 0:
             return
-        self.compact_keys = torch.cat(
-            [self.compact_keys, gather_channels(self.keys[:, :, :n], self.key_channels)], dim=-2
-        )
-        self.compact_values = torch.cat([self.compact_values, self._compact_values(self.values[:, :, :n])], dim=-2)
+        self.store.append(self.keys[:, :, :n], self.values[:, :, :n])
         if self.compact_positions is not None:
             first = self.full_from
             new = torch.arange(first, first + n, dtype=torch.int32, device=self.keys.device)
@@ -572,8 +592,7 @@ class ThinKLayer(CacheLayerMixin):
         n_compact = self.compact_tokens
         if n_compact:
             from_compact = min(n, n_compact)
-            self.compact_keys = self.compact_keys[:, :, from_compact:].clone()
-            self.compact_values = self.compact_values[:, :, from_compact:].clone()
+            self.store.drop_oldest(from_compact)
             if self.compact_positions is not None:
                 self.compact_positions = self.compact_positions[..., from_compact:].clone()
             if self.token_scores is not None:
@@ -609,6 +628,7 @@ class ThinKLayer(CacheLayerMixin):
             value_channels=v_dim if self.value_channels is None else self.value_channels.shape[-1],
             stored_bytes=storage_bytes(self.tensors()),
             dense_bytes=batch * heads * self.dense_tokens() * token_bytes,
+            bits=self.store.bits,
         )
 
 
@@ -628,7 +648,7 @@ class ThinKSlidingLayer(ThinKLayer):
         self.sliding_window = sliding_window
         super().__init__(**kwargs)
         if self.fold_block > 1:  # fold often enough that a window's worth of tokens is mostly thinned
-            self.fold_block = max(1, min(FOLD_BLOCK, (sliding_window - 1 - self.recent) // 2))
+            self.fold_block = max(self.store.block, 1, min(FOLD_BLOCK, (sliding_window - 1 - self.recent) // 2))
 
     def _trim(self, t0: int) -> None:
         oldest_visible = t0 - self.sliding_window + 1
