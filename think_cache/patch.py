@@ -81,7 +81,8 @@ def patch(model: torch.nn.Module, **defaults) -> torch.nn.Module:
     model:
         A transformers decoder-only model of a supported type (see ``SUPPORTED_MODEL_TYPES``).
     **defaults:
-        `ThinKCache` settings (``key_ratio``, ``value_ratio``, ``window``, ``recent``). When given,
+        `ThinKCache` settings (``key_ratio``, ``value_ratio``, ``window``, ``recent``, ``policy``, ``bits``,
+        ``group_size``), validated here. When given,
         ``model.generate(...)`` without a cache argument uses a fresh ``ThinKCache(**defaults)``: the one-liner
         ``think_cache.patch(model, key_ratio=0.5)``. Patching again with settings replaces them.
 
