@@ -614,7 +614,7 @@ class ThinKLayer(CacheLayerMixin):
     def stats(self, layer_idx: int) -> LayerStats:
         """Tokens, channels and bytes held, against a ``DynamicCache`` layer on the same inputs."""
         if not self.is_initialized:
-            return LayerStats(layer_idx, 0, 0, 0, 0, 0, 0, 0, 0)
+            return LayerStats(layer_idx, 0, 0, 0, 0, 0, 0, 0, 0, bits=self.store.bits)
         batch, heads, _, head_dim = self.keys.shape
         v_dim = self.values.shape[-1]
         token_bytes = head_dim * self.keys.element_size() + v_dim * self.values.element_size()
