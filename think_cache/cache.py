@@ -186,7 +186,7 @@ class ThinKCache(Cache):
             )
         self._model_config = None
         self._model_fingerprint = None
-        self._prompt_end: int | None = None
+        self._prompt_start, self._prompt_end = 0, None
         super().__init__(layers=[])
 
     # ------------------------------------------------------------------------------------------- update
@@ -245,7 +245,7 @@ class ThinKCache(Cache):
         while len(self.layers) <= layer_idx:
             self.layers.append(self._new_layer(module))
         layer = self.layers[layer_idx]
-        layer.prompt_end = self._prompt_end
+        layer.prompt_start, layer.prompt_end = self._prompt_start, self._prompt_end
         keys, values = layer.update(key_states, value_states)
         hand_off(layer, keys)
         return keys, values
@@ -291,7 +291,7 @@ class ThinKCache(Cache):
         """
         if length is not None:
             length = _check_int("length", length, 0)
-        self._prompt_end = length
+        self._prompt_start, self._prompt_end = self.get_seq_length(), length
 
     def compact(self) -> None:
         """Compact every layer now, with the queries seen so far (e.g. to measure the saving after a plain forward
