@@ -255,8 +255,12 @@ class ThinKCache(Cache):
             layer.crop(count)
 
     def reset(self) -> None:
-        """Forget every token (the settings stay); the cache can then serve another model or batch."""
-        super().reset()
+        """Forget every token and layer (the settings stay); the cache can then serve another model or batch.
+
+        The layers are dropped, not emptied: their kind (full or sliding window) belongs to the model that filled
+        them, and the next model's first forward builds its own.
+        """
+        self.layers = []
         self._model_config = None
 
     @property
