@@ -27,3 +27,109 @@ def test_reset_cache_serves_another_model_like_a_fresh_one(first, second, key_ra
     assert torch.equal(reused.sequences, fresh.sequences)
     expected = ThinKSlidingLayer if second == "mistral" else ThinKLayer
     assert all(type(layer) is expected for layer in cache.layers)
+
+
+# ------------------------------------------------------------------- 2. window_attention's memory is bounded
+def _window_attention_reference(query, keys, real_keys, scaling, rows):
+    """The unchunked formula, one query head at a time: softmax over the causal, unpadded keys, real rows summed."""
+    batch, q_heads, q_len, _ = query.shape
+    kv_heads, tokens = keys.shape[1], keys.shape[2]
+    group = q_heads // kv_heads
+    total = torch.zeros(batch, kv_heads, tokens)
+    q_pos = torch.arange(tokens - q_len, tokens)
+    allowed = (torch.arange(tokens)[None, :] <= q_pos[:, None])[None] & real_keys[:, None, :]  # (B, q_len, T)
+    for h in range(q_heads):
+        logits = query[:, h].double() @ keys[:, h // group].double().transpose(-1, -2) * scaling
+        weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+        weights = weights * real_keys[:, tokens - q_len :, None]
+        total[:, h // group] += weights[:, q_len - rows :].sum(1).float()
+    return total
+
+
+@pytest.mark.parametrize("budget", [None, 300])
+@pytest.mark.parametrize("rows", [None, 1, 7, 19])
+@pytest.mark.parametrize("q_len", [19, 6])
+def test_window_attention_equals_the_unchunked_formula(monkeypatch, budget, rows, q_len):
+    from think_cache import policies
+
+    if budget is not None:  # force many small chunks
+        monkeypatch.setattr(policies, "QUERY_CHUNK_ELEMENTS", budget, raising=False)
+    g = torch.Generator().manual_seed(121)
+    batch, kv_heads, group, tokens, head_dim = 3, 2, 3, 19, 8
+    query = torch.randn(batch, kv_heads * group, q_len, head_dim, generator=g)
+    keys = torch.randn(batch, kv_heads, tokens, head_dim, generator=g)
+    real = torch.ones(batch, tokens, dtype=torch.bool)
+    real[1, :5] = False  # left padding
+    real[2, :16] = False  # padding reaching into the queries
+    got = policies.window_attention(query, keys, real, 0.4, rows=rows)
+    expected = _window_attention_reference(query, keys, real, 0.4, q_len if rows is None else min(rows, q_len))
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert torch.all(got[1, :, :5] == 0) and torch.all(got[2, :, :16] == 0)
+
+
+def test_window_attention_chunks_stay_within_a_fixed_budget():
+    """The largest logits block does not grow with the prompt (H2O scores every prompt query)."""
+    from think_cache.policies import QUERY_CHUNK_ELEMENTS, _query_chunk
+
+    for batch, heads, group in [(1, 8, 1), (2, 8, 4), (1, 32, 1), (4, 2, 8)]:
+        for tokens in (4096, 8192, 32768):
+            chunk = _query_chunk(tokens, tokens, batch, heads, group)
+            assert 1 <= chunk <= tokens
+            assert chunk == 1 or chunk * batch * heads * group * tokens <= QUERY_CHUNK_ELEMENTS
+    assert _query_chunk(3, 10, 1, 1, 1) == 3  # never more rows than asked for
+    assert _query_chunk(100, 2**22, 1, 4, 1) == 1  # at least one row
+
+
+def _peak_allocated_bytes(fn) -> int:
+    """Peak of the bytes torch allocated (and not yet freed) while ``fn`` ran, from the CPU profiler's memory
+    events: every allocation and free, in order, summed. Unlike RSS it does not see memory the C allocator keeps."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as profile:
+        fn()
+    events = sorted(
+        (e for e in profile.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    running = peak = 0
+    for event in events:
+        running += event.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
+def test_window_attention_peak_memory_is_one_block(monkeypatch):
+    """Measured: scoring every query of a 2k prompt holds one block of the budget, not a tokens x tokens matrix."""
+    from think_cache import policies
+
+    budget = 2**18
+    monkeypatch.setattr(policies, "QUERY_CHUNK_ELEMENTS", budget, raising=False)
+    g = torch.Generator().manual_seed(123)
+    query, keys = torch.randn(1, 4, 2048, 16, generator=g), torch.randn(1, 2, 2048, 16, generator=g)
+    real = torch.ones(1, 2048, dtype=torch.bool)
+    peak = _peak_allocated_bytes(lambda: policies.window_attention(query, keys, real, 0.25))
+    assert peak <= 1.25 * 4 * budget  # the float32 block, plus a mask and sums of a few rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tokens", [4096, 8192])
+def test_h2o_prefill_peak_memory_is_close_to_dynamic_cache(tokens):
+    """H2O scores every prompt query: its prefill's peak extra memory stays within 1.2x DynamicCache's (8 KV heads,
+    float32), where the whole tokens x tokens attention used to be materialised."""
+    from transformers import DynamicCache
+
+    from think_cache import H2O
+
+    model = make_model(
+        "llama", hidden_size=256, num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=tokens
+    )
+    ids, _ = make_batch([tokens], seed=122)
+    peaks = {}
+    for name, new_cache in [("dynamic", DynamicCache), ("h2o", lambda: ThinKCache(policy=H2O(budget=1024)))]:
+
+        def prefill(new_cache=new_cache):
+            with torch.no_grad():
+                model(input_ids=ids, past_key_values=new_cache())
+
+        prefill()  # warm up
+        peaks[name] = _peak_allocated_bytes(prefill)
+    print(f"prefill peak at {tokens} tokens: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in peaks.items()))
+    assert peaks["h2o"] <= 1.2 * peaks["dynamic"]
