@@ -133,3 +133,18 @@ def test_h2o_prefill_peak_memory_is_close_to_dynamic_cache(tokens):
         peaks[name] = _peak_allocated_bytes(prefill)
     print(f"prefill peak at {tokens} tokens: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in peaks.items()))
     assert peaks["h2o"] <= 1.2 * peaks["dynamic"]
+
+
+# -------------------------------------------------- 3. an exception in a patched attention leaks no state
+def test_state_does_not_leak_past_an_attention_that_raised():
+    """The batch-size error raised inside a patched Mistral's attention must not leave that module recorded as
+    running: a ThinKCache on an unpatched Llama is then refused, not served with Mistral's sliding layers."""
+    mistral = make_model("mistral", sliding_window=16)
+    ids, mask = make_batch([30, 30], seed=124)
+    cache = ThinKCache(key_ratio=0.5)
+    mistral(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    with pytest.raises(ValueError, match="holds a batch of 2"):
+        mistral(input_ids=ids[:1, :4], past_key_values=cache)
+    llama = make_model("llama", patch=False)
+    with pytest.raises(RuntimeError, match="has not been patched"):
+        llama(input_ids=ids, attention_mask=mask, past_key_values=ThinKCache(key_ratio=0.5))

@@ -47,7 +47,7 @@ def enter_module(module: torch.nn.Module, *args, **kwargs) -> None:
 
 
 def exit_module(module: torch.nn.Module, *args, **kwargs) -> None:
-    """Forward hook: this thread has left ``module``."""
+    """Forward hook: this thread has left ``module`` (registered with ``always_call=True``: also when it raised)."""
     _state.module = None
     _state.handoff = None
 

@@ -100,7 +100,9 @@ def patch(model: torch.nn.Module, **defaults) -> torch.nn.Module:
         state = _PatchState(original_attn_implementation=_compat.attn_implementation(model))
         for module in modules:
             state.hooks.append(module.register_forward_pre_hook(enter_module))
-            state.hooks.append(module.register_forward_hook(exit_module))
+            # always_call: the state is cleared even when the forward raises (torch>=2.0), or a later ThinKCache
+            # on another model would take this module for its own
+            state.hooks.append(module.register_forward_hook(exit_module, always_call=True))
         setattr(model, _STATE_ATTRIBUTE, state)
     _compat.set_attn_implementation(model, ATTENTION_NAME)
 
