@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import generate, make_batch, make_model
+from transformers import GenerationConfig
 
 from think_cache import ThinKCache, ThinKLayer, ThinKSlidingLayer
 
@@ -148,3 +149,84 @@ def test_state_does_not_leak_past_an_attention_that_raised():
     llama = make_model("llama", patch=False)
     with pytest.raises(RuntimeError, match="has not been patched"):
         llama(input_ids=ids, attention_mask=mask, past_key_values=ThinKCache(key_ratio=0.5))
+
+
+# ------------------------------------------------ 4. the one-liner reads GenerationConfig like generate does
+def _returned_cache(out):
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
+def test_one_liner_respects_use_cache_false_in_a_generation_config():
+    import think_cache
+
+    plain = make_model("llama", patch=False)
+    patched = think_cache.patch(make_model("llama", patch=False), key_ratio=0.5, window=8)
+    ids, mask = make_batch([40], seed=125)
+    config = GenerationConfig(use_cache=False, max_new_tokens=4, do_sample=False)
+    kwargs = dict(input_ids=ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True)
+    expected = plain.generate(generation_config=config, **kwargs)
+    for out in (
+        patched.generate(generation_config=config, **kwargs),
+        patched.generate(ids, config, attention_mask=mask, output_logits=True, return_dict_in_generate=True),
+    ):
+        assert _returned_cache(out) is None
+        for a, b in zip(out.logits, expected.logits, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # an explicit keyword wins over the passed config, as in generate
+    out = patched.generate(generation_config=config, use_cache=True, **kwargs)
+    assert isinstance(_returned_cache(out), ThinKCache)
+    # and model.generation_config is read when nothing else says
+    patched.generation_config.use_cache = False
+    out = patched.generate(max_new_tokens=2, **kwargs)
+    assert _returned_cache(out) is None
+
+
+@pytest.mark.parametrize("option, value", [("cache_implementation", "static"), ("compile_config", "compile")])
+def test_one_liner_refuses_a_cache_implementation_set_in_a_generation_config(option, value):
+    import think_cache
+
+    if value == "compile":
+        from transformers import CompileConfig
+
+        value = CompileConfig()
+    model = think_cache.patch(make_model("llama", patch=False), key_ratio=0.5)
+    ids, _ = make_batch([20], seed=126)
+    with pytest.raises(ValueError, match=rf"generation_config passed to generate \({option}="):
+        model.generate(input_ids=ids, max_new_tokens=2, generation_config=GenerationConfig(**{option: value}))
+    with pytest.raises(ValueError, match=rf"generation_config passed to generate \({option}="):
+        model.generate(ids, GenerationConfig(**{option: value}), max_new_tokens=2)
+    setattr(model.generation_config, option, value)
+    with pytest.raises(ValueError, match=rf"model.generation_config.{option} = "):
+        model.generate(input_ids=ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match=rf"generate\(\.\.\., {option}="):
+        model.generate(input_ids=ids, max_new_tokens=2, **{option: value})
+    if option == "cache_implementation":  # with a cache passed, the user chose: transformers' own check speaks
+        with pytest.raises(ValueError) as error:
+            model.generate(input_ids=ids, max_new_tokens=2, past_key_values=ThinKCache(key_ratio=0.5))
+        assert "think_cache.patch" not in str(error.value)
+
+
+def test_one_liner_ignores_the_legacy_hybrid_default_of_a_model_generation_config():
+    """transformers drops ``cache_implementation="hybrid"`` coming from a model's generation config (the old default
+    of sliding-window models): the one-liner must not refuse it either."""
+    import think_cache
+
+    model = think_cache.patch(make_model("mistral", patch=False), key_ratio=0.5)
+    model.generation_config.cache_implementation = "hybrid"
+    ids, _ = make_batch([30], seed=127)
+    out = model.generate(input_ids=ids, max_new_tokens=2, return_dict_in_generate=True)
+    assert isinstance(_returned_cache(out), ThinKCache)
+
+
+def test_patching_again_without_settings_keeps_the_defaults():
+    import think_cache
+
+    model = think_cache.patch(make_model("llama", patch=False), key_ratio=0.5, window=8)
+    think_cache.patch(model)
+    ids, _ = make_batch([30], seed=128)
+    out = model.generate(input_ids=ids, max_new_tokens=2, return_dict_in_generate=True)
+    cache = _returned_cache(out)
+    assert isinstance(cache, ThinKCache) and cache.key_ratio == 0.5 and cache.window == 8
+    think_cache.unpatch(model)
+    out = model.generate(input_ids=ids, max_new_tokens=2, return_dict_in_generate=True)
+    assert not isinstance(_returned_cache(out), ThinKCache)
