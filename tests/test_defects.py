@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from conftest import generate, make_batch, make_model
@@ -230,3 +232,81 @@ def test_patching_again_without_settings_keeps_the_defaults():
     think_cache.unpatch(model)
     out = model.generate(input_ids=ids, max_new_tokens=2, return_dict_in_generate=True)
     assert not isinstance(_returned_cache(out), ThinKCache)
+
+
+# ------------------------------------- 5. output_attentions gives real weights; continuous batching is refused
+def _attentions(out):
+    """Per step, per layer attention weights of a generate output; fails on an empty step."""
+    assert len(out.attentions) == len(out.logits)
+    for step in out.attentions:
+        assert len(step) > 0 and all(w is not None for w in step), "no attention weights were returned"
+    return out.attentions
+
+
+def _assert_same_attentions(a, b, atol):
+    for step_a, step_b in zip(_attentions(a), _attentions(b), strict=True):
+        for x, y in zip(step_a, step_b, strict=True):
+            assert x.shape == y.shape
+            torch.testing.assert_close(x, y, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_output_attentions_equal_the_eager_model(arch):
+    """key_ratio=0 (and any other cache on a patched model) returns the weights an unpatched eager model returns,
+    whether the patched model was loaded with sdpa or eager."""
+    from transformers import DynamicCache
+
+    eager = make_model(arch, patch=False, sliding_window=16, attn_implementation="eager")
+    ids, mask = make_batch([40, 27], seed=129)
+    expected = generate(eager, ids, mask, DynamicCache(config=eager.config), steps=4, output_attentions=True)
+    for attn_implementation in ("sdpa", "eager"):
+        patched = make_model(arch, sliding_window=16, attn_implementation=attn_implementation)
+        for cache in (ThinKCache(key_ratio=0), DynamicCache(config=patched.config)):
+            out = generate(patched, ids, mask, cache, steps=4, output_attentions=True)
+            _assert_same_attentions(out, expected, atol=1e-5)
+            for a, b in zip(out.logits, expected.logits, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_output_attentions_of_a_pruned_cache_equal_the_dense_reference(arch):
+    """Once compacted, the weights are those of the dense reference (pruned channels zeroed) on an eager model."""
+    from conftest import zeroed_reference
+
+    model = make_model(arch, sliding_window=16)
+    eager = make_model(arch, patch=False, sliding_window=16, attn_implementation="eager")
+    ids, mask = make_batch([40, 27], seed=130)
+    think = ThinKCache(key_ratio=0.5, window=8, recent=4)
+    out = generate(model, ids, mask, think, steps=6, output_attentions=True)
+    assert all(layer.is_compacted for layer in think.layers)
+    ref = generate(eager, ids, mask, zeroed_reference(think, model), steps=6, output_attentions=True)
+    _assert_same_attentions(out, ref, atol=1e-4)
+
+
+def test_output_attentions_under_a_policy_are_per_logical_token():
+    """With eviction, each head keeps other tokens: the weights are spread back over the tokens seen, evicted ones 0."""
+    from think_cache import H2O
+
+    model = make_model("llama")
+    ids, mask = make_batch([40, 27], seed=131)
+    policy = H2O(budget=16, recent=4)
+    out = generate(model, ids, mask, ThinKCache(key_ratio=0.5, policy=policy), steps=5, output_attentions=True)
+    for step, weights in enumerate(_attentions(out)[1:], start=1):
+        for w in weights:
+            assert w.shape == (2, 4, 1, 40 + step)
+            torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 1), atol=1e-5, rtol=0)
+            assert ((w != 0).sum(-1) <= policy.budget + 1).all()  # the budget plus this step's token
+
+
+def test_continuous_batching_on_a_patched_model_names_unpatch():
+    import think_cache
+
+    model = make_model("llama")
+    ids, _ = make_batch([12], seed=132)
+    with pytest.raises(ValueError, match=r"think_cache.unpatch\(model\)"):
+        model.generate_batch([ids[0].tolist()], max_new_tokens=2)
+    if "paged" in inspect.getsource(type(model).generate):  # 4.x refuses the name; 5.x runs continuous batching
+        with pytest.raises(ValueError, match=r"think_cache.unpatch\(model\)"):
+            model.generate(input_ids=ids, max_new_tokens=2, cache_implementation="paged")
+    think_cache.unpatch(model)
+    assert "init_continuous_batching" not in vars(model)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .compact import compact_attention
+from .compact import compact_probs, weighted_values
 
 __all__ = ["ATTENTION_NAME", "think_attention", "register"]
 
@@ -78,43 +78,84 @@ def think_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     **kwargs,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention for models patched by `think_cache.patch`.
 
     With a `ThinKCache` layer that is not compacted yet (prefill), the stock sdpa kernel runs on the full keys and
     the layer is then handed this forward's queries to choose its channels. Once compacted, attention runs over
     the compact part (query gathered at the kept channels) and the full-width recent part in one softmax.
     Anything else falls through to transformers' sdpa attention.
+
+    With ``output_attentions=True`` the weights come back, ``(batch, q_heads, q_len, keys)`` as from transformers'
+    eager attention (which then replaces sdpa): over the stored tokens, or under a token policy, which keeps other
+    tokens per head, over every token seen with 0 for the evicted ones.
     """
     layer = _take_handoff(key)
+    scale = _scale(scaling, query)
+    wants_attention = _wants_attention_weights(module, kwargs)
     if layer is None or not layer.is_compacted:
-        out = sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        if wants_attention:
+            out, weights = _eager_attention(module, query, key, value, attention_mask, dropout, scale)
+        else:
+            out, weights = sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
         if layer is not None:
-            layer.after_attention(query, attention_mask, _scale(scaling, query))
-        return out
+            layer.after_attention(query, attention_mask, scale)
+        return out, weights
     if dropout and module.training:
         raise NotImplementedError(
             "ThinKCache is an inference cache: attention dropout in training mode is not supported."
         )
-    scale = _scale(scaling, query)
-    wants_weights = layer.token_scores is not None  # a policy that accumulates attention (H2O)
-    out = compact_attention(
+    probs = compact_probs(
         query,
         layer.compact_keys,
         layer.key_channels,
-        layer.compact_values,
-        layer.value_channels,
         key,
-        value,
         layer.attention_mask(attention_mask, query.shape[2]),
         scale,
-        return_token_weights=wants_weights,
     )
-    out, weights = out if wants_weights else (out, None)
-    layer.after_attention(query, attention_mask, scale, weights)
-    return out, None
+    out = weighted_values(probs, layer.compact_values, layer.value_channels, value)
+    weights = _weights_per_token(layer, probs).to(query.dtype) if wants_attention else None
+    # a policy that accumulates attention (H2O) gets each stored token's weight, summed over its group's queries
+    token_weights = probs.sum(dim=(2, 3)) if layer.token_scores is not None else None
+    layer.after_attention(query, attention_mask, scale, token_weights)
+    return out, weights
+
+
+def _wants_attention_weights(module: torch.nn.Module, kwargs: dict) -> bool:
+    """Whether this forward was asked for attention weights (transformers passes ``output_attentions`` down to the
+    attention function; a model config's ``output_attentions`` applies when the call says nothing)."""
+    wanted = kwargs.get("output_attentions")
+    if wanted is None:
+        wanted = getattr(getattr(module, "config", None), "output_attentions", False)
+    return bool(wanted)
+
+
+def _eager_attention(module, query, key, value, attention_mask, dropout: float, scale: float):
+    """Plain attention that also returns its weights ``(batch, q_heads, q_len, keys)``, like transformers' eager."""
+    probs = compact_probs(query, None, None, key, attention_mask, scale)
+    if dropout and module.training:
+        probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
+    out = weighted_values(probs, None, None, value)
+    return out, probs.flatten(1, 2).to(query.dtype)
+
+
+def _weights_per_token(layer, probs: torch.Tensor) -> torch.Tensor:
+    """``(batch, q_heads, q_len, keys)`` from `compact_probs`'s ``(batch, kv_heads, group, q_len, stored)``.
+
+    Without eviction the stored tokens are the tokens in order. Under a token policy each head keeps its own
+    tokens (compact part at ``compact_positions``, then the recent part, the newest tokens): the weights are put
+    back at the logical positions of every token seen, 0 where a token was evicted.
+    """
+    if layer.compact_positions is None:
+        return probs.flatten(1, 2)
+    batch, kv_heads, group, q_len, stored = probs.shape
+    seen, n_recent = layer.seen_tokens, layer.keys.shape[-2]
+    recent = torch.arange(seen - n_recent, seen, device=probs.device).expand(batch, kv_heads, n_recent)
+    positions = torch.cat([layer.compact_positions.long(), recent], dim=-1)  # (B, Hkv, stored)
+    index = positions[:, :, None, None, :].expand(batch, kv_heads, group, q_len, stored)
+    return probs.new_zeros(batch, kv_heads, group, q_len, seen).scatter_(-1, index, probs).flatten(1, 2)
 
 
 def _scale(scaling: float | None, query: torch.Tensor) -> float:

@@ -18,6 +18,8 @@ __all__ = [
     "gather_channels",
     "scatter_channels",
     "compact_attention",
+    "compact_probs",
+    "weighted_values",
 ]
 
 
@@ -106,24 +108,39 @@ def compact_attention(
     Returns
     -------
     ``(batch, q_len, q_heads, head_dim)``, the layout transformers' attention functions return (and the token
-    weights when asked).
+    weights when asked). `compact_probs` and `weighted_values` are its two halves.
     """
+    probs = compact_probs(query, compact_keys, key_channels, keys, mask, scaling)
+    out = weighted_values(probs, compact_values, value_channels, values)
+    if return_token_weights:
+        return out, probs.sum(dim=(2, 3))
+    return out
+
+
+def compact_probs(
+    query: torch.Tensor,
+    compact_keys: torch.Tensor | None,
+    key_channels: torch.Tensor | None,
+    keys: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """The attention weights of `compact_attention`: one float32 softmax over the compact part (None for none)
+    then the recent part, ``(batch, kv_heads, group, q_len, n_compact + n_recent)``; ``view(batch, q_heads, q_len,
+    -1)`` gives them per query head. Arguments as in `compact_attention`."""
     batch, q_heads, q_len, head_dim = query.shape
-    v_dim = values.shape[-1]
-    kv_heads, n_compact = compact_keys.shape[1], compact_keys.shape[2]
+    kv_heads = keys.shape[1]
+    n_compact = 0 if compact_keys is None else compact_keys.shape[2]
     n_total = n_compact + keys.shape[2]
     group = q_heads // kv_heads
     # (B, Hkv, G * L, D): a view of each KV head's whole query group, no repeat_kv
     q = query.reshape(batch, kv_heads, group * q_len, head_dim)
 
-    logits = torch.cat(
-        [
-            torch.matmul(gather_channels(q, key_channels), compact_keys.transpose(-1, -2)),
-            torch.matmul(q, keys.transpose(-1, -2)),
-        ],
-        dim=-1,
-    ).float()
-    logits = logits.mul_(scaling).view(batch, kv_heads, group, q_len, n_total)
+    logits = torch.matmul(q, keys.transpose(-1, -2))
+    if compact_keys is not None:
+        compact = torch.matmul(gather_channels(q, key_channels), compact_keys.transpose(-1, -2))
+        logits = torch.cat([compact, logits], dim=-1)
+    logits = logits.float().mul_(scaling).view(batch, kv_heads, group, q_len, n_total)
 
     mask = as_bool_mask(mask)
     if mask is None and q_len > 1:
@@ -136,14 +153,22 @@ def compact_attention(
             )
         # a finite minimum, not -inf: a fully masked (padded) row then gives a uniform softmax instead of NaN
         logits = logits.masked_fill(~mask[:, :, None], torch.finfo(logits.dtype).min)
+    return torch.softmax(logits, dim=-1)
 
-    probs = torch.softmax(logits, dim=-1)
+
+def weighted_values(
+    probs: torch.Tensor, compact_values: torch.Tensor | None, value_channels: torch.Tensor | None, values: torch.Tensor
+) -> torch.Tensor:
+    """The output of `compact_attention` from its weights ``probs`` (`compact_probs`): ``(batch, q_len, q_heads,
+    v_dim)``. Arguments as in `compact_attention`."""
+    batch, kv_heads, group, q_len, n_total = probs.shape
+    v_dim = values.shape[-1]
+    n_compact = n_total - values.shape[2]
     weights = probs.to(values.dtype).view(batch, kv_heads, group * q_len, n_total)
-    compact_out = torch.matmul(weights[..., :n_compact], compact_values)
-    if value_channels is not None:
-        compact_out = scatter_channels(compact_out, value_channels, v_dim)
-    out = compact_out + torch.matmul(weights[..., n_compact:], values)
-    out = out.view(batch, q_heads, q_len, v_dim).transpose(1, 2)
-    if return_token_weights:
-        return out, probs.sum(dim=(2, 3))
-    return out
+    out = torch.matmul(weights[..., n_compact:], values)
+    if compact_values is not None:
+        compact_out = torch.matmul(weights[..., :n_compact], compact_values)
+        if value_channels is not None:
+            compact_out = scatter_channels(compact_out, value_channels, v_dim)
+        out = compact_out + out
+    return out.view(batch, kv_heads * group, q_len, v_dim).transpose(1, 2)

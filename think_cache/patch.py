@@ -27,6 +27,7 @@ class _PatchState:
     defaults: dict = field(default_factory=dict)
     generate_wrapped: bool = False
     own_generate: object = None  # a ``generate`` set on the instance before patching, if any
+    own_init_continuous_batching: object = None  # likewise for ``init_continuous_batching``
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -107,6 +108,9 @@ def patch(model: torch.nn.Module, **defaults) -> torch.nn.Module:
             # always_call: the state is cleared even when the forward raises (torch>=2.0), or a later ThinKCache
             # on another model would take this module for its own
             state.hooks.append(module.register_forward_hook(exit_module, always_call=True))
+        if hasattr(model, _CONTINUOUS_BATCHING):  # transformers' paged attention cannot serve ThinK: say so
+            state.own_init_continuous_batching = vars(model).get(_CONTINUOUS_BATCHING)
+            setattr(model, _CONTINUOUS_BATCHING, _refuse_continuous_batching)
         setattr(model, _STATE_ATTRIBUTE, state)
     _compat.set_attn_implementation(model, ATTENTION_NAME)
 
@@ -178,6 +182,19 @@ def _effective_generation_option(
     return None, None
 
 
+#: transformers' entry point of continuous batching: `generate_batch`, its context manager and
+#: ``generate(cache_implementation="paged")`` all go through it.
+_CONTINUOUS_BATCHING = "init_continuous_batching"
+
+
+def _refuse_continuous_batching(*args, **kwargs):
+    raise ValueError(
+        "Continuous batching (generate_batch, init_continuous_batching, cache_implementation='paged') runs "
+        "transformers' paged attention, which cannot serve a ThinKCache, and this model is patched by "
+        "think_cache. Call think_cache.unpatch(model) first (and think_cache.patch(model) again afterwards)."
+    )
+
+
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Undo `patch`: the original attention implementation and ``generate`` come back. Returns the model."""
     state = getattr(model, _STATE_ATTRIBUTE, None)
@@ -190,5 +207,9 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         vars(model).pop("generate", None)
         if state.own_generate is not None:
             model.generate = state.own_generate
+    if vars(model).get(_CONTINUOUS_BATCHING) is _refuse_continuous_batching:
+        vars(model).pop(_CONTINUOUS_BATCHING)
+        if state.own_init_continuous_batching is not None:
+            setattr(model, _CONTINUOUS_BATCHING, state.own_init_continuous_batching)
     delattr(model, _STATE_ATTRIBUTE)
     return model
