@@ -275,9 +275,14 @@ class ThinKCache(Cache):
             layer.crop(count)
 
     def reset(self) -> None:
-        """Forget every token (the settings stay); the cache can then serve another model or batch."""
-        super().reset()
+        """Forget every token and layer (the settings stay); the cache can then serve another model or batch.
+
+        The layers are dropped, not emptied: their kind (full or sliding window) belongs to the model that filled
+        them, and the next model's first forward builds its own.
+        """
+        self.layers = []
         self._model_config = self._model_fingerprint = None
+        self._prompt_start, self._prompt_end = 0, None
 
     # ------------------------------------------------------------------------------------------ schedule
     def mark_prompt_end(self, length: int | None) -> None:

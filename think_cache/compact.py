@@ -18,6 +18,9 @@ __all__ = [
     "gather_channels",
     "scatter_channels",
     "compact_attention",
+    "compact_probs",
+    "weighted_values",
+    "thin_mask",
 ]
 
 
@@ -111,28 +114,55 @@ def compact_attention(
     Returns
     -------
     ``(batch, q_len, q_heads, head_dim)``, the layout transformers' attention functions return (and the token
-    weights when asked).
+    weights when asked). `compact_probs` and `weighted_values` are its two halves.
     """
+    thin = thin_mask(thinned_rows, query.shape[1] // keys.shape[1], query.device)
+    probs = compact_probs(query, compact_keys, key_channels, keys, mask, scaling, thin)
+    out = weighted_values(probs, compact_values, value_channels, values, thin)
+    if return_token_weights:
+        return out, probs.sum(dim=(2, 3))
+    return out
+
+
+def thin_mask(thinned_rows: list[int] | None, group: int, device: torch.device) -> torch.Tensor | None:
+    """``(group * q_len, n_thin)`` bool from `compact_attention`'s ``thinned_rows``: which of the oldest recent
+    tokens each row of a KV head's query group (laid out group member by member) sees thinned."""
+    if thinned_rows is None:
+        return None
+    counts = torch.tensor(thinned_rows, device=device).repeat(group)
+    return torch.arange(max(thinned_rows), device=device)[None, :] < counts[:, None]
+
+
+def compact_probs(
+    query: torch.Tensor,
+    compact_keys: torch.Tensor | None,
+    key_channels: torch.Tensor | None,
+    keys: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    thin: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The attention weights of `compact_attention`: one float32 softmax over the compact part (None for none)
+    then the recent part, ``(batch, kv_heads, group, q_len, n_compact + n_recent)``; ``view(batch, q_heads, q_len,
+    -1)`` gives them per query head. Arguments as in `compact_attention`."""
     batch, q_heads, q_len, head_dim = query.shape
-    v_dim = values.shape[-1]
-    kv_heads, n_compact = compact_keys.shape[1], compact_keys.shape[2]
+    kv_heads = keys.shape[1]
+    n_compact = 0 if compact_keys is None else compact_keys.shape[2]
     n_total = n_compact + keys.shape[2]
     group = q_heads // kv_heads
     # (B, Hkv, G * L, D): a view of each KV head's whole query group, no repeat_kv
     q = query.reshape(batch, kv_heads, group * q_len, head_dim)
 
-    q_kept = gather_channels(q, key_channels)
-    recent_logits = torch.matmul(q, keys.transpose(-1, -2))
-    thin = None
-    if thinned_rows is not None:
-        # rows are laid out (group, q_len): row g * q_len + l is query l of group member g
-        n_thin = max(thinned_rows)
-        counts = torch.tensor(thinned_rows, device=query.device).repeat(group)
-        thin = torch.arange(n_thin, device=query.device)[None, :] < counts[:, None]  # (G * L, n_thin)
+    logits = torch.matmul(q, keys.transpose(-1, -2))
+    if thin is not None:  # the oldest recent tokens, through the kept channels, for the rows that see them thinned
+        n_thin = thin.shape[-1]
+        q_kept = gather_channels(q, key_channels)
         thin_logits = torch.matmul(q_kept, gather_channels(keys[:, :, :n_thin], key_channels).transpose(-1, -2))
-        recent_logits[..., :n_thin] = torch.where(thin, thin_logits, recent_logits[..., :n_thin])
-    logits = torch.cat([torch.matmul(q_kept, compact_keys.transpose(-1, -2)), recent_logits], dim=-1).float()
-    logits = logits.mul_(scaling).view(batch, kv_heads, group, q_len, n_total)
+        logits[..., :n_thin] = torch.where(thin, thin_logits, logits[..., :n_thin])
+    if compact_keys is not None:
+        compact = torch.matmul(gather_channels(q, key_channels), compact_keys.transpose(-1, -2))
+        logits = torch.cat([compact, logits], dim=-1)
+    logits = logits.float().mul_(scaling).view(batch, kv_heads, group, q_len, n_total)
 
     mask = as_bool_mask(mask)
     if mask is None and q_len > 1:
@@ -145,21 +175,34 @@ def compact_attention(
             )
         # a finite minimum, not -inf: a fully masked (padded) row then gives a uniform softmax instead of NaN
         logits = logits.masked_fill(~mask[:, :, None], torch.finfo(logits.dtype).min)
+    return torch.softmax(logits, dim=-1)
 
-    probs = torch.softmax(logits, dim=-1)
+
+def weighted_values(
+    probs: torch.Tensor,
+    compact_values: torch.Tensor | None,
+    value_channels: torch.Tensor | None,
+    values: torch.Tensor,
+    thin: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The output of `compact_attention` from its weights ``probs`` (`compact_probs`): ``(batch, q_len, q_heads,
+    v_dim)``. Arguments as in `compact_attention`."""
+    batch, kv_heads, group, q_len, n_total = probs.shape
+    v_dim = values.shape[-1]
+    n_compact = n_total - values.shape[2]
     weights = probs.to(values.dtype).view(batch, kv_heads, group * q_len, n_total)
-    compact_out = torch.matmul(weights[..., :n_compact], compact_values)
-    if value_channels is not None:
-        compact_out = scatter_channels(compact_out, value_channels, v_dim)
-    recent_weights = weights[..., n_compact:]
+    recent = weights[..., n_compact:]
+    thin_out = None
     if thin is not None and value_channels is not None:  # thinned recent tokens lose their pruned value channels
         n_thin = thin.shape[-1]
-        thin_weights = recent_weights[..., :n_thin] * thin
-        thin_out = torch.matmul(thin_weights, gather_channels(values[:, :, :n_thin], value_channels))
-        compact_out = compact_out + scatter_channels(thin_out, value_channels, v_dim)
-        recent_weights = torch.cat([recent_weights[..., :n_thin] * ~thin, recent_weights[..., n_thin:]], dim=-1)
-    out = compact_out + torch.matmul(recent_weights, values)
-    out = out.view(batch, q_heads, q_len, v_dim).transpose(1, 2)
-    if return_token_weights:
-        return out, probs.sum(dim=(2, 3))
-    return out
+        thin_out = torch.matmul(recent[..., :n_thin] * thin, gather_channels(values[:, :, :n_thin], value_channels))
+        recent = torch.cat([recent[..., :n_thin] * ~thin, recent[..., n_thin:]], dim=-1)
+    out = torch.matmul(recent, values)
+    if thin_out is not None:
+        out = out + scatter_channels(thin_out, value_channels, v_dim)
+    if compact_values is not None:
+        compact_out = torch.matmul(weights[..., :n_compact], compact_values)
+        if value_channels is not None:
+            compact_out = scatter_channels(compact_out, value_channels, v_dim)
+        out = compact_out + out
+    return out.view(batch, kv_heads * group, q_len, v_dim).transpose(1, 2)
