@@ -33,8 +33,10 @@ def _repetitive_prompt(n: int, seed: int = 0) -> torch.Tensor:
         dict(key_ratio=0.5),
         dict(key_ratio=0.5, value_ratio=0.25),
         dict(key_ratio=0.5, policy=SnapKV(budget=24, window=8)),
+        dict(key_ratio=0.5, policy=H2O(budget=24, recent=4)),
+        dict(key_ratio=0.5, policy=StreamingLLM(sink=2, recent=22)),
     ],
-    ids=["think", "think+values", "snapkv"],
+    ids=["think", "think+values", "snapkv", "h2o", "streaming"],
 )
 def test_chunked_prefill_equals_one_prefill(arch, chunk, settings):
     """Channels (and SnapKV's tokens) are chosen at the prompt's real end, not on the first chunk."""
