@@ -33,8 +33,10 @@ def _repetitive_prompt(n: int, seed: int = 0) -> torch.Tensor:
         dict(key_ratio=0.5),
         dict(key_ratio=0.5, value_ratio=0.25),
         dict(key_ratio=0.5, policy=SnapKV(budget=24, window=8)),
+        dict(key_ratio=0.5, policy=H2O(budget=24, recent=4)),
+        dict(key_ratio=0.5, policy=StreamingLLM(sink=2, recent=22)),
     ],
-    ids=["think", "think+values", "snapkv"],
+    ids=["think", "think+values", "snapkv", "h2o", "streaming"],
 )
 def test_chunked_prefill_equals_one_prefill(arch, chunk, settings):
     """Channels (and SnapKV's tokens) are chosen at the prompt's real end, not on the first chunk."""
@@ -109,6 +111,23 @@ def test_chat_turns_on_one_cache_follow_the_reference(arch):
         assert torch.equal(a.sequences, b.sequences)
         for x, y in zip(a.logits, b.logits, strict=True):
             torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_a_later_turn_in_chunks_equals_it_in_one_forward(arch):
+    """A second turn fed with prefill_chunk_size: its chunks see each other at full width, as in one forward."""
+    model = make_model(arch, sliding_window=40) if arch == "mistral" else make_model(arch)
+    ids, _ = make_batch([50], seed=11)
+    turn2 = torch.randint(3, 200, (1, 70), generator=torch.Generator().manual_seed(11))
+    runs = []
+    for chunk in (None, 16):
+        cache = ThinKCache(key_ratio=0.5, window=8)
+        first = generate(model, ids, torch.ones_like(ids), cache, 40)  # 39 generated tokens wait full-width
+        sequence = torch.cat([first.sequences, turn2], dim=-1)
+        runs.append(generate(model, sequence, torch.ones_like(sequence), cache, 6, prefill_chunk_size=chunk))
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for x, y in zip(runs[0].logits, runs[1].logits, strict=True):
+        torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
 
 
 def test_chat_turns_at_ratio_zero_equal_dynamic_cache():

@@ -5,11 +5,13 @@ The rest of the package is written as if only one transformers existed; whatever
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 import transformers
 from packaging.version import Version
+from transformers import GenerationConfig
 from transformers.cache_utils import DynamicLayer
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
@@ -86,3 +88,20 @@ def is_compiling() -> bool:
     """Whether torch.compile (dynamo) is tracing the current code."""
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+@functools.cache
+def _default_generation_config() -> GenerationConfig:
+    return GenerationConfig()
+
+
+def generation_config_sets(config: GenerationConfig, name: str) -> bool:
+    """Whether a GenerationConfig passed to ``generate`` sets option ``name`` itself rather than leave it to
+    ``model.generation_config``.
+
+    In 5.x an option left unset is None and generate fills it from the model's generation config. In 4.x it holds
+    transformers' global default, and generate takes the model's value instead when that one differs. Either way a
+    value that is None or the global default defers to the model.
+    """
+    value = getattr(config, name, None)
+    return value is not None and value != getattr(_default_generation_config(), name, None)

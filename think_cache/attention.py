@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .compact import causal_mask, compact_attention
+from .compact import causal_mask, compact_probs, thin_mask, thinned_store, weighted_values
 
 __all__ = ["ATTENTION_NAME", "think_attention", "register"]
 
@@ -47,7 +47,7 @@ def enter_module(module: torch.nn.Module, *args, **kwargs) -> None:
 
 
 def exit_module(module: torch.nn.Module, *args, **kwargs) -> None:
-    """Forward hook: this thread has left ``module``."""
+    """Forward hook: this thread has left ``module`` (registered with ``always_call=True``: also when it raised)."""
     _state.module = None
     _state.handoff = None
 
@@ -78,7 +78,7 @@ def think_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     **kwargs,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention for models patched by `think_cache.patch`.
 
     Before its layer is compacted (the prompt), the stock sdpa kernel runs on the full keys and the layer remembers
@@ -87,62 +87,72 @@ def think_attention(
     softmax. When the prompt ends inside a forward (assisted decoding's first forward holds the prompt and the
     drafts), the rows before the end attend the prompt at full width and the rows after it the compacted layer.
     Anything else falls through to transformers' sdpa attention.
+
+    With ``output_attentions=True`` the weights come back, ``(batch, q_heads, q_len, keys)`` as from transformers'
+    eager attention (which then replaces sdpa): over the stored tokens, or under a token policy, which keeps other
+    tokens per head, over every token seen with 0 for the evicted ones.
     """
     layer = _take_handoff(key)
+    scale = _scale(scaling, query)
+    wants_attention = _wants_attention_weights(module, kwargs)
     if layer is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        return _full_attention(module, query, key, value, attention_mask, dropout, scaling, wants_attention, kwargs)
     if dropout and module.training:
         raise NotImplementedError(
             "ThinKCache is an inference cache: attention dropout in training mode is not supported."
         )
-    scale = _scale(scaling, query)
     if layer.is_compacted:
-        return _attend_compacted(layer, query, attention_mask, scale), None
+        return _attend_compacted(layer, query, attention_mask, scale, wants_attention)
 
     q_len = query.shape[2]
     rows = layer.rows_before_end(q_len)
     mask = _stored_columns(attention_mask, key.shape[-2])  # while uncompacted the stored tokens are the newest
     if rows == q_len:
-        out, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, **kwargs)
+        out, weights = _full_attention(module, query, key, value, mask, 0.0, scaling, wants_attention, kwargs)
         layer.observe(query, mask, scale)
         if layer.prompt_end == layer.seen_tokens:  # the prompt ends with this forward
             layer.compact()
-        return out, None
+        return out, weights
 
     # the prompt ends after `rows` of this forward's queries
     cols = key.shape[-2] - (q_len - rows)
     if mask is None:
         mask = causal_mask(q_len, key.shape[-2], query.device)
     head_mask = mask[:, :, :rows, :cols]
-    out_head, _ = sdpa_attention_forward(
-        module, query[:, :, :rows], key[:, :, :cols], value[:, :, :cols], head_mask, scaling=scaling, **kwargs
+    head = query[:, :, :rows]
+    out_head, w_head = _full_attention(
+        module, head, key[:, :, :cols], value[:, :, :cols], head_mask, 0.0, scaling, wants_attention, kwargs
     )
-    layer.observe(query[:, :, :rows], head_mask, scale, upto=layer.prompt_end)
+    layer.observe(head, head_mask, scale, upto=layer.prompt_end)
     layer.compact(layer.prompt_end)
     tail_mask = None if attention_mask is None else attention_mask[:, :, rows:]
-    out_tail = _attend_compacted(layer, query[:, :, rows:], tail_mask, scale)
-    return torch.cat([out_head, out_tail], dim=1), None
+    out_tail, w_tail = _attend_compacted(layer, query[:, :, rows:], tail_mask, scale, wants_attention)
+    weights = None
+    if wants_attention:  # the head rows saw none of the tokens after the prompt
+        w_head = torch.nn.functional.pad(w_head, (0, w_tail.shape[-1] - w_head.shape[-1]))
+        weights = torch.cat([w_head, w_tail], dim=2)
+    return torch.cat([out_head, out_tail], dim=1), weights
 
 
-def _attend_compacted(layer, query: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def _full_attention(module, query, key, value, mask, dropout: float, scaling, wants_attention: bool, kwargs: dict):
+    """Stock attention over full keys: transformers' sdpa, or the eager formula when the weights are wanted."""
+    if wants_attention:
+        return _eager_attention(module, query, key, value, mask, dropout, _scale(scaling, query))
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _attend_compacted(layer, query: torch.Tensor, mask: torch.Tensor | None, scale: float, wants_attention: bool):
     """Attention of ``query`` (the forward's newest rows) over a compacted layer, then the layer's bookkeeping."""
     q_len = query.shape[2]
-    wants_weights = layer.token_scores is not None  # a policy that accumulates attention (H2O)
-    out = compact_attention(
-        query,
-        layer.store,
-        layer.keys,
-        layer.values,
-        layer.attention_mask(mask, q_len),
-        scale,
-        return_token_weights=wants_weights,
-        thinned_rows=layer.thinned_rows(q_len),
-    )
-    out, weights = out if wants_weights else (out, None)
-    layer.after_attention(mask, weights)
-    return out
+    thin = thin_mask(layer.thinned_rows(q_len), query.shape[1] // layer.keys.shape[1], query.device)
+    thinned = thinned_store(layer.store, layer.keys, layer.values, thin)
+    probs = compact_probs(query, layer.store, layer.keys, layer.attention_mask(mask, q_len), scale, thin, thinned)
+    out = weighted_values(probs, layer.store, layer.values, thin, thinned)
+    weights = _weights_per_token(layer, probs).to(query.dtype) if wants_attention else None
+    # a policy that accumulates attention (H2O) gets each stored token's weight, summed over its group's queries
+    token_weights = probs.sum(dim=(2, 3)) if layer.token_scores is not None else None
+    layer.after_attention(mask, token_weights)
+    return out, weights
 
 
 def _stored_columns(mask: torch.Tensor | None, stored: int) -> torch.Tensor | None:
@@ -151,6 +161,41 @@ def _stored_columns(mask: torch.Tensor | None, stored: int) -> torch.Tensor | No
     if mask is None or mask.shape[-1] == stored:
         return mask
     return mask[..., mask.shape[-1] - stored :]
+
+
+def _wants_attention_weights(module: torch.nn.Module, kwargs: dict) -> bool:
+    """Whether this forward was asked for attention weights (transformers passes ``output_attentions`` down to the
+    attention function; a model config's ``output_attentions`` applies when the call says nothing)."""
+    wanted = kwargs.get("output_attentions")
+    if wanted is None:
+        wanted = getattr(getattr(module, "config", None), "output_attentions", False)
+    return bool(wanted)
+
+
+def _eager_attention(module, query, key, value, attention_mask, dropout: float, scale: float):
+    """Plain attention that also returns its weights ``(batch, q_heads, q_len, keys)``, like transformers' eager."""
+    probs = compact_probs(query, None, key, attention_mask, scale)
+    if dropout and module.training:
+        probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
+    out = weighted_values(probs, None, value)
+    return out, probs.flatten(1, 2).to(query.dtype)
+
+
+def _weights_per_token(layer, probs: torch.Tensor) -> torch.Tensor:
+    """``(batch, q_heads, q_len, keys)`` from `compact_probs`'s ``(batch, kv_heads, group, q_len, stored)``.
+
+    Without eviction the stored tokens are the tokens in order. Under a token policy each head keeps its own
+    tokens (compact part at ``compact_positions``, then the recent part, the newest tokens): the weights are put
+    back at the logical positions of every token seen, 0 where a token was evicted.
+    """
+    if layer.compact_positions is None:
+        return probs.flatten(1, 2)
+    batch, kv_heads, group, q_len, stored = probs.shape
+    seen, n_recent = layer.seen_tokens, layer.keys.shape[-2]
+    recent = torch.arange(seen - n_recent, seen, device=probs.device).expand(batch, kv_heads, n_recent)
+    positions = torch.cat([layer.compact_positions.long(), recent], dim=-1)  # (B, Hkv, stored)
+    index = positions[:, :, None, None, :].expand(batch, kv_heads, group, q_len, stored)
+    return probs.new_zeros(batch, kv_heads, group, q_len, seen).scatter_(-1, index, probs).flatten(1, 2)
 
 
 def _scale(scaling: float | None, query: torch.Tensor) -> float:

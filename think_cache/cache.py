@@ -230,7 +230,7 @@ class ThinKCache(Cache):
             )
         self._model_config = None
         self._model_fingerprint = None
-        self._prompt_end: int | None = None
+        self._prompt_start, self._prompt_end = 0, None
         super().__init__(layers=[])
 
     # ------------------------------------------------------------------------------------------- update
@@ -296,7 +296,7 @@ class ThinKCache(Cache):
         while len(self.layers) <= layer_idx:
             self.layers.append(self._new_layer(module))
         layer = self.layers[layer_idx]
-        layer.prompt_end = self._prompt_end
+        layer.prompt_start, layer.prompt_end = self._prompt_start, self._prompt_end
         keys, values = layer.update(key_states, value_states)
         hand_off(layer, keys)
         return keys, values
@@ -326,9 +326,14 @@ class ThinKCache(Cache):
             layer.crop(count)
 
     def reset(self) -> None:
-        """Forget every token (the settings stay); the cache can then serve another model or batch."""
-        super().reset()
+        """Forget every token and layer (the settings stay); the cache can then serve another model or batch.
+
+        The layers are dropped, not emptied: their kind (full or sliding window) belongs to the model that filled
+        them, and the next model's first forward builds its own.
+        """
+        self.layers = []
         self._model_config = self._model_fingerprint = None
+        self._prompt_start, self._prompt_end = 0, None
 
     # ------------------------------------------------------------------------------------------ schedule
     def mark_prompt_end(self, length: int | None) -> None:
@@ -342,7 +347,7 @@ class ThinKCache(Cache):
         """
         if length is not None:
             length = _check_int("length", length, 0)
-        self._prompt_end = length
+        self._prompt_start, self._prompt_end = self.get_seq_length(), length
 
     def compact(self) -> None:
         """Compact every layer now, with the queries seen so far (e.g. to measure the saving after a plain forward

@@ -4,7 +4,9 @@ A ThinK layer holds two parts per KV head: the *compact* part (older tokens, onl
 and optionally only the kept value channels) and the *recent* part (the newest tokens at full width).
 `compact_attention` computes one softmax over both parts without ever building a full-width key tensor
 for the compact part: the query is gathered at each head's kept channels instead, and the 1/sqrt(head_dim)
-scale is unchanged, so the logits equal those of a full cache whose pruned channels are zero.
+scale is unchanged, so the logits equal those of a full cache whose pruned channels are zero. The compact part is
+a `think_cache.storage.CompactStore`, full precision or quantized: attention over it goes through the store's
+``logits`` and ``output``, so a quantized store is never dequantized whole.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ __all__ = [
     "gather_tokens",
     "scatter_channels",
     "compact_attention",
+    "compact_probs",
+    "weighted_values",
+    "thin_mask",
+    "thinned_store",
 ]
 
 
@@ -95,8 +101,7 @@ def compact_attention(
     store:
         The compact part (a `think_cache.storage.CompactStore`): older tokens at the kept key channels
         ``store.key_channels`` ``(batch, kv_heads, kept_k)`` and the kept value channels ``store.value_channels``
-        (None: all), in full precision or quantized. Attention over it goes through ``store.logits`` and
-        ``store.output``, so a quantized store is never dequantized whole.
+        (None: all), in full precision or quantized.
     keys, values:
         ``(batch, kv_heads, n_recent, head_dim)``: the newest tokens at full width.
     mask:
@@ -116,28 +121,66 @@ def compact_attention(
     Returns
     -------
     ``(batch, q_len, q_heads, head_dim)``, the layout transformers' attention functions return (and the token
-    weights when asked).
+    weights when asked). `compact_probs` and `weighted_values` are its two halves.
     """
+    thin = thin_mask(thinned_rows, query.shape[1] // keys.shape[1], query.device)
+    thinned = thinned_store(store, keys, values, thin)
+    probs = compact_probs(query, store, keys, mask, scaling, thin, thinned)
+    out = weighted_values(probs, store, values, thin, thinned)
+    if return_token_weights:
+        return out, probs.sum(dim=(2, 3))
+    return out
+
+
+def thin_mask(thinned_rows: list[int] | None, group: int, device: torch.device) -> torch.Tensor | None:
+    """``(group * q_len, n_thin)`` bool from `compact_attention`'s ``thinned_rows``: which of the oldest recent
+    tokens each row of a KV head's query group (laid out group member by member) sees thinned."""
+    if thinned_rows is None:
+        return None
+    counts = torch.tensor(thinned_rows, device=device).repeat(group)
+    return torch.arange(max(thinned_rows), device=device)[None, :] < counts[:, None]
+
+
+def thinned_store(
+    store: CompactStore, keys: torch.Tensor, values: torch.Tensor, thin: torch.Tensor | None
+) -> CompactStore | None:
+    """The oldest ``n_thin`` recent tokens as ``store`` would hold them once folded (None without ``thin``)."""
+    if thin is None:
+        return None
+    n_thin = thin.shape[-1]
+    return store.preview(keys[:, :, :n_thin], values[:, :, :n_thin])
+
+
+def compact_probs(
+    query: torch.Tensor,
+    store: CompactStore | None,
+    keys: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    thin: torch.Tensor | None = None,
+    thinned: CompactStore | None = None,
+) -> torch.Tensor:
+    """The attention weights of `compact_attention`: one float32 softmax over the compact part (``store``, None for
+    none) then the recent part, ``(batch, kv_heads, group, q_len, n_compact + n_recent)``; ``view(batch, q_heads,
+    q_len, -1)`` gives them per query head. ``thin`` and ``thinned`` (`thin_mask`, `thinned_store`): which rows
+    see the oldest recent tokens thinned, and those tokens as the store holds them. Else as in
+    `compact_attention`."""
     batch, q_heads, q_len, head_dim = query.shape
-    v_dim = values.shape[-1]
-    kv_heads, n_compact = keys.shape[1], store.tokens
+    kv_heads = keys.shape[1]
+    n_compact = 0 if store is None else store.tokens
     n_total = n_compact + keys.shape[2]
     group = q_heads // kv_heads
     # (B, Hkv, G * L, D): a view of each KV head's whole query group, no repeat_kv
     q = query.reshape(batch, kv_heads, group * q_len, head_dim)
 
-    q_kept = gather_channels(q, store.key_channels)
-    recent_logits = torch.matmul(q, keys.transpose(-1, -2)).float().mul_(scaling)
-    thin = None
-    if thinned_rows is not None:
-        # rows are laid out (group, q_len): row g * q_len + l is query l of group member g
-        n_thin = max(thinned_rows)
-        counts = torch.tensor(thinned_rows, device=query.device).repeat(group)
-        thin = torch.arange(n_thin, device=query.device)[None, :] < counts[:, None]  # (G * L, n_thin)
-        thinned = store.preview(keys[:, :, :n_thin], values[:, :, :n_thin])
-        thin_logits = thinned.logits(q_kept, scaling)
-        recent_logits[..., :n_thin] = torch.where(thin, thin_logits, recent_logits[..., :n_thin])
-    logits = torch.cat([store.logits(q_kept, scaling), recent_logits], dim=-1)
+    logits = torch.matmul(q, keys.transpose(-1, -2)).float().mul_(scaling)
+    if thin is not None:  # the oldest recent tokens, as the store holds them, for the rows that see them thinned
+        n_thin = thin.shape[-1]
+        thin_logits = thinned.logits(gather_channels(q, thinned.key_channels), scaling)
+        logits[..., :n_thin] = torch.where(thin, thin_logits, logits[..., :n_thin])
+    if store is not None:
+        compact = store.logits(gather_channels(q, store.key_channels), scaling)
+        logits = torch.cat([compact, logits], dim=-1)
     logits = logits.view(batch, kv_heads, group, q_len, n_total)
 
     mask = as_bool_mask(mask)
@@ -151,18 +194,35 @@ def compact_attention(
             )
         # a finite minimum, not -inf: a fully masked (padded) row then gives a uniform softmax instead of NaN
         logits = logits.masked_fill(~mask[:, :, None], torch.finfo(logits.dtype).min)
+    return torch.softmax(logits, dim=-1)
 
-    probs = torch.softmax(logits, dim=-1).view(batch, kv_heads, group * q_len, n_total)
-    compact_out = store.output(probs[..., :n_compact])
-    recent_weights = probs[..., n_compact:]
-    if thin is not None:  # thinned recent tokens are read as the store holds them
+
+def weighted_values(
+    probs: torch.Tensor,
+    store: CompactStore | None,
+    values: torch.Tensor,
+    thin: torch.Tensor | None = None,
+    thinned: CompactStore | None = None,
+) -> torch.Tensor:
+    """The output of `compact_attention` from its weights ``probs`` (`compact_probs`): ``(batch, q_len, q_heads,
+    v_dim)``. Arguments as in `compact_probs`."""
+    batch, kv_heads, group, q_len, n_total = probs.shape
+    v_dim = values.shape[-1]
+    n_compact = n_total - values.shape[2]
+    weights = probs.view(batch, kv_heads, group * q_len, n_total)
+    recent = weights[..., n_compact:]
+    kept_out = None  # what the tokens held at the kept value channels give: the compact part, thinned tokens
+    if thin is not None:
         n_thin = thin.shape[-1]
-        compact_out = compact_out + thinned.output(recent_weights[..., :n_thin] * thin)
-        recent_weights = torch.cat([recent_weights[..., :n_thin] * ~thin, recent_weights[..., n_thin:]], dim=-1)
-    if store.value_channels is not None:
-        compact_out = scatter_channels(compact_out, store.value_channels, v_dim)
-    out = compact_out.to(values.dtype) + torch.matmul(recent_weights.to(values.dtype), values)
-    out = out.view(batch, q_heads, q_len, v_dim).transpose(1, 2)
-    if return_token_weights:
-        return out, probs.view(batch, kv_heads, group, q_len, n_total).sum(dim=(2, 3))
-    return out
+        kept_out = thinned.output(recent[..., :n_thin] * thin)
+        recent = torch.cat([recent[..., :n_thin] * ~thin, recent[..., n_thin:]], dim=-1)
+    if store is not None:
+        compact_out = store.output(weights[..., :n_compact])
+        kept_out = compact_out if kept_out is None else compact_out + kept_out
+    out = torch.matmul(recent.to(values.dtype), values)
+    if kept_out is not None:
+        value_channels = (thinned if store is None else store).value_channels
+        if value_channels is not None:
+            kept_out = scatter_channels(kept_out, value_channels, v_dim)
+        out = kept_out.to(values.dtype) + out
+    return out.view(batch, kv_heads * group, q_len, v_dim).transpose(1, 2)

@@ -133,7 +133,8 @@ class ThinKLayer(CacheLayerMixin):
         self.fold_block = max(self.store.block, 1 if self.evicts_while_decoding else FOLD_BLOCK)
         # the queries remembered for the end of the prompt: ThinK's window and the policy's, whichever is longer
         self.query_rows = max(window, 0 if policy is None else policy.observation_window)
-        #: logical length of the prompt, when `generate` told the cache (None: not known)
+        #: logical start and end of the current prompt, when `generate` told the cache (None: not known)
+        self.prompt_start: int = 0
         self.prompt_end: int | None = None
         self.reset()
 
@@ -329,7 +330,10 @@ class ThinKLayer(CacheLayerMixin):
         elif end is not None and end > self.origin:
             self.origin = end  # a new prompt (a chat's next turn) restarts the schedule at its end
         if self.is_compacted:
-            self._fold(self.fold_point(t0) - self.full_from)
+            fold_at = t0
+            if self.prompt_end is not None and self.prompt_start < t0 < self.prompt_end:
+                fold_at = self.prompt_start  # a later chunk of the same prompt: its tokens keep seeing each other
+            self._fold(self.fold_point(fold_at) - self.full_from)
             self._trim(t0)
 
     def _trim(self, t0: int) -> None:

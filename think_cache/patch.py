@@ -6,6 +6,7 @@ import functools
 from dataclasses import dataclass, field
 
 import torch
+from transformers import GenerationConfig
 
 from . import _compat
 from .attention import ATTENTION_NAME, enter_module, exit_module, register
@@ -26,6 +27,7 @@ class _PatchState:
     defaults: dict = field(default_factory=dict)
     generate_wrapped: bool = False
     own_generate: object = None  # a ``generate`` set on the instance before patching, if any
+    own_init_continuous_batching: object = None  # likewise for ``init_continuous_batching``
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -84,7 +86,10 @@ def patch(model: torch.nn.Module, **defaults) -> torch.nn.Module:
         `ThinKCache` settings (``key_ratio``, ``value_ratio``, ``window``, ``recent``, ``policy``, ``bits``,
         ``group_size``), validated here. When given,
         ``model.generate(...)`` without a cache argument uses a fresh ``ThinKCache(**defaults)``: the one-liner
-        ``think_cache.patch(model, key_ratio=0.5)``. Patching again with settings replaces them.
+        ``think_cache.patch(model, key_ratio=0.5)``. Patching again with settings replaces them; patching again
+        without settings keeps them (`unpatch` drops them). ``use_cache=False`` (as a keyword, in a passed
+        ``generation_config`` or in ``model.generation_config``) means no cache, as in transformers; a
+        ``cache_implementation`` or ``compile_config`` set in any of them is refused with a clear error.
 
     The patched ``generate`` also tells a `ThinKCache` where each call's prompt ends, so that channels are
     chosen there however the prompt is fed (chunked prefill, assisted decoding, a filled cache).
@@ -104,7 +109,12 @@ def patch(model: torch.nn.Module, **defaults) -> torch.nn.Module:
         state = _PatchState(original_attn_implementation=_compat.attn_implementation(model))
         for module in modules:
             state.hooks.append(module.register_forward_pre_hook(enter_module))
-            state.hooks.append(module.register_forward_hook(exit_module))
+            # always_call: the state is cleared even when the forward raises (torch>=2.0), or a later ThinKCache
+            # on another model would take this module for its own
+            state.hooks.append(module.register_forward_hook(exit_module, always_call=True))
+        if hasattr(model, _CONTINUOUS_BATCHING):  # transformers' paged attention cannot serve ThinK: say so
+            state.own_init_continuous_batching = vars(model).get(_CONTINUOUS_BATCHING)
+            setattr(model, _CONTINUOUS_BATCHING, _refuse_continuous_batching)
         setattr(model, _STATE_ATTRIBUTE, state)
     _compat.set_attn_implementation(model, ATTENTION_NAME)
 
@@ -122,16 +132,7 @@ def _generate_with_defaults(model: torch.nn.Module, state: _PatchState):
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
-        wants_cache = kwargs.get("use_cache", model.generation_config.use_cache) is not False
-        has_cache = any(kwargs.get(name) is not None for name in _compat.CACHE_ARGUMENTS)
-        if state.defaults and wants_cache and not has_cache:
-            for option in ("cache_implementation", "compile_config"):
-                if kwargs.get(option) is not None:
-                    raise ValueError(
-                        f"generate(..., {option}={kwargs[option]!r}) asks for a cache transformers builds (static "
-                        "or compiled), but think_cache.patch(model, ...) makes generate use a ThinKCache, which is "
-                        "neither. Pass a cache yourself, or call think_cache.unpatch(model) first."
-                    )
+        if state.defaults and _builds_own_cache(model, args, kwargs):
             kwargs[_compat.CACHE_ARGUMENT] = ThinKCache(**state.defaults)
         cache = next((kwargs[name] for name in _compat.CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
         if not isinstance(cache, ThinKCache):
@@ -174,6 +175,66 @@ def _check_rollback(cache: ThinKCache, kwargs: dict) -> None:
         )
 
 
+def _builds_own_cache(model: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether ``model.generate(*args, **kwargs)`` would build a cache itself (none passed, ``use_cache`` not
+    False), which the one-liner replaces with its ThinKCache. Raises where a cache transformers builds (static or
+    compiled) was asked for."""
+    if any(kwargs.get(name) is not None for name in _compat.CACHE_ARGUMENTS):
+        return False
+    passed = _passed_generation_config(args, kwargs)
+    if _effective_generation_option(model, kwargs, passed, "use_cache")[0] is False:
+        return False
+    for option in ("cache_implementation", "compile_config"):
+        value, where = _effective_generation_option(model, kwargs, passed, option)
+        if value is not None:
+            raise ValueError(
+                f"{where} asks for a cache transformers builds (static or compiled), but "
+                "think_cache.patch(model, ...) makes generate use a ThinKCache, which is neither. Pass a cache "
+                f"yourself, leave {option} unset, or call think_cache.unpatch(model) first."
+            )
+    return True
+
+
+def _passed_generation_config(args: tuple, kwargs: dict) -> GenerationConfig | None:
+    """The GenerationConfig given to generate, by keyword or as its second positional argument."""
+    config = kwargs.get("generation_config")
+    if config is None and len(args) > 1 and isinstance(args[1], GenerationConfig):
+        config = args[1]
+    return config
+
+
+def _effective_generation_option(
+    model: torch.nn.Module, kwargs: dict, generation_config: GenerationConfig | None, name: str
+) -> tuple[object, str | None]:
+    """The value generate uses for the GenerationConfig option ``name`` and where it was set, ``(None, None)`` when
+    nowhere. The order is transformers': a keyword argument of generate, then the ``generation_config`` passed to
+    it, then ``model.generation_config``."""
+    if kwargs.get(name) is not None:
+        return kwargs[name], f"generate(..., {name}={kwargs[name]!r})"
+    if generation_config is not None and _compat.generation_config_sets(generation_config, name):
+        value = getattr(generation_config, name)
+        return value, f"The generation_config passed to generate ({name}={value!r})"
+    value = getattr(model.generation_config, name, None)
+    if name == "cache_implementation" and value == "hybrid":
+        value = None  # generate drops this old default of sliding-window models' generation configs
+    if value is not None:
+        return value, f"model.generation_config.{name} = {value!r}"
+    return None, None
+
+
+#: transformers' entry point of continuous batching: `generate_batch`, its context manager and
+#: ``generate(cache_implementation="paged")`` all go through it.
+_CONTINUOUS_BATCHING = "init_continuous_batching"
+
+
+def _refuse_continuous_batching(*args, **kwargs):
+    raise ValueError(
+        "Continuous batching (generate_batch, init_continuous_batching, cache_implementation='paged') runs "
+        "transformers' paged attention, which cannot serve a ThinKCache, and this model is patched by "
+        "think_cache. Call think_cache.unpatch(model) first (and think_cache.patch(model) again afterwards)."
+    )
+
+
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Undo `patch`: the original attention implementation and ``generate`` come back. Returns the model."""
     state = getattr(model, _STATE_ATTRIBUTE, None)
@@ -186,5 +247,9 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         vars(model).pop("generate", None)
         if state.own_generate is not None:
             model.generate = state.own_generate
+    if vars(model).get(_CONTINUOUS_BATCHING) is _refuse_continuous_batching:
+        vars(model).pop(_CONTINUOUS_BATCHING)
+        if state.own_init_continuous_batching is not None:
+            setattr(model, _CONTINUOUS_BATCHING, state.own_init_continuous_batching)
     delattr(model, _STATE_ATTRIBUTE)
     return model

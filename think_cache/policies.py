@@ -59,34 +59,50 @@ def top_tokens(
     return torch.topk(s, n_keep, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
+#: The largest float32 logits block `window_attention` builds at once, in elements (16 MiB), counted over batch,
+#: KV heads, query group, query rows and tokens.
+QUERY_CHUNK_ELEMENTS = 2**22
+
+
+def _query_chunk(rows: int, tokens: int, batch: int, heads: int, group: int) -> int:
+    """How many query rows `window_attention` scores at once: as many as keep a ``(batch, heads, group, chunk,
+    tokens)`` block within `QUERY_CHUNK_ELEMENTS`, at least one, at most ``rows``."""
+    per_row = batch * heads * group * tokens
+    return max(1, min(rows, QUERY_CHUNK_ELEMENTS // max(per_row, 1)))
+
+
 def window_attention(
     query: torch.Tensor, keys: torch.Tensor, real_keys: torch.Tensor, scaling: float, rows: int | None = None
 ) -> torch.Tensor:
     """Attention weights of the last ``rows`` queries over all keys, summed over those queries and each KV head's
     query group: ``(batch, kv_heads, tokens)`` float32. Causal and padding masks apply; padded query rows count 0.
 
-    Computed in chunks of queries, so scoring a long prompt never holds a full ``tokens x tokens`` matrix.
+    Computed in chunks of query rows (`_query_chunk`) with the softmax done in place, so memory stays within one
+    block of `QUERY_CHUNK_ELEMENTS` floats however long the prompt: H2O scores every prompt query.
     """
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, tokens = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads
     rows = q_len if rows is None else min(rows, q_len)
+    first = tokens - q_len  # the stored position of query 0
     k = keys.float().transpose(-1, -2)
-    key_pos = torch.arange(tokens, device=keys.device)
+    positions = torch.arange(tokens, device=keys.device)
+    padded = ~real_keys
     total = torch.zeros(batch, kv_heads, tokens, dtype=torch.float32, device=keys.device)
-    chunk = max(1, 4096 // max(group, 1))
+    chunk = _query_chunk(rows, tokens, batch, kv_heads, group)
     for start in range(q_len - rows, q_len, chunk):
         stop = min(start + chunk, q_len)
-        q = query[:, :, start:stop].float().reshape(batch, kv_heads, group * (stop - start), head_dim)
-        logits = torch.matmul(q, k).mul_(scaling).view(batch, kv_heads, group, stop - start, tokens)
-        q_pos = torch.arange(tokens - q_len + start, tokens - q_len + stop, device=keys.device)
-        allowed = (key_pos[None, :] <= q_pos[:, None])[None] & real_keys[:, None, :]  # (B, rows, T)
-        logits = logits.masked_fill(~allowed[:, None, None], torch.finfo(torch.float32).min)
-        weights = (
-            torch.softmax(logits, dim=-1)
-            * real_keys[:, tokens - q_len + start : tokens - q_len + stop][:, None, None, :, None]
-        )
-        total += weights.sum(dim=(2, 3))
+        n, visible = stop - start, first + stop  # keys after the chunk's last query are masked for every row
+        q = query[:, :, start:stop].float().reshape(batch, kv_heads, group * n, head_dim)
+        logits = torch.matmul(q, k[..., :visible]).view(batch, kv_heads, group, n, visible)
+        q_pos = positions[first + start : first + stop, None]
+        hidden = (positions[None, :visible] > q_pos)[None] | padded[:, None, :visible]  # (B, n, visible)
+        logits.mul_(scaling).masked_fill_(hidden[:, None, None], torch.finfo(torch.float32).min)
+        weights = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()  # softmax, in place
+        weights.div_(weights.sum(dim=-1, keepdim=True))
+        weights.mul_(real_keys[:, first + start : first + stop, None].to(weights.dtype)[:, None, None])
+        total[..., :visible] += weights.sum(dim=(2, 3))
+        del logits, weights  # free this block before the next one is built
     return total
 
 
