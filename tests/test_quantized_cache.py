@@ -511,3 +511,17 @@ def test_patch_defaults_and_repr():
     prefill(model, cache, ids)
     assert "bits=4" in repr(cache) and "bits" in str(cache.stats())
     assert "bits" not in repr(ThinKCache())
+
+
+@pytest.mark.parametrize("policy", [None, H2O(budget=48, recent=4)], ids=["think", "h2o"])
+def test_output_attentions(policy):
+    """The weights over a quantized compact part come back per logical token and sum to one."""
+    model = make_model("llama")
+    ids, mask = make_batch([70, 45], seed=27)
+    cache = ThinKCache(key_ratio=0.5, bits=4, policy=policy)
+    out = generate(model, ids, mask, cache, steps=5, output_attentions=True)
+    assert cache.layers[0].compact_tokens > 0
+    for step, weights in enumerate(out.attentions[1:], start=1):
+        for w in weights:
+            assert w.shape == (2, 4, 1, 70 + step)
+            torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 1), atol=1e-5, rtol=0)
