@@ -194,8 +194,9 @@ class QuantizedStore(CompactStore):
 
     The layer appends whole 32-token blocks where it can (folds; a prompt without a token policy), so the keys
     stay *regular*: a token's block is its index // 32, no per-token block index is stored. A policy's prompt
-    tokens end with a partial block, and eviction gathers tokens per head: the keys then carry a ``block_index``
-    (int32 per token), and every token keeps the scale and zero point it was quantized with.
+    tokens end with a partial block, eviction gathers tokens per head and a sliding window drops tokens that do not
+    start a block: the keys then carry a ``block_index`` (int32 per token), and every token keeps the scale and
+    zero point it was quantized with.
 
     Attention reads the codes in chunks of `think_cache.quant.DEFAULT_CHUNK_TOKENS` tokens: the largest temporary
     is one chunk's codes in float32, ``batch * kv_heads * 2048 * channels * 4`` bytes whatever the context
