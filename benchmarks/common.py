@@ -147,7 +147,7 @@ def fact_document(tokenizer, n_tokens: int, depth: float, seed: int, n_keys: int
 def make_cache(method: str):
     """A cache from a method name: ``dynamic``, or ``+``-joined parts among ``think-R`` (key ratio),
     ``value-R`` (value ratio), ``recent-N`` (full-width recent tokens), ``snapkv-B``, ``h2o-B`` and
-    ``streaming-B`` (token budgets).
+    ``streaming-B`` (token budgets), ``int2``/``int4``/``int8`` (quantized compact storage).
 
     >>> make_cache("snapkv-256+think-0.5")  # SnapKV keeps 256 tokens per head, ThinK prunes half their key channels
     """
@@ -168,6 +168,8 @@ def make_cache(method: str):
             settings["policy"] = H2O(budget=int(arg), recent=32)
         elif kind == "streaming":
             settings["policy"] = StreamingLLM(sink=4, recent=int(arg) - 4)
+        elif kind in ("int2", "int4", "int8") and not arg:
+            settings["bits"] = int(kind[3:])
         else:
             raise ValueError(f"unknown method part {part!r} in {method!r}")
     return ThinKCache(**settings)
@@ -186,8 +188,12 @@ def depths(n: int) -> list[float]:
 
 def baseline_of(method: str) -> str | None:
     """The cache a method thins: ``snapkv-512+think-0.4`` -> ``snapkv-512``; ``think-0.4`` -> ``dynamic``;
-    None for methods that thin nothing (``dynamic``, ``snapkv-512``)."""
+    None for methods that thin nothing (``dynamic``, ``snapkv-512``). Quantized storage is measured against the
+    same method at full precision: ``think-0.4+int4`` -> ``think-0.4``."""
     parts = method.split("+")
+    unquantized = [p for p in parts if p not in ("int2", "int4", "int8")]
+    if len(unquantized) < len(parts):
+        return "+".join(unquantized) or "dynamic"
     kept = [p for p in parts if not p.startswith(("think-", "value-", "recent-"))]
     if len(kept) == len(parts):
         return None

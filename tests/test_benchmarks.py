@@ -67,12 +67,18 @@ def test_method_names():
     assert isinstance(make_cache("h2o-128").policy, H2O)
     assert make_cache("think-0.4+recent-32").recent == 32 and make_cache("think-0.4").recent == 0
     assert make_cache("streaming-64").policy == StreamingLLM(sink=4, recent=60)
+    assert make_cache("think-0.4+int4").bits == 4 and make_cache("snapkv-512+think-0.4+int2").bits == 2
+    assert make_cache("think-0.4").bits is None
     with pytest.raises(ValueError, match="unknown method part 'pyramid-3'"):
         make_cache("pyramid-3")
 
 
 def test_baseline_of_names_the_cache_a_method_thins():
     assert baseline_of("think-0.4") == "dynamic"
+    assert (
+        baseline_of("think-0.4+int4") == "think-0.4"
+        and baseline_of("snapkv-512+think-0.4+int2") == "snapkv-512+think-0.4"
+    )
     assert baseline_of("think-0.5+value-0.5") == "dynamic"
     assert baseline_of("think-0.4+recent-0") == "dynamic"
     assert baseline_of("snapkv-512+think-0.4") == "snapkv-512"
