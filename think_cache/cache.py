@@ -366,6 +366,11 @@ class ThinKCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
+    @property
+    def is_croppable(self) -> bool:
+        """Whether `crop` can undo the newest forward exactly: not under a policy that evicts at every step."""
+        return self.policy is None or not self.policy.evicts_while_decoding
+
     # ------------------------------------------------------------------------------------------- report
     def stats(self) -> CacheStats:
         """Tokens, kept channels and bytes held per layer, against a ``DynamicCache`` on the same inputs."""
