@@ -202,8 +202,44 @@ def _map_fields(obj, fn: Callable[[torch.Tensor], torch.Tensor], names: tuple[st
     return replace(obj, **{name: fn(getattr(obj, name)) for name in names if getattr(obj, name) is not None})
 
 
+class _PackedTensors:
+    """What `QuantKeys` and `QuantValues` share: packed ``codes`` with ``scale``/``zero``, batch first.
+    ``_FIELDS`` names the tensor attributes (None-valued ones are skipped)."""
+
+    _FIELDS: tuple[str, ...] = ("codes", "scale", "zero")
+
+    @property
+    def tokens(self) -> int:
+        return self.codes.shape[-2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scale.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor held (codes, scale, zero, and a block index where there is one)."""
+        yield from (t for t in (getattr(self, name) for name in self._FIELDS) if t is not None)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors held (their sizes, not of any larger storage they might view)."""
+        return sum(t.nbytes for t in self.tensors())
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        """Apply ``fn`` to every tensor (all have the batch first): reorder rows, ``repeat_interleave``, move."""
+        return _map_fields(self, fn, self._FIELDS)
+
+    def index_select(self, index: torch.Tensor):
+        """Keep batch rows ``index`` (beam reordering, ``batch_select_indices``)."""
+        return self.map(lambda t: t.index_select(0, index.to(t.device)))
+
+
 @dataclass(frozen=True, eq=False)
-class QuantKeys:
+class QuantKeys(_PackedTensors):
     """Keys quantized per channel over blocks of tokens.
 
     Token ``t`` of head ``(b, h)`` dequantizes to ``code[b, h, t] * scale[b, h, k] + zero[b, h, k]`` with
@@ -231,46 +267,19 @@ class QuantKeys:
     block: int
     channels: int
 
-    @property
-    def tokens(self) -> int:
-        return self.codes.shape[-2]
+    _FIELDS = ("codes", "scale", "zero", "block_index")
 
     @property
     def n_blocks(self) -> int:
         return self.scale.shape[-2]
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.scale.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
-
-    @property
     def is_regular(self) -> bool:
         return self.block_index is None
 
-    def tensors(self) -> Iterator[torch.Tensor]:
-        """Every tensor held: codes, scale, zero, and the block index when there is one."""
-        yield from (t for t in (self.codes, self.scale, self.zero, self.block_index) if t is not None)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the tensors held (their sizes, not of any larger storage they might view)."""
-        return sum(t.nbytes for t in self.tensors())
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantKeys:
-        """Apply ``fn`` to every tensor (all have the batch first): reorder rows, ``repeat_interleave``, move."""
-        return _map_fields(self, fn, ("codes", "scale", "zero", "block_index"))
-
-    def index_select(self, index: torch.Tensor) -> QuantKeys:
-        """Keep batch rows ``index`` (beam reordering, ``batch_select_indices``)."""
-        return self.map(lambda t: t.index_select(0, index.to(t.device)))
-
 
 @dataclass(frozen=True, eq=False)
-class QuantValues:
+class QuantValues(_PackedTensors):
     """Values quantized per token in groups of ``group_size`` channels.
 
     Channel ``c`` of token ``t`` dequantizes to ``code[..., t, c] * scale[..., t, c // group_size] + zero[...]``.
@@ -293,37 +302,8 @@ class QuantValues:
     channels: int
 
     @property
-    def tokens(self) -> int:
-        return self.codes.shape[-2]
-
-    @property
     def n_groups(self) -> int:
         return self.scale.shape[-1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.scale.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
-
-    def tensors(self) -> Iterator[torch.Tensor]:
-        """Every tensor held: codes, scale, zero."""
-        yield from (self.codes, self.scale, self.zero)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the tensors held (their sizes, not of any larger storage they might view)."""
-        return sum(t.nbytes for t in self.tensors())
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> QuantValues:
-        """Apply ``fn`` to every tensor (all have the batch first): reorder rows, ``repeat_interleave``, move."""
-        return _map_fields(self, fn, ("codes", "scale", "zero"))
-
-    def index_select(self, index: torch.Tensor) -> QuantValues:
-        """Keep batch rows ``index`` (beam reordering, ``batch_select_indices``)."""
-        return self.map(lambda t: t.index_select(0, index.to(t.device)))
 
 
 # ------------------------------------------------------------------------------------------- quantization
