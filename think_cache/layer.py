@@ -65,7 +65,6 @@ _ROW_TENSORS = (
     "compact_positions",
     "token_scores",
     "window_queries",
-    "window_real",
     "real_keys",
 )
 
@@ -284,7 +283,6 @@ class ThinKLayer(CacheLayerMixin):
         if self.window_queries is not None:  # forget the queries of the removed tokens
             keep = max(self.window_queries.shape[3] - count, 0)
             self.window_queries = self.window_queries[:, :, :, :keep].clone()
-            self.window_real = self.window_real[:, :keep].clone()
         self.seen_tokens -= count
         self.forward_tokens = max(self.forward_tokens - count, 0)
 
@@ -315,9 +313,11 @@ class ThinKLayer(CacheLayerMixin):
             return t0  # the first single-token forward after a prompt: decoding has begun
         return None
 
-    def fold_point(self, t: int) -> int:
-        """Logical position before which a query at ``t`` sees tokens thinned (``t`` at or after the origin)."""
-        return self.origin - self.recent + self.fold_block * ((t - self.origin) // self.fold_block)
+    def fold_point(self, t: int, origin: int | None = None) -> int:
+        """Logical position before which a query at ``t`` sees tokens thinned, for a prompt that ended at ``origin``
+        (default: the latest one; ``t`` at or after it)."""
+        origin = self.origin if origin is None else origin
+        return origin - self.recent + self.fold_block * ((t - origin) // self.fold_block)
 
     def _before_forward(self, t0: int, n: int) -> None:
         """What is due before a forward whose first token is at logical position ``t0``: compacting an ended
@@ -352,8 +352,7 @@ class ThinKLayer(CacheLayerMixin):
             if t < origin:
                 counts.append(0)
             else:
-                point = origin - self.recent + self.fold_block * ((t - origin) // self.fold_block)
-                counts.append(self.store.whole_blocks(max(point - self.full_from, 0)))
+                counts.append(self.store.whole_blocks(max(self.fold_point(t, origin) - self.full_from, 0)))
         return counts if any(counts) else None
 
     def rows_before_end(self, q_len: int) -> int:
@@ -388,12 +387,9 @@ class ThinKLayer(CacheLayerMixin):
         w = min(self.query_rows, rows)
         q = query[:, :, rows - w :] * real_rows[:, None, rows - w :, None].to(query.dtype)
         q = q.reshape(batch, kv_heads, q_heads // kv_heads, w, head_dim)
-        real = real_rows[:, rows - w :]
         if self.window_queries is not None:
             q = torch.cat([self.window_queries, q], dim=3)
-            real = torch.cat([self.window_real, real], dim=1)
         self.window_queries = q[:, :, :, -self.query_rows :].contiguous()
-        self.window_real = real[:, -self.query_rows :].contiguous()
         self.real_keys = real_keys
         self.scaling = scaling
 
@@ -436,7 +432,7 @@ class ThinKLayer(CacheLayerMixin):
             kept = kept_channel_count(values.shape[-1], self.value_ratio)
             value_channels = select_channels(scores, kept).to(index_dtype)
         self.store.start(key_channels, value_channels)
-        self.window_queries = self.window_real = self.real_keys = None
+        self.window_queries = self.real_keys = None
         self.origin = end
 
         n = max(keys.shape[-2] - self.recent, 0)
@@ -607,7 +603,7 @@ class ThinKLayer(CacheLayerMixin):
             self.values = self.values[:, :, n:].clone()
             if self.token_scores is not None:
                 self.token_scores = self.token_scores[..., n:].clone()
-            if getattr(self, "real_keys", None) is not None:
+            if self.real_keys is not None:
                 self.real_keys = self.real_keys[:, n:]
 
     # ---------------------------------------------------------------------------------------------- stats

@@ -166,12 +166,11 @@ def _prompt_length(cache: ThinKCache, args: tuple, kwargs: dict) -> int | None:
 def _check_rollback(cache: ThinKCache, kwargs: dict) -> None:
     """Assisted decoding and prompt lookup roll back rejected drafts: refuse where that cannot be exact."""
     drafts = kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None
-    policy = cache.policy
-    if drafts and policy is not None and policy.evicts_while_decoding:
+    if drafts and not cache.is_croppable:
         raise ValueError(
             f"Assisted decoding and prompt lookup roll back rejected draft tokens, which ThinKCache cannot do "
-            f"exactly under {type(policy).__name__}: it evicts tokens at every step. Use no policy or SnapKV with "
-            "an assistant."
+            f"exactly under {type(cache.policy).__name__}: it evicts tokens at every step. Use no policy or SnapKV "
+            "with an assistant."
         )
 
 
