@@ -256,12 +256,17 @@ def test_assisted_decoding_refused_under_evicting_policies(policy):
         cache.crop(-1)
 
 
-def test_crop_undoes_the_newest_forward_exactly():
+@pytest.mark.parametrize(
+    "arch, overrides, bits",
+    [("mistral", dict(sliding_window=16), None), ("llama", {}, 4)],
+    ids=["sliding", "quantized"],
+)
+def test_crop_undoes_the_newest_forward_exactly(arch, overrides, bits):
     """After a forward of several tokens on a compacted cache, crop restores the state: re-feeding gives the
-    same logits."""
-    model = make_model("mistral", sliding_window=16)
+    same logits (a sliding-window layer, and a quantized compact part)."""
+    model = make_model(arch, **overrides)
     ids, mask = make_batch([60], seed=9)
-    cache = ThinKCache(key_ratio=0.5, window=8)
+    cache = ThinKCache(key_ratio=0.5, window=8, bits=bits)
     generate(model, ids, mask, cache, 2)
     extra = torch.randint(3, 200, (1, 7))
     with torch.no_grad():

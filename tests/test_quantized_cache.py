@@ -405,19 +405,6 @@ def test_assisted_decoding_gives_plain_greedy_tokens(settings):
         torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
 
 
-def test_crop_undoes_the_newest_forward_exactly():
-    model = make_model("llama")
-    ids, mask = make_batch([60], seed=9)
-    cache = ThinKCache(key_ratio=0.5, window=8, bits=4)
-    generate(model, ids, mask, cache, 2)
-    extra = torch.randint(3, 200, (1, 7))
-    with torch.no_grad():
-        first = model(input_ids=extra, use_cache=True, past_key_values=cache).logits
-        cache.crop(-5)
-        again = model(input_ids=extra[:, 2:], use_cache=True, past_key_values=cache).logits
-    torch.testing.assert_close(first[:, 2:], again, atol=ATOL, rtol=0)
-
-
 def test_chunked_prefill_and_copies_equal_one_prefill():
     model = make_model("llama")
     ids, mask = make_batch([60], seed=3)
