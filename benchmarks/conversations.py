@@ -143,8 +143,13 @@ def chat(
     samples: int = 12,
     max_new_tokens: int = 24,
     on_prompt: OnPrompt = None,
+    ways: tuple[str, ...] = CHAT_WAYS,
 ) -> dict:
-    """``samples`` chats of three turns about a document of about ``length`` tokens, per method both ways."""
+    """``samples`` chats of three turns about a document of about ``length`` tokens, per method each way in
+    ``ways`` (`CHAT_WAYS`: one cache reused, a fresh cache per turn)."""
+    unknown = set(ways) - set(CHAT_WAYS)
+    if unknown:
+        raise ValueError(f"unknown chat ways {sorted(unknown)}; choose among {list(CHAT_WAYS)}")
     header = _header("chat", methods, length=length, samples=samples, max_new_tokens=max_new_tokens)
 
     def one_chat(i: int) -> list[dict]:
@@ -153,7 +158,7 @@ def chat(
         prompt = {"task": "chat", "length": length, "depth": depth, "seed": seed}
         rows = []
         for method in methods:
-            for way in CHAT_WAYS:
+            for way in ways:
                 turns = converse(model, tokenizer, document, facts, method, way, max_new_tokens)
                 rows += [{**prompt, "method": method, "way": way, **turn} for turn in turns]
         return rows
@@ -561,6 +566,8 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--chunks", default="none,32,64,256", help="prefill_chunk_size values (default %(default)s)"
             )
+        if part == "chat":
+            sub.add_argument("--ways", default=",".join(CHAT_WAYS), help="which ways (default %(default)s)")
         if part == "prefix":
             sub.add_argument("--questions", type=int, default=3, help="questions per document (default %(default)s)")
         if part == "assisted":
@@ -592,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         on_prompt=lambda partial: save_json(partial, path),  # an interrupted run keeps what it measured
     )
     if args.part == "chat":
-        result = chat(model, tokenizer, **common)
+        result = chat(model, tokenizer, ways=tuple(args.ways.split(",")), **common)
     elif args.part == "chunked":
         chunks = tuple(None if c == "none" else int(c) for c in args.chunks.split(","))
         result = chunked(model, tokenizer, chunks=chunks, **common)

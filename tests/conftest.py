@@ -141,12 +141,17 @@ class ZeroedLayer(DynamicLayer):
     It mirrors ThinK's schedule without sharing its code: channels are given (taken from a ThinK run); the prompt
     ends at the first single-token forward after a multi-token one (where the patched ``generate`` puts it too);
     from then on a forward starting at position ``t`` sees tokens before
-    ``origin - recent + fold_block * ((t - origin) // fold_block)`` thinned, where ``origin`` is the prompt's end.
+    ``origin - held + fold_block * ((t - origin) // fold_block)`` thinned, where ``origin`` is the latest prompt's
+    end and ``held`` is ``recent`` for the first prompt and ``max(recent, window)`` for a later one (a chat's turn).
     """
 
-    def __init__(self, key_channels, value_channels, recent: int, head_dim: int, fold_block: int, sliding_window=None):
+    def __init__(
+        self, key_channels, value_channels, recent: int, head_dim: int, fold_block: int, sliding_window=None, window=32
+    ):
         super().__init__()
         self.recent = recent
+        self.later_recent = max(recent, window)
+        self.first_origin = None
         self.fold_block = fold_block
         self.sliding_window = sliding_window
         self.key_keep = self._keep_mask(key_channels, head_dim)
@@ -165,11 +170,14 @@ class ZeroedLayer(DynamicLayer):
         n, t0 = key_states.shape[-2], self.seen
         if n == 1 and t0 > 0 and (self.last_forward > 1 or self.origin is None):
             self.origin = t0
+            if self.first_origin is None:
+                self.first_origin = t0
         self.last_forward = n
         self.seen += n
         keys, values = super().update(key_states, value_states)
         if self.origin is not None:
-            thinned_before = self.origin - self.recent + self.fold_block * ((t0 - self.origin) // self.fold_block)
+            held = self.recent if self.origin == self.first_origin else self.later_recent
+            thinned_before = self.origin - held + self.fold_block * ((t0 - self.origin) // self.fold_block)
             old = keys.shape[-2] - (self.seen - thinned_before)  # stored tokens before that position
             if old > 0:
                 keys[:, :, :old] = keys[:, :, :old] * self.key_keep
@@ -205,6 +213,7 @@ def zeroed_reference(think_cache_after_run, model) -> DynamicCache:
                 layer.head_dim,
                 layer.fold_block,
                 sliding_window=window,
+                window=layer.window,
             )
         )
     cache = DynamicCache()

@@ -34,7 +34,9 @@ When things happen (the schedule), in logical positions, whatever the way tokens
   full-width at compaction, folds take whole blocks, and a policy that evicts while decoding folds a block at a
   time too instead of a token a step. When one forward holds several generated positions
   (assisted decoding verifies drafts in one forward), each query row gets exactly the view it would have had
-  one token at a time (`thinned_rows`). A later prompt (a chat's next turn) restarts the schedule at its own end.
+  one token at a time (`thinned_rows`). A later prompt (a chat's next turn) restarts the schedule at its own end
+  and keeps at least its last ``window`` tokens at full width (`held_tokens`): its question did not choose the
+  channels.
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ class ThinKLayer(CacheLayerMixin):
         self.store.clear()
         self.seen_tokens = 0
         self.origin: int | None = None  # logical end of the last prompt: where the fold schedule counts from
+        self.compacted_at: int | None = None  # logical end of the prompt the layer was compacted at
         self.real_keys: torch.Tensor | None = None  # (batch, stored) before compaction: False at padding
         self.scaling = 1.0
         self.forward_tokens = 0  # tokens of the last forward
@@ -317,7 +320,16 @@ class ThinKLayer(CacheLayerMixin):
         """Logical position before which a query at ``t`` sees tokens thinned, for a prompt that ended at ``origin``
         (default: the latest one; ``t`` at or after it)."""
         origin = self.origin if origin is None else origin
-        return origin - self.recent + self.fold_block * ((t - origin) // self.fold_block)
+        return origin - self.held_tokens(origin) + self.fold_block * ((t - origin) // self.fold_block)
+
+    def held_tokens(self, origin: int) -> int:
+        """How many of a prompt's last tokens wait at full width with the generated ones, for the prompt that ended
+        at ``origin``: ``recent`` for the prompt the layer was compacted at, at least ``window`` for a later one (a
+        chat's next turn). A later prompt's question did not choose the channels; thinned by channels chosen for
+        an earlier question, SmolLM2 answered the earlier question again (0 of 12 second turns right at 0.4)."""
+        if origin == self.compacted_at:
+            return self.recent
+        return max(self.recent, self.window)
 
     def _before_forward(self, t0: int, n: int) -> None:
         """What is due before a forward whose first token is at logical position ``t0``: compacting an ended
@@ -433,7 +445,7 @@ class ThinKLayer(CacheLayerMixin):
             value_channels = select_channels(scores, kept).to(index_dtype)
         self.store.start(key_channels, value_channels)
         self.window_queries = self.real_keys = None
-        self.origin = end
+        self.origin = self.compacted_at = end
 
         n = max(keys.shape[-2] - self.recent, 0)
         if positions is None:  # the same tokens for every head: a partial block can wait at full width
