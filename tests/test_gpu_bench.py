@@ -1,0 +1,114 @@
+"""benchmarks/gpu.py in its smoke mode: the tiny model on the CPU, every method, the JSON the GPU run writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import gpu
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu") / "gpu_smoke.json"
+    assert gpu.main(["--smoke", "--repeats", "2", "--out", str(out)]) == 0
+    return out, json.loads(out.read_text())
+
+
+def test_smoke_run_measures_every_method_at_every_group(smoke):
+    _, result = smoke
+    assert result["finished"] and result["smoke"] and result["config"]["num_hidden_layers"] == 2
+    methods = gpu.SMOKE_METHODS.split(",")
+    assert result["settings"]["methods"] == methods
+    cells = {(c["batch"], c["context"], c["method"]): c for c in result["cells"]}
+    assert set(cells) == {(b, n, m) for b, n in gpu.parse_groups(gpu.SMOKE_GROUPS) for m in methods}
+    for cell in cells.values():
+        assert cell["status"] == "ok", cell
+        assert cell["prefill_s"] > 0 and cell["decode_s_per_token"] > 0 and cell["held_bytes"] > 0
+        assert len(cell["samples"][0]["decode_steps_s"]) == 1 + 4  # warm-up and timed steps
+        if cell["method"] != "unpatched":
+            assert set(cell["vs_unpatched"]) >= {"prefill_s", "decode_s_per_token", "held_bytes"}
+    # the first group is measured twice (interleaved), the others once; the figures are medians
+    assert cells[1, 96, "think-0.5"]["repeats"] == 2 and cells[1, 160, "think-0.5"]["repeats"] == 1
+    for n in (96, 160):
+        unpatched, dynamic = cells[1, n, "unpatched"], cells[1, n, "dynamic"]
+        assert unpatched["held_bytes"] == dynamic["held_bytes"] and dynamic["vs_unpatched"]["held_bytes"] == 1
+        assert cells[1, n, "think-0.5"]["held_bytes"] < dynamic["held_bytes"]
+        assert cells[1, n, "think-0.5"]["held_vs_dense"] == pytest.approx(0.75, abs=0.02)
+        assert cells[1, n, "think-0.5+int4"]["held_bytes"] < cells[1, n, "think-0.5"]["held_bytes"]
+    assert cells[1, 160, "snapkv-64+think-0.5"]["held_bytes"] < cells[1, 160, "think-0.5"]["held_bytes"]
+    assert cells[2, 96, "dynamic"]["held_bytes"] == 2 * cells[1, 96, "dynamic"]["held_bytes"]
+
+
+def test_smoke_table_and_plot(smoke, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path, result = smoke
+    copy = tmp_path / "gpu_copy.json"
+    copy.write_text(path.read_text())
+    assert gpu.main(["--plot-only", str(copy)]) == 0
+    assert (tmp_path / "gpu_copy.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "| 1 | 96 | think-0.5 |" in printed and "(0.75x)" in printed
+
+
+def test_a_spent_budget_skips_cells_and_still_writes_the_json(tmp_path):
+    out = tmp_path / "spent.json"
+    assert gpu.main(["--smoke", "--budget-s", "0", "--groups", "1x96", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["finished"] and {c["status"] for c in result["cells"]} == {"skipped"}
+
+
+def test_failures_are_recorded_not_raised():
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+
+    assert gpu.run_one(oom) == {"status": "oom", "error": "CUDA out of memory. Tried to allocate 16.00 GiB"}
+    assert gpu.run_one(lambda: 1 / 0)["error"].startswith("ZeroDivisionError")
+    cell = {"samples": [{"status": "oom", "error": "out"}]}
+    gpu.merge(cell)
+    assert cell["status"] == "oom" and cell["repeats"] == 0
+    cells = [cell | {"batch": 1, "context": 8, "method": "unpatched"}]
+    gpu.add_ratios(cells)  # no baseline: no ratios, no error
+    assert "vs_unpatched" not in cells[0]
+
+
+def test_groups_schedule_and_estimates():
+    assert gpu.parse_groups("1x8k, 8x8k,1x128k,2x96") == [(1, 8192), (8, 8192), (1, 131072), (2, 96)]
+    plan = gpu.schedule([(1, 8), (8, 8)], ["unpatched", "think-0.5", "dynamic"], 2, ["static-compiled"])
+    assert plan == [
+        (0, 1, 8, "unpatched"),
+        (0, 1, 8, "think-0.5"),
+        (0, 1, 8, "dynamic"),
+        (0, 8, 8, "unpatched"),
+        (0, 8, 8, "think-0.5"),
+        (0, 8, 8, "dynamic"),
+        (0, 1, 8, "static-compiled"),
+        (1, 1, 8, "think-0.5"),
+        (1, 1, 8, "dynamic"),
+        (1, 1, 8, "unpatched"),
+    ]
+    history = [
+        {"method": "unpatched", "batch": 1, "context": 8192, "prefill_s": 0.3, "cell_s": 1.5},
+        {"method": "h2o-2048+think-0.5", "batch": 1, "context": 8192, "prefill_s": 2.3, "cell_s": 3.5},
+    ]
+    assert gpu.estimate_s([], "dynamic", 1, 8192) is None
+    assert gpu.estimate_s(history, "unpatched", 1, 8192) == pytest.approx(1.15 * 1.5 + 1)
+    h2o = gpu.estimate_s(history, "h2o-2048+think-0.5", 1, 32768)
+    assert h2o > 1.15 * 2.3 * 16  # quadratic prefill
+    # a method not yet run is guessed from the baseline, with room to spare
+    assert gpu.estimate_s(history, "think-0.5", 1, 32768) > gpu.estimate_s(history, "unpatched", 1, 32768)
+
+
+def test_profile_step_counts_ops():
+    model, _ = gpu.build_model(smoke=True, device="cpu")
+    row = gpu.measure(model, "think-0.5", 1, 64, 2, 1, profile=True)
+    assert row["kernels_per_step"] == 0 and row["aten_ops_per_step"] > 10  # no CUDA here: no kernels
+
+
+def test_child_process_cell_and_its_timeout():
+    args = gpu.parse_args(["--smoke"])
+    row = gpu.measure_in_child(args, "static", 1, 64, timeout_s=120)
+    assert row["status"] == "ok" and row["decode_s_per_token"] > 0 and row["child_s"] > 0
+    assert gpu.measure_in_child(args, "static", 1, 64, timeout_s=0.5)["status"] == "timeout"
