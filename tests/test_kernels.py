@@ -3,6 +3,8 @@ on the CPU (``TRITON_INTERPRET=1``): tiny shapes, so that the interpreter stays 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -185,3 +187,13 @@ def test_generation_equals_torch_path(monkeypatch, cache_kwargs):
     assert torch.equal(a.sequences, b.sequences)
     for x, y in zip(a.logits, b.logits, strict=True):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+
+
+def test_kernel_check_smoke(tmp_path):
+    """benchmarks/kernel_check.py, the GPU check, runs its tiny CPU variant and writes its JSON."""
+    from benchmarks import kernel_check
+
+    out = tmp_path / "check.json"
+    results = kernel_check.main(["--smoke", "--out", str(out), "--runs", "2"])
+    assert results["all_ok"] and len(results["checks"]) == 4
+    assert json.loads(out.read_text())["timings"][0]["kernel_call_us"] > 0
