@@ -1,10 +1,11 @@
 """A fused Triton kernel for attention over a ThinK layer: compact part then recent part, one softmax.
 
 `compact_decode_attention` computes what `think_cache.compact.compact_attention` computes for a `FullStore`
-(the torch path stays the reference and the CPU path) in one kernel launch per layer, or two when a long context
-is split across programs (flash-decoding: a split pass and a small merge).
+(the torch path stays the reference and the CPU path) in one kernel launch per layer. A long context is split into
+spans of tokens across programs (flash-decoding), and the last program of each row block to finish combines the
+spans' partial results, so there is no second launch.
 
-What one program of the split pass does, for one (batch row, KV head, block of query rows, span of tokens):
+What one program does, for one (batch row, KV head, block of query rows, span of tokens):
 
 * reads its query rows once, at full width (for the recent part) and gathered at the KV head's kept key channels
   (``key_channels``, loaded in the kernel: no gathered copy of the query is made); a KV head's whole GQA group of
@@ -16,14 +17,16 @@ What one program of the split pass does, for one (batch row, KV head, block of q
 * with pruned values, accumulates the compact part's contribution at the kept value channels and scatters it
   back to ``head_dim`` channels once, at the end (zero at the pruned channels);
 * writes the normalized output directly in transformers' ``(batch, q_len, q_heads, head_dim)`` layout when the
-  context is one span, else its unnormalized partial output and its running max and sum, which the merge
-  kernel combines by log-sum-exp.
+  context is one span; else writes its unnormalized partial output, running max and running sum, counts itself
+  done with an atomic add, and if it is the last span of its rows to finish, combines all spans by log-sum-exp
+  and writes the output.
 
 Memory: the kernel reads the query, the kept channels, the compact and recent keys and values once each and the
 mask if any; it allocates the output and, when the context is split into ``S`` spans, a float32 workspace of
-``batch * q_heads * q_len * S * (head_dim + 2) * 4`` bytes (``S`` is at most about twice the number of SMs
-divided by ``batch * kv_heads``: around 1 MiB at batch 1 on an H100 for Llama-3.1-8B's shape, whatever the
-context length).
+``batch * q_heads * q_len * S * (head_dim + 2) * 4`` bytes plus one int32 counter per program (``S`` is at most
+about twice the number of SMs divided by ``batch * kv_heads``: about 0.5 MiB at batch 1 on an H100 for
+Llama-3.1-8B's shape, whatever the context length). A float additive mask is first turned into a bool one (the
+torch path does the same).
 
 Other storage kinds: the kernel reads a `FullStore`'s tensors directly. A `QuantizedStore` would plug in at
 `store_attention` with a variant of the compact loop that loads codes and their scales and zero points per tile
@@ -95,7 +98,7 @@ def use_kernel(store: CompactStore, device: torch.device | str) -> bool:
 
 # ----------------------------------------------------------------------------------------------------- kernels
 def _split_pass(
-    q_ptr, kch_ptr, ck_ptr, cv_ptr, vch_ptr, rk_ptr, rv_ptr, mask_ptr, out_ptr, acc_ptr, max_ptr, sum_ptr,
+    q_ptr, kch_ptr, ck_ptr, cv_ptr, vch_ptr, rk_ptr, rv_ptr, mask_ptr, out_ptr, part_ptr, count_ptr,
     sq_b, sq_h, sq_l, sq_d,
     skc_b, skc_h, skc_c,
     sck_b, sck_h, sck_t, sck_c,
@@ -109,7 +112,7 @@ def _split_pass(
     scale_log2,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KK: tl.constexpr,
     BLOCK_KV: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRUNED_V: tl.constexpr,
-    SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """One (batch row, KV head, row block) x one span of tokens: see the module docstring. ``UPCAST``: do the
     products in float32 (Triton's interpreter multiplies bfloat16 operands as raw bits)."""
@@ -230,47 +233,38 @@ def _split_pass(
         one_hot = (v_channels[:, None] == d[None, :]).to(tl.float32)
         acc += tl.dot(acc_kept, one_hot, input_precision="ieee")
 
-    if SPLIT:  # unnormalized partial output, running max and sum, per (global row, split)
+    o_rows = out_ptr + b * so_b + pos * so_l + head * so_h
+    o_mask = row_ok[:, None] & d_ok[None, :]
+    if SPLIT:
+        # the unnormalized partial output, running max and running sum of each row for this span; the last span
+        # of these rows to finish combines them all by log-sum-exp (no second launch)
         grow = (b * kv_heads + kvh) * n_rows + rows
-        part = grow * n_splits + split
-        tl.store(acc_ptr + part[:, None] * head_dim + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(max_ptr + part, m_i, mask=row_ok)
-        tl.store(sum_ptr + part, l_i, mask=row_ok)
+        part = part_ptr + (grow * n_splits + split) * (head_dim + 2)
+        tl.store(part[:, None] + d[None, :], acc, mask=o_mask)
+        tl.store(part + head_dim, m_i, mask=row_ok)
+        tl.store(part + head_dim + 1, l_i, mask=row_ok)
+        tl.debug_barrier()  # all of this program's partials are written before its count is taken (acq_rel)
+        finished = tl.atomic_add(count_ptr + pid, 1)
+        if finished == n_splits - 1:  # combine the spans, one row at a time, all spans of a row at once
+            spans = tl.arange(0, BLOCK_S)
+            spans_ok = spans < n_splits
+            for row in range(row_block * BLOCK_R, tl.minimum(row_block * BLOCK_R + BLOCK_R, n_rows)):
+                # .cg: read from L2, where the other programs wrote
+                row_parts = part_ptr + (((b * kv_heads + kvh) * n_rows + row) * n_splits + spans) * (head_dim + 2)
+                m_s = tl.load(row_parts + head_dim, mask=spans_ok, other=float("-inf"), cache_modifier=".cg")
+                l_s = tl.load(row_parts + head_dim + 1, mask=spans_ok, other=0.0, cache_modifier=".cg")
+                o_s = tl.load(
+                    row_parts[:, None] + d[None, :],
+                    mask=spans_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                w = tl.exp2(m_s - tl.max(m_s, 0))
+                o_row = tl.sum(o_s * w[:, None], 0) / tl.sum(w * l_s, 0)
+                o_ptr = out_ptr + b * so_b + (row % q_len) * so_l + (kvh * group + row // q_len) * so_h
+                tl.store(o_ptr + d * so_d, o_row.to(out_ptr.dtype.element_ty), mask=d_ok)
     else:
-        out = acc / l_i[:, None]
-        o_rows = out_ptr + b * so_b + pos * so_l + head * so_h
-        tl.store(
-            o_rows[:, None] + d[None, :] * so_d,
-            out.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & d_ok[None, :],
-        )
-
-
-def _merge_pass(
-    acc_ptr, max_ptr, sum_ptr, out_ptr,
-    so_b, so_l, so_h, so_d,
-    kv_heads, group, q_len, head_dim, n_splits,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """One output row from the split pass's partial results, combined by log-sum-exp."""
-    grow = tl.program_id(0)
-    n_rows = group * q_len
-    r = grow % n_rows
-    bh = grow // n_rows
-    b = (bh // kv_heads).to(tl.int64)
-    head = (bh % kv_heads) * group + r // q_len
-    pos = r % q_len
-    s = tl.arange(0, BLOCK_S)
-    s_ok = s < n_splits
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < head_dim
-    part = grow.to(tl.int64) * n_splits + s
-    m = tl.load(max_ptr + part, mask=s_ok, other=float("-inf"))
-    weight = tl.exp2(m - tl.max(m, 0))
-    total = tl.sum(weight * tl.load(sum_ptr + part, mask=s_ok, other=0.0), 0)
-    acc = tl.load(acc_ptr + part[:, None] * head_dim + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    out = tl.sum(acc * weight[:, None], 0) / total
-    tl.store(out_ptr + b * so_b + pos * so_l + head * so_h + d * so_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+        tl.store(o_rows[:, None] + d[None, :] * so_d, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 @functools.lru_cache(maxsize=2)
@@ -280,12 +274,23 @@ def _kernels(interpret: bool):
     import triton
     import triton.language as tl
 
-    return triton.jit(_split_pass), triton.jit(_merge_pass)
+    # token counts change every step: not specialized on (== 1, multiple of 16), so that no step recompiles
+    return triton.jit(_split_pass, do_not_specialize=["n_compact", "n_recent", "split_len", "n_splits"])
 
 
 # ------------------------------------------------------------------------------------------------- the launch
 def _pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << max(n - 1, 0).bit_length())
+
+
+#: Most spans a context is split into: the program that combines them holds one row's partial outputs of every
+#: span at once (``MAX_SPANS * head_dim`` floats).
+MAX_SPANS = 64
+#: Fewest tokens a span is given (shorter spans cost more partial results to write and combine than they save).
+MIN_SPAN_TOKENS = 256
+#: Tokens per tile, by head_dim (wider heads, smaller tiles: registers), and warps per program.
+BLOCK_N = {64: 64, 128: 32, 256: 32}
+NUM_WARPS = 4
 
 
 @functools.lru_cache(maxsize=8)
@@ -296,10 +301,11 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _split_length(n_total: int, programs: int, block_n: int, device: torch.device, split_tokens: int | None) -> int:
-    """Tokens per span, a multiple of ``block_n``: enough spans for about two programs per SM, none under 256
-    tokens (``split_tokens`` forces a length, for tests)."""
+    """Tokens per span, a multiple of ``block_n``: enough spans for about two programs per SM, none under
+    `MIN_SPAN_TOKENS` tokens, at most `MAX_SPANS` (``split_tokens`` forces a length, for tests)."""
     if split_tokens is None:
-        spans = max(1, min(-(-2 * _multiprocessors(device) // programs), -(-n_total // 256)))
+        spans = -(-2 * _multiprocessors(device) // programs)
+        spans = max(1, min(spans, -(-n_total // MIN_SPAN_TOKENS), MAX_SPANS))
         split_tokens = -(-n_total // spans)
     return max(block_n, -(-split_tokens // block_n) * block_n)
 
@@ -387,42 +393,36 @@ def _attention(
     else:
         mask, mask_strides = query, [0, 0, 0, 0]  # never read
 
-    split_pass, merge_pass = _kernels(_interpreting())
+    interpreting = _interpreting()
+    kernel = _kernels(interpreting)
     block_d = _pow2(head_dim)
     block_kk, block_kv = _pow2(kept_k), _pow2(kept_v)
     block_r = min(_pow2(group * q_len), 32 if head_dim > 128 else 64)
-    block_n = 32 if head_dim > 128 else 64
+    block_n = BLOCK_N.get(block_d, 32)
     row_blocks = -(-group * q_len // block_r)
     programs = batch * kv_heads * row_blocks
     split_len = _split_length(n_total, programs, block_n, query.device, split_tokens)
     n_splits = -(-n_total // split_len)
 
     out = query.new_empty(batch, q_len, q_heads, head_dim)
-    if n_splits > 1:
-        rows = batch * q_heads * q_len * n_splits
-        acc = torch.empty(rows, head_dim, dtype=torch.float32, device=query.device)
-        running = torch.empty(2, rows, dtype=torch.float32, device=query.device)
-        row_max, row_sum = running[0], running[1]
+    if n_splits > 1:  # per row and span: partial output, running max and sum; per program: spans finished
+        parts = torch.empty(batch * q_heads * q_len * n_splits, head_dim + 2, dtype=torch.float32, device=out.device)
+        counts = torch.zeros(programs, dtype=torch.int32, device=out.device)
     else:
-        acc = row_max = row_sum = out  # never written
-    precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    split_pass[(programs, n_splits)](
+        parts = counts = out  # never touched
+    kernel[(programs, n_splits)](
         query, key_channels, compact_keys, compact_values, value_channels, recent_keys, recent_values, mask,
-        out, acc, row_max, row_sum,
+        out, parts, counts,
         *query.stride(), *key_channels.stride(), *compact_keys.stride(), *compact_values.stride(),
         *value_channels.stride(), *recent_keys.stride(), *recent_values.stride(), *mask_strides, *out.stride(),
         kv_heads, group, q_len, n_compact, n_recent, kept_k, kept_v, head_dim, split_len, n_splits, row_blocks,
         scale * _LOG2E,
         BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_KK=block_kk, BLOCK_KV=block_kv,
-        HAS_MASK=has_mask, CAUSAL=q_len > 1, PRUNED_V=pruned_v, SPLIT=n_splits > 1, PRECISION=precision,
-        UPCAST=_interpreting() and query.dtype == torch.bfloat16,
-        num_warps=4,
+        HAS_MASK=has_mask, CAUSAL=q_len > 1, PRUNED_V=pruned_v, SPLIT=n_splits > 1, BLOCK_S=_pow2(n_splits),
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        UPCAST=interpreting and query.dtype == torch.bfloat16,
+        num_warps=NUM_WARPS,
     )  # fmt: skip
-    if n_splits > 1:
-        merge_pass[(batch * q_heads * q_len,)](
-            acc, row_max, row_sum, out, *out.stride(), kv_heads, group, q_len, head_dim, n_splits,
-            BLOCK_S=_pow2(n_splits, 2), BLOCK_D=block_d, num_warps=4,
-        )  # fmt: skip
     return out
 
 
