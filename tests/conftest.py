@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# Triton decides when it is imported whether its functions run interpreted (on the CPU, with numpy), and the model
+# classes below import it: test_kernels.py runs the Triton kernel interpreted. Elsewhere this changes nothing: on
+# the CPU the kernel runs only when THINK_CACHE_KERNEL=triton asks for it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 import torch
 from transformers import (
     LlamaConfig,

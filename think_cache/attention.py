@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from . import kernels
 from .compact import causal_mask, compact_probs, thin_mask, thinned_store, weighted_values
 
 __all__ = ["ATTENTION_NAME", "think_attention", "register"]
@@ -142,8 +143,24 @@ def _full_attention(module, query, key, value, mask, dropout: float, scaling, wa
 
 
 def _attend_compacted(layer, query: torch.Tensor, mask: torch.Tensor | None, scale: float, wants_attention: bool):
-    """Attention of ``query`` (the forward's newest rows) over a compacted layer, then the layer's bookkeeping."""
+    """Attention of ``query`` (the forward's newest rows) over a compacted layer, then the layer's bookkeeping.
+
+    The fused kernel (`think_cache.kernels`, chosen by `kernels.use_kernel`: on CUDA for a `FullStore`) serves the
+    forwards that need only the output: no attention weights asked for, none accumulated by the policy (H2O), and
+    no query row that must see recent tokens thinned (`ThinKLayer.thinned_rows`). The rest takes the torch path.
+    """
     q_len = query.shape[2]
+    if (
+        not wants_attention
+        and layer.token_scores is None
+        and kernels.use_kernel(layer.store, query.device)
+        and layer.thinned_rows(q_len) is None
+    ):
+        out = kernels.store_attention(
+            query, layer.store, layer.keys, layer.values, layer.attention_mask(mask, q_len), scale
+        )
+        layer.after_attention(mask, None)
+        return out, None
     thin = thin_mask(layer.thinned_rows(q_len), query.shape[1] // layer.keys.shape[1], query.device)
     thinned = thinned_store(layer.store, layer.keys, layer.values, thin)
     probs = compact_probs(query, layer.store, layer.keys, layer.attention_mask(mask, q_len), scale, thin, thinned)

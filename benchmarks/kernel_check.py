@@ -1,0 +1,224 @@
+"""Check the fused Triton kernel against the torch path on a GPU, and time one layer's decode attention.
+
+    python -m benchmarks.kernel_check --out kernel_check.json           # on a CUDA machine (under a minute)
+    python -m benchmarks.kernel_check --smoke --out /tmp/smoke.json     # on the CPU, Triton interpreted
+
+1. Correctness: `think_cache.kernels.compact_decode_attention` (compiled) against the torch path
+   (`think_cache.compact.compact_attention` over a `FullStore`) in bfloat16 and float32, for a few shapes including
+   Llama-3.1-8B's (32 query / 8 KV heads of 128, keys at ratio 0.5). Both are compared with the torch path run in
+   float32 on the same (rounded) inputs, so a bfloat16 kernel error can be read against the torch path's own.
+2. Timing, Llama-3.1-8B's shape, batch 1, one query token, bfloat16, at 8k/32k/128k compact tokens (plus 16 recent
+   ones): torch's sdpa over full-width keys (``enable_gqa=True``), the torch compact path and the kernel. Medians
+   over ``--runs`` calls after warm-up, timed with CUDA events two ways: ``call_us`` around each call as it comes
+   (what a decode step pays, host-side launch overhead included) and ``gpu_us`` with the GPU held busy while the
+   call is queued (the kernels' own time).
+
+Writes JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+LLAMA_8B = dict(kv_heads=8, group=4, head_dim=128)
+SCALE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def make_inputs(batch, kv_heads, group, q_len, head_dim, kept_k, kept_v, n_compact, n_recent, dtype, device, seed=0):
+    """Random ``(query, store, recent_keys, recent_values)``; the query a transposed view as transformers passes."""
+    from think_cache.storage import FullStore
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    def channels(kept):
+        rows = [torch.randperm(head_dim, generator=g)[:kept] for _ in range(batch * kv_heads)]
+        return torch.stack(rows).view(batch, kv_heads, kept).to(device=device, dtype=torch.int16)
+
+    query = randn(batch, q_len, kv_heads * group, head_dim).transpose(1, 2)
+    store = FullStore()
+    store.start(channels(kept_k), None if kept_v is None else channels(kept_v))
+    store.append(randn(batch, kv_heads, n_compact, head_dim), randn(batch, kv_heads, n_compact, head_dim))
+    return query, store, randn(batch, kv_heads, n_recent, head_dim), randn(batch, kv_heads, n_recent, head_dim)
+
+
+def _as(store, dtype):
+    from think_cache.storage import FullStore
+
+    out = FullStore()
+    out.start(store.key_channels, store.value_channels)
+    out.keys, out.values = store.keys.to(dtype), store.values.to(dtype)
+    return out
+
+
+def check(shape: dict, dtype: torch.dtype, device: str) -> dict:
+    """Max abs errors of the kernel and of the torch path, both against the torch path in float32."""
+    from think_cache import kernels
+    from think_cache.compact import compact_attention
+
+    query, store, rk, rv = make_inputs(**shape, dtype=dtype, device=device)
+    n_total = shape["n_compact"] + shape["n_recent"]
+    mask = None
+    if shape["batch"] > 1:  # left padding: row b padded by 37 * b tokens, causal among the queries
+        q_len = shape["q_len"]
+        mask = torch.ones(shape["batch"], 1, q_len, n_total, dtype=torch.bool, device=device).tril(n_total - q_len)
+        for b in range(shape["batch"]):
+            mask[b, ..., : 37 * b] = False
+    scale = shape["head_dim"] ** -0.5
+    reference = compact_attention(query.float(), _as(store, torch.float32), rk.float(), rv.float(), mask, scale)
+    torch_path = compact_attention(query, store, rk, rv, mask, scale)
+    out = kernels.compact_decode_attention(
+        query, store.key_channels, store.keys, store.values, store.value_channels, rk, rv, mask, scale
+    )
+    kernel_err = (out.float() - reference).abs().max().item()
+    return {
+        **shape,
+        "dtype": str(dtype).removeprefix("torch."),
+        "kernel_max_err": kernel_err,
+        "torch_path_max_err": (torch_path.float() - reference).abs().max().item(),
+        "ok": kernel_err <= SCALE_TOLERANCE[dtype],
+    }
+
+
+def _timer(device: str):
+    """``time(fn, runs) -> (call_us, gpu_us)`` medians: CUDA events on a GPU, the wall clock on the CPU."""
+    if device != "cuda":
+
+        def wall(fn, runs):
+            times = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1e6)
+            return statistics.median(times), None
+
+        return wall
+
+    def events(fn, runs):
+        call, gpu = [], []
+        for busy in (False, True):
+            for _ in range(runs):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                if busy:  # the GPU sleeps while the call is queued behind it: only the kernels' time is measured
+                    torch.cuda._sleep(2_000_000)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                (gpu if busy else call).append(start.elapsed_time(end) * 1e3)
+        return statistics.median(call), statistics.median(gpu)
+
+    return events
+
+
+def time_layer(n_compact: int, n_recent: int, device: str, runs: int, warmup: int, shape: dict) -> dict:
+    """One layer's attention for one query token: sdpa over full keys, the torch compact path, the kernel."""
+    from think_cache import kernels
+    from think_cache.compact import compact_attention
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    kv_heads, group, head_dim = shape["kv_heads"], shape["group"], shape["head_dim"]
+    query, store, rk, rv = make_inputs(
+        1, kv_heads, group, 1, head_dim, head_dim // 2, None, n_compact, n_recent, dtype, device
+    )
+    full_keys = torch.randn(1, kv_heads, n_compact + n_recent, head_dim, device=device, dtype=dtype)
+    full_values = torch.randn_like(full_keys)
+    scale = head_dim**-0.5
+    fns = {
+        "sdpa_full": lambda: torch.nn.functional.scaled_dot_product_attention(
+            query, full_keys, full_values, scale=scale, enable_gqa=True
+        ),
+        "torch_compact": lambda: compact_attention(query, store, rk, rv, None, scale),
+        "kernel": lambda: kernels.compact_decode_attention(
+            query, store.key_channels, store.keys, store.values, None, rk, rv, None, scale
+        ),
+    }
+    timer = _timer(device)
+    row = {"compact_tokens": n_compact, "recent_tokens": n_recent}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        row[f"{name}_call_us"], row[f"{name}_gpu_us"] = timer(fn, runs)
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="where to write the JSON results")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, Triton interpreted")
+    parser.add_argument("--runs", type=int, default=50)
+    args = parser.parse_args(argv)
+    if args.smoke:  # before Triton is first imported (the model classes of transformers import it)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from think_cache import kernels
+
+    device = "cpu" if args.smoke else "cuda"
+    if not kernels.kernel_available(device):
+        raise SystemExit(f"the kernel cannot run on {device}: needs triton and a CUDA device (or --smoke)")
+    started = time.perf_counter()
+
+    if args.smoke:
+        checks = [
+            dict(batch=1, kv_heads=2, group=4, q_len=1, head_dim=64, kept_k=32, kept_v=None, n_compact=300, n_recent=5),
+            dict(batch=2, kv_heads=1, group=2, q_len=2, head_dim=64, kept_k=38, kept_v=40, n_compact=90, n_recent=4),
+        ]
+        lengths, runs, warmup, timing_shape = (256,), min(args.runs, 3), 1, dict(kv_heads=2, group=4, head_dim=64)
+    else:
+        checks = [
+            dict(batch=1, **LLAMA_8B, q_len=1, kept_k=64, kept_v=None, n_compact=4096, n_recent=20),
+            dict(batch=2, **LLAMA_8B, q_len=4, kept_k=64, kept_v=77, n_compact=3000, n_recent=37),
+            dict(
+                batch=1, kv_heads=3, group=3, q_len=1, head_dim=64, kept_k=38, kept_v=None, n_compact=1000, n_recent=7
+            ),
+            dict(
+                batch=1, kv_heads=2, group=2, q_len=2, head_dim=256, kept_k=100, kept_v=None, n_compact=777, n_recent=9
+            ),
+        ]
+        lengths, runs, warmup, timing_shape = (8192, 32768, 131072), args.runs, 10, LLAMA_8B
+
+    results = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "checks": [check(shape, dtype, device) for dtype in (torch.bfloat16, torch.float32) for shape in checks],
+        "timings": [time_layer(n, 16, device, runs, warmup, timing_shape) for n in lengths],
+    }
+    results["all_ok"] = all(c["ok"] for c in results["checks"])
+    results["seconds"] = round(time.perf_counter() - started, 1)
+
+    for c in results["checks"]:
+        print(
+            f"{c['dtype']:>8} B={c['batch']} {c['kv_heads']}x{c['group']} heads D={c['head_dim']} L={c['q_len']} "
+            f"keys {c['kept_k']} values {c['kept_v']} tokens {c['n_compact']}+{c['n_recent']}: kernel err "
+            f"{c['kernel_max_err']:.2e} (torch path {c['torch_path_max_err']:.2e}) {'ok' if c['ok'] else 'FAIL'}"
+        )
+    for t in results["timings"]:
+        print(
+            f"{t['compact_tokens']:>7} tokens, µs per call (GPU only): "
+            + ", ".join(f"{m} {t[f'{m}_call_us']:.1f} ({_us(t[f'{m}_gpu_us'])})" for m in _METHODS)
+        )
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {args.out} in {results['seconds']} s")
+    return results
+
+
+_METHODS = ("sdpa_full", "torch_compact", "kernel")
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main()["all_ok"] else 1)

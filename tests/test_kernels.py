@@ -1,0 +1,199 @@
+"""The fused Triton kernel equals the torch path (`compact_attention` over a `FullStore`), run by Triton's interpreter
+on the CPU (``TRITON_INTERPRET=1``): tiny shapes, so that the interpreter stays fast."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from conftest import generate, make_batch, make_model  # noqa: E402
+
+from think_cache import SnapKV, ThinKCache, kernels  # noqa: E402
+from think_cache.compact import compact_attention  # noqa: E402
+from think_cache.storage import FullStore, QuantizedStore  # noqa: E402
+
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+if not kernels.kernel_available("cpu"):  # conftest sets TRITON_INTERPRET=1 before Triton is imported
+    pytest.skip("Triton's interpreter is off (TRITON_INTERPRET=0)", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _auto_path(monkeypatch):
+    monkeypatch.delenv(kernels.KERNEL_ENV, raising=False)
+
+
+def _channels(batch, kv_heads, head_dim, kept, g):
+    return torch.stack(
+        [torch.stack([torch.randperm(head_dim, generator=g)[:kept] for _ in range(kv_heads)]) for _ in range(batch)]
+    ).to(torch.int16)
+
+
+def _case(
+    batch=1,
+    kv_heads=2,
+    group=4,
+    q_len=1,
+    head_dim=64,
+    kept_k=32,
+    kept_v=None,
+    n_compact=40,
+    n_recent=6,
+    dtype=torch.float32,
+    seed=0,
+):
+    """Random inputs: ``(query, store, recent_keys, recent_values)``, the query in transformers' layout (a
+    transposed view of ``(batch, q_len, heads, head_dim)``, not contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, q_len, kv_heads * group, head_dim, generator=g).to(dtype).transpose(1, 2)
+    keys, values = (torch.randn(batch, kv_heads, n_compact, head_dim, generator=g).to(dtype) for _ in range(2))
+    store = FullStore()
+    value_channels = None if kept_v is None else _channels(batch, kv_heads, head_dim, kept_v, g)
+    store.start(_channels(batch, kv_heads, head_dim, kept_k, g), value_channels)
+    store.append(keys, values)
+    recent_keys, recent_values = (torch.randn(batch, kv_heads, n_recent, head_dim, generator=g).to(dtype) for _ in "kv")
+    return query, store, recent_keys, recent_values
+
+
+def _check(query, store, recent_keys, recent_values, mask=None, split_tokens=None):
+    scale = query.shape[-1] ** -0.5
+    expected = compact_attention(query, store, recent_keys, recent_values, mask, scale)
+    args = (query, store.key_channels, store.keys, store.values, store.value_channels, recent_keys, recent_values)
+    if split_tokens is None:
+        out = kernels.compact_decode_attention(*args, mask, scale)
+    else:
+        out = kernels._attention(*args, mask, scale, split_tokens=split_tokens)
+    assert out.shape == expected.shape and out.dtype == query.dtype
+    tol = TOL[query.dtype]
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("q_len", [1, 4])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_key_ratios_groups_and_query_lengths(ratio, group, q_len):
+    _check(*_case(group=group, q_len=q_len, kept_k=int(64 * ratio), seed=group + q_len))
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("kept_v", [48, 26])
+def test_value_pruning(kept_v, q_len):
+    _check(*_case(kept_k=38, kept_v=kept_v, q_len=q_len))
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_left_padding(q_len):
+    case = _case(batch=3, q_len=q_len, n_compact=45)
+    n_total = 45 + 6
+    mask = torch.ones(3, 1, q_len, n_total, dtype=torch.bool).tril(n_total - q_len)
+    mask[1, ..., :9] = False  # row 1 left-padded by 9 tokens, row 2 by 30 (into the recent part's reach)
+    mask[2, ..., :30] = False
+    _check(*case, mask=mask)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    _check(*case, mask=additive)
+
+
+def test_per_head_mask_after_eviction():
+    """Under a token policy each KV head holds its own tokens: the mask has the KV heads in dim 1."""
+    batch, kv_heads, q_len, n_total = 2, 2, 2, 46
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(batch, kv_heads, q_len, n_total, generator=g) > 0.4
+    mask[..., -q_len:] = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+    _check(*_case(batch=batch, kv_heads=kv_heads, q_len=q_len, kept_v=40), mask=mask)
+
+
+def test_fully_masked_row_is_uniform_like_the_torch_path():
+    mask = torch.ones(1, 1, 2, 46, dtype=torch.bool)
+    mask[..., 0, :] = False
+    _check(*_case(q_len=2), mask=mask, split_tokens=16)
+
+
+@pytest.mark.parametrize("q_len", [1, 4])
+def test_empty_compact_part(q_len):
+    _check(*_case(n_compact=0, q_len=q_len, n_recent=7))
+
+
+def test_fewer_recent_tokens_than_queries():
+    _check(*_case(q_len=4, n_recent=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype):
+    _check(*_case(dtype=dtype, kept_k=38, q_len=2))
+    _check(*_case(dtype=dtype, kept_k=38, kept_v=40), split_tokens=16)
+
+
+@pytest.mark.parametrize(("head_dim", "kept_k", "kept_v"), [(128, 77, None), (256, 100, 90)])
+def test_wide_heads_and_odd_widths(head_dim, kept_k, kept_v):
+    _check(*_case(kv_heads=1, group=2, head_dim=head_dim, kept_k=kept_k, kept_v=kept_v, n_compact=70))
+
+
+def test_split_across_programs():
+    """A context longer than one span: partial results merged by log-sum-exp, the span boundary inside the compact
+    part, on the compact/recent boundary and inside the recent part."""
+    case = _case(batch=2, kv_heads=2, group=2, q_len=3, kept_v=40, n_compact=100, n_recent=40)
+    mask = torch.ones(2, 1, 3, 140, dtype=torch.bool).tril(137)
+    mask[0, ..., :50] = False
+    for split_tokens in (16, 64, 100):
+        _check(*case, mask=mask, split_tokens=split_tokens)
+    _check(*_case(n_compact=300), split_tokens=None)  # the automatic plan splits 306 tokens on the CPU too
+
+
+def test_dispatch_choice(monkeypatch):
+    full, quantized = FullStore(), QuantizedStore(bits=4)
+    assert kernels.kernel_available("cpu")  # interpreted
+    assert not kernels.use_kernel(full, torch.device("cpu"))  # auto: CUDA only
+    monkeypatch.setenv(kernels.KERNEL_ENV, "triton")
+    assert kernels.use_kernel(full, torch.device("cpu"))
+    assert not kernels.use_kernel(quantized, torch.device("cpu"))
+    monkeypatch.setenv(kernels.KERNEL_ENV, "torch")
+    assert not kernels.use_kernel(full, torch.device("cpu"))
+    monkeypatch.setenv(kernels.KERNEL_ENV, "cuda")
+    with pytest.raises(ValueError, match="THINK_CACHE_KERNEL='cuda'"):
+        kernels.use_kernel(full, torch.device("cpu"))
+    monkeypatch.setenv(kernels.KERNEL_ENV, "triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.use_kernel(full, torch.device("cpu"))
+
+
+def _generate(monkeypatch, path, model, ids, mask, steps, **cache_kwargs):
+    monkeypatch.setenv(kernels.KERNEL_ENV, path)
+    calls = []
+    real = kernels.compact_decode_attention
+    monkeypatch.setattr(kernels, "compact_decode_attention", lambda *a: calls.append(1) or real(*a))
+    out = generate(model, ids, mask, ThinKCache(**cache_kwargs), steps=steps)
+    assert bool(calls) == (path == "triton")
+    return out
+
+
+@pytest.mark.parametrize(
+    "cache_kwargs",
+    [dict(key_ratio=0.5), dict(key_ratio=0.5, value_ratio=0.3, policy=SnapKV(budget=24, window=6, kernel=3))],
+    ids=["think", "snapkv-values"],
+)
+def test_generation_equals_torch_path(monkeypatch, cache_kwargs):
+    """A tiny GQA Llama, greedy, a left-padded batch, long enough for generated tokens to fold into the compact
+    part: the same tokens and logits through the kernel as through the torch path."""
+    model = make_model("llama", hidden_size=128, num_attention_heads=4, num_key_value_heads=1)
+    ids, mask = make_batch([30, 21], seed=4)
+    a = _generate(monkeypatch, "triton", model, ids, mask, 36, **cache_kwargs)
+    b = _generate(monkeypatch, "torch", model, ids, mask, 36, **cache_kwargs)
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.logits, b.logits, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+
+
+def test_kernel_check_smoke(tmp_path):
+    """benchmarks/kernel_check.py, the GPU check, runs its tiny CPU variant and writes its JSON."""
+    from benchmarks import kernel_check
+
+    out = tmp_path / "check.json"
+    results = kernel_check.main(["--smoke", "--out", str(out), "--runs", "2"])
+    assert results["all_ok"] and len(results["checks"]) == 4
+    assert json.loads(out.read_text())["timings"][0]["kernel_call_us"] > 0

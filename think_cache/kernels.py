@@ -1,0 +1,447 @@
+"""A fused Triton kernel for attention over a ThinK layer: compact part then recent part, one softmax.
+
+`compact_decode_attention` computes what `think_cache.compact.compact_attention` computes for a `FullStore`
+(the torch path stays the reference and the CPU path) in one kernel launch per layer. A long context is split into
+spans of tokens across programs (flash-decoding), and the last program of each row block to finish combines the
+spans' partial results, so there is no second launch.
+
+What one program does, for one (batch row, KV head, block of query rows, span of tokens):
+
+* reads its query rows once, at full width (for the recent part) and gathered at the KV head's kept key channels
+  (``key_channels``, loaded in the kernel: no gathered copy of the query is made); a KV head's whole GQA group of
+  query heads (times ``q_len`` rows) shares every key and value load;
+* streams its span of the compact keys ``(tokens, kept_k)`` and values ``(tokens, kept_v)`` in tiles of
+  ``BLOCK_N`` tokens, then its span of the full-width recent keys and values, with an online softmax in float32
+  (logits ``scale * q[kept] . k``, masked columns at float32's minimum as in the torch path, so that a row with
+  nothing to attend gets a uniform softmax rather than NaN);
+* with pruned values, accumulates the compact part's contribution at the kept value channels and scatters it
+  back to ``head_dim`` channels once, at the end (zero at the pruned channels);
+* writes the normalized output directly in transformers' ``(batch, q_len, q_heads, head_dim)`` layout when the
+  context is one span; else writes its unnormalized partial output, running max and running sum, counts itself
+  done with an atomic add, and if it is the last span of its rows to finish, combines all spans by log-sum-exp
+  and writes the output.
+
+Memory: the kernel reads the query, the kept channels, the compact and recent keys and values once each and the
+mask if any; it allocates the output and, when the context is split into ``S`` spans, a float32 workspace of
+``batch * q_heads * q_len * S * (head_dim + 2) * 4`` bytes plus one int32 counter per program (``S`` is at most
+about twice the number of SMs divided by ``batch * kv_heads``: about 0.5 MiB at batch 1 on an H100 for
+Llama-3.1-8B's shape, whatever the context length). A float additive mask is first turned into a bool one (the
+torch path does the same).
+
+Other storage kinds: the kernel reads a `FullStore`'s tensors directly. A `QuantizedStore` would plug in at
+`store_attention` with a variant of the compact loop that loads codes and their scales and zero points per tile
+and dequantizes them in registers; until then it takes the torch path.
+
+Triton is imported only when a kernel is first run, so ``import think_cache`` never needs it. The kernels are
+built for the mode Triton is in at that moment (``TRITON_INTERPRET=1``: interpreted on the CPU with numpy).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+
+import torch
+
+from .compact import as_bool_mask
+from .storage import CompactStore, FullStore
+
+__all__ = ["compact_decode_attention", "kernel_available", "use_kernel", "store_attention", "KERNEL_ENV"]
+
+#: Environment variable choosing the attention path of a compacted layer: ``torch`` (always the torch path),
+#: ``triton`` (always the kernel where the store allows it; raises if Triton cannot run), unset or ``auto`` (the
+#: kernel on CUDA devices where Triton is installed).
+KERNEL_ENV = "THINK_CACHE_KERNEL"
+
+_LOG2E = math.log2(math.e)
+
+# triton and triton.language, bound by _kernels() on first use; the kernel bodies below read ``tl`` from here
+triton = None
+tl = None
+
+
+# ------------------------------------------------------------------------------------------------ availability
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def kernel_available(device: torch.device | str) -> bool:
+    """Whether the kernel can run on ``device``: Triton is importable, and ``device`` is a CUDA device or
+    ``TRITON_INTERPRET=1`` is set (Triton's interpreter, on the CPU)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.device(device).type == "cuda" or _interpreting()
+
+
+def use_kernel(store: CompactStore, device: torch.device | str) -> bool:
+    """Whether a compacted layer with ``store`` should attend through the kernel, by `KERNEL_ENV`.
+
+    ``auto`` uses it on CUDA devices only: Triton's interpreter is far slower than the torch path on the CPU, so
+    it runs only when asked for (``triton``). Stores other than `FullStore` always take the torch path.
+    """
+    choice = os.environ.get(KERNEL_ENV, "auto").lower() or "auto"
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"{KERNEL_ENV}={choice!r}: expected 'auto', 'torch' or 'triton'")
+    if choice == "torch" or not isinstance(store, FullStore):
+        return False
+    if choice == "triton":
+        if not kernel_available(device):
+            raise RuntimeError(
+                f"{KERNEL_ENV}=triton but the kernel cannot run on {device}: install triton (pip install "
+                "'think-cache[gpu]') and use a CUDA device, or set TRITON_INTERPRET=1 to interpret it on the CPU"
+            )
+        return True
+    return torch.device(device).type == "cuda" and kernel_available(device)
+
+
+# ----------------------------------------------------------------------------------------------------- kernels
+def _split_pass(
+    q_ptr, kch_ptr, ck_ptr, cv_ptr, vch_ptr, rk_ptr, rv_ptr, mask_ptr, out_ptr, part_ptr, count_ptr,
+    sq_b, sq_h, sq_l, sq_d,
+    skc_b, skc_h, skc_c,
+    sck_b, sck_h, sck_t, sck_c,
+    scv_b, scv_h, scv_t, scv_c,
+    svc_b, svc_h, svc_c,
+    srk_b, srk_h, srk_t, srk_d,
+    srv_b, srv_h, srv_t, srv_d,
+    sm_b, sm_h, sm_l, sm_n,
+    so_b, so_l, so_h, so_d,
+    kv_heads, group, q_len, n_compact, n_recent, kept_k, kept_v, head_dim, split_len, n_splits, row_blocks,
+    scale_log2,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KK: tl.constexpr,
+    BLOCK_KV: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRUNED_V: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """One (batch row, KV head, row block) x one span of tokens: see the module docstring. ``UPCAST``: do the
+    products in float32 (Triton's interpreter multiplies bfloat16 operands as raw bits)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    row_block = pid % row_blocks
+    bh = pid // row_blocks
+    b = (bh // kv_heads).to(tl.int64)
+    kvh = (bh % kv_heads).to(tl.int64)
+    n_rows = group * q_len
+    n_total = n_compact + n_recent
+
+    # query rows of this KV head's group, laid out group member by member: row r is head kvh*group + r // q_len,
+    # position r % q_len
+    rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    pos = rows % q_len
+    head = kvh * group + rows // q_len
+    q_rows = q_ptr + b * sq_b + head * sq_h + pos * sq_l
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    q_full = tl.load(q_rows[:, None] + d[None, :] * sq_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    ck = tl.arange(0, BLOCK_KK)
+    ck_ok = ck < kept_k
+    channels = tl.load(kch_ptr + b * skc_b + kvh * skc_h + ck * skc_c, mask=ck_ok, other=0).to(tl.int32)
+    q_kept = tl.load(q_rows[:, None] + channels[None, :] * sq_d, mask=row_ok[:, None] & ck_ok[None, :], other=0.0)
+    if UPCAST:
+        q_full, q_kept = q_full.to(tl.float32), q_kept.to(tl.float32)
+    cv = tl.arange(0, BLOCK_KV)
+    cv_ok = cv < kept_v
+
+    mask_rows = mask_ptr + b * sm_b + kvh * sm_h + pos * sm_l
+    last_visible = n_total - q_len + pos  # causal: the queries are the last q_len tokens
+
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    acc_kept = tl.zeros([BLOCK_R, BLOCK_KV], tl.float32)
+
+    start = split * split_len
+    end = tl.minimum(start + split_len, n_total)
+
+    # ---- compact part: keys at the kept channels, values at the kept value channels
+    compact_end = tl.minimum(end, n_compact)
+    ck_base = ck_ptr + b * sck_b + kvh * sck_h
+    cv_base = cv_ptr + b * scv_b + kvh * scv_h
+    for first in range(start, compact_end, BLOCK_N):
+        cols = first + tl.arange(0, BLOCK_N)
+        col_ok = cols < compact_end
+        k = tl.load(
+            ck_base + cols[None, :] * sck_t + ck[:, None] * sck_c, mask=ck_ok[:, None] & col_ok[None, :], other=0.0
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q_kept, k, input_precision=PRECISION) * scale_log2
+        # masked columns at float32's minimum as in the torch path (a row that sees nothing gets a uniform
+        # softmax), columns outside the span at -inf (no weight at all)
+        if HAS_MASK:
+            allowed = tl.load(
+                mask_rows[:, None] + cols[None, :] * sm_n, mask=row_ok[:, None] & col_ok[None, :], other=0
+            )
+            s = tl.where(allowed != 0, s, -3.4028234663852886e38)
+        elif CAUSAL:
+            s = tl.where(cols[None, :] <= last_visible[:, None], s, -3.4028234663852886e38)
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            cv_base + cols[:, None] * scv_t + cv[None, :] * scv_c, mask=col_ok[:, None] & cv_ok[None, :], other=0.0
+        )
+        p_v = p.to(v.dtype)  # probabilities at the values' precision, as the torch path multiplies them
+        if UPCAST:
+            p_v, v = p_v.to(tl.float32), v.to(tl.float32)
+        pv = tl.dot(p_v, v, input_precision=PRECISION)
+        if PRUNED_V:
+            acc_kept = acc_kept * alpha[:, None] + pv
+            acc = acc * alpha[:, None]
+        else:  # kept_v == head_dim: one accumulator
+            acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    # ---- recent part: full width
+    rk_base = rk_ptr + b * srk_b + kvh * srk_h
+    rv_base = rv_ptr + b * srv_b + kvh * srv_h
+    for first in range(tl.maximum(start, n_compact), end, BLOCK_N):
+        cols = first + tl.arange(0, BLOCK_N)
+        col_ok = cols < end
+        t = cols - n_compact
+        k = tl.load(rk_base + t[None, :] * srk_t + d[:, None] * srk_d, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q_full, k, input_precision=PRECISION) * scale_log2
+        if HAS_MASK:
+            allowed = tl.load(
+                mask_rows[:, None] + cols[None, :] * sm_n, mask=row_ok[:, None] & col_ok[None, :], other=0
+            )
+            s = tl.where(allowed != 0, s, -3.4028234663852886e38)
+        elif CAUSAL:
+            s = tl.where(cols[None, :] <= last_visible[:, None], s, -3.4028234663852886e38)
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(rv_base + t[:, None] * srv_t + d[None, :] * srv_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        p_v = p.to(v.dtype)
+        if UPCAST:
+            p_v, v = p_v.to(tl.float32), v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p_v, v, input_precision=PRECISION)
+        if PRUNED_V:
+            acc_kept = acc_kept * alpha[:, None]
+        m_i = m_new
+
+    if PRUNED_V:  # the compact part's output back at its value channels: a one-hot (kept_v, head_dim) product
+        v_channels = tl.load(vch_ptr + b * svc_b + kvh * svc_h + cv * svc_c, mask=cv_ok, other=-1).to(tl.int32)
+        one_hot = (v_channels[:, None] == d[None, :]).to(tl.float32)
+        acc += tl.dot(acc_kept, one_hot, input_precision="ieee")
+
+    o_rows = out_ptr + b * so_b + pos * so_l + head * so_h
+    o_mask = row_ok[:, None] & d_ok[None, :]
+    if SPLIT:
+        # the unnormalized partial output, running max and running sum of each row for this span; the last span
+        # of these rows to finish combines them all by log-sum-exp (no second launch)
+        grow = (b * kv_heads + kvh) * n_rows + rows
+        part = part_ptr + (grow * n_splits + split) * (head_dim + 2)
+        tl.store(part[:, None] + d[None, :], acc, mask=o_mask)
+        tl.store(part + head_dim, m_i, mask=row_ok)
+        tl.store(part + head_dim + 1, l_i, mask=row_ok)
+        tl.debug_barrier()  # all of this program's partials are written before its count is taken (acq_rel)
+        finished = tl.atomic_add(count_ptr + pid, 1)
+        if finished == n_splits - 1:  # combine the spans, one row at a time, all spans of a row at once
+            spans = tl.arange(0, BLOCK_S)
+            spans_ok = spans < n_splits
+            for row in range(row_block * BLOCK_R, tl.minimum(row_block * BLOCK_R + BLOCK_R, n_rows)):
+                # .cg: read from L2, where the other programs wrote
+                row_parts = part_ptr + (((b * kv_heads + kvh) * n_rows + row) * n_splits + spans) * (head_dim + 2)
+                m_s = tl.load(row_parts + head_dim, mask=spans_ok, other=float("-inf"), cache_modifier=".cg")
+                l_s = tl.load(row_parts + head_dim + 1, mask=spans_ok, other=0.0, cache_modifier=".cg")
+                o_s = tl.load(
+                    row_parts[:, None] + d[None, :],
+                    mask=spans_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                w = tl.exp2(m_s - tl.max(m_s, 0))
+                o_row = tl.sum(o_s * w[:, None], 0) / tl.sum(w * l_s, 0)
+                o_ptr = out_ptr + b * so_b + (row % q_len) * so_l + (kvh * group + row // q_len) * so_h
+                tl.store(o_ptr + d * so_d, o_row.to(out_ptr.dtype.element_ty), mask=d_ok)
+    else:
+        tl.store(o_rows[:, None] + d[None, :] * so_d, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@functools.lru_cache(maxsize=2)
+def _kernels(interpret: bool):
+    """The two kernels, jitted (or wrapped for the interpreter) for the current Triton mode."""
+    global triton, tl
+    import triton
+    import triton.language as tl
+
+    # token counts change every step: not specialized on (== 1, multiple of 16), so that no step recompiles
+    return triton.jit(_split_pass, do_not_specialize=["n_compact", "n_recent", "split_len", "n_splits"])
+
+
+# ------------------------------------------------------------------------------------------------- the launch
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, 1 << max(n - 1, 0).bit_length())
+
+
+#: Most spans a context is split into: the program that combines them holds one row's partial outputs of every
+#: span at once (``MAX_SPANS * head_dim`` floats).
+MAX_SPANS = 64
+#: Fewest tokens a span is given (shorter spans cost more partial results to write and combine than they save).
+MIN_SPAN_TOKENS = 256
+#: Tokens per tile, by head_dim (wider heads, smaller tiles: registers), and warps per program.
+BLOCK_N = {64: 64, 128: 32, 256: 32}
+NUM_WARPS = 4
+
+
+@functools.lru_cache(maxsize=8)
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_length(n_total: int, programs: int, block_n: int, device: torch.device, split_tokens: int | None) -> int:
+    """Tokens per span, a multiple of ``block_n``: enough spans for about two programs per SM, none under
+    `MIN_SPAN_TOKENS` tokens, at most `MAX_SPANS` (``split_tokens`` forces a length, for tests)."""
+    if split_tokens is None:
+        spans = -(-2 * _multiprocessors(device) // programs)
+        spans = max(1, min(spans, -(-n_total // MIN_SPAN_TOKENS), MAX_SPANS))
+        split_tokens = -(-n_total // spans)
+    return max(block_n, -(-split_tokens // block_n) * block_n)
+
+
+def compact_decode_attention(
+    query: torch.Tensor,
+    key_channels: torch.Tensor,
+    compact_keys: torch.Tensor,
+    compact_values: torch.Tensor,
+    value_channels: torch.Tensor | None,
+    recent_keys: torch.Tensor,
+    recent_values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of ``query`` over a compact part then a full-width recent part, in one fused kernel.
+
+    Equal (up to float rounding) to `think_cache.compact.compact_attention` over a `FullStore` holding
+    ``compact_keys``/``compact_values`` at ``key_channels``/``value_channels``.
+
+    Parameters
+    ----------
+    query:
+        ``(batch, q_heads, q_len, head_dim)``; query head ``j`` reads KV head ``j // (q_heads // kv_heads)``.
+    key_channels:
+        ``(batch, kv_heads, kept_k)`` integer indices of the kept key channels (int16 in a layer).
+    compact_keys, compact_values:
+        ``(batch, kv_heads, n_compact, kept_k)`` and ``(..., kept_v)``; ``n_compact`` may be 0.
+    value_channels:
+        ``(batch, kv_heads, kept_v)`` kept value channels, or None when values keep all ``head_dim`` channels.
+    recent_keys, recent_values:
+        ``(batch, kv_heads, n_recent, head_dim)``: the newest tokens at full width.
+    mask:
+        ``(batch | 1, 1 | kv_heads, q_len, n_compact + n_recent)``, bool (True = attend) or additive float (read
+        as attend where above half of its dtype's minimum, as the torch path does), columns compact then recent;
+        None is causal with the queries being the last ``q_len`` tokens.
+    scale:
+        The softmax scale.
+
+    Returns
+    -------
+    ``(batch, q_len, q_heads, head_dim)`` in the query's dtype.
+    """
+    return _attention(
+        query, key_channels, compact_keys, compact_values, value_channels, recent_keys, recent_values, mask, scale
+    )
+
+
+def _attention(
+    query, key_channels, compact_keys, compact_values, value_channels, recent_keys, recent_values, mask, scale,
+    split_tokens: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """`compact_decode_attention`, with ``split_tokens`` to force the span length (tests)."""
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads, n_recent = recent_keys.shape[1], recent_keys.shape[2]
+    n_compact, kept_k = compact_keys.shape[2], compact_keys.shape[3]
+    kept_v = compact_values.shape[3]
+    n_total = n_compact + n_recent
+    if q_heads % kv_heads or n_total == 0:
+        raise ValueError(
+            f"compact_decode_attention: {q_heads} query heads over {kv_heads} KV heads and {n_total} tokens; "
+            "expected a whole number of query heads per KV head and at least one token"
+        )
+    group = q_heads // kv_heads
+    pruned_v = value_channels is not None
+    if not pruned_v and kept_v != head_dim:
+        raise ValueError(f"compact values hold {kept_v} channels of {head_dim}: pass their value_channels")
+    if n_compact == 0:  # nothing is read from the compact tensors: any valid pointer will do
+        compact_keys, compact_values = recent_keys, recent_values
+    if not pruned_v:
+        value_channels = key_channels
+
+    mask = as_bool_mask(mask)
+    has_mask = mask is not None
+    if has_mask:
+        if mask.shape[-1] != n_total or mask.shape[1] not in (1, kv_heads):
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} for {n_total} keys and {kv_heads} KV heads: expected "
+                f"(batch or 1, 1 or {kv_heads}, {q_len}, {n_total})"
+            )
+        mask = mask.expand(batch, mask.shape[1], q_len, n_total).view(torch.uint8)
+        mask_strides = list(mask.stride())
+        if mask.shape[1] == 1:
+            mask_strides[1] = 0
+    else:
+        mask, mask_strides = query, [0, 0, 0, 0]  # never read
+
+    interpreting = _interpreting()
+    kernel = _kernels(interpreting)
+    block_d = _pow2(head_dim)
+    block_kk, block_kv = _pow2(kept_k), _pow2(kept_v)
+    block_r = min(_pow2(group * q_len), 32 if head_dim > 128 else 64)
+    block_n = BLOCK_N.get(block_d, 32)
+    row_blocks = -(-group * q_len // block_r)
+    programs = batch * kv_heads * row_blocks
+    split_len = _split_length(n_total, programs, block_n, query.device, split_tokens)
+    n_splits = -(-n_total // split_len)
+
+    out = query.new_empty(batch, q_len, q_heads, head_dim)
+    if n_splits > 1:  # per row and span: partial output, running max and sum; per program: spans finished
+        parts = torch.empty(batch * q_heads * q_len * n_splits, head_dim + 2, dtype=torch.float32, device=out.device)
+        counts = torch.zeros(programs, dtype=torch.int32, device=out.device)
+    else:
+        parts = counts = out  # never touched
+    kernel[(programs, n_splits)](
+        query, key_channels, compact_keys, compact_values, value_channels, recent_keys, recent_values, mask,
+        out, parts, counts,
+        *query.stride(), *key_channels.stride(), *compact_keys.stride(), *compact_values.stride(),
+        *value_channels.stride(), *recent_keys.stride(), *recent_values.stride(), *mask_strides, *out.stride(),
+        kv_heads, group, q_len, n_compact, n_recent, kept_k, kept_v, head_dim, split_len, n_splits, row_blocks,
+        scale * _LOG2E,
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_KK=block_kk, BLOCK_KV=block_kv,
+        HAS_MASK=has_mask, CAUSAL=q_len > 1, PRUNED_V=pruned_v, SPLIT=n_splits > 1, BLOCK_S=_pow2(n_splits),
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        UPCAST=interpreting and query.dtype == torch.bfloat16,
+        num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return out
+
+
+def store_attention(
+    query: torch.Tensor,
+    store: FullStore,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """`compact_decode_attention` over a layer's compact part ``store`` and full-width part ``keys``/``values``
+    (the arguments of `think_cache.compact.compact_attention`). The place a new storage kind's kernel is chosen."""
+    compact_keys, compact_values = store.keys, store.values
+    if compact_keys is None:  # compacted, nothing folded yet
+        batch, kv_heads = keys.shape[:2]
+        compact_keys = keys.new_empty(batch, kv_heads, 0, store.key_channels.shape[-1])
+        kept_v = keys.shape[-1] if store.value_channels is None else store.value_channels.shape[-1]
+        compact_values = values.new_empty(batch, kv_heads, 0, kept_v)
+    return compact_decode_attention(
+        query, store.key_channels, compact_keys, compact_values, store.value_channels, keys, values, mask, scale
+    )
