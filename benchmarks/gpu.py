@@ -272,8 +272,9 @@ def profile_step(forward, token: torch.Tensor, kwargs: dict, cuda: bool) -> dict
 def warm_up(model, smoke: bool) -> float:
     """Load kernels and libraries once (cuBLAS, the sdpa and ThinK paths), outside every cell."""
     start = time.perf_counter()
-    for method in ("unpatched", "think-0.5+int4"):
-        measure(model, method, 1, 96 if smoke else 1024, 2, 1, profile=False)
+    for method in ("unpatched", "think-0.5", "think-0.5+int4"):
+        # a method that fails here fails again in its cells, where the error is recorded: never stop the run
+        run_one(lambda method=method: measure(model, method, 1, 96 if smoke else 1024, 2, 1, profile=False))
     gc.collect()
     if _is_cuda(model):
         torch.cuda.empty_cache()

@@ -141,17 +141,18 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def _unpack_planes(packed: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
     """Write plane ``i`` of ``packed (..., m)`` into ``out[i]`` ``(per, ..., m)``, any dtype ``out`` may hold.
 
-    Every plane is one or two elementwise ops over contiguous rows; writing a float ``out`` converts on the way.
+    Every plane is one or two elementwise ops over contiguous rows, then a copy that converts to ``out``'s dtype
+    (CUDA's bitwise kernels write integer outputs only, so the bits are computed in uint8 first).
     """
     per = 8 // bits
     mask = (1 << bits) - 1
     if per == 1:
         out[0].copy_(packed)
         return out
-    torch.bitwise_and(packed, mask, out=out[0])
+    out[0].copy_(packed & mask)
     for i in range(1, per - 1):
-        torch.bitwise_and(packed >> (bits * i), mask, out=out[i])
-    torch.bitwise_right_shift(packed, bits * (per - 1), out=out[per - 1])
+        out[i].copy_((packed >> (bits * i)) & mask)
+    out[per - 1].copy_(packed >> (bits * (per - 1)))
     return out
 
 
