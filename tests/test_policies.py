@@ -157,19 +157,22 @@ def test_recent_full_width_tokens_under_a_policy(arch):
         model, ids, mask, 14, key_ratio=0.5, policy=H2O(budget=30, recent=4), window=6, recent=5
     )
     _assert_same(think, ref)
-    assert cache.layers[0].keys.shape[-2] == 5 + 1  # recent, and the newest forward's token until the next one
+    # recent, and the 13 generated tokens fed so far: under a fold block, they wait at full width
+    assert cache.layers[0].keys.shape[-2] == 5 + 13 < 5 + cache.layers[0].fold_block
 
 
 class _BudgetWatch(LogitsProcessor):
-    """Asserts, after every forward, that no layer holds more than the budget."""
+    """Asserts, after every forward, that no layer holds more than the budget and its slack (a policy that evicts
+    while decoding evicts a fold block at a time: at most ``budget + fold_block - 1`` tokens)."""
 
     def __init__(self, cache, budget):
-        self.cache, self.budget, self.steps = cache, budget, 0
+        self.cache, self.budget, self.steps, self.most = cache, budget, 0, 0
 
     def __call__(self, input_ids, scores):
         self.steps += 1
         for layer in self.cache.layers:
-            assert layer.stored_tokens <= self.budget, (self.steps, layer.stored_tokens)
+            assert layer.stored_tokens <= self.budget + layer.fold_block - 1, (self.steps, layer.stored_tokens)
+            self.most = max(self.most, layer.stored_tokens)
             if layer.compact_positions is not None:
                 assert layer.compact_positions.shape[-1] + layer.keys.shape[-2] == layer.stored_tokens
         return scores
@@ -194,22 +197,28 @@ def test_memory_bounded_while_generating(policy, key_ratio):
     )
     assert watch.steps == 300 and out.shape[1] == 390
     assert cache.get_seq_length() == 389  # logical length goes on growing
-    assert all(layer.stored_tokens == policy.budget for layer in cache.layers)
+    fold = cache.layers[0].fold_block
+    assert watch.most == policy.budget + fold - 1  # the slack is used, and bounded
+    # evicted back to the budget every fold block: 299 tokens fed after the prompt, 299 % 32 of them since
+    assert all(layer.stored_tokens == policy.budget + 299 % fold for layer in cache.layers)
 
 
 def test_streaming_keeps_sinks_and_the_newest_tokens():
     model = make_model("qwen2")
     ids, mask = make_batch([50, 30], seed=15)
     cache = ThinKCache(key_ratio=0.5, policy=StreamingLLM(sink=3, recent=10))
-    model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=25, do_sample=False)
+    model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=80, do_sample=False)
     seen = cache.get_seq_length()
     for layer in cache.layers:
-        # compact tokens by position, then the full-width part: the newest forward's token
-        assert layer.keys.shape[-2] == 1
-        pos = layer.compact_positions.long().tolist()
+        full = layer.keys.shape[-2]
         # row 0 is unpadded: sinks 0, 1, 2; row 1 is padded by 20: its sinks are positions 20, 21, 22
-        assert pos[0][0] + [seen - 1] == [0, 1, 2] + list(range(seen - 10, seen))
-        assert pos[1][0] + [seen - 1] == [20, 21, 22] + list(range(seen - 10, seen))
+        for row, first in ((0, 0), (1, 20)):
+            stored = layer.compact_positions[row, 0].tolist() + list(range(seen - full, seen))
+            sinks, rest = stored[:3], stored[3:]
+            assert sinks == [first, first + 1, first + 2]
+            # then the newest tokens without a gap: at least `recent`, at most a fold block more (the slack)
+            assert rest == list(range(seen - len(rest), seen))
+            assert 10 <= len(rest) <= 10 + layer.fold_block - 1
 
 
 def test_memory_on_top_of_snapkv():

@@ -31,8 +31,9 @@ When things happen (the schedule), in logical positions, whatever the way tokens
   ``P - recent + FOLD_BLOCK * ((t - P) // FOLD_BLOCK)`` thinned and the later ones at full width: generated
   tokens wait full-width and fold ``FOLD_BLOCK`` at a time. A store with a ``block`` (quantized keys: 32 tokens
   share a scale per channel) takes whole blocks only: without a policy the prompt's last ``< block`` tokens stay
-  full-width at compaction, folds take whole blocks, and a policy that evicts while decoding folds a block at a
-  time too instead of a token a step. When one forward holds several generated positions
+  full-width at compaction and folds take whole blocks. A policy that evicts while decoding (H2O, StreamingLLM)
+  evicts a block at a time as well: it lets the layer grow to ``budget + FOLD_BLOCK - 1`` tokens, then drops the
+  lowest-scored compact tokens back to the budget. When one forward holds several generated positions
   (assisted decoding verifies drafts in one forward), each query row gets exactly the view it would have had
   one token at a time (`thinned_rows`). A later prompt (a chat's next turn) restarts the schedule at its own end
   and keeps at least its last ``window`` tokens at full width (`held_tokens`): its question did not choose the
@@ -129,9 +130,9 @@ class ThinKLayer(CacheLayerMixin):
         self.recent = recent
         self.policy = policy
         self.store = FullStore() if store is None else store
-        # a policy that evicts every step gathers the compact part every step anyway: fold as it goes (whole
-        # blocks of the store's, where it has them)
-        self.fold_block = max(self.store.block, 1 if self.evicts_while_decoding else FOLD_BLOCK)
+        # a policy that evicts while decoding does it a fold block at a time too (`_evict`): one gather of the
+        # compact part every `fold_block` steps instead of a fold and a gather every step
+        self.fold_block = max(self.store.block, FOLD_BLOCK)
         # the queries remembered for the end of the prompt: ThinK's window and the policy's, whichever is longer
         self.query_rows = max(window, 0 if policy is None else policy.observation_window)
         #: logical start and end of the current prompt, when `generate` told the cache (None: not known)
@@ -523,19 +524,23 @@ class ThinKLayer(CacheLayerMixin):
             self._evict(mask)
 
     def _evict(self, mask: torch.Tensor | None) -> None:
-        """Drop the compact tokens the policy scores lowest until the layer is within the policy's budget."""
+        """Drop the compact tokens the policy scores lowest, back to the policy's budget, once the layer holds a
+        whole `fold_block` over it: between evictions a layer holds at most ``budget + fold_block - 1`` tokens
+        (the documented slack), and the compact part is gathered once a block instead of every step."""
         if self.policy.budget is None:
             return
         excess = self.stored_tokens - self.policy.budget
         n_compact = self.compact_tokens
-        if excess <= 0 or n_compact == 0:
+        if excess < self.fold_block or n_compact == 0:
             return
         positions = self.compact_positions.long()
         real_logical = key_padding(mask, positions.shape[0], self.seen_tokens, positions.device)
         real_at, always, prefer = self._forced(real_logical, positions, self.seen_tokens)
         accumulated = None if self.token_scores is None else self.token_scores[..., :n_compact]
         scores = self.policy.decode_scores(positions, accumulated)
-        keep = top_tokens(scores, max(n_compact - excess, 0), always, ~real_at, prefer)
+        # a block's eviction may exceed what the compact part can spare: the policy's sinks and newest tokens stay
+        n_keep = max(n_compact - excess, int((always | prefer).sum(-1).max()))
+        keep = top_tokens(scores, n_keep, always, ~real_at, prefer)
         self._keep_compact(keep)
 
     def _keep_compact(self, index: torch.Tensor) -> None:

@@ -208,13 +208,13 @@ class SnapKV(Policy):
 @dataclass
 class H2O(Policy):
     """Heavy-Hitter Oracle (Zhang et al. 2023, arXiv 2306.14048): keep the tokens with the largest accumulated
-    attention plus the newest ``recent`` ones, at most ``budget`` per KV head, after the prompt and at every
-    decoding step.
+    attention plus the newest ``recent`` ones, ``budget`` per KV head after the prompt; while decoding the layer
+    evicts a fold block (32 tokens) at a time, so it holds between ``budget`` and ``budget + 31`` tokens.
 
     Parameters
     ----------
     budget:
-        Tokens kept per KV head, while decoding too.
+        Tokens kept per KV head, while decoding too (plus at most a fold block of slack).
     recent:
         Newest tokens always kept (part of the budget).
     """
@@ -248,7 +248,8 @@ class H2O(Policy):
 @dataclass
 class StreamingLLM(Policy):
     """StreamingLLM (Xiao et al. 2023, arXiv 2309.17453): keep the first ``sink`` tokens (attention sinks) and a
-    sliding window of the newest ``recent`` tokens, after the prompt and while decoding.
+    sliding window of the newest ``recent`` tokens, after the prompt and while decoding (a fold block of 32 tokens
+    at a time: a layer holds between ``budget`` and ``budget + 31`` tokens).
 
     Parameters
     ----------
