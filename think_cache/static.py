@@ -13,7 +13,8 @@ layer moves into pre-allocated buffers, and never changes their shapes again:
   newest tokens, in a ring (slot = logical position mod its size); ``ring_values`` likewise for pruned value
   channels (None when values keep every channel: ``compact_values`` then holds them whole).
 * ``slot_positions`` ``(batch, 1 or kv_heads, capacity)``: each slot's logical position (per head under a policy).
-* ``length``: tokens seen, a 0-d tensor written in place; the fold schedule's constants are 0-d tensors too.
+* ``length``: tokens seen, a 0-d tensor written in place; the prompt's end (``fold_origin``) and the slot of
+  position ``p`` (``p + slot_shift``) are 0-d tensors too.
 
 **Decoding** writes each new token into its compact slot (kept channels) and its ring slot (pruned channels) with
 ``index_copy_``. A query at position ``t`` sees a token thinned iff it lies before ``fold_point(t)`` (the schedule of
@@ -46,17 +47,19 @@ import torch
 
 from . import _compat
 from .compact import as_bool_mask, gather_channels, scatter_channels
-from .layer import ThinKLayer
+from .layer import ThinKLayer, fold_point
 
 __all__ = ["StaticThinKLayer", "static_attention", "pruned_channels"]
 
 # Tensors of a static layer whose first dimension is the batch (the 0-d lengths are not).
 _STATIC_TENSORS = ("compact_keys", "compact_values", "ring_keys", "ring_values", "slot_positions")
 _STATIC_CHANNELS = ("pruned_key_channels", "pruned_value_channels")
+# 0-d tensors: the length and the fold schedule's constants
+_STATIC_SCALARS = ("length", "slot_shift", "fold_origin")
 
 
 def pruned_channels(kept: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """The channels not in ``kept`` ``(batch, kv_heads, n_kept)``, ascending: ``(batch, kv_heads, head_dim - n_kept)``."""
+    """The channels not in ``kept`` ``(batch, kv_heads, n_kept)``, ascending: ``(batch, kv_heads, head_dim - n)``."""
     keep = torch.zeros(*kept.shape[:-1], head_dim, dtype=torch.bool, device=kept.device)
     keep.scatter_(-1, kept.long(), True)
     channels = torch.arange(head_dim, device=kept.device, dtype=kept.dtype).expand_as(keep)
@@ -79,8 +82,8 @@ class StaticThinKLayer(ThinKLayer):
         return f"{type(self).__name__}(max_cache_len={self.max_cache_len}, tokens={self.seen_tokens}, {state})"
 
     def reset(self) -> None:
-        self.length: torch.Tensor | None = None  # set at compaction: from then on the layer is static
-        for name in _STATIC_TENSORS + _STATIC_CHANNELS:
+        # `length` is set at compaction: from then on the layer is static
+        for name in _STATIC_TENSORS + _STATIC_CHANNELS + _STATIC_SCALARS:
             setattr(self, name, None)
         super().reset()
 
@@ -117,8 +120,8 @@ class StaticThinKLayer(ThinKLayer):
 
     def tensors(self) -> Iterator[torch.Tensor]:
         yield from super().tensors()
-        for name in _STATIC_TENSORS + _STATIC_CHANNELS:
-            t = getattr(self, name)
+        for name in _STATIC_TENSORS + _STATIC_CHANNELS + _STATIC_SCALARS:
+            t = getattr(self, name, None)
             if t is not None:
                 yield t
 
@@ -131,7 +134,7 @@ class StaticThinKLayer(ThinKLayer):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         # in place, so that the buffers keep the addresses a compiled graph (or a CUDA graph) captured
-        super(StaticThinKLayer, self)._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        super()._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
         for name in _STATIC_TENSORS + _STATIC_CHANNELS:
             t = getattr(self, name)
             if t is not None:
@@ -179,7 +182,7 @@ class StaticThinKLayer(ThinKLayer):
         """Store one token at the position ``length`` and advance ``length``; returns the compact buffers (the ThinK
         attention reads the layer itself)."""
         position = self.length.view(1)
-        slot = position + self._slot_shift
+        slot = position + self.slot_shift
         ring_slot = torch.remainder(position, self.ring_keys.shape[2])
         self.compact_keys.index_copy_(2, slot, gather_channels(key_states, self.key_channels))
         self.ring_keys.index_copy_(2, ring_slot, gather_channels(key_states, self.pruned_key_channels))
@@ -252,9 +255,9 @@ class StaticThinKLayer(ThinKLayer):
 
         origin = self.origin
         self._prompt_slots, self._first_slot_position = n_prompt, first
-        self._slot_shift = torch.tensor(n_prompt - first, device=device)
-        self._origin = torch.tensor(origin, device=device)
-        self._fold_base = torch.tensor(origin - self.held_tokens(origin), device=device)
+        self.slot_shift = torch.tensor(n_prompt - first, device=device)
+        self.fold_origin = torch.tensor(origin, device=device)
+        self.fold_held = self.held_tokens(origin)
         self.length = torch.tensor(first, device=device)
         self.store.start(self.key_channels, self.value_channels)  # the buffers hold the tokens now
         self.compact_positions = None
@@ -263,8 +266,6 @@ class StaticThinKLayer(ThinKLayer):
             self._write(keys[:, :, i : i + 1], values[:, :, i : i + 1])
         if not _compat.is_compiling():  # fixed addresses: no graph break or CUDA-graph re-record on in-place writes
             for t in self.tensors():
-                torch._dynamo.mark_static_address(t)
-            for t in (self.length, self._slot_shift, self._origin, self._fold_base):
                 torch._dynamo.mark_static_address(t)
 
 
@@ -282,7 +283,7 @@ def static_attention(
     rows = q_heads // kv_heads * q_len
     q = query.reshape(batch, kv_heads, rows, head_dim)
     t = layer.length - 1  # the query's logical position
-    fold = layer._fold_base + layer.fold_block * torch.div(t - layer._origin, layer.fold_block, rounding_mode="floor")
+    fold = fold_point(t, layer.fold_origin, layer.fold_held, layer.fold_block)
 
     # kept channels of every slot
     logits = torch.matmul(gather_channels(q, layer.key_channels), layer.compact_keys.transpose(-1, -2)).float()
@@ -290,7 +291,7 @@ def static_attention(
     ring = layer.ring_keys.shape[2]
     ring_positions = t - torch.remainder(t - torch.arange(ring, device=query.device), ring)
     at_full_width = ring_positions >= fold
-    ring_slots = (ring_positions + layer._slot_shift).clamp(0, capacity - 1).expand(batch, kv_heads, rows, ring)
+    ring_slots = (ring_positions + layer.slot_shift).clamp(0, capacity - 1).expand(batch, kv_heads, rows, ring)
     extra = torch.matmul(gather_channels(q, layer.pruned_key_channels), layer.ring_keys.transpose(-1, -2)).float()
     logits = logits.scatter_add(-1, ring_slots, extra * at_full_width).mul_(scaling)
 
