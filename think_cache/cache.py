@@ -251,7 +251,7 @@ class ThinKCache(Cache):
                 f"recent ({self.recent}) is larger than the policy's budget ({policy.budget}): the full-width recent "
                 "tokens are always kept, so they must fit in the budget"
             )
-        self.max_cache_len = None if max_cache_len is None else _check_int("max_cache_len", max_cache_len, 1)
+        self._max_cache_len = None if max_cache_len is None else _check_int("max_cache_len", max_cache_len, 1)
         if self.max_cache_len is not None:
             _check_static(self)
         self._model_config = None
@@ -399,6 +399,11 @@ class ThinKCache(Cache):
         state = dict(self.__dict__)
         state["_model_config"] = None
         return state
+
+    @property
+    def max_cache_len(self) -> int | None:
+        """Tokens a static cache holds (prompt + generated); None for a cache that grows."""
+        return self._max_cache_len
 
     @property
     def is_compileable(self) -> bool:
