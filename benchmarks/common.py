@@ -144,15 +144,24 @@ def fact_document(tokenizer, n_tokens: int, depth: float, seed: int, n_keys: int
 
 
 # ---------------------------------------------------------------------------------------------- methods
-def make_cache(method: str):
+#: The size of a ``static`` part when the caller gives none (to describe or validate a method name).
+STATIC_DEFAULT_LEN = 4096
+
+
+def make_cache(method: str, max_cache_len: int | None = None):
     """A cache from a method name: ``dynamic``, or ``+``-joined parts among ``think-R`` (key ratio),
     ``value-R`` (value ratio), ``recent-N`` (full-width recent tokens), ``snapkv-B``, ``h2o-B`` and
-    ``streaming-B`` (token budgets), ``int2``/``int4``/``int8`` (quantized compact storage).
+    ``streaming-B`` (token budgets), ``int2``/``int4``/``int8`` (quantized compact storage), ``static`` (a static,
+    compileable ThinKCache of ``max_cache_len`` tokens) or ``static-N`` (of ``N`` tokens). A bare ``static`` is
+    transformers' StaticCache, which the benchmarks build themselves (it needs the model's config).
 
     >>> make_cache("snapkv-256+think-0.5")  # SnapKV keeps 256 tokens per head, ThinK prunes half their key channels
+    >>> make_cache("think-0.5+static", max_cache_len=2048 + 64)  # compileable; the benchmarks compile its decoding
     """
     if method == "dynamic":
         return DynamicCache()
+    if method == "static":
+        raise ValueError("'static' is transformers' StaticCache: build it with the model's config")
     settings: dict = {"key_ratio": 0.0}
     for part in method.split("+"):
         kind, _, arg = part.partition("-")
@@ -170,6 +179,8 @@ def make_cache(method: str):
             settings["policy"] = StreamingLLM(sink=4, recent=int(arg) - 4)
         elif kind in ("int2", "int4", "int8") and not arg:
             settings["bits"] = int(kind[3:])
+        elif kind == "static":
+            settings["max_cache_len"] = int(arg) if arg else max_cache_len or STATIC_DEFAULT_LEN
         else:
             raise ValueError(f"unknown method part {part!r} in {method!r}")
     return ThinKCache(**settings)
@@ -177,7 +188,8 @@ def make_cache(method: str):
 
 def describe(methods: list[str]) -> dict[str, str]:
     """Each method's cache with its settings (its ``repr``), for result files: defaults change between versions."""
-    return {m: "DynamicCache()" if m == "dynamic" else repr(make_cache(m)) for m in methods}
+    named = {"dynamic": "DynamicCache()", "static": "StaticCache(max_cache_len=prompt + decoded tokens)"}
+    return {m: named.get(m) or repr(make_cache(m)) for m in methods}
 
 
 def depths(n: int) -> list[float]:

@@ -162,7 +162,7 @@ def new_cache(method: str, model, context: int, steps: int):
         return DynamicCache()
     if method in ("static", "static-compiled"):
         return StaticCache(config=model.config, max_cache_len=context + steps + 1)
-    return make_cache(method)
+    return make_cache(method, max_cache_len=context + steps + 1)  # `think-0.5+static`: a static ThinKCache
 
 
 def _sync(device) -> None:

@@ -6,6 +6,12 @@ For every context length and method: the bytes the cache holds after the prompt 
 the prefill time, and the median decode time per token. Methods run interleaved, their order rotated each
 repeat, after a warm-up; each figure is the median over repeats and is also given as a ratio to DynamicCache
 from the same run. Writes benchmarks/results/speed_<tag>.json.
+
+Methods with a ``static`` part decode compiled, ``torch.compile(model.forward, fullgraph=True)`` after an eager
+prefill: ``static`` is transformers' StaticCache, ``think-0.5+static`` a static ThinKCache, both sized for the
+prompt and the decoded tokens (the first steps, which compile, are warm-up)::
+
+    python -m benchmarks.speed --methods dynamic,think-0.5,static,think-0.5+static --lengths 2048 --repeats 1
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import time
 
 import torch
 from tqdm.auto import tqdm
+from transformers.cache_utils import StaticCache
 
 import think_cache
 from think_cache import _compat, held_bytes
@@ -34,10 +41,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(model, input_ids: torch.Tensor, method: str, decode_tokens: int, warmup_tokens: int = 3) -> dict:
-    """One prefill and ``decode_tokens`` greedy steps with a fresh cache of ``method``."""
+def is_compiled(method: str) -> bool:
+    """Whether a method decodes under torch.compile: those with a static cache."""
+    return any(part == "static" or part.startswith("static-") for part in method.split("+"))
+
+
+def new_cache(model, method: str, max_cache_len: int):
+    if method == "static":
+        return StaticCache(config=model.config, max_cache_len=max_cache_len)
+    return make_cache(method, max_cache_len=max_cache_len)
+
+
+def measure(
+    model, input_ids: torch.Tensor, method: str, decode_tokens: int, warmup_tokens: int = 3, forward=None
+) -> dict:
+    """One prefill and ``decode_tokens`` greedy steps with a fresh cache of ``method``; decoding through
+    ``forward`` (default: the model, eager)."""
     device = input_ids.device
-    cache = make_cache(method)
+    cache = new_cache(model, method, input_ids.shape[1] + warmup_tokens + decode_tokens + 1)
+    forward = forward or model
     kwargs = {_compat.CACHE_ARGUMENT: cache, "use_cache": True}
     tell_prompt_length(cache, input_ids)
     if device.type == "cuda":
@@ -56,7 +78,7 @@ def measure(model, input_ids: torch.Tensor, method: str, decode_tokens: int, war
         for _ in range(warmup_tokens + decode_tokens):
             _sync(device)
             start = time.perf_counter()
-            out = model(input_ids=token, **kwargs)
+            out = forward(input_ids=token, **kwargs)
             token = out.logits[:, -1:].argmax(-1)
             _sync(device)
             steps.append(time.perf_counter() - start)
@@ -69,6 +91,8 @@ def measure(model, input_ids: torch.Tensor, method: str, decode_tokens: int, war
 def run(methods: list[str], lengths: list[int], repeats: int, decode_tokens: int, device: str, dtype) -> dict:
     model, tokenizer = load_smollm2(dtype=dtype)
     model = think_cache.patch(model.to(device))
+    # one compiled forward per method, reused: a fresh cache costs a recompile, the warm-up steps absorb it
+    compiled = {m: torch.compile(model.forward, fullgraph=True) for m in methods if is_compiled(m)}
     rows = []
     for length in lengths:
         ids = passkey(tokenizer, length, 0.5, seed=length).inputs["input_ids"].to(device)
@@ -77,7 +101,8 @@ def run(methods: list[str], lengths: list[int], repeats: int, decode_tokens: int
         order = list(methods)
         for _ in tqdm(range(repeats), desc=f"{length} tokens", unit="repeat"):
             for method in order:
-                samples[method].append(measure(model, ids, method, decode_tokens))
+                forward = compiled[method] if is_compiled(method) else None
+                samples[method].append(measure(model, ids, method, decode_tokens, forward=forward))
             order = order[1:] + order[:1]
         base = {k: statistics.median(s[k] for s in samples["dynamic"]) for k in samples["dynamic"][0]}
         for method in methods:

@@ -69,6 +69,9 @@ def test_method_names():
     assert make_cache("streaming-64").policy == StreamingLLM(sink=4, recent=60)
     assert make_cache("think-0.4+int4").bits == 4 and make_cache("snapkv-512+think-0.4+int2").bits == 2
     assert make_cache("think-0.4").bits is None
+    assert make_cache("think-0.5+static", max_cache_len=2100).max_cache_len == 2100  # sized by the benchmark
+    assert make_cache("think-0.5+static-512").max_cache_len == 512 and make_cache("think-0.5").max_cache_len is None
+    assert baseline_of("think-0.5+static") == "static"  # transformers' StaticCache
     with pytest.raises(ValueError, match="unknown method part 'pyramid-3'"):
         make_cache("pyramid-3")
 

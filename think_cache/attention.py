@@ -8,18 +8,25 @@ returned key; neither call sees the other's arguments. So, per thread:
 3. `think_attention` takes that record back when it receives that same tensor (``key is returned_key``) and
    computes over the layer's compact and recent parts. Any other key (another cache, cross-attention) goes to
    transformers' stock sdpa attention unchanged.
+
+A compiled decoding step (a static cache, `think_cache.static`) reads no thread-local state and runs no hook: the
+static cache leaves on each attention module a weak reference to its layer (`attach_static_layer`, in the eager
+prefill), and `think_attention` takes it when the key it receives is the buffer that layer returned.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import kernels
+from ._compat import is_compiling
 from .compact import causal_mask, compact_probs, thin_mask, thinned_store, weighted_values
+from .static import static_attention
 
 __all__ = ["ATTENTION_NAME", "think_attention", "register"]
 
@@ -43,14 +50,37 @@ _state = _ThreadState()
 
 
 def enter_module(module: torch.nn.Module, *args, **kwargs) -> None:
-    """Forward pre-hook: this thread is now running ``module``."""
-    _state.module = module
+    """Forward pre-hook: this thread is now running ``module`` (nothing under torch.compile: see the module
+    docstring)."""
+    if not is_compiling():
+        _state.module = module
 
 
 def exit_module(module: torch.nn.Module, *args, **kwargs) -> None:
     """Forward hook: this thread has left ``module`` (registered with ``always_call=True``: also when it raised)."""
-    _state.module = None
-    _state.handoff = None
+    if not is_compiling():
+        _state.module = None
+        _state.handoff = None
+
+
+#: The attribute of an attention module holding a weak reference to the static cache layer last filled through it.
+_STATIC_LAYER = "_think_cache_static_layer"
+
+
+def attach_static_layer(module: torch.nn.Module, layer: object) -> None:
+    """Called by a static cache in eager code: ``module``'s compiled steps will read ``layer``."""
+    ref = getattr(module, _STATIC_LAYER, None)
+    if ref is None or ref() is not layer:
+        setattr(module, _STATIC_LAYER, weakref.ref(layer))
+
+
+def _static_layer(module: torch.nn.Module, key: torch.Tensor):
+    """In a compiled step: the static layer whose buffer ``key`` is, if any."""
+    ref = getattr(module, _STATIC_LAYER, None)
+    layer = None if ref is None else ref()
+    if layer is not None and layer.is_static and key is layer.compact_keys:
+        return layer
+    return None
 
 
 def current_module() -> torch.nn.Module | None:
@@ -93,7 +123,7 @@ def think_attention(
     eager attention (which then replaces sdpa): over the stored tokens, or under a token policy, which keeps other
     tokens per head, over every token seen with 0 for the evicted ones.
     """
-    layer = _take_handoff(key)
+    layer = _static_layer(module, key) if is_compiling() else _take_handoff(key)
     scale = _scale(scaling, query)
     wants_attention = _wants_attention_weights(module, kwargs)
     if layer is None:
@@ -102,6 +132,13 @@ def think_attention(
         raise NotImplementedError(
             "ThinKCache is an inference cache: attention dropout in training mode is not supported."
         )
+    if getattr(layer, "is_static", False):
+        if wants_attention:
+            raise NotImplementedError(
+                "A static ThinKCache (max_cache_len) does not return attention weights; use a ThinKCache without "
+                "max_cache_len for output_attentions=True."
+            )
+        return static_attention(layer, query, attention_mask, scale), None
     if layer.is_compacted:
         return _attend_compacted(layer, query, attention_mask, scale, wants_attention)
 

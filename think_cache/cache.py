@@ -9,9 +9,10 @@ import torch
 from transformers.cache_utils import Cache
 
 from . import _compat, quant
-from .attention import ATTENTION_NAME, current_module, hand_off
+from .attention import ATTENTION_NAME, attach_static_layer, current_module, hand_off
 from .layer import LayerStats, ThinKLayer, ThinKSlidingLayer, storage_bytes
 from .policies import Policy
+from .static import StaticThinKLayer
 from .storage import CompactStore, FullStore, QuantizedStore
 
 __all__ = ["ThinKCache", "CacheStats", "held_bytes"]
@@ -95,6 +96,20 @@ def _fingerprint(config) -> tuple:
         "vocab_size",
     )
     return tuple(repr(getattr(config, name, None)) for name in names)
+
+
+def _check_static(cache: ThinKCache) -> None:
+    """Refuse, where the settings enter, what a static cache cannot do yet."""
+    if cache.policy is not None and cache.policy.evicts_while_decoding:
+        raise ValueError(
+            f"ThinKCache(max_cache_len=...) does not support {type(cache.policy).__name__} yet: it evicts tokens "
+            "while decoding, which needs data-dependent copies. Use SnapKV or no policy with max_cache_len, or "
+            "leave max_cache_len out."
+        )
+    if cache.bits is not None:
+        raise ValueError(
+            "ThinKCache(max_cache_len=...) does not support quantized storage (bits) yet; leave one of them out."
+        )
 
 
 @dataclass(frozen=True)
@@ -198,6 +213,13 @@ class ThinKCache(Cache):
     group_size:
         Value channels per scale and zero point when ``bits`` is set (default 32; the last group of a pruned
         value width holds the remainder). Smaller groups are more accurate and cost more scales.
+    max_cache_len:
+        None (the default): the cache grows as needed. An int ``N``: a static, compileable cache for at most ``N``
+        tokens (prompt + generated), like transformers' ``StaticCache``: its buffers are allocated at the end of the
+        prompt and every decoding step has static shapes, so ``torch.compile`` (and ``generate``'s automatic
+        compile) capture it whole, with the same answers as the dynamic cache (`think_cache.static`). It holds
+        its whole capacity from the prompt's end on. Not yet with `H2O`, `StreamingLLM`, ``bits`` or
+        sliding-window layers.
     """
 
     def __init__(
@@ -210,6 +232,7 @@ class ThinKCache(Cache):
         policy: Policy | None = None,
         bits: int | None = None,
         group_size: int | None = None,
+        max_cache_len: int | None = None,
     ):
         self.key_ratio = _check_ratio("key_ratio", key_ratio)
         self.bits = _check_bits(bits)
@@ -228,6 +251,9 @@ class ThinKCache(Cache):
                 f"recent ({self.recent}) is larger than the policy's budget ({policy.budget}): the full-width recent "
                 "tokens are always kept, so they must fit in the budget"
             )
+        self._max_cache_len = None if max_cache_len is None else _check_int("max_cache_len", max_cache_len, 1)
+        if self.max_cache_len is not None:
+            _check_static(self)
         self._model_config = None
         self._model_fingerprint = None
         self._prompt_start, self._prompt_end = 0, None
@@ -251,7 +277,14 @@ class ThinKCache(Cache):
         )
         sliding_window = _compat.sliding_window_of(module)
         if sliding_window is not None:
+            if self.max_cache_len is not None:
+                raise ValueError(
+                    f"ThinKCache(max_cache_len=...) does not support sliding-window layers yet (this model's layer "
+                    f"{module.layer_idx} has a window of {sliding_window}); use a ThinKCache without max_cache_len."
+                )
             return ThinKSlidingLayer(sliding_window=sliding_window, **kwargs)
+        if self.max_cache_len is not None:
+            return StaticThinKLayer(max_cache_len=self.max_cache_len, **kwargs)
         return ThinKLayer(**kwargs)
 
     def _check_module(self, module: torch.nn.Module | None, key_states: torch.Tensor, layer_idx: int) -> None:
@@ -287,6 +320,8 @@ class ThinKCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new tokens of layer ``layer_idx``; called by the model's attention modules."""
         if _compat.is_compiling():
+            if self.max_cache_len is not None:  # a compiled decoding step: static shapes, no thread-local state
+                return self.layers[layer_idx].update(key_states, value_states)
             raise RuntimeError(
                 "ThinKCache cannot run under torch.compile: its compact part changes shape as channels are pruned "
                 "and tokens fold in. Run the model uncompiled with ThinKCache (is_compileable is False)."
@@ -299,11 +334,14 @@ class ThinKCache(Cache):
         layer.prompt_start, layer.prompt_end = self._prompt_start, self._prompt_end
         keys, values = layer.update(key_states, value_states)
         hand_off(layer, keys)
+        if self.max_cache_len is not None:  # what the ThinK attention reads in a compiled step
+            attach_static_layer(module, layer)
         return keys, values
 
     # ---------------------------------------------------------------------------------------- cache API
-    def get_seq_length(self, layer_idx: int | None = 0) -> int:
-        """Tokens seen by layer ``layer_idx`` (logical length, not the stored one)."""
+    def get_seq_length(self, layer_idx: int | None = 0) -> int | torch.Tensor:
+        """Tokens seen by layer ``layer_idx`` (logical length, not the stored one). A static cache returns a 0-d
+        tensor after the prompt, as transformers' ``StaticCache`` does, so that compiled steps read it."""
         layer_idx = layer_idx or 0
         return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
 
@@ -314,14 +352,14 @@ class ThinKCache(Cache):
         return self.layers[layer_idx].get_mask_sizes(q_len)
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
-        return -1
+        return -1 if self.max_cache_len is None else self.max_cache_len
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:  # transformers < 5
-        return -1
+        return self.get_max_length()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the newest tokens (as transformers' `crop`); only the full-width recent part can be cut."""
-        count = _compat.crop_count(tokens_to_remove, self.get_seq_length())
+        count = _compat.crop_count(tokens_to_remove, int(self.get_seq_length()))
         for layer in self.layers:
             layer.crop(count)
 
@@ -347,7 +385,7 @@ class ThinKCache(Cache):
         """
         if length is not None:
             length = _check_int("length", length, 0)
-        self._prompt_start, self._prompt_end = self.get_seq_length(), length
+        self._prompt_start, self._prompt_end = int(self.get_seq_length()), length
 
     def compact(self) -> None:
         """Compact every layer now, with the queries seen so far (e.g. to measure the saving after a plain forward
@@ -363,12 +401,21 @@ class ThinKCache(Cache):
         return state
 
     @property
+    def max_cache_len(self) -> int | None:
+        """Tokens a static cache holds (prompt + generated); None for a cache that grows."""
+        return self._max_cache_len
+
+    @property
     def is_compileable(self) -> bool:
-        return False
+        """Whether transformers may compile the decoding step: only a static cache (``max_cache_len``)."""
+        return self.max_cache_len is not None
 
     @property
     def is_croppable(self) -> bool:
-        """Whether `crop` can undo the newest forward exactly: not under a policy that evicts at every step."""
+        """Whether `crop` can undo the newest forward exactly: not under a policy that evicts at every step, nor in a
+        static cache."""
+        if self.max_cache_len is not None:
+            return False
         return self.policy is None or not self.policy.evicts_while_decoding
 
     # ------------------------------------------------------------------------------------------- report
@@ -391,6 +438,8 @@ class ThinKCache(Cache):
             settings += f", policy={self.policy!r}"
         if self.bits is not None:
             settings += f", bits={self.bits}, group_size={self.group_size}"
+        if self.max_cache_len is not None:
+            settings += f", max_cache_len={self.max_cache_len}"
         if not self.layers:
             return f"ThinKCache({settings}; empty)"
         s = self.stats()

@@ -59,7 +59,15 @@ from .scoring import (
 )
 from .storage import CompactStore, FullStore
 
-__all__ = ["ThinKLayer", "ThinKSlidingLayer", "LayerStats", "gather_tokens", "storage_bytes", "FOLD_BLOCK"]
+__all__ = [
+    "ThinKLayer",
+    "ThinKSlidingLayer",
+    "LayerStats",
+    "gather_tokens",
+    "storage_bytes",
+    "fold_point",
+    "FOLD_BLOCK",
+]
 
 # Every tensor a layer holds itself whose first dimension is the batch (the store holds the compact part's).
 _ROW_TENSORS = (
@@ -105,6 +113,13 @@ def storage_bytes(tensors: Iterator[torch.Tensor]) -> int:
         storage = t.untyped_storage()
         seen[(t.device, storage.data_ptr())] = storage.nbytes()
     return sum(seen.values())
+
+
+def fold_point(t, origin, held: int, fold_block: int):
+    """The schedule: a query at logical position ``t`` sees the tokens before this position thinned, when the
+    prompt ended at ``origin`` and its last ``held`` tokens wait at full width with the generated ones (ints, or
+    0-d tensors in a compiled step)."""
+    return origin - held + fold_block * ((t - origin) // fold_block)
 
 
 class ThinKLayer(CacheLayerMixin):
@@ -321,7 +336,7 @@ class ThinKLayer(CacheLayerMixin):
         """Logical position before which a query at ``t`` sees tokens thinned, for a prompt that ended at ``origin``
         (default: the latest one; ``t`` at or after it)."""
         origin = self.origin if origin is None else origin
-        return origin - self.held_tokens(origin) + self.fold_block * ((t - origin) // self.fold_block)
+        return fold_point(t, origin, self.held_tokens(origin), self.fold_block)
 
     def held_tokens(self, origin: int) -> int:
         """How many of a prompt's last tokens wait at full width with the generated ones, for the prompt that ended

@@ -84,15 +84,17 @@ def patch(model: torch.nn.Module, **defaults) -> torch.nn.Module:
         A transformers decoder-only model of a supported type (see ``SUPPORTED_MODEL_TYPES``).
     **defaults:
         `ThinKCache` settings (``key_ratio``, ``value_ratio``, ``window``, ``recent``, ``policy``, ``bits``,
-        ``group_size``), validated here. When given,
+        ``group_size``, ``max_cache_len``), validated here. When given,
         ``model.generate(...)`` without a cache argument uses a fresh ``ThinKCache(**defaults)``: the one-liner
         ``think_cache.patch(model, key_ratio=0.5)``. Patching again with settings replaces them; patching again
         without settings keeps them (`unpatch` drops them). ``use_cache=False`` (as a keyword, in a passed
         ``generation_config`` or in ``model.generation_config``) means no cache, as in transformers; a
-        ``cache_implementation`` or ``compile_config`` set in any of them is refused with a clear error.
+        ``cache_implementation`` set in any of them is refused with a clear error, and so is a ``compile_config``
+        unless the settings make a static cache (``max_cache_len``), which transformers may compile.
 
     The patched ``generate`` also tells a `ThinKCache` where each call's prompt ends, so that channels are
-    chosen there however the prompt is fed (chunked prefill, assisted decoding, a filled cache).
+    chosen there however the prompt is fed (chunked prefill, assisted decoding, a filled cache), and refuses a
+    call that would not fit in a static ThinKCache (prompt + ``max_new_tokens`` above its ``max_cache_len``).
 
     Other caches keep working on a patched model: the ThinK attention hands them to transformers' sdpa attention.
     """
@@ -132,13 +134,16 @@ def _generate_with_defaults(model: torch.nn.Module, state: _PatchState):
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
-        if state.defaults and _builds_own_cache(model, args, kwargs):
+        static = state.defaults.get("max_cache_len") is not None
+        if state.defaults and _builds_own_cache(model, args, kwargs, static):
             kwargs[_compat.CACHE_ARGUMENT] = ThinKCache(**state.defaults)
         cache = next((kwargs[name] for name in _compat.CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
         if not isinstance(cache, ThinKCache):
             return original(*args, **kwargs)
         _check_rollback(cache, kwargs)
-        cache.mark_prompt_end(_prompt_length(cache, args, kwargs))
+        prompt_length = _prompt_length(cache, args, kwargs)
+        _check_capacity(model, cache, prompt_length, args, kwargs)
+        cache.mark_prompt_end(prompt_length)
         try:
             return original(*args, **kwargs)
         finally:
@@ -159,7 +164,7 @@ def _prompt_length(cache: ThinKCache, args: tuple, kwargs: dict) -> int | None:
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
         return None
     length = inputs.shape[1]
-    past = cache.get_seq_length()
+    past = int(cache.get_seq_length())
     return length if length >= past else past + length
 
 
@@ -174,22 +179,45 @@ def _check_rollback(cache: ThinKCache, kwargs: dict) -> None:
         )
 
 
-def _builds_own_cache(model: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+def _check_capacity(model: torch.nn.Module, cache: ThinKCache, prompt_length: int | None, args, kwargs) -> None:
+    """A static ThinKCache must hold the prompt and every new token: refuse the call before any work otherwise."""
+    if cache.max_cache_len is None or prompt_length is None:
+        return
+    passed = _passed_generation_config(args, kwargs)
+    new_tokens, _ = _effective_generation_option(model, kwargs, passed, "max_new_tokens")
+    if new_tokens is not None:
+        needed, what = prompt_length + new_tokens, f"the prompt ({prompt_length}) + max_new_tokens ({new_tokens})"
+    else:
+        needed, _ = _effective_generation_option(model, kwargs, passed, "max_length")
+        what = f"max_length ({needed})"
+    if needed is not None and needed > cache.max_cache_len:
+        raise ValueError(
+            f"{what} = {needed} tokens do not fit in this static ThinKCache (max_cache_len={cache.max_cache_len}). "
+            "Pass a cache with a larger max_cache_len, or generate fewer tokens."
+        )
+
+
+def _builds_own_cache(model: torch.nn.Module, args: tuple, kwargs: dict, static: bool = False) -> bool:
     """Whether ``model.generate(*args, **kwargs)`` would build a cache itself (none passed, ``use_cache`` not
     False), which the one-liner replaces with its ThinKCache. Raises where a cache transformers builds (static or
-    compiled) was asked for."""
+    compiled) was asked for; a ``compile_config`` is fine when the one-liner's cache is ``static``."""
     if any(kwargs.get(name) is not None for name in _compat.CACHE_ARGUMENTS):
         return False
     passed = _passed_generation_config(args, kwargs)
     if _effective_generation_option(model, kwargs, passed, "use_cache")[0] is False:
         return False
-    for option in ("cache_implementation", "compile_config"):
+    for option in ("cache_implementation",) if static else ("cache_implementation", "compile_config"):
         value, where = _effective_generation_option(model, kwargs, passed, option)
         if value is not None:
+            ours = (
+                "a static ThinKCache (max_cache_len), which transformers may compile but does not build"
+                if static
+                else "a ThinKCache, which is neither"
+            )
             raise ValueError(
                 f"{where} asks for a cache transformers builds (static or compiled), but "
-                "think_cache.patch(model, ...) makes generate use a ThinKCache, which is neither. Pass a cache "
-                f"yourself, leave {option} unset, or call think_cache.unpatch(model) first."
+                f"think_cache.patch(model, ...) makes generate use {ours}. Pass a cache yourself, leave {option} "
+                "unset, or call think_cache.unpatch(model) first."
             )
     return True
 

@@ -1,0 +1,194 @@
+"""The static, compileable ThinK cache (``ThinKCache(max_cache_len=N)``, issue 15): the same answers as the dynamic
+ThinKCache, eager and compiled (no graph break), the bytes it holds, and the errors where N is too small."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import generate, held_bytes, make_batch, make_model, prefill
+from transformers.cache_utils import StaticCache
+
+import think_cache
+from think_cache import H2O, SnapKV, StreamingLLM, ThinKCache
+from think_cache import _compat as compat
+
+torch.set_num_threads(1)
+
+NEEDS_5X = pytest.mark.skipif(
+    compat.TRANSFORMERS_VERSION.major < 5,
+    reason="transformers 4.x builds cache_position with torch.arange(cache.get_seq_length(), ...) in the forward, "
+    "which a 0-d tensor length makes data-dependent under fullgraph compile (tried on 4.56.2); compiled static "
+    "ThinK steps are tested on 5.x",
+)
+
+
+def decode(model, cache, ids, mask, steps: int, forward=None) -> torch.Tensor:
+    """Prefill eagerly, then ``steps`` greedy single-token forwards through ``forward``: ``(batch, steps, vocab)``."""
+    prefill(model, cache, ids, mask)
+    forward = forward or model.forward
+    token, logits = ids[:, -1:].clone(), []
+    with torch.no_grad():
+        for _ in range(steps):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = mask.cumsum(-1)[:, -1:] - 1
+            out = forward(
+                input_ids=token, attention_mask=mask, position_ids=positions, use_cache=True,
+                **{compat.CACHE_ARGUMENT: cache},
+            )  # fmt: skip
+            logits.append(out.logits[:, -1])
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return torch.stack(logits, dim=1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model("llama")
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return make_batch([50, 37])  # left-padded batch of 2
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"recent": 8}, {"value_ratio": 0.5}, {"policy": SnapKV(budget=40, window=8)}, {"key_ratio": 0.0}],
+    ids=["plain", "recent", "value_ratio", "snapkv", "no-pruning"],
+)
+def test_eager_static_equals_dynamic(model, batch, settings):
+    settings = {"key_ratio": 0.5, **settings}
+    ids, mask = batch
+    dynamic = decode(model, ThinKCache(**settings), ids, mask, 40)
+    cache = ThinKCache(**settings, max_cache_len=96)
+    static = decode(model, cache, ids, mask, 40)
+    torch.testing.assert_close(static, dynamic, atol=1e-5, rtol=0)
+    assert int(cache.get_seq_length()) == 90
+
+
+@NEEDS_5X
+def test_compiled_fullgraph_equals_eager_without_graph_breaks(model, batch):
+    """40 steps crossing a fold block (the prompt ends at 50, the first fold is at 82), inductor, fullgraph."""
+    ids, mask = batch
+    expected = decode(model, ThinKCache(0.5), ids, mask, 40)
+    cache = ThinKCache(0.5, max_cache_len=96)
+    compiled = torch.compile(model.forward, fullgraph=True)
+    torch._dynamo.reset()
+    got = decode(model, cache, ids, mask, 40, forward=compiled)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+    step_mask = torch.cat([mask, torch.ones(2, 91, dtype=mask.dtype)], dim=1)[:, :91]
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model.forward)(
+            input_ids=got[:, -1].argmax(-1, keepdim=True), attention_mask=step_mask,
+            position_ids=step_mask.cumsum(-1)[:, -1:] - 1, use_cache=True, **{compat.CACHE_ARGUMENT: cache},
+        )  # fmt: skip
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@NEEDS_5X
+def test_generate_gives_the_dynamic_greedy_tokens(model, batch):
+    """``generate`` with a static ThinKCache: eager, and through transformers' automatic compile."""
+    from transformers import CompileConfig
+
+    ids, mask = batch
+    expected = generate(model, ids, mask, ThinKCache(0.5), steps=36).sequences
+    cache = ThinKCache(0.5, max_cache_len=90)
+    assert generate(model, ids, mask, cache, steps=36).sequences.equal(expected)
+
+    config = CompileConfig(fullgraph=True, backend="eager")  # inductor is checked above; this checks the route
+    config._compile_all_devices = True  # transformers compiles on CPU only when told
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cache = ThinKCache(0.5, max_cache_len=90)
+    assert cache.is_compileable and model._valid_auto_compile_criteria({"cache": cache}, _config(model, config))
+    got = generate(model, ids, mask, cache, steps=36, compile_config=config).sequences
+    assert got.equal(expected)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode steps did run compiled
+
+
+def _config(model, compile_config):
+    config = model.generation_config.__class__(**model.generation_config.to_dict())
+    config.compile_config = compile_config
+    return config
+
+
+def test_beam_search_reorders_the_buffers(model, batch):
+    ids, mask = batch
+    expected = generate(model, ids, mask, ThinKCache(0.5), steps=8, num_beams=2).sequences
+    got = generate(model, ids, mask, ThinKCache(0.5, max_cache_len=60), steps=8, num_beams=2).sequences
+    assert got.equal(expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_holds_at_most_077_of_static_cache(dtype):
+    model = make_model("llama", head_dim=64).to(dtype)
+    ids, mask = make_batch([40])
+    n = 1024
+    ours = prefill(model, ThinKCache(0.5, max_cache_len=n), ids, mask)
+    theirs = prefill(model, StaticCache(config=model.config, max_cache_len=n), ids, mask)
+    ratio = held_bytes(ours) / held_bytes(theirs)
+    assert ratio <= 0.77, ratio
+    stats = ours.stats()
+    assert stats.stored_bytes == held_bytes(ours)  # stats() counts the whole capacity, as held
+    assert stats.tokens == 40 and stats.layers[0].key_channels == 32
+
+
+def test_too_small_max_cache_len_raises(model, batch):
+    ids, mask = batch
+    with pytest.raises(ValueError, match="max_cache_len=40"):
+        prefill(model, ThinKCache(0.5, max_cache_len=40), ids, mask)
+    with pytest.raises(ValueError, match=r"prompt \(50\) \+ max_new_tokens \(20\) = 70 tokens"):
+        generate(model, ids, mask, ThinKCache(0.5, max_cache_len=60), steps=20)
+    cache = ThinKCache(0.5, max_cache_len=52)
+    decode(model, cache, ids, mask, 2)  # the prompt (50) and 2 tokens: full
+    with pytest.raises(ValueError, match="max_cache_len=52"), torch.no_grad():
+        model(input_ids=ids[:, :1], use_cache=True, **{compat.CACHE_ARGUMENT: cache})
+
+
+def test_refuses_what_it_cannot_do_yet(model, batch):
+    for settings in ({"policy": H2O(budget=64)}, {"policy": StreamingLLM()}, {"bits": 4}):
+        with pytest.raises(ValueError, match="max_cache_len"):
+            ThinKCache(0.5, max_cache_len=64, **settings)
+    mistral = make_model("mistral")
+    ids, mask = batch
+    with pytest.raises(ValueError, match="sliding-window"):
+        prefill(mistral, ThinKCache(0.5, max_cache_len=64), ids, mask)
+    cache = prefill(model, ThinKCache(0.5, max_cache_len=64), ids, mask)
+    with pytest.raises(NotImplementedError, match="one token per forward"):
+        prefill(model, cache, ids[:, :2], mask[:, :2])
+    with pytest.raises(ValueError, match="cannot crop"):
+        cache.crop(-1)
+
+
+def test_cache_api(model, batch):
+    ids, mask = batch
+    cache = ThinKCache(0.5, max_cache_len=64)
+    assert "max_cache_len=64" in repr(cache) and cache.is_compileable and not cache.is_croppable
+    assert cache.get_max_cache_shape() == 64
+    prefill(model, cache, ids, mask)
+    length = cache.get_seq_length()
+    assert isinstance(length, torch.Tensor) and int(length) == 50  # a tensor, as StaticCache's
+    assert cache.get_mask_sizes(1, 0) == (64, 0)
+    assert "max_cache_len=64" in repr(cache)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.is_compileable
+    assert not ThinKCache(0.5).is_compileable
+
+
+def test_patch_default_allows_compile_config_for_a_static_cache(batch):
+    from transformers import CompileConfig
+
+    model = make_model("llama")
+    ids, mask = batch
+    think_cache.patch(model, key_ratio=0.5, max_cache_len=64)
+    config = CompileConfig(backend="eager")  # not _compile_all_devices: on CPU generate runs it eagerly
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, compile_config=config)
+    assert out.shape == (2, 54)
+    with pytest.raises(ValueError, match="cache_implementation"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, cache_implementation="static")
+    with pytest.raises(ValueError, match="do not fit"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20)
+    think_cache.patch(model, key_ratio=0.5, max_cache_len=None)
+    with pytest.raises(ValueError, match="compile_config"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, compile_config=config)

@@ -1,0 +1,317 @@
+"""A static, compileable ThinK layer: ``ThinKCache(key_ratio=..., max_cache_len=N)``.
+
+`StaticThinKLayer` is a `ThinKLayer` whose decoding steps have static shapes, so that ``torch.compile(model.forward,
+fullgraph=True, mode="reduce-overhead")`` and transformers' automatic compile in ``generate`` capture them whole.
+
+**Prefill** runs eagerly and exactly as in `ThinKLayer`: the prompt's tokens at full width, the channels (and a
+policy's tokens) chosen at the prompt's end by `ThinKLayer.observe`/`ThinKLayer.compact`. Right after compaction the
+layer moves into pre-allocated buffers, and never changes their shapes again:
+
+* ``compact_keys`` ``(batch, kv_heads, capacity, kept_k)`` and ``compact_values`` ``(..., kept_v)``: every token
+  from the compacted prompt on, at the kept channels, one slot per token (slot = its index among the stored tokens).
+* ``ring_keys`` ``(batch, kv_heads, recent + FOLD_BLOCK, head_dim - kept_k)``: the *pruned* key channels of the
+  newest tokens, in a ring (slot = logical position mod its size); ``ring_values`` likewise for pruned value
+  channels (None when values keep every channel: ``compact_values`` then holds them whole).
+* ``slot_positions`` ``(batch, 1 or kv_heads, capacity)``: each slot's logical position (per head under a policy).
+* ``length``: tokens seen, a 0-d tensor written in place; the prompt's end (``fold_origin``) and the slot of
+  position ``p`` (``p + slot_shift``) are 0-d tensors too.
+
+**Decoding** writes each new token into its compact slot (kept channels) and its ring slot (pruned channels) with
+``index_copy_``. A query at position ``t`` sees a token thinned iff it lies before ``fold_point(t)`` (the schedule of
+`think_cache.layer`), else at full width. Here "folding" is mask arithmetic, not a copy: the logits are the kept
+channels' ``q_kept @ compact_keys^T`` over every slot, plus, for the ring's tokens at or after the fold point, the
+pruned channels' ``q_pruned @ ring_keys^T`` added at their slots; one float32 softmax over the slots, masked where
+a slot is not yet written (position > ``t``) or is padding. The answers equal the eager `ThinKLayer`'s (the same
+tokens thinned at the same steps; only the float summation order differs).
+
+Holding the kept channels of every token once and the pruned channels of only the ring's tokens keeps the bytes
+at ``(kept_k + kept_v) / (2 * head_dim)`` of transformers' ``StaticCache`` plus the ring: 0.76x at key ratio 0.5,
+head_dim 64 and 1k tokens.
+
+**Capacity.** ``max_cache_len`` bounds the logical length (prompt + generated tokens), as in ``StaticCache``. The
+compact buffer needs one slot per token kept from the prompt plus one per later token: ``N`` slots without a
+policy, ``min(budget, prompt) + (N - prompt)`` under `SnapKV`, allocated at the prompt's end when that is known. A
+prompt longer than ``N`` raises at the prefill, and the patched ``generate`` refuses ``prompt + max_new_tokens > N``;
+nothing is ever truncated silently.
+
+**Not supported yet** (refused with a clear error): policies that evict while decoding (`H2O`, `StreamingLLM`),
+quantized storage (``bits``), sliding-window layers, a second prompt on a filled cache (a chat's next turn,
+assisted decoding) and `crop`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from . import _compat
+from .compact import as_bool_mask, gather_channels, scatter_channels
+from .layer import ThinKLayer, fold_point
+
+__all__ = ["StaticThinKLayer", "static_attention", "pruned_channels"]
+
+# Tensors of a static layer whose first dimension is the batch (the 0-d lengths are not).
+_STATIC_TENSORS = ("compact_keys", "compact_values", "ring_keys", "ring_values", "slot_positions")
+_STATIC_CHANNELS = ("pruned_key_channels", "pruned_value_channels")
+# 0-d tensors: the length and the fold schedule's constants
+_STATIC_SCALARS = ("length", "slot_shift", "fold_origin")
+
+
+def pruned_channels(kept: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The channels not in ``kept`` ``(batch, kv_heads, n_kept)``, ascending: ``(batch, kv_heads, head_dim - n)``."""
+    keep = torch.zeros(*kept.shape[:-1], head_dim, dtype=torch.bool, device=kept.device)
+    keep.scatter_(-1, kept.long(), True)
+    channels = torch.arange(head_dim, device=kept.device, dtype=kept.dtype).expand_as(keep)
+    return channels[~keep].view(*kept.shape[:-1], head_dim - kept.shape[-1])
+
+
+class StaticThinKLayer(ThinKLayer):
+    """A full-attention ThinK layer with pre-allocated buffers for ``max_cache_len`` tokens; see the module
+    docstring. Before the end of the prompt it is a `ThinKLayer`; after it, every step has static shapes."""
+
+    is_compileable = True
+    is_croppable = False
+
+    def __init__(self, max_cache_len: int, **kwargs):
+        self.max_cache_len = max_cache_len
+        super().__init__(**kwargs)
+
+    def __repr__(self) -> str:
+        state = "static" if self.is_static else "prefill"
+        return f"{type(self).__name__}(max_cache_len={self.max_cache_len}, tokens={self.seen_tokens}, {state})"
+
+    def reset(self) -> None:
+        # `length` is set at compaction: from then on the layer is static
+        for name in _STATIC_TENSORS + _STATIC_CHANNELS + _STATIC_SCALARS:
+            setattr(self, name, None)
+        super().reset()
+
+    @property
+    def seen_tokens(self) -> int:
+        """Tokens seen, as a Python int (read from ``length`` once static: eager code only)."""
+        return self._seen_tokens if self.length is None else int(self.length)
+
+    @seen_tokens.setter
+    def seen_tokens(self, value: int) -> None:
+        if self.length is None:
+            self._seen_tokens = value
+        else:
+            self.length.fill_(value)
+
+    @property
+    def is_static(self) -> bool:
+        """Whether the layer lives in its pre-allocated buffers (after the end of the prompt)."""
+        return self.length is not None
+
+    @property
+    def prunes(self) -> bool:
+        return True  # the end of the prompt is where the buffers are allocated, even when nothing is pruned
+
+    @property
+    def compact_tokens(self) -> int:
+        if not self.is_static:
+            return super().compact_tokens
+        return self._prompt_slots + self.seen_tokens - self._first_slot_position
+
+    @property
+    def stored_tokens(self) -> int:
+        return self.compact_tokens if self.is_static else super().stored_tokens
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        yield from super().tensors()
+        for name in _STATIC_TENSORS + _STATIC_CHANNELS + _STATIC_SCALARS:
+            t = getattr(self, name, None)
+            if t is not None:
+                yield t
+
+    def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super()._map_tensors(fn)
+        for name in _STATIC_TENSORS + _STATIC_CHANNELS:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        # in place, so that the buffers keep the addresses a compiled graph (or a CUDA graph) captured
+        super()._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        for name in _STATIC_TENSORS + _STATIC_CHANNELS:
+            t = getattr(self, name)
+            if t is not None:
+                t.copy_(t.index_select(0, beam_idx.to(t.device)))
+
+    # ---------------------------------------------------------------------------------------- cache API
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill: as `ThinKLayer.update`. Decoding: write the token into its compact and ring slots, in place."""
+        n = key_states.shape[-2]
+        if not self.is_static:
+            if _compat.is_compiling():
+                raise RuntimeError(
+                    "A static ThinKCache must see the end of its prompt before a compiled step: run the prefill "
+                    "eagerly and call `cache.mark_prompt_end(prompt_length)` before it (the patched `generate` "
+                    "does both)."
+                )
+            self._check_capacity(n)
+            if self.is_initialized and not self.is_compacted:
+                end = self._ended_prompt(self.seen_tokens, n)
+                if end is not None:
+                    self.compact(end)
+            if not self.is_static:
+                return super().update(key_states, value_states)
+        if n != 1:
+            raise NotImplementedError(
+                f"A static ThinKCache decodes one token per forward after its prompt, got a forward of {n} tokens (a "
+                "second prompt on a filled cache, or assisted decoding). Use a new cache (or `cache.reset()`) per "
+                "prompt, or a ThinKCache without max_cache_len."
+            )
+        if not _compat.is_compiling():
+            self._check_capacity(n)
+        return self._write(key_states, value_states)
+
+    def _check_capacity(self, n: int) -> None:
+        if self.seen_tokens + n > self.max_cache_len:
+            raise ValueError(
+                f"This static ThinKCache holds max_cache_len={self.max_cache_len} tokens, and a forward of {n} "
+                f"tokens after {self.seen_tokens} would exceed it. Pass a larger max_cache_len (at least the prompt "
+                "plus the new tokens)."
+            )
+
+    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one token at the position ``length`` and advance ``length``; returns the compact buffers (the ThinK
+        attention reads the layer itself)."""
+        position = self.length.view(1)
+        slot = position + self.slot_shift
+        ring_slot = torch.remainder(position, self.ring_keys.shape[2])
+        self.compact_keys.index_copy_(2, slot, gather_channels(key_states, self.key_channels))
+        self.ring_keys.index_copy_(2, ring_slot, gather_channels(key_states, self.pruned_key_channels))
+        if self.ring_values is None:  # values keep every channel
+            self.compact_values.index_copy_(2, slot, value_states)
+        else:
+            self.compact_values.index_copy_(2, slot, gather_channels(value_states, self.value_channels))
+            self.ring_values.index_copy_(2, ring_slot, gather_channels(value_states, self.pruned_value_channels))
+        self.length.add_(1)
+        return self.compact_keys, self.compact_values
+
+    def get_seq_length(self) -> int | torch.Tensor:
+        """Tokens seen: an int before the end of the prompt, then a 0-d tensor (as transformers' ``StaticLayer``,
+        so that a compiled step reads it without a graph break)."""
+        return self.length if self.is_static else self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # static: the mask spans every logical position the buffers can hold, as StaticLayer's does
+        return (self.max_cache_len, 0) if self.is_static else super().get_mask_sizes(query_length)
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove < 0 and self.is_initialized:
+            raise ValueError(
+                "A static ThinKCache cannot crop (assisted decoding, prompt lookup): use a ThinKCache without "
+                "max_cache_len for them."
+            )
+
+    # --------------------------------------------------------------------------------------- compaction
+    def compact(self, end: int | None = None) -> None:
+        """`ThinKLayer.compact`, then the move into the static buffers."""
+        if self.is_compacted:
+            return
+        super().compact(end)
+        self._allocate()
+
+    def _allocate(self) -> None:
+        """Allocate the buffers for ``max_cache_len`` tokens and move the compacted prompt into them."""
+        keys, values = self.keys, self.values  # full width: the prompt's newest `recent` tokens (and any later)
+        batch, kv_heads, n_full, head_dim = keys.shape
+        v_dim = values.shape[-1]
+        first = self.full_from  # logical position of the first full-width token
+        n_prompt = self.store.tokens
+        capacity = n_prompt + self.max_cache_len - first
+        kept_k = self.key_channels.shape[-1]
+        device = keys.device
+
+        kept_v = v_dim if self.value_channels is None else self.value_channels.shape[-1]
+        self.compact_keys = keys.new_zeros(batch, kv_heads, capacity, kept_k)
+        self.compact_values = values.new_zeros(batch, kv_heads, capacity, kept_v)
+        if n_prompt:
+            self.compact_keys[:, :, :n_prompt] = self.store.keys
+            self.compact_values[:, :, :n_prompt] = self.store.values
+        ring = self.recent + self.fold_block  # what a query sees at full width: at most held + fold_block - 1 older
+        self.pruned_key_channels = pruned_channels(self.key_channels, head_dim)
+        self.ring_keys = keys.new_zeros(batch, kv_heads, ring, head_dim - kept_k)
+        if self.value_channels is not None:
+            self.pruned_value_channels = pruned_channels(self.value_channels, v_dim)
+            self.ring_values = values.new_zeros(batch, kv_heads, ring, v_dim - self.value_channels.shape[-1])
+
+        later = torch.arange(first, first + capacity - n_prompt, device=device, dtype=torch.int32)
+        if self.compact_positions is not None:  # a policy's tokens, per head
+            later = later.expand(batch, kv_heads, -1)
+            self.slot_positions = torch.cat([self.compact_positions, later], dim=-1).contiguous()
+        else:
+            prompt = torch.arange(first - n_prompt, first, device=device, dtype=torch.int32)
+            self.slot_positions = torch.cat([prompt, later]).expand(batch, 1, capacity).contiguous()
+
+        origin = self.origin
+        self._prompt_slots, self._first_slot_position = n_prompt, first
+        self.slot_shift = torch.tensor(n_prompt - first, device=device)
+        self.fold_origin = torch.tensor(origin, device=device)
+        self.fold_held = self.held_tokens(origin)
+        self.length = torch.tensor(first, device=device)
+        self.store.start(self.key_channels, self.value_channels)  # the buffers hold the tokens now
+        self.compact_positions = None
+        self.keys, self.values = keys[:, :, :0].clone(), values[:, :, :0].clone()
+        for i in range(n_full):  # the full-width tokens, as if decoded one at a time
+            self._write(keys[:, :, i : i + 1], values[:, :, i : i + 1])
+        if not _compat.is_compiling():  # fixed addresses: no graph break or CUDA-graph re-record on in-place writes
+            for t in self.tensors():
+                torch._dynamo.mark_static_address(t)
+
+
+def static_attention(
+    layer: StaticThinKLayer, query: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """Attention of one new token over a static layer, ``(batch, 1, q_heads, v_dim)``; see the module docstring.
+
+    ``query`` ``(batch, q_heads, 1, head_dim)``; ``mask`` ``(batch | 1, 1, 1, width)`` over logical positions (True or
+    0.0 where the query may attend), or None. Static shapes only: lengths and positions are tensors, and which
+    tokens are seen thinned is decided by masks built from them.
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads, capacity = layer.compact_keys.shape[1], layer.compact_keys.shape[2]
+    rows = q_heads // kv_heads * q_len
+    q = query.reshape(batch, kv_heads, rows, head_dim)
+    t = layer.length - 1  # the query's logical position
+    fold = fold_point(t, layer.fold_origin, layer.fold_held, layer.fold_block)
+
+    # kept channels of every slot
+    logits = torch.matmul(gather_channels(q, layer.key_channels), layer.compact_keys.transpose(-1, -2)).float()
+    # the pruned channels of the tokens seen at full width (the ring's, from the fold point on), added at their slots
+    ring = layer.ring_keys.shape[2]
+    ring_positions = t - torch.remainder(t - torch.arange(ring, device=query.device), ring)
+    at_full_width = ring_positions >= fold
+    ring_slots = (ring_positions + layer.slot_shift).clamp(0, capacity - 1).expand(batch, kv_heads, rows, ring)
+    extra = torch.matmul(gather_channels(q, layer.pruned_key_channels), layer.ring_keys.transpose(-1, -2)).float()
+    logits = logits.scatter_add(-1, ring_slots, extra * at_full_width).mul_(scaling)
+
+    positions = layer.slot_positions.long()  # (batch, 1 | kv_heads, capacity)
+    visible = (positions <= t)[:, :, None, :]
+    mask = as_bool_mask(mask)
+    if mask is not None:  # padding, gathered at each slot's position
+        width = mask.shape[-1]
+        index = positions.clamp(max=width - 1)[:, :, None, :]
+        mask = mask[:, :1].expand(batch, positions.shape[1], q_len, width)
+        visible = visible & mask.gather(-1, index.expand(-1, -1, q_len, -1))
+    # a finite minimum, not -inf: a fully masked (padded) row then gives a uniform softmax instead of NaN
+    probs = torch.softmax(logits.masked_fill(~visible, torch.finfo(logits.dtype).min), dim=-1)
+
+    values = layer.compact_values
+    out = torch.matmul(probs.to(values.dtype), values)
+    if layer.ring_values is not None:  # pruned value channels: kept ones from every slot, pruned from the ring's
+        ring_probs = probs.gather(-1, ring_slots) * at_full_width
+        pruned = torch.matmul(ring_probs.to(values.dtype), layer.ring_values)
+        out = scatter_channels(out, layer.value_channels, values.shape[-1] + pruned.shape[-1])
+        index = layer.pruned_value_channels.long()[:, :, None, :].expand_as(pruned)
+        out = out.scatter(-1, index, pruned)
+    return out.view(batch, q_heads, q_len, out.shape[-1]).transpose(1, 2)
