@@ -163,7 +163,7 @@ def test_recent_full_width_tokens_under_a_policy(arch):
 
 class _BudgetWatch(LogitsProcessor):
     """Asserts, after every forward, that no layer holds more than the budget and its slack (a policy that evicts
-    while decoding evicts a fold block at a time: at most ``budget + fold_block - 1`` tokens)."""
+    while decoding evicts a fold block at a time: at most ``budget + fold_block`` tokens)."""
 
     def __init__(self, cache, budget):
         self.cache, self.budget, self.steps, self.most = cache, budget, 0, 0
@@ -171,7 +171,7 @@ class _BudgetWatch(LogitsProcessor):
     def __call__(self, input_ids, scores):
         self.steps += 1
         for layer in self.cache.layers:
-            assert layer.stored_tokens <= self.budget + layer.fold_block - 1, (self.steps, layer.stored_tokens)
+            assert layer.stored_tokens <= self.budget + layer.fold_block, (self.steps, layer.stored_tokens)
             self.most = max(self.most, layer.stored_tokens)
             if layer.compact_positions is not None:
                 assert layer.compact_positions.shape[-1] + layer.keys.shape[-2] == layer.stored_tokens
@@ -198,9 +198,10 @@ def test_memory_bounded_while_generating(policy, key_ratio):
     assert watch.steps == 300 and out.shape[1] == 390
     assert cache.get_seq_length() == 389  # logical length goes on growing
     fold = cache.layers[0].fold_block
-    assert watch.most == policy.budget + fold - 1  # the slack is used, and bounded
-    # evicted back to the budget every fold block: 299 tokens fed after the prompt, 299 % 32 of them since
-    assert all(layer.stored_tokens == policy.budget + 299 % fold for layer in cache.layers)
+    assert watch.most == policy.budget + fold  # the slack is used, and bounded
+    # evicted back to the budget in the forward that folds a block: 299 tokens fed after the prompt, the last
+    # eviction at the 289th
+    assert all(layer.stored_tokens == policy.budget + (299 - 1) % fold for layer in cache.layers)
 
 
 def test_streaming_keeps_sinks_and_the_newest_tokens():
@@ -218,7 +219,7 @@ def test_streaming_keeps_sinks_and_the_newest_tokens():
             assert sinks == [first, first + 1, first + 2]
             # then the newest tokens without a gap: at least `recent`, at most a fold block more (the slack)
             assert rest == list(range(seen - len(rest), seen))
-            assert 10 <= len(rest) <= 10 + layer.fold_block - 1
+            assert 10 <= len(rest) <= 10 + layer.fold_block
 
 
 def test_memory_on_top_of_snapkv():

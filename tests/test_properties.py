@@ -155,7 +155,7 @@ def test_layer_equals_dense_reference(s):
         policy = s["policy"]
         if policy is not None and policy.evicts_while_decoding:
             # the full-width part is kept whole; the rest fits the budget and its slack of one fold block
-            assert layer.stored_tokens <= max(policy.budget + layer.fold_block - 1, layer.keys.shape[-2])
+            assert layer.stored_tokens <= max(policy.budget + layer.fold_block, layer.keys.shape[-2])
         if layer.compact_positions is not None:
             # padding only fills slots no real token could take: the kept real tokens are as many as possible
             candidates = real[:, : seen - layer.keys.shape[-2]].sum(-1)  # real tokens older than the recent part

@@ -32,12 +32,12 @@ When things happen (the schedule), in logical positions, whatever the way tokens
   tokens wait full-width and fold ``FOLD_BLOCK`` at a time. A store with a ``block`` (quantized keys: 32 tokens
   share a scale per channel) takes whole blocks only: without a policy the prompt's last ``< block`` tokens stay
   full-width at compaction and folds take whole blocks. A policy that evicts while decoding (H2O, StreamingLLM)
-  evicts a block at a time as well: it lets the layer grow to ``budget + FOLD_BLOCK - 1`` tokens, then drops the
-  lowest-scored compact tokens back to the budget. When one forward holds several generated positions
-  (assisted decoding verifies drafts in one forward), each query row gets exactly the view it would have had
-  one token at a time (`thinned_rows`). A later prompt (a chat's next turn) restarts the schedule at its own end
-  and keeps at least its last ``window`` tokens at full width (`held_tokens`): its question did not choose the
-  channels.
+  evicts a block at a time as well: it lets the layer grow to ``budget + FOLD_BLOCK`` tokens, and in the forward
+  that folds them drops the lowest-scored compact tokens back to the budget. When one forward holds several
+  generated positions (assisted decoding verifies drafts in one forward), each query row gets exactly the view it
+  would have had one token at a time (`thinned_rows`). A later prompt (a chat's next turn) restarts the schedule
+  at its own end and keeps at least its last ``window`` tokens at full width (`held_tokens`): its question did not
+  choose the channels.
 """
 
 from __future__ import annotations
@@ -171,6 +171,7 @@ class ThinKLayer(CacheLayerMixin):
         self.real_keys: torch.Tensor | None = None  # (batch, stored) before compaction: False at padding
         self.scaling = 1.0
         self.forward_tokens = 0  # tokens of the last forward
+        self.folded = False  # tokens were folded since the policy last evicted
         self.is_initialized = False
 
     @property
@@ -539,14 +540,16 @@ class ThinKLayer(CacheLayerMixin):
             self._evict(mask)
 
     def _evict(self, mask: torch.Tensor | None) -> None:
-        """Drop the compact tokens the policy scores lowest, back to the policy's budget, once the layer holds a
-        whole `fold_block` over it: between evictions a layer holds at most ``budget + fold_block - 1`` tokens
-        (the documented slack), and the compact part is gathered once a block instead of every step."""
-        if self.policy.budget is None:
+        """Drop the compact tokens the policy scores lowest, back to the policy's budget, in the forward that
+        folded a block: the folded tokens compete with the older ones. Between folds a layer holds at most
+        ``budget + fold_block`` tokens after a forward (the documented slack), and the compact part is gathered
+        once a block instead of every step."""
+        if self.policy.budget is None or not self.folded:
             return
+        self.folded = False
         excess = self.stored_tokens - self.policy.budget
         n_compact = self.compact_tokens
-        if excess < self.fold_block or n_compact == 0:
+        if excess <= 0 or n_compact == 0:
             return
         positions = self.compact_positions.long()
         real_logical = key_padding(mask, positions.shape[0], self.seen_tokens, positions.device)
@@ -609,6 +612,7 @@ class ThinKLayer(CacheLayerMixin):
         if n <= 0:
             return
         self.store.append(self.keys[:, :, :n], self.values[:, :, :n])
+        self.folded = True
         if self.compact_positions is not None:
             first = self.full_from
             new = torch.arange(first, first + n, dtype=torch.int32, device=self.keys.device)

@@ -209,7 +209,7 @@ class SnapKV(Policy):
 class H2O(Policy):
     """Heavy-Hitter Oracle (Zhang et al. 2023, arXiv 2306.14048): keep the tokens with the largest accumulated
     attention plus the newest ``recent`` ones, ``budget`` per KV head after the prompt; while decoding the layer
-    evicts a fold block (32 tokens) at a time, so it holds between ``budget`` and ``budget + 31`` tokens.
+    evicts a fold block (32 tokens) at a time, so it holds between ``budget`` and ``budget + 32`` tokens.
 
     Parameters
     ----------
@@ -249,7 +249,7 @@ class H2O(Policy):
 class StreamingLLM(Policy):
     """StreamingLLM (Xiao et al. 2023, arXiv 2309.17453): keep the first ``sink`` tokens (attention sinks) and a
     sliding window of the newest ``recent`` tokens, after the prompt and while decoding (a fold block of 32 tokens
-    at a time: a layer holds between ``budget`` and ``budget + 31`` tokens).
+    at a time: a layer holds between ``budget`` and ``budget + 32`` tokens).
 
     Parameters
     ----------
