@@ -174,8 +174,8 @@ class ThinKCache(Cache):
     Parameters
     ----------
     key_ratio:
-        Fraction of key channels pruned, in [0, 1). 0 keeps all (the cache then equals ``DynamicCache``); the
-        paper uses 0.4 to 0.5.
+        Fraction of key channels pruned, in [0, 1). 0 keeps all (the cache then equals ``DynamicCache``, or
+        with ``bits`` set, quantizes every channel: KIVI-style storage alone); the paper uses 0.4 to 0.5.
     value_ratio:
         Fraction of value channels pruned, in [0, 1), scored by the window's attention-weighted value norms.
     window:
