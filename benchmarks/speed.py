@@ -21,7 +21,16 @@ import think_cache
 from think_cache import _compat, held_bytes
 from think_cache.models import load_smollm2
 
-from .common import RESULTS, describe, machine, make_cache, passkey, save_json, tell_prompt_length
+from .common import (
+    RESULTS,
+    available_methods,
+    describe,
+    machine,
+    make_cache,
+    passkey,
+    save_json,
+    tell_prompt_length,
+)
 
 DEFAULT_METHODS = (
     "dynamic,think-0.25,think-0.4,think-0.5,think-0.6,snapkv-256,snapkv-1024,"
@@ -37,7 +46,7 @@ def _sync(device: torch.device) -> None:
 def measure(model, input_ids: torch.Tensor, method: str, decode_tokens: int, warmup_tokens: int = 3) -> dict:
     """One prefill and ``decode_tokens`` greedy steps with a fresh cache of ``method``."""
     device = input_ids.device
-    cache = make_cache(method)
+    cache = make_cache(method, model.config)
     kwargs = {_compat.CACHE_ARGUMENT: cache, "use_cache": True}
     tell_prompt_length(cache, input_ids)
     if device.type == "cuda":
@@ -120,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--tag", default=None, help="results/speed_<tag>.json (default: the device)")
     args = parser.parse_args(argv)
-    methods = args.methods.split(",")
+    methods = available_methods(args.methods.split(","))
     if "dynamic" not in methods:
         methods.insert(0, "dynamic")
     lengths = [int(n) for n in args.lengths.split(",")]
