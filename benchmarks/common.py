@@ -3,6 +3,7 @@ greedy decoding, and JSON results with the machine they came from."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -14,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface, DynamicCache
+from transformers import AttentionInterface, DynamicCache, QuantizedCache
 
 import think_cache
 from think_cache import H2O, SnapKV, StreamingLLM, ThinKCache
 from think_cache.demo import chat_prompt, fill_to_tokens
+from think_cache.layer import FOLD_BLOCK
+from think_cache.storage import FullStore
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -148,10 +151,55 @@ def fact_document(tokenizer, n_tokens: int, depth: float, seed: int, n_keys: int
 STATIC_DEFAULT_LEN = 4096
 
 
-def make_cache(method: str, max_cache_len: int | None = None):
-    """A cache from a method name: ``dynamic``, or ``+``-joined parts among ``think-R`` (key ratio),
+class _BlockStore(FullStore):
+    """Full precision with the schedule of quantized storage: whole 32-token blocks only (so the prompt's last
+    partial block stays at full width at compaction, as it does with ``bits``). For the benchmarks' ``blocks``
+    method part, which separates the effect of that schedule from the effect of quantizing."""
+
+    block = FOLD_BLOCK
+
+    def fresh(self) -> _BlockStore:
+        return _BlockStore()
+
+
+class _BlockAlignedThinKCache(ThinKCache):
+    def _new_store(self):
+        return _BlockStore() if self.bits is None else super()._new_store()
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace("ThinKCache(", "ThinKCache(<whole 32-token blocks>, ", 1)
+
+
+def quanto_available() -> bool:
+    """Whether transformers' ``QuantizedCache(backend="quanto")`` can be built (the ``optimum-quanto`` package)."""
+    return importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None
+
+
+def needs_quanto(method: str) -> bool:
+    return method.startswith("quantized-")
+
+
+def available_methods(methods: list[str]) -> list[str]:
+    """``methods`` less transformers' ``QuantizedCache`` ones when optimum-quanto is absent (with a message)."""
+    if quanto_available():
+        return methods
+    skipped = [m for m in methods if needs_quanto(m)]
+    if skipped:
+        print(
+            f"skipping {', '.join(skipped)}: transformers' QuantizedCache(backend='quanto') needs optimum-quanto "
+            "(pip install 'think-cache[bench]' or pip install 'optimum-quanto>=0.2')"
+        )
+    return [m for m in methods if not needs_quanto(m)]
+
+
+def make_cache(method: str, config=None, max_cache_len: int | None = None):
+    """A cache from a method name: ``dynamic``; ``quantized-N``, transformers' ``QuantizedCache`` with the quanto
+    backend at N = 2 or 4 bits and its defaults (64-channel groups, 128 full-precision residual tokens; needs
+    ``config``, the model's, and optimum-quanto); or ``+``-joined parts among ``think-R`` (key ratio),
     ``value-R`` (value ratio), ``recent-N`` (full-width recent tokens), ``snapkv-B``, ``h2o-B`` and
-    ``streaming-B`` (token budgets), ``int2``/``int4``/``int8`` (quantized compact storage), ``static`` (a static,
+    ``streaming-B`` (token budgets), ``int2``/``int4``/``int8`` (quantized compact storage), ``g-N`` (value
+    group size of the quantized storage), ``blocks`` (full precision folding whole 32-token blocks, the
+    schedule of quantized storage: the prompt's last partial block stays at full width), ``static`` (a static,
     compileable ThinKCache of ``max_cache_len`` tokens) or ``static-N`` (of ``N`` tokens). A bare ``static`` is
     transformers' StaticCache, which the benchmarks build themselves (it needs the model's config).
 
@@ -162,7 +210,18 @@ def make_cache(method: str, max_cache_len: int | None = None):
         return DynamicCache()
     if method == "static":
         raise ValueError("'static' is transformers' StaticCache: build it with the model's config")
+    if needs_quanto(method):
+        nbits = int(method.partition("-")[2])
+        if not quanto_available():
+            raise ModuleNotFoundError(
+                f"{method} is transformers' QuantizedCache(backend='quanto'), which needs optimum-quanto: "
+                "pip install 'optimum-quanto>=0.2'"
+            )
+        if config is None:
+            raise ValueError(f"{method}: transformers' QuantizedCache needs the model's config")
+        return QuantizedCache(backend="quanto", config=config, nbits=nbits)
     settings: dict = {"key_ratio": 0.0}
+    cls = ThinKCache
     for part in method.split("+"):
         kind, _, arg = part.partition("-")
         if kind == "think":
@@ -181,15 +240,29 @@ def make_cache(method: str, max_cache_len: int | None = None):
             settings["bits"] = int(kind[3:])
         elif kind == "static":
             settings["max_cache_len"] = int(arg) if arg else max_cache_len or STATIC_DEFAULT_LEN
+        elif kind == "g" and arg:
+            settings["group_size"] = int(arg)
+        elif kind == "blocks" and not arg:
+            cls = _BlockAlignedThinKCache
         else:
             raise ValueError(f"unknown method part {part!r} in {method!r}")
-    return ThinKCache(**settings)
+    return cls(**settings)
 
 
 def describe(methods: list[str]) -> dict[str, str]:
     """Each method's cache with its settings (its ``repr``), for result files: defaults change between versions."""
-    named = {"dynamic": "DynamicCache()", "static": "StaticCache(max_cache_len=prompt + decoded tokens)"}
-    return {m: named.get(m) or repr(make_cache(m)) for m in methods}
+    out = {}
+    for m in methods:
+        if m == "dynamic":
+            out[m] = "DynamicCache()"
+        elif m == "static":
+            out[m] = "StaticCache(max_cache_len=prompt + decoded tokens)"
+        elif needs_quanto(m):
+            bits = m.partition("-")[2]
+            out[m] = f"QuantizedCache(backend='quanto', nbits={bits}, q_group_size=64, residual_length=128)"
+        else:
+            out[m] = repr(make_cache(m))
+    return out
 
 
 def depths(n: int) -> list[float]:
@@ -202,14 +275,30 @@ def baseline_of(method: str) -> str | None:
     """The cache a method thins: ``snapkv-512+think-0.4`` -> ``snapkv-512``; ``think-0.4`` -> ``dynamic``;
     None for methods that thin nothing (``dynamic``, ``snapkv-512``). Quantized storage is measured against the
     same method at full precision: ``think-0.4+int4`` -> ``think-0.4``."""
-    parts = method.split("+")
+    if needs_quanto(method):
+        return "dynamic"
+    parts = [p for p in method.split("+") if not p.startswith("g-")]
     unquantized = [p for p in parts if p not in ("int2", "int4", "int8")]
     if len(unquantized) < len(parts):
         return "+".join(unquantized) or "dynamic"
-    kept = [p for p in parts if not p.startswith(("think-", "value-", "recent-"))]
+    kept = [p for p in parts if not p.startswith(("think-", "value-", "recent-")) and p != "blocks"]
     if len(kept) == len(parts):
         return None
     return "+".join(kept) or "dynamic"
+
+
+def baselines_of(method: str, methods: list[str]) -> list[str]:
+    """Every method among ``methods`` that ``method`` is worth comparing with on the same prompts: its
+    `baseline_of`, and for quantized storage also the same method with the ``blocks`` schedule at full precision
+    (which isolates quantizing from the schedule it implies), and for ``...+blocks`` the method without it."""
+    out = [baseline_of(method)]
+    parts = method.split("+")
+    if any(p in ("int2", "int4", "int8") for p in parts):
+        unquantized = [p for p in parts if p not in ("int2", "int4", "int8") and not p.startswith("g-")]
+        out.append("+".join(unquantized + ["blocks"]))
+    if "blocks" in parts:
+        out.append("+".join(p for p in parts if p != "blocks") or "dynamic")
+    return [b for i, b in enumerate(out) if b is not None and b in methods and b not in out[:i]]
 
 
 # --------------------------------------------------------------------------------------- shared prefill
@@ -257,8 +346,8 @@ def attention_modules(model) -> list[torch.nn.Module]:
 
 def cache_from_prefill(model, method: str, prefill: Prefill):
     """The cache ``method`` would hold after the recorded prefill (exactly: see `record_prefill`)."""
-    cache = make_cache(method)
-    if isinstance(cache, DynamicCache):
+    cache = make_cache(method, model.config)
+    if not isinstance(cache, ThinKCache):  # DynamicCache, QuantizedCache: what their first update would hold
         for i, (k, v) in enumerate(zip(prefill.keys, prefill.values, strict=True)):
             cache.update(k.clone(), v.clone(), i)
         return cache

@@ -27,7 +27,8 @@ from think_cache.models import load_smollm2
 from .common import (
     RESULTS,
     TASKS,
-    baseline_of,
+    available_methods,
+    baselines_of,
     cache_from_prefill,
     depths,
     describe,
@@ -62,7 +63,9 @@ def run(
     eos = eos_ids(model, tokenizer)
     keep_queries = None if any("h2o" in m for m in methods) else 64
     rows = []
-    jobs = [(length, task, i) for length in lengths for task in tasks for i in range(samples)]
+    # even prompts first, then odd ones: an interrupted run still spreads its depths over the whole context
+    order = sorted(range(samples), key=lambda i: (i % 2, i))
+    jobs = [(length, task, i) for length in lengths for i in order for task in tasks]
     for length, task, i in tqdm(jobs, desc="prompts", unit="prompt"):
         depth = depths(samples)[i]
         sample = TASKS[task](tokenizer, length, depth, seed=1000 * length + i)
@@ -118,10 +121,7 @@ def paired_summary(result: dict) -> str:
     rows = result["rows"]
     lines = ["| method | vs | task | length | prompts | Δ points | gained / lost | 95% interval |"]
     lines.append("|" + "---|" * 8)
-    for method in result["methods"]:
-        baseline = baseline_of(method)
-        if baseline not in result["methods"]:
-            continue
+    for method, baseline in [(m, b) for m in result["methods"] for b in baselines_of(m, result["methods"])]:
         for task in result["tasks"] + ["all"]:
             for length in result["lengths"]:
                 where = {"length": length} if task == "all" else {"task": task, "length": length}
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     path = RESULTS / f"eval_{args.tag}.json"
     result = run(
-        args.methods.split(","),
+        available_methods(args.methods.split(",")),
         [int(n) for n in args.lengths.split(",")],
         args.tasks.split(","),
         args.samples,

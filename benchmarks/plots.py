@@ -33,6 +33,10 @@ def family(method: str) -> str:
         return f"ThinK {m.group(1)} + values {m.group(2)}"
     if m := re.fullmatch(r"think-([\d.]+)\+recent-(\d+)", method):
         return f"ThinK {m.group(1)}, recent={m.group(2)}"
+    if m := re.fullmatch(r"think-([\d.]+)\+int\d", method):
+        return f"ThinK {m.group(1)} + 8/4/2-bit"
+    if re.fullmatch(r"quantized-\d", method):
+        return "QuantizedCache, quanto (4/2-bit)"
     return method
 
 
@@ -42,6 +46,8 @@ def frontier(eval_files: list, path) -> None:
     for f in eval_files:
         rows = json.loads(f.read_text())["rows"]
         panels += [[r for r in rows if r["length"] == n] for n in sorted({r["length"] for r in rows})]
+    # memory is drawn against DynamicCache's: files without it (a sensitivity run) have no panel
+    panels = [rows for rows in panels if any(r["method"] == "dynamic" for r in rows)]
     ncols = min(len(panels), 2 if len(panels) == 4 else 3)
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4 * nrows), squeeze=False)

@@ -28,7 +28,16 @@ import think_cache
 from think_cache import _compat, held_bytes
 from think_cache.models import load_smollm2
 
-from .common import RESULTS, describe, machine, make_cache, passkey, save_json, tell_prompt_length
+from .common import (
+    RESULTS,
+    available_methods,
+    describe,
+    machine,
+    make_cache,
+    passkey,
+    save_json,
+    tell_prompt_length,
+)
 
 DEFAULT_METHODS = (
     "dynamic,think-0.25,think-0.4,think-0.5,think-0.6,snapkv-256,snapkv-1024,"
@@ -49,7 +58,7 @@ def is_compiled(method: str) -> bool:
 def new_cache(model, method: str, max_cache_len: int):
     if method == "static":
         return StaticCache(config=model.config, max_cache_len=max_cache_len)
-    return make_cache(method, max_cache_len=max_cache_len)
+    return make_cache(method, model.config, max_cache_len=max_cache_len)
 
 
 def measure(
@@ -144,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--tag", default=None, help="results/speed_<tag>.json (default: the device)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    methods = args.methods.split(",")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = available_methods(args.methods.split(","))
     if "dynamic" not in methods:
         methods.insert(0, "dynamic")
     lengths = [int(n) for n in args.lengths.split(",")]

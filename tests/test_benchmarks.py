@@ -8,7 +8,9 @@ from conftest import VOCAB, make_batch, make_model
 
 from benchmarks.common import (
     Paired,
+    available_methods,
     baseline_of,
+    baselines_of,
     cache_from_prefill,
     describe,
     fact_document,
@@ -87,6 +89,42 @@ def test_baseline_of_names_the_cache_a_method_thins():
     assert baseline_of("snapkv-512+think-0.4") == "snapkv-512"
     assert baseline_of("h2o-128+value-0.25") == "h2o-128"
     assert baseline_of("snapkv-512") is None and baseline_of("dynamic") is None
+    assert baseline_of("quantized-4") == "dynamic" and baseline_of("think-0.4+int2+g-16") == "think-0.4"
+    assert baseline_of("think-0.4+blocks") == "dynamic"
+    methods = ["dynamic", "think-0.4", "think-0.4+blocks", "think-0.4+int8"]
+    assert baselines_of("think-0.4+int8", methods) == ["think-0.4", "think-0.4+blocks"]
+    assert baselines_of("think-0.4+blocks", methods) == ["dynamic", "think-0.4"]
+    assert baselines_of("think-0.4+int8", ["think-0.4+int8"]) == []
+
+
+def test_block_schedule_and_group_size_parts():
+    """``blocks``: full precision, but only whole 32-token blocks fold (the schedule ``bits`` implies)."""
+    model = make_model("llama")
+    ids, _ = make_batch([70], seed=21)
+    prefill = record_prefill(model, ids)
+    plain, blocks = (cache_from_prefill(model, m, prefill) for m in ("think-0.5", "think-0.5+blocks"))
+    assert plain.layers[0].compact_tokens == 70 and blocks.layers[0].compact_tokens == 64
+    assert blocks.bits is None and "whole 32-token blocks" in describe(["think-0.5+blocks"])["think-0.5+blocks"]
+    assert make_cache("think-0.4+int2+g-16").group_size == 16
+
+
+def test_quantized_cache_methods(monkeypatch):
+    """transformers' QuantizedCache (quanto backend) as a peer; skipped with a message without optimum-quanto."""
+    import benchmarks.common as common
+
+    monkeypatch.setattr(common, "quanto_available", lambda: False)
+    assert available_methods(["dynamic", "quantized-4"]) == ["dynamic"]
+    with pytest.raises(ModuleNotFoundError, match="optimum-quanto"):
+        make_cache("quantized-4")
+    monkeypatch.undo()
+    pytest.importorskip("optimum.quanto")
+    model = make_model("llama")
+    ids, _ = make_batch([90], seed=21)
+    prefill = record_prefill(model, ids)
+    cache = cache_from_prefill(model, "quantized-4", prefill)
+    dense = held_bytes(cache_from_prefill(model, "dynamic", prefill))
+    assert 0 < held_bytes(cache) < 0.5 * dense  # quanto's packed tensors are counted through their inner tensors
+    assert len(greedy_decode(model, cache, prefill.logits.argmax(-1), 4, eos=set())) == 4
 
 
 def _row(method, seed, correct, task="passkey", length=2048):

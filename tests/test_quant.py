@@ -125,6 +125,30 @@ def test_values_error_within_half_a_step(bits):
     assert (err <= step / 2 * (1 + 1e-5) + 1e-6).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_8_bit_logits_on_outlier_keys(dtype):
+    """Realistic key statistics: RoPE'd keys with a few outlier channels of magnitude ~100 (small spread, large
+    offset: the case where a zero point rounded to a low dtype or a range mixing channels would cost the most).
+    8-bit logits stay within half a step per channel of the exact ones (a bfloat16 scale, rounded down by up to
+    2**-9, may clamp the top code: one step), a few hundredths in absolute terms."""
+    g = torch.Generator().manual_seed(7)
+    keys = torch.randn(1, 3, 1000, 38, generator=g)
+    keys[..., :3] = keys[..., :3] * 5 + 100
+    keys[..., 3] = keys[..., 3] * 3 - 120
+    keys = keys.to(dtype)
+    query = torch.randn(1, 3, 9, 38, generator=g).to(dtype)
+    exact = query.float() @ keys.float().transpose(-1, -2) * 0.125
+    qk = quant.quantize_keys(keys, 8)
+    logits = quant.quantized_attention_logits(query, qk, 0.125)
+    step = qk.scale.float().repeat_interleave(32, dim=2)[:, :, :1000]  # (B, H, T, C)
+    bound = 0.125 * (query.float().abs()[:, :, :, None, :] * step[:, :, None]).sum(-1) / 2
+    slack = 1.0 if dtype == torch.float32 else 2.0
+    assert ((logits - exact).abs() <= slack * bound + 1e-4).all()
+    assert (logits - exact).abs().max() < 0.05
+    probs, ref = logits.softmax(-1), exact.softmax(-1)
+    assert (probs - ref).abs().max() < 2e-3
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_constant_groups_are_exact(bits):
     keys = torch.randn(1, 2, 40, 6)

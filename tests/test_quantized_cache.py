@@ -201,6 +201,22 @@ def test_single_prompt_folds_three_blocks(arch, bits):
     assert layer.store.keys.scale.shape[-2] == layer.compact_tokens // BLOCK
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_bits_without_pruning_quantize(bits):
+    """``ThinKCache(key_ratio=0, bits=...)``: KIVI alone. Quantizing is compaction too: every channel is kept and
+    the tokens are still stored as codes (before, a layer with nothing to prune never compacted, and the cache
+    silently held DynamicCache's bytes)."""
+    model = make_model("llama")
+    ids, mask = make_batch([70, 45], seed=25)
+    think, ref, cache = run_with_reference(model, ids, mask, 40, bits, 6, key_ratio=0.0, window=6)
+    _assert_same(think, ref)
+    layer = cache.layers[0]
+    assert layer.compact_tokens == 64 + BLOCK
+    assert layer.key_channels.shape[-1] == layer.head_dim
+    dense = held_bytes(prefill(model, DynamicCache(), ids))
+    assert held_bytes(prefill(model, ThinKCache(key_ratio=0.0, bits=bits), ids)) < 0.7 * dense
+
+
 @pytest.mark.parametrize("value_ratio", [0.0, 0.5], ids=["values", "values-pruned"])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_left_padded_batch(bits, value_ratio):

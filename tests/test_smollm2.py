@@ -89,3 +89,41 @@ def test_notebook_runs_top_to_bottom():
     assert "MiB" in outputs and "total:" in outputs
     images = [o for cell in nb.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 2  # the channel map and the memory bars
+
+
+def test_8_bit_storage_is_nearly_lossless_on_the_real_model(smollm2):
+    """On a 2k-token pass-key prompt, teacher-forced along DynamicCache's answer: ThinK 0.4 with 8-bit storage
+    against ThinK 0.4 at full precision with the same schedule (whole 32-token blocks: the prompt's last partial
+    block stays at full width, as it does with ``bits``), and 8-bit storage alone against DynamicCache. The
+    8-bit logits move by hundredths where pruning 40% of the key channels moves them by whole units."""
+    from benchmarks.common import cache_from_prefill, eos_ids, greedy_decode, passkey, record_prefill
+
+    model, tokenizer = smollm2
+    sample = passkey(tokenizer, 2048, 0.208, seed=2048002)
+    prefill = record_prefill(model, sample.inputs["input_ids"])
+    first = prefill.logits.argmax(-1)
+    forced = greedy_decode(model, cache_from_prefill(model, "dynamic", prefill), first, 12, eos_ids(model, tokenizer))
+    assert sample.answer in tokenizer.decode(forced)
+
+    def logits(method):
+        cache = cache_from_prefill(model, method, prefill)
+        out = []
+        with torch.no_grad():
+            for token in forced[:-1]:
+                step = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+                out.append(step.logits[0, -1].float())
+        return torch.stack(out), cache
+
+    def kl(p_logits, q_logits):
+        p, q = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
+        return (p.exp() * (p - q)).sum(-1).max().item()
+
+    full, _ = logits("think-0.4+blocks")
+    int8, cache = logits("think-0.4+int8")
+    assert (int8 - full).abs().max() < 0.25 and kl(full, int8) < 1e-3
+    dense, _ = logits("dynamic")
+    assert (full - dense).abs().max() > 0.5  # the pruning is what moves the logits
+
+    alone, cache = logits("int8")
+    assert all(layer.compact_tokens >= 2048 and layer.store.bits == 8 for layer in cache.layers)
+    assert (alone - dense).abs().max() < 0.25 and kl(dense, alone) < 1e-3

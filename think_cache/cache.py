@@ -18,16 +18,29 @@ from .storage import CompactStore, FullStore, QuantizedStore
 __all__ = ["ThinKCache", "CacheStats", "held_bytes"]
 
 
+def _plain_tensors(t: torch.Tensor):
+    """``t``, or for a wrapper tensor subclass (optimum-quanto's quantized tensors in transformers'
+    ``QuantizedCache``) the plain tensors it holds, found through ``__tensor_flatten__``."""
+    if type(t) is torch.Tensor or not hasattr(t, "__tensor_flatten__"):
+        yield t
+        return
+    names, _ = t.__tensor_flatten__()
+    for name in names:
+        yield from _plain_tensors(getattr(t, name))
+
+
 def held_bytes(cache: Cache) -> int:
-    """Bytes of the tensor storages any transformers cache holds (a `ThinKCache` or a stock one), measured."""
+    """Bytes of the tensor storages any transformers cache holds (a `ThinKCache` or a stock one, including
+    ``QuantizedCache``'s quantized tensors), measured."""
     return storage_bytes(
-        t
+        plain
         for layer in cache.layers
         for t in (
             layer.tensors()
             if isinstance(layer, ThinKLayer)
             else (value for value in vars(layer).values() if isinstance(value, torch.Tensor))
         )
+        for plain in _plain_tensors(t)
     )
 
 
@@ -189,8 +202,8 @@ class ThinKCache(Cache):
     Parameters
     ----------
     key_ratio:
-        Fraction of key channels pruned, in [0, 1). 0 keeps all (the cache then equals ``DynamicCache``); the
-        paper uses 0.4 to 0.5.
+        Fraction of key channels pruned, in [0, 1). 0 keeps all (the cache then equals ``DynamicCache``, or
+        with ``bits`` set, quantizes every channel: KIVI-style storage alone); the paper uses 0.4 to 0.5.
     value_ratio:
         Fraction of value channels pruned, in [0, 1), scored by the window's attention-weighted value norms.
     window:

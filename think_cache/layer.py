@@ -185,8 +185,9 @@ class ThinKLayer(CacheLayerMixin):
 
     @property
     def prunes(self) -> bool:
-        """Whether this layer ever compacts (a ratio above zero, or a token policy)."""
-        return self.key_ratio > 0 or self.value_ratio > 0 or self.policy is not None
+        """Whether this layer ever compacts (a ratio above zero, a token policy, or quantized storage: with
+        ``key_ratio=0`` and ``bits`` set every channel is kept and the tokens are still stored as codes)."""
+        return self.key_ratio > 0 or self.value_ratio > 0 or self.policy is not None or self.store.bits is not None
 
     @property
     def is_compacted(self) -> bool:
