@@ -120,7 +120,7 @@ def test_a_method_failing_in_the_warm_up_does_not_stop_the_run(monkeypatch):
 
     def measure(model, method, *args, **kwargs):
         if method.endswith("+int4"):
-            raise NotImplementedError('"bitwise_and_cuda" not implemented for \'Float\'')
+            raise NotImplementedError("\"bitwise_and_cuda\" not implemented for 'Float'")
         return real(model, method, *args, **kwargs)
 
     monkeypatch.setattr(gpu, "measure", measure)

@@ -97,6 +97,29 @@ def use_kernel(store: CompactStore, device: torch.device | str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------- kernels
+def _softmax_step_body(
+    s, cols, col_ok, m_i, l_i, mask_rows, row_ok, sm_n, last_visible, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr
+):
+    """One tile of the online softmax: mask the tile's logits ``s`` (base-2 scaled), then the tile's
+    probabilities against the new running max, the factor that rescales what came before, the new max and sum.
+    Masked columns sit at float32's minimum as in the torch path (a row that sees nothing gets a uniform softmax),
+    columns outside the span at -inf (no weight at all)."""
+    if HAS_MASK:
+        allowed = tl.load(mask_rows[:, None] + cols[None, :] * sm_n, mask=row_ok[:, None] & col_ok[None, :], other=0)
+        s = tl.where(allowed != 0, s, -3.4028234663852886e38)
+    elif CAUSAL:
+        s = tl.where(cols[None, :] <= last_visible[:, None], s, -3.4028234663852886e38)
+    s = tl.where(col_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+# bound to the jitted `_softmax_step_body` by _kernels(): the kernel calls it under this name
+_softmax_step = None
+
+
 def _split_pass(
     q_ptr, kch_ptr, ck_ptr, cv_ptr, vch_ptr, rk_ptr, rv_ptr, mask_ptr, out_ptr, part_ptr, count_ptr,
     sq_b, sq_h, sq_l, sq_d,
@@ -168,20 +191,9 @@ def _split_pass(
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q_kept, k, input_precision=PRECISION) * scale_log2
-        # masked columns at float32's minimum as in the torch path (a row that sees nothing gets a uniform
-        # softmax), columns outside the span at -inf (no weight at all)
-        if HAS_MASK:
-            allowed = tl.load(
-                mask_rows[:, None] + cols[None, :] * sm_n, mask=row_ok[:, None] & col_ok[None, :], other=0
-            )
-            s = tl.where(allowed != 0, s, -3.4028234663852886e38)
-        elif CAUSAL:
-            s = tl.where(cols[None, :] <= last_visible[:, None], s, -3.4028234663852886e38)
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = _softmax_step(
+            s, cols, col_ok, m_i, l_i, mask_rows, row_ok, sm_n, last_visible, HAS_MASK, CAUSAL
+        )
         v = tl.load(
             cv_base + cols[:, None] * scv_t + cv[None, :] * scv_c, mask=col_ok[:, None] & cv_ok[None, :], other=0.0
         )
@@ -207,18 +219,9 @@ def _split_pass(
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q_full, k, input_precision=PRECISION) * scale_log2
-        if HAS_MASK:
-            allowed = tl.load(
-                mask_rows[:, None] + cols[None, :] * sm_n, mask=row_ok[:, None] & col_ok[None, :], other=0
-            )
-            s = tl.where(allowed != 0, s, -3.4028234663852886e38)
-        elif CAUSAL:
-            s = tl.where(cols[None, :] <= last_visible[:, None], s, -3.4028234663852886e38)
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = _softmax_step(
+            s, cols, col_ok, m_i, l_i, mask_rows, row_ok, sm_n, last_visible, HAS_MASK, CAUSAL
+        )
         v = tl.load(rv_base + t[:, None] * srv_t + d[None, :] * srv_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         p_v = p.to(v.dtype)
         if UPCAST:
@@ -270,10 +273,11 @@ def _split_pass(
 @functools.lru_cache(maxsize=2)
 def _kernels(interpret: bool):
     """The two kernels, jitted (or wrapped for the interpreter) for the current Triton mode."""
-    global triton, tl
+    global triton, tl, _softmax_step
     import triton
     import triton.language as tl
 
+    _softmax_step = triton.jit(_softmax_step_body)
     # token counts change every step: not specialized on (== 1, multiple of 16), so that no step recompiles
     return triton.jit(_split_pass, do_not_specialize=["n_compact", "n_recent", "split_len", "n_splits"])
 
