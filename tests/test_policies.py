@@ -340,3 +340,26 @@ def test_cache_rejects_bad_policy_settings():
         ThinKCache(policy=H2O(budget=48, recent=8), recent=64)
     assert ThinKCache(policy=SnapKV(budget=256)).recent == 0
     assert ThinKCache().recent == 0
+
+
+@pytest.mark.parametrize("decoded", [31, 32])
+def test_a_later_prompt_on_a_fold_boundary_keeps_the_earlier_turns(decoded):
+    """H2O evicts in the forward that folds a block; a multi-token forward (a later turn's prompt) waits, so the
+    earlier turns are not all evicted when that prompt starts exactly on a fold boundary (found in review)."""
+    model = make_model("llama")
+    ids, _ = make_batch([100], seed=41)
+    cache = ThinKCache(key_ratio=0.5, policy=H2O(budget=64, recent=8))
+    prefill(model, cache, ids)
+    token = ids[:, -1:]
+    with torch.no_grad():
+        for _ in range(decoded):  # the turn's reply, one token a forward
+            model(input_ids=token, past_key_values=cache, use_cache=True)
+        turn, _ = make_batch([80], seed=42)
+        model(input_ids=turn, past_key_values=cache, use_cache=True)
+        kept_before = [layer.compact_tokens for layer in cache.layers]
+        model(input_ids=turn[:, -1:], past_key_values=cache, use_cache=True)  # decoding: the prompt folds, H2O evicts
+    assert min(kept_before) >= 64 - 8  # nothing of the earlier turns was evicted by the multi-token forward
+    layer = cache.layers[0]
+    assert layer.stored_tokens <= 64 + layer.fold_block
+    old = (layer.compact_positions < 100 + decoded).sum(-1)  # earlier turns' tokens still held, per head
+    assert (old > 0).all()

@@ -147,9 +147,12 @@ def test_two_thousand_tokens_stay_flat_and_exact(policy):
         logits_processor=LogitsProcessorList([watch]),
     )
     assert out.shape[1] == 2060 and cache.get_seq_length() == 2059
-    assert max(watch.stored) <= policy.budget
+    # evicting a fold block at a time, a layer holds between the budget and one block more, in cycles
+    fold = cache.layers[0].fold_block
+    assert max(watch.stored) == policy.budget + fold and min(watch.stored[fold:]) == policy.budget
     warm = watch.stored.index(policy.budget) + 1  # from the first decoding step on (the prompt's own state differs)
-    assert len(set(watch.bytes[warm:])) == 1, "memory grew after warm-up"
+    first_cycles, last_cycles = watch.bytes[warm : warm + 3 * fold], watch.bytes[-3 * fold :]
+    assert max(last_cycles) <= max(first_cycles), "memory grew after warm-up"
     # the first 200 tokens equal the dense reference (full cache, evicted tokens masked, pruned channels zeroed)
     think, ref, _ = run_with_reference(model, ids, mask, 200, key_ratio=0.5, policy=policy)
     assert torch.equal(think.sequences, ref.sequences)

@@ -192,3 +192,21 @@ def test_patch_default_allows_compile_config_for_a_static_cache(batch):
     think_cache.patch(model, key_ratio=0.5, max_cache_len=None)
     with pytest.raises(ValueError, match="compile_config"):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, compile_config=config)
+
+
+def test_a_prompt_ending_inside_a_forward_is_refused_clearly():
+    """Assisted decoding's first forward holds the prompt and drafts: a static cache refuses it where it enters
+    (found in review: it used to fail deep inside attention)."""
+    model = make_model("llama")
+    ids, _ = make_batch([40], seed=5)
+    cache = ThinKCache(key_ratio=0.5, max_cache_len=64)
+    cache.mark_prompt_end(30)
+    with pytest.raises(NotImplementedError, match="compacts at the end of a forward"), torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="static ThinKCache"):
+        model.generate(
+            input_ids=ids,
+            past_key_values=ThinKCache(key_ratio=0.5, max_cache_len=128),
+            prompt_lookup_num_tokens=4,
+            max_new_tokens=8,
+        )

@@ -127,6 +127,12 @@ def think_attention(
     scale = _scale(scaling, query)
     wants_attention = _wants_attention_weights(module, kwargs)
     if layer is None:
+        if is_compiling() and key.shape[-1] != query.shape[-1]:  # a compact buffer nobody handed over
+            raise RuntimeError(
+                "think_cache: a compiled step got a static ThinKCache that is not attached to this model's attention "
+                "(a copy of a filled static cache, or two static caches used in turn on one model or from two "
+                "threads): run one eager step with it first; use one static cache per model and thread."
+            )
         return _full_attention(module, query, key, value, attention_mask, dropout, scaling, wants_attention, kwargs)
     if dropout and module.training:
         raise NotImplementedError(

@@ -38,6 +38,7 @@ built for the mode Triton is in at that moment (``TRITON_INTERPRET=1``: interpre
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
@@ -373,6 +374,11 @@ def _attention(
             f"compact_decode_attention: {q_heads} query heads over {kv_heads} KV heads and {n_total} tokens; "
             "expected a whole number of query heads per KV head and at least one token"
         )
+    if recent_values.shape[-1] != head_dim:
+        raise ValueError(
+            f"compact_decode_attention: values of {recent_values.shape[-1]} channels with queries of {head_dim}; "
+            "the kernel needs equal query, key and value widths (the torch path serves other shapes)"
+        )
     group = q_heads // kv_heads
     pruned_v = value_channels is not None
     if not pruned_v and kept_v != head_dim:
@@ -414,19 +420,21 @@ def _attention(
         counts = torch.zeros(programs, dtype=torch.int32, device=out.device)
     else:
         parts = counts = out  # never touched
-    kernel[(programs, n_splits)](
-        query, key_channels, compact_keys, compact_values, value_channels, recent_keys, recent_values, mask,
-        out, parts, counts,
-        *query.stride(), *key_channels.stride(), *compact_keys.stride(), *compact_values.stride(),
-        *value_channels.stride(), *recent_keys.stride(), *recent_values.stride(), *mask_strides, *out.stride(),
-        kv_heads, group, q_len, n_compact, n_recent, kept_k, kept_v, head_dim, split_len, n_splits, row_blocks,
-        scale * _LOG2E,
-        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_KK=block_kk, BLOCK_KV=block_kv,
-        HAS_MASK=has_mask, CAUSAL=q_len > 1, PRUNED_V=pruned_v, SPLIT=n_splits > 1, BLOCK_S=_pow2(n_splits),
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        UPCAST=interpreting and query.dtype == torch.bfloat16,
-        num_warps=NUM_WARPS,
-    )  # fmt: skip
+    # Triton launches on the current CUDA device and stream: make them the tensors' (a model spread over GPUs)
+    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+        kernel[(programs, n_splits)](
+            query, key_channels, compact_keys, compact_values, value_channels, recent_keys, recent_values, mask,
+            out, parts, counts,
+            *query.stride(), *key_channels.stride(), *compact_keys.stride(), *compact_values.stride(),
+            *value_channels.stride(), *recent_keys.stride(), *recent_values.stride(), *mask_strides, *out.stride(),
+            kv_heads, group, q_len, n_compact, n_recent, kept_k, kept_v, head_dim, split_len, n_splits, row_blocks,
+            scale * _LOG2E,
+            BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_KK=block_kk, BLOCK_KV=block_kv,
+            HAS_MASK=has_mask, CAUSAL=q_len > 1, PRUNED_V=pruned_v, SPLIT=n_splits > 1, BLOCK_S=_pow2(n_splits),
+            PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+            UPCAST=interpreting and query.dtype == torch.bfloat16,
+            num_warps=NUM_WARPS,
+        )  # fmt: skip
     return out
 
 

@@ -545,8 +545,8 @@ class ThinKLayer(CacheLayerMixin):
         folded a block: the folded tokens compete with the older ones. Between folds a layer holds at most
         ``budget + fold_block`` tokens after a forward (the documented slack), and the compact part is gathered
         once a block instead of every step."""
-        if self.policy.budget is None or not self.folded:
-            return
+        if self.policy.budget is None or not self.folded or self.forward_tokens > 1:
+            return  # a multi-token forward (a later prompt) waits: its tokens compete once they fold
         self.folded = False
         excess = self.stored_tokens - self.policy.budget
         n_compact = self.compact_tokens

@@ -171,6 +171,12 @@ def _prompt_length(cache: ThinKCache, args: tuple, kwargs: dict) -> int | None:
 def _check_rollback(cache: ThinKCache, kwargs: dict) -> None:
     """Assisted decoding and prompt lookup roll back rejected drafts: refuse where that cannot be exact."""
     drafts = kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None
+    if drafts and cache.max_cache_len is not None:
+        raise ValueError(
+            "Assisted decoding and prompt lookup verify several draft tokens per forward and roll back the rejected "
+            "ones, which a static ThinKCache (max_cache_len) does not do: use a ThinKCache without max_cache_len "
+            "with an assistant."
+        )
     if drafts and not cache.is_croppable:
         raise ValueError(
             f"Assisted decoding and prompt lookup roll back rejected draft tokens, which ThinKCache cannot do "

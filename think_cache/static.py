@@ -154,6 +154,12 @@ class StaticThinKLayer(ThinKLayer):
                     "does both)."
                 )
             self._check_capacity(n)
+            if self.prompt_end is not None and self.seen_tokens < self.prompt_end < self.seen_tokens + n:
+                raise NotImplementedError(
+                    "A static ThinKCache compacts at the end of a forward: this forward holds the prompt's end and "
+                    f"{self.seen_tokens + n - self.prompt_end} tokens after it (assisted decoding's first forward). "
+                    "Use a ThinKCache without max_cache_len for that."
+                )
             if self.is_initialized and not self.is_compacted:
                 end = self._ended_prompt(self.seen_tokens, n)
                 if end is not None:
