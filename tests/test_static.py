@@ -210,3 +210,21 @@ def test_a_prompt_ending_inside_a_forward_is_refused_clearly():
             prompt_lookup_num_tokens=4,
             max_new_tokens=8,
         )
+
+
+@NEEDS_5X
+def test_a_dropped_static_cache_does_not_break_a_later_compiled_cache(model, batch):
+    """A compiled step reads the static layer through a weak reference on the module; once that cache is gone, a
+    later cache compiled on the same model (here transformers' StaticCache) must not trip over the dead reference
+    (benchmarks/speed.py, which runs both in turn under inductor, still crashed in dynamo's guards: see the issue)."""
+    import gc
+
+    ids, mask = batch
+    compiled = torch.compile(model.forward, fullgraph=True, backend="eager")
+    torch._dynamo.reset()
+    decode(model, StaticCache(config=model.config, max_cache_len=96), ids, mask, 4, forward=compiled)
+    decode(model, ThinKCache(0.5, max_cache_len=96), ids, mask, 4, forward=compiled)
+    gc.collect()  # the ThinK cache and its layers are gone; the modules' weak references are dead
+    got = decode(model, StaticCache(config=model.config, max_cache_len=96), ids, mask, 4, forward=compiled)
+    expected = decode(model, StaticCache(config=model.config, max_cache_len=96), ids, mask, 4)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
