@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface, DynamicCache, QuantizedCache
+from transformers import AttentionInterface, DynamicCache, QuantizedCache, StaticCache
 
 import think_cache
 from think_cache import H2O, SnapKV, StreamingLLM, ThinKCache
@@ -201,7 +201,7 @@ def make_cache(method: str, config=None, max_cache_len: int | None = None):
     group size of the quantized storage), ``blocks`` (full precision folding whole 32-token blocks, the
     schedule of quantized storage: the prompt's last partial block stays at full width), ``static`` (a static,
     compileable ThinKCache of ``max_cache_len`` tokens) or ``static-N`` (of ``N`` tokens). A bare ``static`` is
-    transformers' StaticCache, which the benchmarks build themselves (it needs the model's config).
+    transformers' StaticCache of ``max_cache_len`` tokens (it needs ``config``).
 
     >>> make_cache("snapkv-256+think-0.5")  # SnapKV keeps 256 tokens per head, ThinK prunes half their key channels
     >>> make_cache("think-0.5+static", max_cache_len=2048 + 64)  # compileable; the benchmarks compile its decoding
@@ -209,7 +209,9 @@ def make_cache(method: str, config=None, max_cache_len: int | None = None):
     if method == "dynamic":
         return DynamicCache()
     if method == "static":
-        raise ValueError("'static' is transformers' StaticCache: build it with the model's config")
+        if config is None or max_cache_len is None:
+            raise ValueError("'static' is transformers' StaticCache: it needs the model's config and max_cache_len")
+        return StaticCache(config=config, max_cache_len=max_cache_len)
     if needs_quanto(method):
         nbits = int(method.partition("-")[2])
         if not quanto_available():

@@ -76,7 +76,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import think_cache
 from think_cache import _compat, held_bytes
@@ -160,9 +160,9 @@ def prompt_ids(batch: int, context: int, vocab: int, device) -> torch.Tensor:
 def new_cache(method: str, model, context: int, steps: int):
     if method == "unpatched":
         return DynamicCache()
-    if method in ("static", "static-compiled"):
-        return StaticCache(config=model.config, max_cache_len=context + steps + 1)
-    return make_cache(method, max_cache_len=context + steps + 1)  # `think-0.5+static`: a static ThinKCache
+    # "static-compiled" is transformers' StaticCache ("static"), decoded compiled
+    name = "static" if method == "static-compiled" else method
+    return make_cache(name, model.config, max_cache_len=context + steps + 1)
 
 
 def _sync(device) -> None:

@@ -22,7 +22,6 @@ import time
 
 import torch
 from tqdm.auto import tqdm
-from transformers.cache_utils import StaticCache
 
 import think_cache
 from think_cache import _compat, held_bytes
@@ -56,8 +55,6 @@ def is_compiled(method: str) -> bool:
 
 
 def new_cache(model, method: str, max_cache_len: int):
-    if method == "static":
-        return StaticCache(config=model.config, max_cache_len=max_cache_len)
     return make_cache(method, model.config, max_cache_len=max_cache_len)
 
 
