@@ -425,8 +425,8 @@ class ThinKCache(Cache):
 
     @property
     def is_croppable(self) -> bool:
-        """Whether `crop` can undo the newest forward exactly: not under a policy that evicts at every step, nor in a
-        static cache."""
+        """Whether `crop` can undo the newest forward exactly: not under a policy that evicts while decoding, nor in
+        a static cache."""
         if self.max_cache_len is not None:
             return False
         return self.policy is None or not self.policy.evicts_while_decoding
