@@ -192,6 +192,14 @@ def available_methods(methods: list[str]) -> list[str]:
     return [m for m in methods if not needs_quanto(m)]
 
 
+def set_patched(model, patched: bool) -> None:
+    """Patch or unpatch ``model`` as a method needs (both cheap: hooks and the attention implementation's name)."""
+    if patched and not think_cache.is_patched(model):
+        think_cache.patch(model)
+    elif not patched and think_cache.is_patched(model):
+        think_cache.unpatch(model)
+
+
 def make_cache(method: str, config=None, max_cache_len: int | None = None):
     """A cache from a method name: ``dynamic``; ``quantized-N``, transformers' ``QuantizedCache`` with the quanto
     backend at N = 2 or 4 bits and its defaults (64-channel groups, 128 full-precision residual tokens; needs
@@ -257,6 +265,8 @@ def describe(methods: list[str]) -> dict[str, str]:
     for m in methods:
         if m == "dynamic":
             out[m] = "DynamicCache()"
+        elif m == "unpatched":
+            out[m] = "DynamicCache() on the model before think_cache.patch"
         elif m == "static":
             out[m] = "StaticCache(max_cache_len=prompt + decoded tokens)"
         elif needs_quanto(m):

@@ -82,7 +82,7 @@ import think_cache
 from think_cache import _compat, held_bytes
 from think_cache.cache import human_bytes
 
-from .common import RESULTS, machine, make_cache, save_json, tell_prompt_length
+from .common import RESULTS, machine, make_cache, save_json, set_patched, tell_prompt_length
 
 LLAMA_8B = dict(
     vocab_size=128256,
@@ -142,14 +142,6 @@ def build_model(smoke: bool, device: str) -> tuple[LlamaForCausalLM, float]:
     model.generation_config.eos_token_id = None
     _sync(device)
     return model, time.perf_counter() - start
-
-
-def set_patched(model, patched: bool) -> None:
-    """Patch or unpatch as a method needs (both cheap: hooks and the attention implementation's name)."""
-    if patched and not think_cache.is_patched(model):
-        think_cache.patch(model)
-    elif not patched and think_cache.is_patched(model):
-        think_cache.unpatch(model)
 
 
 def prompt_ids(batch: int, context: int, vocab: int, device) -> torch.Tensor:

@@ -7,6 +7,11 @@ the prefill time, and the median decode time per token. Methods run interleaved,
 repeat, after a warm-up; each figure is the median over repeats and is also given as a ratio to DynamicCache
 from the same run. Writes benchmarks/results/speed_<tag>.json.
 
+``unpatched`` is DynamicCache on the model before `think_cache.patch` (it is unpatched for that method and
+patched again for the next), so ``dynamic`` against it is the cost of the patch alone::
+
+    python -m benchmarks.speed --methods unpatched,dynamic,think-0.5 --lengths 1024,2048,4096
+
 Methods with a ``static`` part decode compiled, ``torch.compile(model.forward, fullgraph=True)`` after an eager
 prefill: ``static`` is transformers' StaticCache, ``think-0.5+static`` a static ThinKCache, both sized for the
 prompt and the decoded tokens (the first steps, which compile, are warm-up)::
@@ -35,6 +40,7 @@ from .common import (
     make_cache,
     passkey,
     save_json,
+    set_patched,
     tell_prompt_length,
 )
 
@@ -55,6 +61,8 @@ def is_compiled(method: str) -> bool:
 
 
 def new_cache(model, method: str, max_cache_len: int):
+    if method == "unpatched":
+        return make_cache("dynamic")
     return make_cache(method, model.config, max_cache_len=max_cache_len)
 
 
@@ -64,6 +72,7 @@ def measure(
     """One prefill and ``decode_tokens`` greedy steps with a fresh cache of ``method``; decoding through
     ``forward`` (default: the model, eager)."""
     device = input_ids.device
+    set_patched(model, method != "unpatched")
     cache = new_cache(model, method, input_ids.shape[1] + warmup_tokens + decode_tokens + 1)
     forward = forward or model
     kwargs = {_compat.CACHE_ARGUMENT: cache, "use_cache": True}
