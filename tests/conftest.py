@@ -230,3 +230,35 @@ def zeroed_reference(think_cache_after_run, model) -> DynamicCache:
 
 def _attention_modules(model):
     return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
+
+
+# ------------------------------------------------------------------------------- quantized storage reference
+def fake_quant(x: torch.Tensor, bits: int, dtype: torch.dtype, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference quantizer: quantize then dequantize float32 ``x`` over its last axis, written apart from
+    think_cache.quant. Each group's range is its min/max (over ``valid`` elements only when given) narrowed about its
+    middle by each fraction of ``quant.CLIP_RATIOS[bits]`` in turn, scale and zero point rounded to ``dtype`` as
+    stored; the range with the least squared error (over valid elements; the first on a tie) is kept."""
+    from think_cache import quant
+
+    qmax = 2**bits - 1
+    if valid is None:
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    else:
+        lo = torch.where(valid, x, torch.inf).amin(-1, keepdim=True)
+        hi = torch.where(valid, x, -torch.inf).amax(-1, keepdim=True)
+        lo, hi = torch.nan_to_num(lo, posinf=0.0), torch.nan_to_num(hi, neginf=0.0)
+    best, best_error = None, None
+    for ratio in quant.CLIP_RATIOS[bits]:
+        margin = (1.0 - ratio) / 2 * (hi - lo)
+        scale = ((hi - margin - (lo + margin)) / qmax).to(dtype).float()
+        zero = (lo + margin).to(dtype).float()
+        codes = torch.clamp(torch.round((x - zero) / torch.where(scale == 0, 1.0, scale)), 0, qmax)
+        approx = codes * scale + zero
+        error = (approx - x).square()
+        error = (error if valid is None else torch.where(valid, error, 0.0)).sum(-1, keepdim=True)
+        if best is None:
+            best, best_error = approx, error
+        else:
+            best = torch.where(error < best_error, approx, best)
+            best_error = torch.minimum(error, best_error)
+    return best

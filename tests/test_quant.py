@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fake_quant
 from torch.profiler import ProfilerActivity, profile
 
 from think_cache import quant
@@ -21,16 +22,6 @@ BITS = (2, 4, 8)
 
 
 # ------------------------------------------------------------------------------------------ the reference
-def fake_quant(x: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """Quantize-dequantize float32 ``x (..., g)`` over its last axis, scales rounded to ``dtype``."""
-    qmax = 2**bits - 1
-    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-    scale = ((hi - lo) / qmax).to(dtype).float()
-    zero = lo.to(dtype).float()
-    codes = torch.clamp(torch.round((x - zero) / torch.where(scale == 0, 1.0, scale)), 0, qmax)
-    return codes * scale + zero
-
-
 def fake_quant_keys(keys: torch.Tensor, bits: int, pieces: list[int], block: int = 32) -> torch.Tensor:
     """Keys ``(B, H, T, C)`` quantized per channel, piece by piece (each a `quantize_keys` call), in blocks of
     ``block`` tokens from each piece's start; returns float32 dequantized keys."""
@@ -111,8 +102,29 @@ def test_keys_error_within_half_a_step(bits):
     assert qk.scale.shape == qk.zero.shape == (2, 3, 3, 13)  # blocks of 32, 32, 13
     assert qk.scale.dtype == keys.dtype and qk.is_regular
     step = qk.scale.repeat_interleave(32, dim=2)[:, :, :77]
-    err = (quant.dequantize_keys(qk) - keys).abs()
-    assert (err <= step / 2 * (1 + 1e-5) + 1e-6).all()
+    zero = qk.zero.repeat_interleave(32, dim=2)[:, :, :77]
+    _assert_within_half_a_step(quant.dequantize_keys(qk), keys, step, zero, bits)
+    # no block's squared error is above plain min/max's (its range is one of those tried)
+    blocks = [keys[:, :, i : i + 32].transpose(-1, -2) for i in range(0, 77, 32)]
+    error = (quant.dequantize_keys(qk) - keys).square()
+    for i, block in enumerate(blocks):
+        plain = (_minmax_fake_quant(block, bits) - block).square().sum(-1)
+        assert (error[:, :, 32 * i : 32 * i + 32].sum(2) <= plain * (1 + 1e-5) + 1e-6).all()
+
+
+def _minmax_fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    scale = (hi - lo) / (2**bits - 1)
+    return torch.round((x - lo) / torch.where(scale == 0, 1.0, scale)) * scale + lo
+
+
+def _assert_within_half_a_step(approx, exact, step, zero, bits):
+    """Every element dequantizes within half a step of itself clamped into its group's (clipped) range."""
+    top = zero + step * (2**bits - 1)
+    clamped = torch.maximum(torch.minimum(exact, top), zero)
+    assert ((approx - clamped).abs() <= step / 2 * (1 + 1e-5) + 1e-6).all()
+    if bits == 8:  # 8 bits keep the min/max range: nothing is clipped
+        torch.testing.assert_close(clamped, exact)
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -120,9 +132,22 @@ def test_values_error_within_half_a_step(bits):
     values = torch.randn(2, 3, 9, 45) * 3
     qv = quant.quantize_values(values, bits, group_size=32)  # groups of 32 and 13 channels
     assert qv.scale.shape == (2, 3, 9, 2) and qv.n_groups == quant.value_groups(45, 32) == 2
-    step = qv.scale[..., torch.arange(45) // 32]
-    err = (quant.dequantize_values(qv) - values).abs()
-    assert (err <= step / 2 * (1 + 1e-5) + 1e-6).all()
+    group = torch.arange(45) // 32
+    _assert_within_half_a_step(quant.dequantize_values(qv), values, qv.scale[..., group], qv.zero[..., group], bits)
+    error = (quant.dequantize_values(qv) - values).square()
+    for g, part in enumerate(values.split(32, dim=-1)):
+        plain = (_minmax_fake_quant(part, bits) - part).square().sum(-1)
+        assert (error[..., group == g].sum(-1) <= plain * (1 + 1e-5) + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_clipping_beats_min_max_on_an_outlier(bits):
+    """One large element per group: min/max spends the levels on it, the clipped range on the others."""
+    values = torch.randn(1, 1, 200, 32, generator=torch.Generator().manual_seed(3))
+    values[..., 5] *= 8
+    error = (quant.dequantize_values(quant.quantize_values(values, bits, group_size=32)) - values).square().sum()
+    plain = (_minmax_fake_quant(values, bits) - values).square().sum()
+    assert error < {2: 0.8, 4: 0.95}[bits] * plain
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

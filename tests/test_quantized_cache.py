@@ -17,7 +17,7 @@ from collections import defaultdict
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import generate, held_bytes, make_batch, make_model, named_tensors, prefill
+from conftest import fake_quant, generate, held_bytes, make_batch, make_model, named_tensors, prefill
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AttentionInterface, DynamicCache
 
@@ -33,22 +33,6 @@ BLOCK = 32
 
 
 # ------------------------------------------------------------------------------------------ the reference
-def fake_quant(x: torch.Tensor, bits: int, dtype: torch.dtype, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantize then dequantize float32 ``x`` over its last axis with its own min/max (over ``valid`` elements
-    only when given), scale and zero point rounded to ``dtype`` as they would be stored."""
-    qmax = 2**bits - 1
-    if valid is None:
-        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-    else:
-        lo = torch.where(valid, x, torch.inf).amin(-1, keepdim=True)
-        hi = torch.where(valid, x, -torch.inf).amax(-1, keepdim=True)
-        lo, hi = torch.nan_to_num(lo, posinf=0.0), torch.nan_to_num(hi, neginf=0.0)
-    scale = ((hi - lo) / qmax).to(dtype).float()
-    zero = lo.to(dtype).float()
-    codes = torch.clamp(torch.round((x - zero) / torch.where(scale == 0, 1.0, scale)), 0, qmax)
-    return codes * scale + zero
-
-
 def key_blocks(compact: torch.Tensor, prompt: torch.Tensor, full_from: int) -> torch.Tensor:
     """``(B, H, T)`` the key block of every token that went into the compact part (-1: none).
 

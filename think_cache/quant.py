@@ -3,9 +3,10 @@
 Keys are quantized **per channel** over a block of tokens (every kept channel has a scale and a zero point per
 block, the 32-token fold block being the natural block): key outliers live in a few channels, so a per-channel
 range keeps them from flattening the other channels. Values are quantized **per token** in groups of
-``group_size`` channels. Quantization is asymmetric min/max: ``x ~ code * scale + zero`` with ``zero = min`` and
-``scale = (max - min) / (2**bits - 1)``; a group whose values are all equal gets ``scale = 0`` and is stored
-exactly.
+``group_size`` channels. Quantization is asymmetric: ``x ~ code * scale + zero`` with ``zero = min`` and
+``scale = (max - min) / (2**bits - 1)`` over a range that, at 2 and 4 bits, is the group's min/max range clipped
+by the factor (of `CLIP_RATIOS`) with the least squared error; a group whose values are all equal gets
+``scale = 0`` and is stored exactly.
 
 Layout and packing
 ------------------
@@ -48,6 +49,7 @@ import torch
 
 __all__ = [
     "BITS",
+    "CLIP_RATIOS",
     "DEFAULT_BLOCK",
     "DEFAULT_GROUP_SIZE",
     "DEFAULT_CHUNK_TOKENS",
@@ -75,6 +77,10 @@ __all__ = [
 
 #: Supported code widths.
 BITS = (2, 4, 8)
+#: The fractions of a group's min/max range `_minmax_quantize` tries per code width (the range narrowed about its
+#: middle; the one with the least squared error is kept). Measured on SmolLM2 (2k pass key, 12 prompts, ThinK 0.4,
+#: 2-bit keys alone): 4 of 12 found with min/max ranges, 10 of 12 clipped; values alone 7 -> 9 of 12.
+CLIP_RATIOS = {2: (1.0, 0.9, 0.8, 0.7, 0.6, 0.5), 4: (1.0, 0.95, 0.9, 0.85, 0.8), 8: (1.0,)}
 #: Tokens per key block: the ThinK layer's fold block, so every fold quantizes exactly one block.
 DEFAULT_BLOCK = 32
 #: Value channels per scale / zero point (KIVI's default); the last group takes the remainder.
@@ -308,6 +314,17 @@ class QuantValues(_PackedTensors):
 
 
 # ------------------------------------------------------------------------------------------- quantization
+def _rounded(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmax: int, dtype: torch.dtype):
+    """Codes of ``x (..., g)`` (float, not yet uint8) for the range ``[lo, hi] (...)``, with the scale and zero point
+    rounded to ``dtype`` first: ``(codes, scale, zero)``."""
+    scale = ((hi - lo) / qmax).to(dtype)
+    zero = lo.to(dtype)
+    s = scale.float()
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    codes = ((x - zero.float()[..., None]) / s[..., None]).round_().clamp_(0, qmax)
+    return codes, scale, zero
+
+
 def _minmax_quantize(
     x: torch.Tensor, bits: int, dtype: torch.dtype, valid: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, ...]:
@@ -317,6 +334,10 @@ def _minmax_quantize(
     dequantizing with the stored scale and zero reproduces what was quantized. A constant group gets scale 0.
     With ``valid`` (bool, broadcast to ``x``) only valid elements set the range; the others are clamped into it,
     and a group with no valid element gets scale 0 and zero point 0.
+
+    Below 8 bits each group's range is clipped: narrowed about its middle by each factor of `CLIP_RATIOS`, the one
+    with the least squared error over the group's (valid) elements kept. Four or sixteen levels spread over a
+    range set by one extreme element leave the others few levels; clipping that element costs less.
     """
     qmax = (1 << bits) - 1
     if valid is None:
@@ -327,12 +348,29 @@ def _minmax_quantize(
         hi = x.masked_fill(~valid, float("-inf")).amax(dim=-1)
         empty = lo.isinf()
         lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
-    scale = ((hi - lo) / qmax).to(dtype)
-    zero = lo.to(dtype)
-    s = scale.float()
-    s = torch.where(s == 0, torch.ones_like(s), s)
-    codes = ((x - zero.float()[..., None]) / s[..., None]).round_().clamp_(0, qmax).to(torch.uint8)
-    return codes, scale, zero
+    best = None
+    for ratio in CLIP_RATIOS[bits]:
+        margin = (1.0 - ratio) / 2 * (hi - lo)
+        codes, scale, zero = _rounded(x, lo + margin, hi - margin, qmax, dtype)
+        if len(CLIP_RATIOS[bits]) == 1:
+            break
+        error = (codes * scale.float()[..., None] + zero.float()[..., None] - x).square_()
+        if valid is not None:
+            error.masked_fill_(~valid, 0.0)
+        error = error.sum(dim=-1)
+        if best is None:
+            best = [codes, scale, zero, error]
+            continue
+        better = error < best[3]
+        best = [
+            torch.where(better[..., None], codes, best[0]),
+            torch.where(better, scale, best[1]),
+            torch.where(better, zero, best[2]),
+            torch.minimum(error, best[3]),
+        ]
+    if best is not None:
+        codes, scale, zero = best[:3]
+    return codes.to(torch.uint8), scale, zero
 
 
 def quantize_keys(
@@ -372,10 +410,11 @@ def quantize_keys(
                 f"real must be a (batch, kv_heads, {tokens}) bool tensor, got {real.dtype} {tuple(real.shape)}"
             )
         valid = real.expand(batch, heads, tokens)
-    if n_blocks * block != tokens:  # pad the last block with copies of its last token: min and max unchanged
+    if n_blocks * block != tokens:  # pad the last block with copies of its last token, which count for nothing
         x = torch.cat([x, x[:, :, -1:].expand(batch, heads, n_blocks * block - tokens, channels)], dim=2)
-        if valid is not None:
-            valid = torch.cat([valid, valid[:, :, -1:].expand(batch, heads, n_blocks * block - tokens)], dim=2)
+        if valid is None:
+            valid = torch.ones(batch, heads, tokens, dtype=torch.bool, device=keys.device)
+        valid = torch.cat([valid, valid.new_zeros(batch, heads, n_blocks * block - tokens)], dim=2)
     x = x.view(batch, heads, n_blocks, block, channels).transpose(-1, -2)  # ranges over the block's tokens
     if valid is not None:
         valid = valid.reshape(batch, heads, n_blocks, 1, block)
@@ -421,10 +460,12 @@ def quantize_values(values: torch.Tensor, bits: int, group_size: int = DEFAULT_G
     n_groups = value_groups(channels, group_size)
     group_size = min(group_size, channels)
     x = values.float()
-    if n_groups * group_size != channels:  # pad the last group with copies of its last channel
+    valid = None
+    if n_groups * group_size != channels:  # pad the last group with copies of its last channel, counting nothing
         x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], n_groups * group_size - channels)], dim=-1)
+        valid = (torch.arange(n_groups * group_size, device=x.device) < channels).view(n_groups, group_size)
     x = x.view(*x.shape[:-1], n_groups, group_size)
-    codes, scale, zero = _minmax_quantize(x, bits, values.dtype)
+    codes, scale, zero = _minmax_quantize(x, bits, values.dtype, valid)
     codes = codes.flatten(-2)[..., :channels]
     return QuantValues(_pack(codes, bits), scale, zero, bits, group_size, channels)
 
