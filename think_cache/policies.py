@@ -14,6 +14,8 @@ while decoding)::
 
 Shapes: ``query (batch, q_heads, q_len, head_dim)``, ``keys (batch, kv_heads, tokens, head_dim)``, ``real_keys
 (batch, tokens)`` bool (False at padding). Scores are ``(batch, kv_heads, tokens)`` float32; higher is kept.
+On a model that caps its attention logits (Gemma 2), a ``prompt_scores`` with a ``softcap`` parameter receives the
+cap to apply to the scaled logits (`window_attention` takes it); one without is called without it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from .compact import cap_logits
 
 __all__ = ["Policy", "SnapKV", "H2O", "StreamingLLM", "top_tokens", "window_attention"]
 
@@ -72,10 +76,16 @@ def _query_chunk(rows: int, tokens: int, batch: int, heads: int, group: int) -> 
 
 
 def window_attention(
-    query: torch.Tensor, keys: torch.Tensor, real_keys: torch.Tensor, scaling: float, rows: int | None = None
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    real_keys: torch.Tensor,
+    scaling: float,
+    rows: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention weights of the last ``rows`` queries over all keys, summed over those queries and each KV head's
     query group: ``(batch, kv_heads, tokens)`` float32. Causal and padding masks apply; padded query rows count 0.
+    ``softcap``: the model's attention logit cap (Gemma 2), applied to the scaled logits before the masks.
 
     Computed in chunks of query rows (`_query_chunk`) with the softmax done in place, so memory stays within one
     block of `QUERY_CHUNK_ELEMENTS` floats however long the prompt: H2O scores every prompt query.
@@ -97,7 +107,7 @@ def window_attention(
         logits = torch.matmul(q, k[..., :visible]).view(batch, kv_heads, group, n, visible)
         q_pos = positions[first + start : first + stop, None]
         hidden = (positions[None, :visible] > q_pos)[None] | padded[:, None, :visible]  # (B, n, visible)
-        logits.mul_(scaling).masked_fill_(hidden[:, None, None], torch.finfo(torch.float32).min)
+        cap_logits(logits.mul_(scaling), softcap).masked_fill_(hidden[:, None, None], torch.finfo(torch.float32).min)
         weights = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()  # softmax, in place
         weights.div_(weights.sum(dim=-1, keepdim=True))
         weights.mul_(real_keys[:, first + start : first + stop, None].to(weights.dtype)[:, None, None])
@@ -141,7 +151,8 @@ class Policy:
 
         ``query`` holds the prompt's last queries (at most `observation_window`, padded rows zeroed), the last
         positions of ``keys``. A policy with ``accumulates_attention`` also receives ``accumulated``: each token's
-        attention weight summed over every query of the prompt, ``(batch, kv_heads, tokens)`` float32."""
+        attention weight summed over every query of the prompt, ``(batch, kv_heads, tokens)`` float32. On a model
+        that caps its attention logits (Gemma 2), a ``softcap`` parameter, if there is one, receives the cap."""
         raise NotImplementedError(f"{type(self).__name__} must implement prompt_scores")
 
     def decode_scores(self, positions: torch.Tensor, accumulated: torch.Tensor | None) -> torch.Tensor:
@@ -193,8 +204,8 @@ class SnapKV(Policy):
     def observation_window(self) -> int:
         return self.window
 
-    def prompt_scores(self, query, keys, real_keys, scaling):
-        scores = window_attention(query, keys, real_keys, scaling, rows=self.window)
+    def prompt_scores(self, query, keys, real_keys, scaling, softcap=None):
+        scores = window_attention(query, keys, real_keys, scaling, rows=self.window, softcap=softcap)
         batch, heads, tokens = scores.shape
         flat = scores.reshape(batch * heads, 1, tokens)
         pad = self.kernel // 2
@@ -238,7 +249,7 @@ class H2O(Policy):
     def protected_recent(self) -> int:
         return self.recent
 
-    def prompt_scores(self, query, keys, real_keys, scaling, accumulated=None):
+    def prompt_scores(self, query, keys, real_keys, scaling, accumulated=None, softcap=None):
         return accumulated
 
     def decode_scores(self, positions, accumulated):
@@ -274,7 +285,7 @@ class StreamingLLM(Policy):
     def protected_recent(self) -> int:
         return self.recent
 
-    def prompt_scores(self, query, keys, real_keys, scaling):
+    def prompt_scores(self, query, keys, real_keys, scaling, softcap=None):
         batch, heads, tokens = keys.shape[:3]
         return torch.arange(tokens, dtype=torch.float32, device=keys.device).expand(batch, heads, tokens)
 
