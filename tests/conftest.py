@@ -37,7 +37,8 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 FAMILIES = ("gemma2", "gemma3", "phi3")
 VOCAB = 256
 
-_COMMON = dict(
+#: Settings every tiny test model shares; `make_config` adds each architecture's.
+COMMON_CONFIG = dict(
     vocab_size=VOCAB,
     hidden_size=64,
     intermediate_size=128,
@@ -51,8 +52,8 @@ _COMMON = dict(
 )
 
 
-#: Per architecture: config class, model class, and settings on top of _COMMON. Sliding windows are short, so that
-#: sliding layers really trim in the tests; Gemma's scale (query_pre_attn_scalar) differs from 1/sqrt(head_dim) and
+#: Per architecture: config class, model class, and settings on top of COMMON_CONFIG. Sliding windows are short, so
+#: that sliding layers really trim in the tests; Gemma's scale (query_pre_attn_scalar) differs from 1/sqrt(head_dim) and
 #: Gemma 2 caps its logits at 5 (its default, 50, would never bite on these tiny models).
 _ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
@@ -83,7 +84,7 @@ def make_config(arch: str, **overrides):
     if arch not in _ARCHITECTURES:
         raise ValueError(arch)
     config_class, _, defaults = _ARCHITECTURES[arch]
-    return config_class(**{**_COMMON, **defaults, **overrides})
+    return config_class(**{**COMMON_CONFIG, **defaults, **overrides})
 
 
 def make_model(arch: str = "llama", seed: int = 0, patch: bool = True, **overrides):

@@ -16,15 +16,13 @@ thinned, with the channels the ThinK run chose).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
-from conftest import generate, make_batch, make_model, prefill, zeroed_reference
+from conftest import COMMON_CONFIG, generate, make_batch, make_model, prefill, zeroed_reference
 from transformers import DynamicCache
 
 import think_cache
-from think_cache import H2O, Policy, SnapKV, ThinKCache, kernels
+from think_cache import H2O, SnapKV, ThinKCache, kernels
 from think_cache import _compat as compat
 from think_cache.compact import cap_logits
 from think_cache.policies import window_attention
@@ -240,7 +238,7 @@ def test_scores_see_the_cap():
 @pytest.mark.parametrize("policy", [SnapKV(budget=24, window=6, kernel=3), H2O(budget=24, recent=6)])
 def test_token_policies_score_with_the_cap(policy, monkeypatch):
     """SnapKV and H2O score tokens by attention: on Gemma 2 with the model's cap (a policy written without a softcap
-    parameter is called without it, see test_a_policy_without_softcap_runs)."""
+    parameter is called without it: tests/test_policies.py, test_a_user_policy_by_subclassing)."""
     received = []
     original = type(policy).prompt_scores
 
@@ -257,34 +255,9 @@ def test_token_policies_score_with_the_cap(policy, monkeypatch):
     assert all(layer.compact_positions is not None for layer in cache.layers)
 
 
-def test_a_policy_without_softcap_runs():
-    @dataclass
-    class KeepFirst(Policy):
-        budget: int = 20
-
-        def prompt_scores(self, query, keys, real_keys, scaling):
-            return -torch.arange(keys.shape[-2], dtype=torch.float32).expand(*keys.shape[:2], -1)
-
-    model, _ = _models("gemma2")
-    ids, _ = make_batch([50])
-    cache = ThinKCache(key_ratio=0.5, policy=KeepFirst())
-    model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=3)
-    assert cache.layers[1].compact_positions[0, 0].tolist() == list(range(20))  # the global layer
-
-
 def test_other_families_still_refused():
     from transformers import GemmaConfig, GemmaForCausalLM
 
-    model = GemmaForCausalLM(
-        GemmaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-        )
-    )
+    model = GemmaForCausalLM(GemmaConfig(**{**COMMON_CONFIG, "head_dim": 16}))  # Gemma 1: not tested, refused
     with pytest.raises(ValueError, match="does not support model type 'gemma'; supported: .*gemma2, gemma3_text, phi3"):
         think_cache.patch(model)
