@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$#" -gt 0 ]; then versions=("$@"); else versions=(4.56.2 4.57.6 5.0.0 5.12.1 5.24.0); fi
 tests=(tests/test_exactness.py tests/test_reference.py tests/test_policies.py tests/test_patch.py
-       tests/test_validation.py tests/test_memory.py tests/test_compact.py tests/test_scoring.py)
+       tests/test_validation.py tests/test_memory.py tests/test_compact.py tests/test_scoring.py
+       tests/test_families.py)
 failed=()
 for version in "${versions[@]}"; do
   env=".venv-compat/$version"

@@ -12,10 +12,16 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -27,9 +33,12 @@ import think_cache
 from think_cache import _compat as compat
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+#: The families of tests/test_families.py (not in ARCHS, which the other test files run over).
+FAMILIES = ("gemma2", "gemma3", "phi3")
 VOCAB = 256
 
-_COMMON = dict(
+#: Settings every tiny test model shares; `make_config` adds each architecture's.
+COMMON_CONFIG = dict(
     vocab_size=VOCAB,
     hidden_size=64,
     intermediate_size=128,
@@ -43,34 +52,45 @@ _COMMON = dict(
 )
 
 
-def make_config(arch: str, **overrides):
-    kwargs = {**_COMMON, **overrides}
-    if arch == "llama":
-        return LlamaConfig(**kwargs)
-    if arch == "mistral":
-        # a short sliding window, so that sliding layers really trim in the tests
-        kwargs.setdefault("sliding_window", 48)
-        return MistralConfig(**kwargs)
-    if arch == "qwen2":
-        return Qwen2Config(**kwargs)
-    if arch == "qwen3":
-        kwargs.setdefault("head_dim", 32)
-        return Qwen3Config(**kwargs)
-    raise ValueError(arch)
-
-
-_CLASSES = {
-    "llama": LlamaForCausalLM,
-    "mistral": MistralForCausalLM,
-    "qwen2": Qwen2ForCausalLM,
-    "qwen3": Qwen3ForCausalLM,
+#: Per architecture: config class, model class, and settings on top of COMMON_CONFIG. Sliding windows are short, so
+#: that sliding layers really trim in the tests; Gemma's scale (query_pre_attn_scalar) differs from 1/sqrt(head_dim) and
+#: Gemma 2 caps its logits at 5 (its default, 50, would never bite on these tiny models).
+_ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=48)),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=32)),
+    "gemma2": (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=16, attn_logit_softcapping=5.0),
+    ),
+    "gemma3": (
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
+        dict(
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            sliding_window=16,
+            num_hidden_layers=3,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        ),
+    ),
+    "phi3": (Phi3Config, Phi3ForCausalLM, dict(sliding_window=16)),
 }
+
+
+def make_config(arch: str, **overrides):
+    if arch not in _ARCHITECTURES:
+        raise ValueError(arch)
+    config_class, _, defaults = _ARCHITECTURES[arch]
+    return config_class(**{**COMMON_CONFIG, **defaults, **overrides})
 
 
 def make_model(arch: str = "llama", seed: int = 0, patch: bool = True, **overrides):
     """A tiny random-weight model in float32, eval mode, patched for ThinK unless ``patch=False``."""
     torch.manual_seed(seed)
-    model = _CLASSES[arch](make_config(arch, **overrides)).eval()
+    model = _ARCHITECTURES[arch][1](make_config(arch, **overrides)).eval()
     # no eos stop: every run generates exactly max_new_tokens
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -161,6 +181,7 @@ class ZeroedLayer(DynamicLayer):
         self.first_origin = None
         self.fold_block = fold_block
         self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None  # masks of a model mixing sliding and full layers look for it
         self.key_keep = self._keep_mask(key_channels, head_dim)
         self.value_keep = None if value_channels is None else self._keep_mask(value_channels, head_dim)
         self.origin = None  # logical end of the latest prompt
@@ -229,7 +250,8 @@ def zeroed_reference(think_cache_after_run, model) -> DynamicCache:
 
 
 def _attention_modules(model):
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
+    """Self-attention modules, with separate projections or Phi-3's fused ``qkv_proj``."""
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and (hasattr(m, "k_proj") or hasattr(m, "qkv_proj"))]
 
 
 # ------------------------------------------------------------------------------- quantized storage reference

@@ -330,7 +330,13 @@ def test_one_pass_attention_equals_sdpa_and_window_attention(monkeypatch, mask_k
     assert out.shape == (batch, q_len, q_heads, 5) and out.is_contiguous()
 
 
-def test_a_user_policy_by_subclassing():
+@pytest.mark.parametrize(
+    "arch, layer_idx", [("llama", 0), ("gemma2", 1)], ids=["llama", "gemma2-global-layer-without-softcap-parameter"]
+)
+def test_a_user_policy_by_subclassing(arch, layer_idx):
+    """A policy of one's own; on Gemma 2, which caps its logits, one without a ``softcap`` parameter is called
+    without it."""
+
     @dataclass
     class KeepFirst(Policy):
         budget: int = 20
@@ -338,11 +344,11 @@ def test_a_user_policy_by_subclassing():
         def prompt_scores(self, query, keys, real_keys, scaling):
             return -torch.arange(keys.shape[-2], dtype=torch.float32).expand(*keys.shape[:2], -1)
 
-    model = make_model("llama")
+    model = make_model(arch)
     ids, _ = make_batch([50])
     cache = ThinKCache(key_ratio=0.5, policy=KeepFirst())
     model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=3)
-    layer = cache.layers[0]
+    layer = cache.layers[layer_idx]
     assert layer.compact_positions[0, 0].tolist() == list(range(20))
     assert layer.keys.shape[-2] == 2  # the two generated tokens wait in the recent part (no eviction, block folds)
 

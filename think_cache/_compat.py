@@ -77,7 +77,8 @@ def sdpa_mask_function():
 def sliding_window_of(module: torch.nn.Module) -> int | None:
     """The sliding window of an attention module's layer, or None for full attention.
 
-    Qwen2/Qwen3 keep it on the module (None on full-attention layers); Mistral passes its config's to attention.
+    Qwen2/Qwen3 and Gemma 2/3 keep it on the module (None on full-attention layers: Gemma's ``config.layer_types``
+    says which); Mistral and Phi-3 pass their config's to attention, for every layer.
     """
     if hasattr(module, "sliding_window"):
         return module.sliding_window

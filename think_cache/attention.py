@@ -120,12 +120,17 @@ def think_attention(
     drafts), the rows before the end attend the prompt at full width and the rows after it the compacted layer.
     Anything else falls through to transformers' sdpa attention.
 
+    A model that caps its attention logits (Gemma 2 passes ``softcap``) gets the cap on every path: the eager
+    formula replaces sdpa (which has no softcapping) on full keys, the compacted path caps the pruned logits, and the
+    fused kernel, which has no cap, is not used.
+
     With ``output_attentions=True`` the weights come back, ``(batch, q_heads, q_len, keys)`` as from transformers'
     eager attention (which then replaces sdpa): over the stored tokens, or under a token policy, which keeps other
     tokens per head, over every token seen with 0 for the evicted ones.
     """
     layer = _static_layer(module, key) if is_compiling() else _take_handoff(key)
     scale = _scale(scaling, query)
+    softcap = kwargs.get("softcap")
     wants_attention = _wants_attention_weights(module, kwargs)
     if layer is None:
         if is_compiling() and key.shape[-1] != query.shape[-1]:  # a compact buffer nobody handed over
@@ -145,9 +150,9 @@ def think_attention(
                 "A static ThinKCache (max_cache_len) does not return attention weights; use a ThinKCache without "
                 "max_cache_len for output_attentions=True."
             )
-        return static_attention(layer, query, attention_mask, scale), None
+        return static_attention(layer, query, attention_mask, scale, softcap), None
     if layer.is_compacted:
-        return _attend_compacted(layer, query, attention_mask, scale, wants_attention)
+        return _attend_compacted(layer, query, attention_mask, scale, wants_attention, softcap)
 
     q_len = query.shape[2]
     rows = layer.rows_before_end(q_len)
@@ -161,7 +166,7 @@ def think_attention(
         return out, None
     if rows == q_len:
         out, weights = _full_attention(module, query, key, value, mask, 0.0, scaling, wants_attention, kwargs)
-        layer.observe(query, mask, scale)
+        layer.observe(query, mask, scale, softcap=softcap)
         if layer.prompt_end == layer.seen_tokens:  # the prompt ends with this forward
             layer.compact()
         return out, weights
@@ -175,10 +180,10 @@ def think_attention(
     out_head, w_head = _full_attention(
         module, head, key[:, :, :cols], value[:, :, :cols], head_mask, 0.0, scaling, wants_attention, kwargs
     )
-    layer.observe(head, head_mask, scale, upto=layer.prompt_end)
+    layer.observe(head, head_mask, scale, upto=layer.prompt_end, softcap=softcap)
     layer.compact(layer.prompt_end)
     tail_mask = None if attention_mask is None else attention_mask[:, :, rows:]
-    out_tail, w_tail = _attend_compacted(layer, query[:, :, rows:], tail_mask, scale, wants_attention)
+    out_tail, w_tail = _attend_compacted(layer, query[:, :, rows:], tail_mask, scale, wants_attention, softcap)
     weights = None
     if wants_attention:  # the head rows saw none of the tokens after the prompt
         w_head = torch.nn.functional.pad(w_head, (0, w_tail.shape[-1] - w_head.shape[-1]))
@@ -201,24 +206,29 @@ def _scores_while_attending(layer, wants_attention: bool, kwargs: dict) -> bool:
 
 
 def _full_attention(module, query, key, value, mask, dropout: float, scaling, wants_attention: bool, kwargs: dict):
-    """Stock attention over full keys: transformers' sdpa, or the eager formula when the weights are wanted."""
-    if wants_attention:
-        return _eager_attention(module, query, key, value, mask, dropout, _scale(scaling, query))
+    """Stock attention over full keys: transformers' sdpa, or the eager formula when the weights are wanted or the
+    logits are capped (``softcap`` in ``kwargs``: sdpa would silently leave the cap out)."""
+    softcap = kwargs.get("softcap")
+    if wants_attention or softcap is not None:
+        return _eager_attention(module, query, key, value, mask, dropout, _scale(scaling, query), softcap)
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-def _attend_compacted(layer, query: torch.Tensor, mask: torch.Tensor | None, scale: float, wants_attention: bool):
+def _attend_compacted(
+    layer, query: torch.Tensor, mask: torch.Tensor | None, scale: float, wants_attention: bool, softcap: float | None
+):
     """Attention of ``query`` (the forward's newest rows) over a compacted layer, then the layer's bookkeeping.
 
-    The fused kernel (`think_cache.kernels`, chosen by `kernels.use_kernel`: on CUDA for a `FullStore`) serves the
-    forwards that need only the output: no attention weights asked for, none accumulated by the policy (H2O), and
-    no query row that must see recent tokens thinned (`ThinKLayer.thinned_rows`). The rest takes the torch path.
+    The fused kernel (`think_cache.kernels`, chosen by `kernels.use_kernel`: on CUDA for a `FullStore`, never with a
+    ``softcap``) serves the forwards that need only the output: no attention weights asked for, none accumulated by
+    the policy (H2O), and no query row that must see recent tokens thinned (`ThinKLayer.thinned_rows`). The rest
+    takes the torch path.
     """
     q_len = query.shape[2]
     if (
         not wants_attention
         and layer.token_scores is None
-        and kernels.use_kernel(layer.store, query.device)
+        and kernels.use_kernel(layer.store, query.device, softcap)
         and layer.thinned_rows(q_len) is None
     ):
         out = kernels.store_attention(
@@ -228,7 +238,9 @@ def _attend_compacted(layer, query: torch.Tensor, mask: torch.Tensor | None, sca
         return out, None
     thin = thin_mask(layer.thinned_rows(q_len), query.shape[1] // layer.keys.shape[1], query.device)
     thinned = thinned_store(layer.store, layer.keys, layer.values, thin)
-    probs = compact_probs(query, layer.store, layer.keys, layer.attention_mask(mask, q_len), scale, thin, thinned)
+    probs = compact_probs(
+        query, layer.store, layer.keys, layer.attention_mask(mask, q_len), scale, thin, thinned, softcap
+    )
     out = weighted_values(probs, layer.store, layer.values, thin, thinned)
     weights = _weights_per_token(layer, probs).to(query.dtype) if wants_attention else None
     # a policy that accumulates attention (H2O) gets each stored token's weight, summed over its group's queries
@@ -254,9 +266,10 @@ def _wants_attention_weights(module: torch.nn.Module, kwargs: dict) -> bool:
     return bool(wanted)
 
 
-def _eager_attention(module, query, key, value, attention_mask, dropout: float, scale: float):
-    """Plain attention that also returns its weights ``(batch, q_heads, q_len, keys)``, like transformers' eager."""
-    probs = compact_probs(query, None, key, attention_mask, scale)
+def _eager_attention(module, query, key, value, attention_mask, dropout: float, scale: float, softcap=None):
+    """Plain attention that also returns its weights ``(batch, q_heads, q_len, keys)``, like transformers' eager
+    (with Gemma 2's logit ``softcap`` when given)."""
+    probs = compact_probs(query, None, key, attention_mask, scale, softcap=softcap)
     if dropout and module.training:
         probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
     out = weighted_values(probs, None, value)

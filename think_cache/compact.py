@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "as_bool_mask",
+    "cap_logits",
     "key_padding",
     "causal_mask",
     "gather_channels",
@@ -38,6 +39,19 @@ def as_bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     if mask is None or mask.dtype == torch.bool:
         return mask
     return mask > torch.finfo(mask.dtype).min / 2
+
+
+def cap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Attention logit softcapping (Gemma 2): ``softcap * tanh(logits / softcap)``, in place; ``logits`` unchanged
+    when ``softcap`` is None.
+
+    transformers' Gemma 2 attention applies it to the scaled logits before the mask, so callers pass logits already
+    multiplied by the scale and mask them afterwards. Elementwise, so a concatenation of capped parts equals the
+    capped concatenation.
+    """
+    if softcap is None:
+        return logits
+    return logits.div_(softcap).tanh_().mul_(softcap)
 
 
 def key_padding(
@@ -91,6 +105,7 @@ def compact_attention(
     scaling: float,
     return_token_weights: bool = False,
     thinned_rows: list[int] | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query`` over a compact part followed by a full-width recent part.
 
@@ -109,7 +124,7 @@ def compact_attention(
         columns in the order compact then recent. None means causal with the queries being the last ``q_len``
         tokens.
     scaling:
-        The softmax scale, ``1 / sqrt(head_dim)`` for every model supported.
+        The softmax scale: the model's own (``1 / sqrt(head_dim)``, or ``query_pre_attn_scalar ** -0.5`` in Gemma).
     return_token_weights:
         Also return each stored token's attention weight summed over the queries of its KV head's group,
         ``(batch, kv_heads, n_compact + n_recent)`` float32 (what H2O accumulates).
@@ -117,6 +132,9 @@ def compact_attention(
         Per query row (``q_len`` ints), how many of the oldest recent tokens that row sees thinned (as the store
         would hold them: kept channels only, quantized if the store quantizes): the view each row would have had
         if the queries had come one at a time and the recent part had folded in between. None: all at full width.
+    softcap:
+        Attention logit softcapping (`cap_logits`) applied to the scaled logits of both parts before the mask, as
+        Gemma 2 does; None for none.
 
     Returns
     -------
@@ -125,7 +143,7 @@ def compact_attention(
     """
     thin = thin_mask(thinned_rows, query.shape[1] // keys.shape[1], query.device)
     thinned = thinned_store(store, keys, values, thin)
-    probs = compact_probs(query, store, keys, mask, scaling, thin, thinned)
+    probs = compact_probs(query, store, keys, mask, scaling, thin, thinned, softcap)
     out = weighted_values(probs, store, values, thin, thinned)
     if return_token_weights:
         return out, probs.sum(dim=(2, 3))
@@ -159,6 +177,7 @@ def compact_probs(
     scaling: float,
     thin: torch.Tensor | None = None,
     thinned: CompactStore | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The attention weights of `compact_attention`: one float32 softmax over the compact part (``store``, None for
     none) then the recent part, ``(batch, kv_heads, group, q_len, n_compact + n_recent)``; ``view(batch, q_heads,
@@ -181,7 +200,7 @@ def compact_probs(
     if store is not None:
         compact = store.logits(gather_channels(q, store.key_channels), scaling)
         logits = torch.cat([compact, logits], dim=-1)
-    logits = logits.view(batch, kv_heads, group, q_len, n_total)
+    logits = cap_logits(logits, softcap).view(batch, kv_heads, group, q_len, n_total)
 
     mask = as_bool_mask(mask)
     if mask is None and q_len > 1:

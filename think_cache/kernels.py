@@ -76,16 +76,17 @@ def kernel_available(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" or _interpreting()
 
 
-def use_kernel(store: CompactStore, device: torch.device | str) -> bool:
+def use_kernel(store: CompactStore, device: torch.device | str, softcap: float | None = None) -> bool:
     """Whether a compacted layer with ``store`` should attend through the kernel, by `KERNEL_ENV`.
 
     ``auto`` uses it on CUDA devices only: Triton's interpreter is far slower than the torch path on the CPU, so
-    it runs only when asked for (``triton``). Stores other than `FullStore` always take the torch path.
+    it runs only when asked for (``triton``). Stores other than `FullStore`, and models that cap their attention
+    logits (a ``softcap``, Gemma 2: the kernel has no cap), always take the torch path, even under ``triton``.
     """
     choice = os.environ.get(KERNEL_ENV, "auto").lower() or "auto"
     if choice not in ("auto", "torch", "triton"):
         raise ValueError(f"{KERNEL_ENV}={choice!r}: expected 'auto', 'torch' or 'triton'")
-    if choice == "torch" or not isinstance(store, FullStore):
+    if choice == "torch" or not isinstance(store, FullStore) or softcap is not None:
         return False
     if choice == "triton":
         if not kernel_available(device):

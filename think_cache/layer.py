@@ -42,6 +42,7 @@ When things happen (the schedule), in logical positions, whatever the way tokens
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -115,6 +116,13 @@ def storage_bytes(tensors: Iterator[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+def _takes_keyword(function: Callable, name: str) -> bool:
+    """Whether ``function`` accepts the keyword argument ``name`` (by name or through ``**kwargs``): a policy written
+    without a ``softcap`` parameter is called without it."""
+    parameters = inspect.signature(function).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 def fold_point(t, origin, held: int, fold_block: int):
     """The schedule: a query at logical position ``t`` sees the tokens before this position thinned, when the
     prompt ended at ``origin`` and its last ``held`` tokens wait at full width with the generated ones (ints, or
@@ -170,6 +178,7 @@ class ThinKLayer(CacheLayerMixin):
         self.compacted_at: int | None = None  # logical end of the prompt the layer was compacted at
         self.real_keys: torch.Tensor | None = None  # (batch, stored) before compaction: False at padding
         self.scaling = 1.0
+        self.softcap: float | None = None  # the model's attention logit cap (Gemma 2), None for none
         self.forward_tokens = 0  # tokens of the last forward
         self.folded = False  # tokens were folded since the policy last evicted
         self.is_initialized = False
@@ -406,14 +415,16 @@ class ThinKLayer(CacheLayerMixin):
         scaling: float,
         upto: int | None = None,
         token_weights: torch.Tensor | None = None,
+        softcap: float | None = None,
     ) -> None:
         """Remember what the end of the prompt will need from an uncompacted forward.
 
         ``query`` ``(batch, q_heads, rows, head_dim)`` holds the queries of the logical positions just before
         ``upto`` (default: the layer's end); ``mask`` is their attention mask over the stored tokens before
-        ``upto``, which tells padded keys and queries apart. Keeps the last ``query_rows`` queries (padded rows
-        zeroed) and, for a policy that accumulates attention (H2O), adds each stored token's attention weight:
-        ``token_weights`` when the attention already summed them (`policies.attention_and_token_weights`), else
+        ``upto``, which tells padded keys and queries apart; ``scaling`` and ``softcap`` turn the model's query-key
+        products into its attention logits. Keeps the last ``query_rows`` queries (padded rows zeroed) and, for a
+        policy that accumulates attention (H2O), adds each stored token's attention weight: ``token_weights`` when
+        the attention already summed them (`policies.attention_and_token_weights`), else
         `policies.window_attention` computes them.
         """
         if not self.prunes:
@@ -427,7 +438,7 @@ class ThinKLayer(CacheLayerMixin):
             if self.token_scores is None:
                 self.token_scores = query.new_zeros(batch, kv_heads, self.keys.shape[-2], dtype=torch.float32)
             if token_weights is None:
-                token_weights = window_attention(query, self.keys[:, :, :stored], real_keys, scaling)
+                token_weights = window_attention(query, self.keys[:, :, :stored], real_keys, scaling, softcap=softcap)
             self.token_scores[..., :stored] += token_weights
         w = min(self.query_rows, rows)
         q = query[:, :, rows - w :] * real_rows[:, None, rows - w :, None].to(query.dtype)
@@ -436,7 +447,7 @@ class ThinKLayer(CacheLayerMixin):
             q = torch.cat([self.window_queries, q], dim=3)
         self.window_queries = q[:, :, :, -self.query_rows :].contiguous()
         self.real_keys = real_keys
-        self.scaling = scaling
+        self.scaling, self.softcap = scaling, softcap
 
     def compact(self, end: int | None = None) -> None:
         """End of the prompt at logical position ``end`` (default: every stored token): pick the prompt's tokens
@@ -473,7 +484,7 @@ class ThinKLayer(CacheLayerMixin):
         if self.value_ratio > 0:
             w = min(w, self.window)
             window_mask = self._window_mask(real, positions, group, w, end, first)
-            scores = value_channel_scores(queries, keys, values, self.scaling, window_mask)
+            scores = value_channel_scores(queries, keys, values, self.scaling, window_mask, self.softcap)
             kept = kept_channel_count(values.shape[-1], self.value_ratio)
             value_channels = select_channels(scores, kept).to(index_dtype)
         self.store.start(key_channels, value_channels)
@@ -513,6 +524,8 @@ class ThinKLayer(CacheLayerMixin):
         extra = {}
         if self.policy.accumulates_attention:
             extra["accumulated"] = self.token_scores[..., :stored]
+        if self.softcap is not None and _takes_keyword(self.policy.prompt_scores, "softcap"):
+            extra["softcap"] = self.softcap
         scores = self.policy.prompt_scores(query, keys, real_keys, self.scaling, **extra)
         index = top_tokens(scores, n_keep, always, never, prefer)
         if self.policy.accumulates_attention:

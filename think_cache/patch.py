@@ -14,8 +14,11 @@ from .cache import ThinKCache
 
 __all__ = ["patch", "unpatch", "is_patched", "SUPPORTED_MODEL_TYPES"]
 
-#: Model types whose attention think-cache is tested on.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+#: Model types whose attention think-cache is tested on (``gemma3_text``: Gemma 3's text model, `Gemma3ForCausalLM`).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+
+#: The projections of a self-attention module: separate (Llama and its kin), or fused (Phi-3's ``qkv_proj``).
+_PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))
 
 _STATE_ATTRIBUTE = "_think_cache_patch"
 
@@ -31,12 +34,13 @@ class _PatchState:
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The self-attention modules: those with a layer index and q/k/v projections, as in Llama and its kin."""
-    return [
-        m
-        for m in model.modules()
-        if hasattr(m, "layer_idx") and all(hasattr(m, p) for p in ("q_proj", "k_proj", "v_proj"))
-    ]
+    """The self-attention modules: those with a layer index and q/k/v projections, separate as in Llama and its
+    kin or fused as in Phi-3."""
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and _has_projections(m)]
+
+
+def _has_projections(module: torch.nn.Module) -> bool:
+    return any(all(hasattr(module, name) for name in names) for names in _PROJECTIONS)
 
 
 def _check_model(model: object) -> list[torch.nn.Module]:
@@ -65,7 +69,8 @@ def _check_model(model: object) -> list[torch.nn.Module]:
     if not modules or any(getattr(m, "num_key_value_groups", None) is None for m in modules):
         raise ValueError(
             f"think_cache found no attention layer it can serve in {type(model).__name__}: it needs self-attention "
-            "modules with q_proj/k_proj/v_proj, a layer_idx and grouped-query heads (num_key_value_groups)"
+            "modules with q_proj/k_proj/v_proj (or a fused qkv_proj), a layer_idx and grouped-query heads "
+            "(num_key_value_groups)"
         )
     return modules
 

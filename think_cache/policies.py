@@ -14,6 +14,8 @@ while decoding)::
 
 Shapes: ``query (batch, q_heads, q_len, head_dim)``, ``keys (batch, kv_heads, tokens, head_dim)``, ``real_keys
 (batch, tokens)`` bool (False at padding). Scores are ``(batch, kv_heads, tokens)`` float32; higher is kept.
+On a model that caps its attention logits (Gemma 2), a ``prompt_scores`` with a ``softcap`` parameter receives the
+cap to apply to the scaled logits (`window_attention` takes it); one without is called without it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from .compact import cap_logits
 
 __all__ = [
     "Policy",
@@ -83,7 +87,7 @@ def _query_chunk(rows: int, tokens: int, batch: int, heads: int, group: int, bud
     return max(1, min(rows, budget // max(per_row, 1)))
 
 
-def _softmax_blocks(query, keys, real_keys, scaling, rows, visit, mask=None) -> None:
+def _softmax_blocks(query, keys, real_keys, scaling, rows, visit, mask=None, softcap=None) -> None:
     """The softmax of the last ``rows`` queries over ``keys``, a block of query rows at a time (see `_query_chunk`).
 
     Calls ``visit(start, stop, weights, inverse)`` per block (a callback, not a generator: the caller's loop
@@ -91,7 +95,7 @@ def _softmax_blocks(query, keys, real_keys, scaling, rows, visit, mask=None) -> 
     group * n, visible)`` float32 are ``exp(logit - row max)``, unnormalised, over the ``visible`` first keys
     (those up to the block's last query), and ``inverse (batch, kv_heads, group * n)`` is one over each row's
     sum. Masked: ``mask`` (bool, True = attend, ``(batch | 1, 1, q_len, tokens)``) when given, else causal and
-    ``real_keys`` padding. A block is
+    ``real_keys`` padding; the logits are capped first under a ``softcap`` (Gemma 2). A block is
     freed when the next one is built, so memory stays within one block however long the prompt.
     """
     batch, q_heads, q_len, head_dim = query.shape
@@ -107,7 +111,7 @@ def _softmax_blocks(query, keys, real_keys, scaling, rows, visit, mask=None) -> 
         stop = min(start + chunk, q_len)
         n, visible = stop - start, first + stop  # keys after the block's last query are masked for every row
         q = (query[:, :, start:stop].float() * scaling).reshape(batch, kv_heads, group * n, head_dim)
-        weights = torch.matmul(q, k[..., :visible])
+        weights = cap_logits(torch.matmul(q, k[..., :visible]), softcap)
         blocks = weights.view(batch, kv_heads, group, n, visible)
         if mask is not None:
             blocks.masked_fill_(~mask[:, :, None, start:stop, :visible], lowest)
@@ -130,10 +134,16 @@ def _column_sums(total, weights, inverse, real_rows):
 
 
 def window_attention(
-    query: torch.Tensor, keys: torch.Tensor, real_keys: torch.Tensor, scaling: float, rows: int | None = None
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    real_keys: torch.Tensor,
+    scaling: float,
+    rows: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention weights of the last ``rows`` queries over all keys, summed over those queries and each KV head's
     query group: ``(batch, kv_heads, tokens)`` float32. Causal and padding masks apply; padded query rows count 0.
+    ``softcap``: the model's attention logit cap (Gemma 2), applied to the scaled logits before the masks.
 
     Computed a block of query rows at a time (`_softmax_blocks`), so memory stays within one block of
     `QUERY_CHUNK_ELEMENTS` floats however long the prompt: H2O scores every prompt query.
@@ -146,7 +156,7 @@ def window_attention(
     def visit(start, stop, weights, inverse):
         _column_sums(total, weights, inverse, real_keys[:, first + start : first + stop].float())
 
-    _softmax_blocks(query, keys, real_keys, scaling, rows, visit)
+    _softmax_blocks(query, keys, real_keys, scaling, rows, visit, softcap=softcap)
     return total
 
 
@@ -217,7 +227,8 @@ class Policy:
 
         ``query`` holds the prompt's last queries (at most `observation_window`, padded rows zeroed), the last
         positions of ``keys``. A policy with ``accumulates_attention`` also receives ``accumulated``: each token's
-        attention weight summed over every query of the prompt, ``(batch, kv_heads, tokens)`` float32."""
+        attention weight summed over every query of the prompt, ``(batch, kv_heads, tokens)`` float32. On a model
+        that caps its attention logits (Gemma 2), a ``softcap`` parameter, if there is one, receives the cap."""
         raise NotImplementedError(f"{type(self).__name__} must implement prompt_scores")
 
     def decode_scores(self, positions: torch.Tensor, accumulated: torch.Tensor | None) -> torch.Tensor:
@@ -269,8 +280,8 @@ class SnapKV(Policy):
     def observation_window(self) -> int:
         return self.window
 
-    def prompt_scores(self, query, keys, real_keys, scaling):
-        scores = window_attention(query, keys, real_keys, scaling, rows=self.window)
+    def prompt_scores(self, query, keys, real_keys, scaling, softcap=None):
+        scores = window_attention(query, keys, real_keys, scaling, rows=self.window, softcap=softcap)
         batch, heads, tokens = scores.shape
         flat = scores.reshape(batch * heads, 1, tokens)
         pad = self.kernel // 2
@@ -314,7 +325,7 @@ class H2O(Policy):
     def protected_recent(self) -> int:
         return self.recent
 
-    def prompt_scores(self, query, keys, real_keys, scaling, accumulated=None):
+    def prompt_scores(self, query, keys, real_keys, scaling, accumulated=None, softcap=None):
         return accumulated
 
     def decode_scores(self, positions, accumulated):
@@ -350,7 +361,7 @@ class StreamingLLM(Policy):
     def protected_recent(self) -> int:
         return self.recent
 
-    def prompt_scores(self, query, keys, real_keys, scaling):
+    def prompt_scores(self, query, keys, real_keys, scaling, softcap=None):
         batch, heads, tokens = keys.shape[:3]
         return torch.arange(tokens, dtype=torch.float32, device=keys.device).expand(batch, heads, tokens)
 

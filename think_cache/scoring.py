@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .compact import cap_logits
+
 __all__ = [
     "kept_channel_count",
     "key_channel_scores",
@@ -64,11 +66,12 @@ def value_channel_scores(
     values: torch.Tensor,
     scaling: float,
     window_mask: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Score each value channel by the norm of its share of the window's attention output.
 
-    With ``A = softmax(Q_win K^T * scaling)`` (masked), channel ``c`` contributes ``A V[:, c]`` to the output;
-    its score is ``||A V[:, c]||`` over the window's query rows.
+    With ``A = softmax(Q_win K^T * scaling)`` (masked; the logits capped first under a ``softcap``), channel ``c``
+    contributes ``A V[:, c]`` to the output; its score is ``||A V[:, c]||`` over the window's query rows.
 
     Parameters
     ----------
@@ -82,12 +85,14 @@ def value_channel_scores(
         ``(batch, 1 or kv_heads, rows, tokens)`` bool, True where a window query may attend a key (causal and
         padding). A row that may attend no key (a padded query) counts nothing: its softmax is undefined, and
         spreading it evenly over the keys would make a row's channels depend on its batch-mates' lengths.
+    softcap:
+        The model's attention logit cap (Gemma 2; `think_cache.compact.cap_logits`), None for none.
 
     Returns
     -------
     ``(batch, kv_heads, head_dim)`` float32 scores.
     """
-    logits = torch.matmul(window_queries.float(), keys.float().transpose(-1, -2)) * scaling
+    logits = cap_logits(torch.matmul(window_queries.float(), keys.float().transpose(-1, -2)).mul_(scaling), softcap)
     if window_mask is None:
         weights = torch.softmax(logits, dim=-1)
     else:

@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from . import _compat
-from .compact import as_bool_mask, gather_channels, scatter_channels
+from .compact import as_bool_mask, cap_logits, gather_channels, scatter_channels
 from .layer import ThinKLayer, fold_point
 
 __all__ = ["StaticThinKLayer", "static_attention", "pruned_channels"]
@@ -276,12 +276,17 @@ class StaticThinKLayer(ThinKLayer):
 
 
 def static_attention(
-    layer: StaticThinKLayer, query: torch.Tensor, mask: torch.Tensor | None, scaling: float
+    layer: StaticThinKLayer,
+    query: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of one new token over a static layer, ``(batch, 1, q_heads, v_dim)``; see the module docstring.
 
     ``query`` ``(batch, q_heads, 1, head_dim)``; ``mask`` ``(batch | 1, 1, 1, width)`` over logical positions (True or
-    0.0 where the query may attend), or None. Static shapes only: lengths and positions are tensors, and which
+    0.0 where the query may attend), or None; ``softcap``: the model's attention logit cap (`cap_logits`), or None.
+    Static shapes only: lengths and positions are tensors, and which
     tokens are seen thinned is decided by masks built from them.
     """
     batch, q_heads, q_len, head_dim = query.shape
@@ -299,7 +304,7 @@ def static_attention(
     at_full_width = ring_positions >= fold
     ring_slots = (ring_positions + layer.slot_shift).clamp(0, capacity - 1).expand(batch, kv_heads, rows, ring)
     extra = torch.matmul(gather_channels(q, layer.pruned_key_channels), layer.ring_keys.transpose(-1, -2)).float()
-    logits = logits.scatter_add(-1, ring_slots, extra * at_full_width).mul_(scaling)
+    logits = cap_logits(logits.scatter_add(-1, ring_slots, extra * at_full_width).mul_(scaling), softcap)
 
     positions = layer.slot_positions.long()  # (batch, 1 | kv_heads, capacity)
     visible = (positions <= t)[:, :, None, :]

@@ -1,0 +1,263 @@
+"""Gemma 2, Gemma 3 and Phi-3 on tiny random-weight models (fp32), against the model's own attention.
+
+Every family has sliding-window layers with a window (16) shorter than the prompts, and decodes past it: Gemma 2
+alternates sliding and global layers, caps its attention logits (``attn_logit_softcapping``, 5 here so that it
+bites) and scales by ``query_pre_attn_scalar``; Gemma 3 has sliding and global layers, q/k norms and, on the small
+models, head_dim 256 with a single KV head; Phi-3 has a fused qkv projection and a sliding window on every layer.
+
+The references run an unpatched copy of the model (same weights) with transformers' own attention, so softcapping
+and scaling are the model's code, not think_cache's: eager for Gemma 2 (sdpa has no softcapping: transformers 4.56
+defaults Gemma 2 to sdpa and then drops the cap), sdpa for the others. key_ratio=0 is compared with the
+``DynamicCache`` that ``generate`` builds for the model (sliding layers keep their window; a plain ``DynamicCache()``
+keeps every token and lets sdpa sum over more masked keys, which moves fp32 logits by up to 1e-5 on 4.56), and
+key_ratio > 0 with a ``DynamicCache`` of `ZeroedLayer`s (full-size keys whose pruned channels are zeroed once
+thinned, with the channels the ThinK run chose).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import COMMON_CONFIG, generate, make_batch, make_model, prefill, zeroed_reference
+from transformers import DynamicCache
+
+import think_cache
+from think_cache import H2O, SnapKV, ThinKCache, kernels
+from think_cache import _compat as compat
+from think_cache.compact import cap_logits
+from think_cache.policies import window_attention
+from think_cache.scoring import value_channel_scores
+from think_cache.storage import FullStore
+
+ATOL_EXACT = 1e-5
+ATOL_REFERENCE = 1e-4
+
+#: Test models: (architecture, config overrides). Larger initial weights than transformers' 0.02 make attention
+#: peaked, so that Gemma 2's cap and the pruned channels change the logits well above the tolerances.
+FAMILIES = {
+    "gemma2": ("gemma2", dict(initializer_range=0.2)),
+    "gemma3-gqa": ("gemma3", dict(initializer_range=0.2)),
+    "gemma3-head256-1kv": (
+        "gemma3",
+        dict(initializer_range=0.2, head_dim=256, query_pre_attn_scalar=256, num_key_value_heads=1),
+    ),
+    "phi3": ("phi3", dict(initializer_range=0.2, hidden_size=128)),
+}
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
+def _models(family: str, **overrides):
+    """The patched model and its unpatched twin (same weights) running transformers' attention: eager where the
+    logits are capped, else sdpa."""
+    arch, settings = FAMILIES[family]
+    settings = {**settings, **overrides}
+    patched = make_model(arch, **settings)
+    reference = make_model(arch, patch=False, **settings)
+    capped = getattr(reference.config, "attn_logit_softcapping", None) is not None
+    compat.set_attn_implementation(reference, "eager" if capped else "sdpa")
+    return patched, reference
+
+
+def _dynamic(model) -> DynamicCache:
+    """The DynamicCache ``generate`` builds for ``model``: transformers' sliding layers where the model has them."""
+    return DynamicCache(config=model.config)
+
+
+def _uncapped(model):
+    """``model`` with Gemma 2's attention logit softcapping switched off (read by its attention at every forward)."""
+    for module in model.modules():
+        if hasattr(module, "attn_logit_softcapping"):
+            module.attn_logit_softcapping = None
+    return model
+
+
+def _assert_same(out, ref, atol: float):
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+def _max_logit_gap(out, ref) -> float:
+    return max((a - b).abs().max().item() for a, b in zip(out.logits, ref.logits, strict=True))
+
+
+# ------------------------------------------------------------------------------------------------ key_ratio=0
+def test_families_are_supported():
+    assert {"gemma2", "gemma3_text", "phi3"} <= set(think_cache.SUPPORTED_MODEL_TYPES)
+    for family in FAMILIES:
+        patched, _ = _models(family)
+        assert patched.config.model_type in think_cache.SUPPORTED_MODEL_TYPES
+        assert think_cache.is_patched(patched)
+
+
+def test_key_ratio_zero_is_the_models_attention(family):
+    """Greedy decoding past the sliding window, a left-padded batch: the same tokens, logits within 1e-5."""
+    model, reference = _models(family)
+    ids, mask = make_batch([64, 41], seed=1)
+    think = ThinKCache(key_ratio=0)
+    out = generate(model, ids, mask, think, steps=24)
+    _assert_same(out, generate(reference, ids, mask, _dynamic(reference), steps=24), ATOL_EXACT)
+    sliding = [layer.is_sliding for layer in think.layers]
+    assert any(sliding)  # the window (16) is shorter than the prompts: sliding layers really trim
+    # 15 past tokens and the last forward's own (trimmed at the next update)
+    assert all(layer.stored_tokens <= 16 for layer, is_sliding in zip(think.layers, sliding, strict=True) if is_sliding)
+    if family.startswith("gemma"):
+        assert not all(sliding)  # and global layers keep everything
+
+
+def test_key_ratio_zero_beam_search(family):
+    model, reference = _models(family)
+    ids, mask = make_batch([40, 27], seed=2)
+    settings = dict(num_beams=3, num_return_sequences=3, output_scores=True)
+    out = generate(model, ids, mask, ThinKCache(key_ratio=0), steps=20, **settings)
+    ref = generate(reference, ids, mask, _dynamic(reference), steps=20, **settings)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, atol=ATOL_EXACT, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ key_ratio>0
+@pytest.mark.parametrize("key_ratio", [0.25, 0.5, 0.75])
+def test_pruned_equals_zeroed_reference(family, key_ratio):
+    """Channels thinned at the end of the prompt and while decoding (folds), sliding layers trimming: the model's
+    own attention over full-size keys with the same channels zeroed gives the same tokens and logits."""
+    model, reference = _models(family)
+    ids, mask = make_batch([60, 37], seed=3)
+    think = ThinKCache(key_ratio=key_ratio, window=8, recent=4)
+    out = generate(model, ids, mask, think, steps=30)
+    assert all(layer.is_compacted for layer in think.layers)
+    assert all(layer.store.keys.shape[-1] < layer.head_dim for layer in think.layers)
+    _assert_same(out, generate(reference, ids, mask, zeroed_reference(think, model), steps=30), ATOL_REFERENCE)
+
+
+def test_values_pruned_too_equal_zeroed_reference():
+    """Value channels as well (chosen from attention weights, which Gemma 2 caps)."""
+    model, reference = _models("gemma2")
+    ids, mask = make_batch([52, 30], seed=4)
+    think = ThinKCache(key_ratio=0.5, value_ratio=0.5, window=8)
+    out = generate(model, ids, mask, think, steps=20)
+    assert all(layer.value_channels is not None for layer in think.layers)
+    _assert_same(out, generate(reference, ids, mask, zeroed_reference(think, model), steps=20), ATOL_REFERENCE)
+
+
+@pytest.mark.parametrize("key_ratio", [0, 0.5])
+def test_gemma2_softcap_bites(key_ratio):
+    """Guard against a reference the cap does not reach: with the cap switched off in the reference, its logits are
+    far from ThinK's (which match the capped reference in the tests above)."""
+    model, reference = _models("gemma2")
+    ids, mask = make_batch([48], seed=5)
+    think = ThinKCache(key_ratio=key_ratio, window=8)
+    out = generate(model, ids, mask, think, steps=10)
+    ref_cache = _dynamic(reference) if key_ratio == 0 else zeroed_reference(think, model)
+    capped = generate(reference, ids, mask, ref_cache, steps=10)
+    _assert_same(out, capped, ATOL_REFERENCE)
+    ref_cache = _dynamic(reference) if key_ratio == 0 else zeroed_reference(think, model)
+    uncapped = generate(_uncapped(reference), ids, mask, ref_cache, steps=10)
+    assert _max_logit_gap(out, uncapped) > 0.1
+
+
+def test_pruning_changes_the_output():
+    """Guard against a trivially equal zeroed reference: at 0.75 the logits are far from the unpruned run's."""
+    model, _ = _models("gemma3-head256-1kv")
+    ids, mask = make_batch([48], seed=6)
+    pruned = generate(model, ids, mask, ThinKCache(key_ratio=0.75, window=8), steps=10)
+    full = generate(model, ids, mask, ThinKCache(key_ratio=0), steps=10)
+    assert _max_logit_gap(pruned, full) > 1e-2
+
+
+def _prompt_and_one_step(model, cache, ids):
+    prefill(model, cache, ids)
+    with torch.no_grad():
+        model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
+    return cache
+
+
+def test_half_the_key_channels_saves_memory(family):
+    """A 700-token prompt at key_ratio 0.5 holds at most 0.80x of a DynamicCache built for the model, whose sliding
+    layers keep only their window as ThinK's do. Measured after one decoding step: right after the prompt a
+    transformers sliding layer's window is still a view of the whole prompt's keys (freed at its next update)."""
+    model, _ = _models(family, hidden_size=64, intermediate_size=64)
+    ids, _ = make_batch([700], seed=7)
+    dense = _prompt_and_one_step(model, _dynamic(model), ids)
+    think = _prompt_and_one_step(model, ThinKCache(key_ratio=0.5), ids)
+    ratio = think_cache.held_bytes(think) / think_cache.held_bytes(dense)
+    assert 0.70 <= ratio <= 0.80, ratio
+
+
+def test_static_cache_caps_too():
+    """A static ThinKCache (global layers only: it refuses sliding ones) on a Gemma 2 model with every layer global:
+    the same tokens and logits as the dynamic one, which equals the capped eager reference."""
+    model, reference = _models("gemma2", layer_types=["full_attention", "full_attention"])
+    ids, mask = make_batch([40, 26], seed=11)
+    think = ThinKCache(key_ratio=0.5, window=8)
+    dynamic = generate(model, ids, mask, think, steps=12)
+    _assert_same(dynamic, generate(reference, ids, mask, zeroed_reference(think, model), steps=12), ATOL_REFERENCE)
+    _assert_same(
+        generate(model, ids, mask, ThinKCache(key_ratio=0.5, window=8, max_cache_len=64), steps=12), dynamic, ATOL_EXACT
+    )
+
+
+# ------------------------------------------------------------------------------------------- softcap plumbing
+def test_kernel_dispatch_falls_back_under_softcap(monkeypatch):
+    """The fused kernel has no softcap: even when asked for, a capped model takes the torch path."""
+    monkeypatch.setenv(kernels.KERNEL_ENV, "triton")
+    assert not kernels.use_kernel(FullStore(), torch.device("cpu"), softcap=5.0)
+    if kernels.kernel_available("cpu"):  # uncapped, the same request does pick the (interpreted) kernel
+        assert kernels.use_kernel(FullStore(), torch.device("cpu"))
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the fused kernel ran on a softcapped model")
+
+    monkeypatch.setattr(kernels, "store_attention", no_kernel)
+    model, reference = _models("gemma2")
+    ids, mask = make_batch([40], seed=8)
+    think = ThinKCache(key_ratio=0.5, window=8)
+    out = generate(model, ids, mask, think, steps=6)
+    _assert_same(out, generate(reference, ids, mask, zeroed_reference(think, model), steps=6), ATOL_REFERENCE)
+
+
+def test_scores_see_the_cap():
+    """Value-channel scores and token-scoring attention use capped logits, as the model's attention does."""
+    g = torch.Generator().manual_seed(9)
+    query, keys, values = (torch.randn(1, 2, n, 8, generator=g) * 3 for n in (4, 10, 10))
+    real = torch.ones(1, 10, dtype=torch.bool)
+    logits = cap_logits(query @ keys.transpose(-1, -2) * 0.5, 2.0)
+    probs = torch.softmax(logits, dim=-1)
+    expected = torch.linalg.vector_norm(probs @ values, dim=-2)
+    torch.testing.assert_close(value_channel_scores(query, keys, values, 0.5, softcap=2.0), expected)
+    assert not torch.allclose(value_channel_scores(query, keys, values, 0.5), expected)
+    # the last 4 keys are the queries' own positions: causal
+    causal = torch.ones(4, 10, dtype=torch.bool).tril(diagonal=6)
+    weights = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1).sum(dim=-2)
+    torch.testing.assert_close(window_attention(query, keys, real, 0.5, softcap=2.0), weights)
+
+
+@pytest.mark.parametrize("policy", [SnapKV(budget=24, window=6, kernel=3), H2O(budget=24, recent=6)])
+def test_token_policies_score_with_the_cap(policy, monkeypatch):
+    """SnapKV and H2O score tokens by attention: on Gemma 2 with the model's cap (a policy written without a softcap
+    parameter is called without it: tests/test_policies.py, test_a_user_policy_by_subclassing)."""
+    received = []
+    original = type(policy).prompt_scores
+
+    def spy(self, *args, **kwargs):
+        received.append(kwargs.get("softcap"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(policy), "prompt_scores", spy)
+    model, _ = _models("gemma2")
+    ids, mask = make_batch([50, 33], seed=10)
+    cache = ThinKCache(key_ratio=0.5, policy=policy, window=6)
+    generate(model, ids, mask, cache, steps=40)  # H2O evicts while decoding, past a fold block
+    assert received == [5.0] * len(cache.layers)
+    assert all(layer.compact_positions is not None for layer in cache.layers)
+
+
+def test_other_families_still_refused():
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    model = GemmaForCausalLM(GemmaConfig(**{**COMMON_CONFIG, "head_dim": 16}))  # Gemma 1: not tested, refused
+    with pytest.raises(ValueError, match="does not support model type 'gemma'; supported: .*gemma2, gemma3_text, phi3"):
+        think_cache.patch(model)
