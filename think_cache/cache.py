@@ -9,7 +9,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from . import _compat, quant
-from .attention import ATTENTION_NAME, attach_static_layer, current_module, hand_off
+from .attention import ATTENTION_NAME, current_module, hand_off
 from .layer import LayerStats, ThinKLayer, ThinKSlidingLayer, storage_bytes
 from .policies import Policy
 from .static import StaticThinKLayer
@@ -334,7 +334,10 @@ class ThinKCache(Cache):
         """Store the new tokens of layer ``layer_idx``; called by the model's attention modules."""
         if _compat.is_compiling():
             if self.max_cache_len is not None:  # a compiled decoding step: static shapes, no thread-local state
-                return self.layers[layer_idx].update(key_states, value_states)
+                layer = self.layers[layer_idx]
+                keys, values = layer.update(key_states, value_states)
+                hand_off(layer, keys)
+                return keys, values
             raise RuntimeError(
                 "ThinKCache cannot run under torch.compile: its compact part changes shape as channels are pruned "
                 "and tokens fold in. Run the model uncompiled with ThinKCache (is_compileable is False)."
@@ -347,8 +350,6 @@ class ThinKCache(Cache):
         layer.prompt_start, layer.prompt_end = self._prompt_start, self._prompt_end
         keys, values = layer.update(key_states, value_states)
         hand_off(layer, keys)
-        if self.max_cache_len is not None:  # what the ThinK attention reads in a compiled step
-            attach_static_layer(module, layer)
         return keys, values
 
     # ---------------------------------------------------------------------------------------- cache API
