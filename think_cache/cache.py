@@ -332,25 +332,29 @@ class ThinKCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new tokens of layer ``layer_idx``; called by the model's attention modules."""
-        if _compat.is_compiling():
-            if self.max_cache_len is not None:  # a compiled decoding step: static shapes, no thread-local state
-                layer = self.layers[layer_idx]
-                keys, values = layer.update(key_states, value_states)
-                hand_off(layer, keys)
-                return keys, values
+        layer = self._compiled_layer(layer_idx) if _compat.is_compiling() else self._eager_layer(key_states, layer_idx)
+        keys, values = layer.update(key_states, value_states)
+        hand_off(layer, keys)
+        return keys, values
+
+    def _compiled_layer(self, layer_idx: int) -> ThinKLayer:
+        """The layer a compiled decoding step updates: a static cache's (static shapes, no thread-local state)."""
+        if self.max_cache_len is None:
             raise RuntimeError(
                 "ThinKCache cannot run under torch.compile: its compact part changes shape as channels are pruned "
                 "and tokens fold in. Run the model uncompiled with ThinKCache (is_compileable is False)."
             )
+        return self.layers[layer_idx]
+
+    def _eager_layer(self, key_states: torch.Tensor, layer_idx: int) -> ThinKLayer:
+        """The layer an eager forward updates, built on first use, told where the prompt ends."""
         module = current_module()
         self._check_module(module, key_states, layer_idx)
         while len(self.layers) <= layer_idx:
             self.layers.append(self._new_layer(module))
         layer = self.layers[layer_idx]
         layer.prompt_start, layer.prompt_end = self._prompt_start, self._prompt_end
-        keys, values = layer.update(key_states, value_states)
-        hand_off(layer, keys)
-        return keys, values
+        return layer
 
     # ---------------------------------------------------------------------------------------- cache API
     def get_seq_length(self, layer_idx: int | None = 0) -> int | torch.Tensor:
