@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Policy", "SnapKV", "H2O", "StreamingLLM", "top_tokens", "window_attention"]
+__all__ = ["Policy", "SnapKV", "H2O", "StreamingLLM", "top_tokens", "keep_priority", "window_attention"]
 
 
 def _check_int(owner: str, name: str, value: object, minimum: int) -> None:
@@ -49,6 +49,18 @@ def top_tokens(
     (padding) last, so a padded slot is kept only when there are fewer than ``n_keep`` real tokens. All masks
     broadcast to ``scores`` ``(B, H, T)``.
     """
+    priority = keep_priority(scores, always, never, prefer)
+    return torch.topk(priority, n_keep, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
+def keep_priority(
+    scores: torch.Tensor,
+    always: torch.Tensor | None = None,
+    never: torch.Tensor | None = None,
+    prefer: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The order in which `top_tokens` keeps tokens, as float32 (higher is kept first): ``always`` tokens at +inf,
+    ``prefer`` tokens at float32's largest value, ``never`` tokens at -inf, the others at their ``scores``."""
     s = scores.float()
     if prefer is not None:
         s = s.masked_fill(prefer, torch.finfo(torch.float32).max)
@@ -56,7 +68,7 @@ def top_tokens(
         s = s.masked_fill(never, float("-inf"))
     if always is not None:
         s = s.masked_fill(always, float("inf"))
-    return torch.topk(s, n_keep, dim=-1, sorted=False).indices.sort(dim=-1).values
+    return s
 
 
 #: The largest float32 logits block `window_attention` builds at once, in elements (16 MiB), counted over batch,
