@@ -113,12 +113,6 @@ def _fingerprint(config) -> tuple:
 
 def _check_static(cache: ThinKCache) -> None:
     """Refuse, where the settings enter, what a static cache cannot do yet."""
-    if cache.policy is not None and cache.policy.evicts_while_decoding:
-        raise ValueError(
-            f"ThinKCache(max_cache_len=...) does not support {type(cache.policy).__name__} yet: it evicts tokens "
-            "while decoding, which needs data-dependent copies. Use SnapKV or no policy with max_cache_len, or "
-            "leave max_cache_len out."
-        )
     if cache.bits is not None:
         raise ValueError(
             "ThinKCache(max_cache_len=...) does not support quantized storage (bits) yet; leave one of them out."
