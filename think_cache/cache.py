@@ -225,8 +225,8 @@ class ThinKCache(Cache):
         tokens (prompt + generated), like transformers' ``StaticCache``: its buffers are allocated at the end of the
         prompt and every decoding step has static shapes, so ``torch.compile`` (and ``generate``'s automatic
         compile) capture it whole, with the same answers as the dynamic cache (`think_cache.static`). It holds
-        its whole capacity from the prompt's end on. Not yet with `H2O`, `StreamingLLM`, ``bits`` or
-        sliding-window layers.
+        its whole capacity from the prompt's end on; under `StreamingLLM` or `H2O` its buffers hold the budget plus
+        a fold block, whatever ``N``. Not yet with ``bits`` or sliding-window layers.
     """
 
     def __init__(

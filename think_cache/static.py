@@ -7,36 +7,50 @@ fullgraph=True, mode="reduce-overhead")`` and transformers' automatic compile in
 policy's tokens) chosen at the prompt's end by `ThinKLayer.observe`/`ThinKLayer.compact`. Right after compaction the
 layer moves into pre-allocated buffers, and never changes their shapes again:
 
-* ``compact_keys`` ``(batch, kv_heads, capacity, kept_k)`` and ``compact_values`` ``(..., kept_v)``: every token
-  from the compacted prompt on, at the kept channels, one slot per token (slot = its index among the stored tokens).
+* ``compact_keys`` ``(batch, kv_heads, capacity, kept_k)`` and ``compact_values`` ``(..., kept_v)``: every held
+  token at the kept channels, one slot each.
+* ``slot_positions`` ``(batch, 1 or kv_heads, capacity)`` int32: each slot's logical position (per head under a
+  policy), `FREE` for a slot that holds no token (never written, or its token evicted).
 * ``ring_keys`` ``(batch, kv_heads, recent + FOLD_BLOCK, head_dim - kept_k)``: the *pruned* key channels of the
-  newest tokens, in a ring (slot = logical position mod its size); ``ring_values`` likewise for pruned value
-  channels (None when values keep every channel: ``compact_values`` then holds them whole).
-* ``slot_positions`` ``(batch, 1 or kv_heads, capacity)``: each slot's logical position (per head under a policy).
-* ``length``: tokens seen, a 0-d tensor written in place; the prompt's end (``fold_origin``) and the slot of
-  position ``p`` (``p + slot_shift``) are 0-d tensors too.
+  newest tokens, in a ring (entry = logical position mod its size), and ``ring_slots`` the slot of each entry's
+  token; ``ring_values`` likewise for pruned value channels (None when values keep every channel:
+  ``compact_values`` then holds them whole).
+* ``token_scores`` ``(batch, kv_heads, capacity)`` float32 under `H2O`: each slot's accumulated attention.
+* ``length``: tokens seen, a 0-d tensor written in place; the prompt's end (``fold_origin``) and the oldest
+  full-width token after it (``first_full``) are 0-d tensors too.
 
-**Decoding** writes each new token into its compact slot (kept channels) and its ring slot (pruned channels) with
-``index_copy_``. A query at position ``t`` sees a token thinned iff it lies before ``fold_point(t)`` (the schedule of
-`think_cache.layer`), else at full width. Here "folding" is mask arithmetic, not a copy: the logits are the kept
-channels' ``q_kept @ compact_keys^T`` over every slot, plus, for the ring's tokens at or after the fold point, the
-pruned channels' ``q_pruned @ ring_keys^T`` added at their slots; one float32 softmax over the slots, masked where
-a slot is not yet written (position > ``t``) or is padding. The answers equal the eager `ThinKLayer`'s (the same
-tokens thinned at the same steps; only the float summation order differs).
+**Decoding** writes each new token into the first free slot of each batch row and head (kept channels) and into its
+ring entry (pruned channels), in place. A query at position ``t`` sees a token thinned iff it lies before
+``fold_point(t)`` (the schedule of `think_cache.layer`), else at full width. Here "folding" is mask arithmetic, not
+a copy: the logits are the kept channels' ``q_kept @ compact_keys^T`` over every slot, plus, for the ring's tokens
+at or after the fold point, the pruned channels' ``q_pruned @ ring_keys^T`` added at their slots; one float32
+softmax over the slots, masked where a slot holds no token, a later one (position > ``t``) or padding. The answers
+equal the eager `ThinKLayer`'s (the same tokens thinned at the same steps; only the float summation order differs).
+
+**Eviction while decoding** (`StreamingLLM`, `H2O`) is mask arithmetic too. The eager layer evicts in the forward
+that folds a block, after its attention: it drops the compact tokens the policy scores lowest (`top_tokens`: sinks
+and the newest ``recent`` stay, padding goes first), back to the budget. The static layer computes the same count
+and the same ranking (`keep_priority`, one sort of the slots) in every step, applies it in the folding steps only,
+and marks the dropped slots `FREE`; the next tokens reuse them. Under `H2O` every step adds each slot's attention,
+summed over its query group, to ``token_scores``, as the eager layer adds it to its tokens'. The same tokens are
+evicted at the same steps (tested over 110 steps and three evictions: logits within 1e-5 eager, 1e-4 compiled);
+only the float summation order differs, so an `H2O` score tie within rounding could break the other way.
 
 Holding the kept channels of every token once and the pruned channels of only the ring's tokens keeps the bytes
 at ``(kept_k + kept_v) / (2 * head_dim)`` of transformers' ``StaticCache`` plus the ring: 0.76x at key ratio 0.5,
 head_dim 64 and 1k tokens.
 
-**Capacity.** ``max_cache_len`` bounds the logical length (prompt + generated tokens), as in ``StaticCache``. The
-compact buffer needs one slot per token kept from the prompt plus one per later token: ``N`` slots without a
-policy, ``min(budget, prompt) + (N - prompt)`` under `SnapKV`, allocated at the prompt's end when that is known. A
-prompt longer than ``N`` raises at the prefill, and the patched ``generate`` refuses ``prompt + max_new_tokens > N``;
-nothing is ever truncated silently.
+**Capacity.** ``max_cache_len`` bounds the logical length (prompt + generated tokens), as in ``StaticCache``: the
+masks span it. The slots, allocated at the prompt's end, are what the layer can hold at once: one per token kept
+from the prompt plus one per later token, so ``N`` without a policy and ``min(budget, prompt) + (N - prompt)`` under
+`SnapKV`; under `StreamingLLM` and `H2O` at most ``budget + FOLD_BLOCK + 1`` (the budget, the block decoded
+between two evictions, and the step after the prompt; plus ``recent + 1 - policy.recent`` when the full-width
+``recent`` exceeds the policy's protected newest tokens), whatever ``N``: StreamingLLM(4 + 60) in a cache of 1024
+tokens holds 0.08x the bytes of a ``StaticCache`` of 1024. A prompt longer than ``N`` raises at the prefill, and the
+patched ``generate`` refuses ``prompt + max_new_tokens > N``; nothing is ever truncated silently.
 
-**Not supported yet** (refused with a clear error): policies that evict while decoding (`H2O`, `StreamingLLM`),
-quantized storage (``bits``), sliding-window layers, a second prompt on a filled cache (a chat's next turn,
-assisted decoding) and `crop`.
+**Not supported yet** (refused with a clear error): quantized storage (``bits``), sliding-window layers, a second
+prompt on a filled cache (a chat's next turn, assisted decoding) and `crop`.
 """
 
 from __future__ import annotations
