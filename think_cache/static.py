@@ -209,8 +209,8 @@ class StaticThinKLayer(ThinKLayer):
         what an evicting policy holds; a full buffer would overwrite a token silently, so say it loudly)."""
         if not bool((self.slot_positions == FREE).any(dim=-1).all()):
             raise RuntimeError(
-                f"think_cache: a static layer under {type(self.policy).__name__} has no free slot for its next token "
-                f"(capacity {self.compact_keys.shape[2]}); this is a bug, please report it"
+                f"think_cache: a static layer has no free slot for its next token (capacity "
+                f"{self.compact_keys.shape[2]}, policy {self.policy!r}); this is a bug, please report it"
             )
 
     def _write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,17 +344,26 @@ class StaticThinKLayer(ThinKLayer):
         width = self.max_cache_len
         real_logical = key_padding(mask, positions.shape[0], width, positions.device)
         real_at, always, prefer = self._forced(real_logical, positions.clamp(max=width - 1), t + 1)
-        n_compact = compact.sum(-1)
-        excess = (positions <= t).sum(-1) - self.policy.budget
-        protected = ((always | prefer) & compact).sum(-1).amax()
-        n_drop = (n_compact - torch.maximum(n_compact - excess, protected)).clamp(min=0)
-        n_drop = n_drop * self._folds_at(t, fold)
+        n_drop = self._drop_count(positions, compact, always | prefer, t) * self._folds_at(t, fold)
         scores = self.policy.decode_scores(positions, self.token_scores)
         priority = keep_priority(scores, always, ~real_at, prefer).masked_fill(~compact, float("inf"))
-        evicted = _lowest(priority, n_drop)
-        self.slot_positions.masked_fill_(evicted, FREE)
+        self._free(_lowest(priority, n_drop))
+
+    def _drop_count(
+        self, positions: torch.Tensor, compact: torch.Tensor, protected: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """``(batch, heads)``: how many compact tokens `ThinKLayer._evict` drops for the query at ``t``: those
+        beyond the budget, fewer when the protected ones (the most any row and head has) need their slots."""
+        n_compact = compact.sum(-1)
+        excess = (positions <= t).sum(-1) - self.policy.budget
+        n_protected = (protected & compact).sum(-1).amax()
+        return (n_compact - torch.maximum(n_compact - excess, n_protected)).clamp(min=0)
+
+    def _free(self, slots: torch.Tensor) -> None:
+        """Forget the tokens of ``slots`` ``(batch, heads, capacity)`` bool: later tokens take their slots."""
+        self.slot_positions.masked_fill_(slots, FREE)
         if self.token_scores is not None:
-            self.token_scores.masked_fill_(evicted, 0.0)
+            self.token_scores.masked_fill_(slots, 0.0)
 
     def _folds_at(self, t: torch.Tensor, fold: torch.Tensor) -> torch.Tensor:
         """Whether the step of the query at ``t`` (fold point ``fold``) folds tokens: its fold point passed both the
