@@ -157,7 +157,7 @@ def test_compiled_evicting_policies_give_the_eager_logits(model, batch, name, ba
     """100 compiled steps (fullgraph: a graph break raises) through three evictions give the eager ThinKCache's
     logits. Dynamo's tracing (the "eager" backend) is where a static layer can go wrong: the in-place slot writes
     and frees replayed, the hand-off. Inductor (measured within 2.1e-7 of eager for both policies) compiles the
-    eviction step in one to three minutes on a shared CPU, so it runs with ``-m slow``."""
+    eviction step in one to three minutes on a shared CPU with a cold cache, so it runs with ``-m slow``."""
     settings = {"key_ratio": 0.5, **EVICTING[name]}
     ids, mask = batch
     expected = decode(model, ThinKCache(**settings), ids, mask, 100)
