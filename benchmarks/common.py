@@ -3,6 +3,7 @@ greedy decoding, and JSON results with the machine they came from."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -19,7 +20,7 @@ from transformers import AttentionInterface, DynamicCache, QuantizedCache, Stati
 
 import think_cache
 from think_cache import H2O, SnapKV, StreamingLLM, ThinKCache
-from think_cache.demo import chat_prompt, fill_to_tokens
+from think_cache.demo import Question, document_prompt, fill_to_tokens
 from think_cache.layer import FOLD_BLOCK
 from think_cache.storage import FullStore
 
@@ -38,18 +39,25 @@ class Sample:
 
 
 PASSKEY_STATEMENT = "The pass key is {0}. Remember it. {0} is the pass key."
-PASSKEY_QUESTION = "What is the pass key? Answer with the number only."
+PASSKEY_QUESTION = Question("What is the pass key?", "Answer with the number only.", "The pass key is")
 KV_STATEMENT = "The number of the {} box is {}."
-KV_QUESTION = "What is the number of the {} box? Answer with the number only."
 
 
-def passkey(tokenizer, n_tokens: int, depth: float, seed: int) -> Sample:
-    """A five-digit pass key stated once at ``depth`` in about ``n_tokens`` tokens of varied filler."""
+def kv_question(name: str) -> Question:
+    """The key-value task's question about the ``name`` box."""
+    ask, answer_start = f"What is the number of the {name} box?", f"The number of the {name} box is"
+    return Question(ask, "Answer with the number only.", answer_start)
+
+
+def passkey(tokenizer, n_tokens: int, depth: float, seed: int, style: str | None = None) -> Sample:
+    """A five-digit pass key stated once at ``depth`` in about ``n_tokens`` tokens of varied filler. ``style``:
+    ``chat`` or ``completion`` (default: chat when the tokenizer has a chat template; see
+    `think_cache.demo.prompt_style`)."""
     rng = random.Random(seed)
     key = str(rng.randint(10000, 99999))
     sentences = fill_to_tokens(tokenizer, rng, n_tokens - 50)
     sentences.insert(round(len(sentences) * depth), PASSKEY_STATEMENT.format(key))
-    inputs = chat_prompt(tokenizer, " ".join(sentences), PASSKEY_QUESTION)
+    inputs = document_prompt(tokenizer, " ".join(sentences), PASSKEY_QUESTION, style)
     return Sample("passkey", n_tokens, depth, seed, inputs, key)
 
 
@@ -87,10 +95,13 @@ _KEY_NAMES = (
 )
 
 
-def kv_retrieval(tokenizer, n_tokens: int, depth: float, seed: int, n_keys: int = 12) -> Sample:
+def kv_retrieval(
+    tokenizer, n_tokens: int, depth: float, seed: int, style: str | None = None, n_keys: int = 12
+) -> Sample:
     """Key-value retrieval: ``n_keys`` keyed five-digit numbers ("The number of the amber box is 12345.") spread
     through about ``n_tokens`` tokens of filler; the question asks for the one nearest ``depth``. Harder than the
-    pass key: every key looks like the answer (SmolLM2-135M gets about a third right at 1k tokens)."""
+    pass key: every key looks like the answer (SmolLM2-135M gets about a third right at 1k tokens). ``style`` as
+    in `passkey`."""
     rng = random.Random(seed)
     pairs = [(name, rng.randint(10000, 99999)) for name in rng.sample(_KEY_NAMES, n_keys)]
     sentences = fill_to_tokens(tokenizer, rng, n_tokens - 20 * n_keys)
@@ -98,8 +109,8 @@ def kv_retrieval(tokenizer, n_tokens: int, depth: float, seed: int, n_keys: int 
     for i, (name, value) in enumerate(pairs):
         sentences.insert(i * (step + 1) + rng.randint(0, step - 1), KV_STATEMENT.format(name, value))
     name, value = pairs[min(int(depth * n_keys), n_keys - 1)]
-    question = KV_QUESTION.format(name)
-    return Sample("kv", n_tokens, depth, seed, chat_prompt(tokenizer, " ".join(sentences), question), str(value))
+    inputs = document_prompt(tokenizer, " ".join(sentences), kv_question(name), style)
+    return Sample("kv", n_tokens, depth, seed, inputs, str(value))
 
 
 TASKS = {"passkey": passkey, "kv": kv_retrieval}
@@ -125,10 +136,10 @@ def fact_document(tokenizer, n_tokens: int, depth: float, seed: int, n_keys: int
     and the facts in that order."""
     rng = random.Random(seed)
     key = str(rng.randint(10000, 99999))
-    facts = [Fact("passkey", PASSKEY_STATEMENT.format(key), PASSKEY_QUESTION, key)]
+    facts = [Fact("passkey", PASSKEY_STATEMENT.format(key), PASSKEY_QUESTION.chat, key)]
     for name in rng.sample(_KEY_NAMES, n_keys):
         value = str(rng.randint(10000, 99999))
-        facts.append(Fact("kv", KV_STATEMENT.format(name, value), KV_QUESTION.format(name), value))
+        facts.append(Fact("kv", KV_STATEMENT.format(name, value), kv_question(name).chat, value))
     person, city = rng.choice(_PEOPLE), rng.choice(_CITIES)
     facts.append(
         Fact(
@@ -192,6 +203,12 @@ def available_methods(methods: list[str]) -> list[str]:
     return [m for m in methods if not needs_quanto(m)]
 
 
+def needs_patch(method: str) -> bool:
+    """Whether a method's cache is a ThinKCache, which needs `think_cache.patch`; transformers' own caches
+    (``dynamic``, ``static``, ``quantized-N``, ``unpatched``) run on any model."""
+    return method not in ("dynamic", "static", "unpatched") and not needs_quanto(method)
+
+
 def set_patched(model, patched: bool) -> None:
     """Patch or unpatch ``model`` as a method needs (both cheap: hooks and the attention implementation's name)."""
     if patched and not think_cache.is_patched(model):
@@ -201,7 +218,8 @@ def set_patched(model, patched: bool) -> None:
 
 
 def make_cache(method: str, config=None, max_cache_len: int | None = None):
-    """A cache from a method name: ``dynamic``; ``quantized-N``, transformers' ``QuantizedCache`` with the quanto
+    """A cache from a method name: ``dynamic`` (transformers' DynamicCache, given ``config`` as ``generate`` builds
+    it); ``quantized-N``, transformers' ``QuantizedCache`` with the quanto
     backend at N = 2 or 4 bits and its defaults (64-channel groups, 128 full-precision residual tokens; needs
     ``config``, the model's, and optimum-quanto); or ``+``-joined parts among ``think-R`` (key ratio),
     ``value-R`` (value ratio), ``recent-N`` (full-width recent tokens), ``snapkv-B``, ``h2o-B`` and
@@ -214,8 +232,8 @@ def make_cache(method: str, config=None, max_cache_len: int | None = None):
     >>> make_cache("snapkv-256+think-0.5")  # SnapKV keeps 256 tokens per head, ThinK prunes half their key channels
     >>> make_cache("think-0.5+static", max_cache_len=2048 + 64)  # compileable; the benchmarks compile its decoding
     """
-    if method == "dynamic":
-        return DynamicCache()
+    if method == "dynamic":  # as generate builds it: with the config, sliding-window layers keep only their window
+        return DynamicCache() if config is None else DynamicCache(config=config)
     if method == "static":
         if config is None or max_cache_len is None:
             raise ValueError("'static' is transformers' StaticCache: it needs the model's config and max_cache_len")
@@ -264,7 +282,7 @@ def describe(methods: list[str]) -> dict[str, str]:
     out = {}
     for m in methods:
         if m == "dynamic":
-            out[m] = "DynamicCache()"
+            out[m] = "DynamicCache(config=model.config)"
         elif m == "unpatched":
             out[m] = "DynamicCache() on the model before think_cache.patch"
         elif m == "static":
@@ -316,7 +334,8 @@ def baselines_of(method: str, methods: list[str]) -> list[str]:
 # --------------------------------------------------------------------------------------- shared prefill
 @dataclass
 class Prefill:
-    """One prompt's prefill, recorded: per layer its keys, values and last queries, and the last logits."""
+    """One prompt's prefill, recorded: per layer its keys, values and last queries (none on an unpatched model),
+    and the last logits."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -325,31 +344,43 @@ class Prefill:
     seconds: float
 
 
-def record_prefill(model, input_ids: torch.Tensor, keep_queries: int | None = 64) -> Prefill:
-    """Run the prompt once. Under ThinK (and SnapKV) the prefill attends over full keys whatever the method, and
-    each layer is compacted from that layer's own keys, values and queries, so `cache_from_prefill` rebuilds any
-    method's cache exactly from this record. The prompt's ``keep_queries`` last queries are kept per layer (all of
-    them with None, which H2O's prompt scores need)."""
+@contextlib.contextmanager
+def _queries_seen(queries: dict[int, torch.Tensor], keep_queries: int | None):
+    """While open, the ThinK attention function also stores each layer's last ``keep_queries`` queries (all of
+    them with None) in ``queries``, by layer index."""
     first = 0 if keep_queries is None else -keep_queries
-    queries: dict[int, torch.Tensor] = {}
     original = AttentionInterface._global_mapping[think_cache.ATTENTION_NAME]
 
     def spy(module, query, key, value, attention_mask, **kwargs):
         queries[module.layer_idx] = query[:, :, first:].clone()
         return original(module, query, key, value, attention_mask, **kwargs)
 
-    cache = DynamicCache()
     AttentionInterface.register(think_cache.ATTENTION_NAME, spy)
     try:
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model(input_ids=input_ids, use_cache=True, **{think_cache._compat.CACHE_ARGUMENT: cache})
-        seconds = time.perf_counter() - start
+        yield queries
     finally:
         AttentionInterface.register(think_cache.ATTENTION_NAME, original)
+
+
+def record_prefill(model, input_ids: torch.Tensor, keep_queries: int | None = 64) -> Prefill:
+    """Run the prompt once. Under ThinK (and SnapKV) the prefill attends over full keys whatever the method, and
+    each layer is compacted from that layer's own keys, values and queries, so `cache_from_prefill` rebuilds any
+    method's cache exactly from this record. The prompt's ``keep_queries`` last queries are kept per layer (all of
+    them with None, which H2O's prompt scores need) when the model is patched (ThinK's methods need that; on an
+    unpatched model only transformers' own caches can be rebuilt). Every layer keeps all its keys, sliding or not,
+    and only the last position's logits are computed (a 262k vocabulary over 8k tokens would take 8 GB)."""
+    queries: dict[int, torch.Tensor] = {}
+    cache = DynamicCache()
+    seeing = _queries_seen(queries, keep_queries) if think_cache.is_patched(model) else contextlib.nullcontext()
+    with seeing, torch.no_grad():
+        start = time.perf_counter()
+        out = model(
+            input_ids=input_ids, use_cache=True, logits_to_keep=1, **{think_cache._compat.CACHE_ARGUMENT: cache}
+        )
+        seconds = time.perf_counter() - start
     keys = [layer.keys for layer in cache.layers]
     values = [layer.values for layer in cache.layers]
-    return Prefill(keys, values, [queries[i] for i in range(len(keys))], out.logits[:, -1], seconds)
+    return Prefill(keys, values, [queries[i] for i in sorted(queries)], out.logits[:, -1], seconds)
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
@@ -363,6 +394,8 @@ def cache_from_prefill(model, method: str, prefill: Prefill):
         for i, (k, v) in enumerate(zip(prefill.keys, prefill.values, strict=True)):
             cache.update(k.clone(), v.clone(), i)
         return cache
+    if not prefill.queries:
+        raise ValueError(f"{method} needs the prompt's queries: think_cache.patch(model) before record_prefill")
     cache._model_config = model.config
     for module, k, v, q in zip(attention_modules(model), prefill.keys, prefill.values, prefill.queries, strict=True):
         layer = cache._new_layer(module)  # what ThinKCache.update does on a layer's first call
@@ -421,6 +454,12 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def result_tag(base: str, model_name: str) -> str:
+    """A results file's default tag: ``base`` (the device) for SmolLM2, whose results came first, else
+    ``base_<model>`` (``cpu_gemma3``), so another model never overwrites them."""
+    return base if model_name == "smollm2" else f"{base}_{model_name}"
 
 
 def save_json(data: dict, path: Path) -> Path:

@@ -411,7 +411,8 @@ def prefix(
             cache, failed = make_cache(method), None
             try:
                 with torch.no_grad():
-                    model(input_ids=prompts[0]["input_ids"][:, :shared], use_cache=True, **{CACHE_ARGUMENT: cache})
+                    ids = prompts[0]["input_ids"][:, :shared]
+                    model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_ARGUMENT: cache})
             except Exception as error:
                 failed = f"prefill of the document: {type(error).__name__}: {error}"
             for q, (fact, inputs) in enumerate(zip(asks, prompts, strict=True)):

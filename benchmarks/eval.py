@@ -1,10 +1,14 @@
-"""Long-context retrieval accuracy on SmolLM2-135M-Instruct, every method on the same prompts.
+"""Long-context retrieval accuracy on SmolLM2-135M-Instruct (or Gemma 3 270M: ``--model gemma3``), every method on
+the same prompts.
 
     python -m benchmarks.eval --methods dynamic,think-0.4,snapkv-512,snapkv-512+think-0.4 --lengths 1024,2048
+    python -m benchmarks.eval --model gemma3 --methods dynamic --lengths 2048,4096 --tasks passkey --threads 1
 
 Each prompt is prefilled once and replayed into every method's cache (exact, see `common.record_prefill`),
-then decoded greedily. Writes benchmarks/results/eval_<tag>.json: one row per (prompt, method) with the answer,
-whether it is right, and the bytes the cache held after the prompt. Prints accuracy per method, task and
+then decoded greedily. Prompts use the model's chat template, or for a base model without one (Gemma 3 270M) a
+completion ("... What is the pass key? The pass key is"); ``--prompt-style`` chooses. Writes
+benchmarks/results/eval_<tag>.json: one row per (prompt, method) with the answer, whether it is right, the bytes
+the cache held after the prompt and the seconds of prefill and decoding. Prints accuracy per method, task and
 length, then each thinned method against the cache it thins on the same prompts (prompts gained and lost, with
 a 95% interval). ``--summarize results/eval_<tag>.json`` prints those tables again without running anything.
 """
@@ -22,7 +26,8 @@ from tqdm.auto import tqdm
 
 import think_cache
 from think_cache import held_bytes
-from think_cache.models import load_smollm2
+from think_cache.demo import PROMPT_STYLES, prompt_style
+from think_cache.models import MODELS, load_model
 
 from .common import (
     RESULTS,
@@ -37,8 +42,10 @@ from .common import (
     group_mean,
     is_correct,
     machine,
+    needs_patch,
     paired,
     record_prefill,
+    result_tag,
     save_json,
 )
 
@@ -55,11 +62,18 @@ def run(
     tasks: list[str],
     samples: int,
     on_prompt: Callable[[dict], None] | None = None,
+    model_name: str = "smollm2",
+    style: str | None = None,
 ) -> dict:
-    """Every method on ``samples`` prompts per task and length. ``on_prompt`` gets the partial result after each."""
-    model, tokenizer = load_smollm2()
-    think_cache.patch(model)
-    header = {"machine": machine(), "methods": methods, "caches": describe(methods), "lengths": lengths, "tasks": tasks}
+    """Every method on ``samples`` prompts per task and length, on the model ``model_name`` (see
+    `think_cache.models.MODELS`), prompts in ``style`` (None: the model's own, see `prompt_style`). ``on_prompt``
+    gets the partial result after each prompt."""
+    model, tokenizer = load_model(model_name)
+    if any(needs_patch(m) for m in methods):  # transformers' caches alone run on the model as it comes
+        think_cache.patch(model)
+    style = prompt_style(tokenizer, style)
+    header = {"machine": machine(), "model": MODELS[model_name][0], "prompt_style": style, "methods": methods}
+    header |= {"caches": describe(methods), "lengths": lengths, "tasks": tasks}
     eos = eos_ids(model, tokenizer)
     keep_queries = None if any("h2o" in m for m in methods) else 64
     rows = []
@@ -68,7 +82,7 @@ def run(
     jobs = [(length, task, i) for length in lengths for i in order for task in tasks]
     for length, task, i in tqdm(jobs, desc="prompts", unit="prompt"):
         depth = depths(samples)[i]
-        sample = TASKS[task](tokenizer, length, depth, seed=1000 * length + i)
+        sample = TASKS[task](tokenizer, length, depth, seed=1000 * length + i, style=style)
         ids = sample.inputs["input_ids"]
         prefill = record_prefill(model, ids, keep_queries)
         first = prefill.logits.argmax(-1)
@@ -90,6 +104,7 @@ def run(
                     "expected": sample.answer,
                     "correct": is_correct(answer, sample.answer),
                     "held_bytes": held,
+                    "prefill_seconds": prefill.seconds,
                     "decode_seconds": time.perf_counter() - start,
                 }
             )
@@ -137,11 +152,15 @@ def paired_summary(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", choices=list(MODELS), help="which model (default smollm2)")
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
     parser.add_argument("--lengths", default="1024,2048", help="prompt lengths in tokens (default 1024,2048)")
     parser.add_argument("--tasks", default="passkey,kv", help="passkey and/or kv (default both)")
+    parser.add_argument(
+        "--prompt-style", choices=PROMPT_STYLES, help="chat or completion (default: chat if the model has a template)"
+    )
     parser.add_argument("--samples", type=int, default=10, help="prompts per task and length, depths spread evenly")
-    parser.add_argument("--tag", default="cpu", help="name of the JSON file: results/eval_<tag>.json")
+    parser.add_argument("--tag", help="results/eval_<tag>.json (default: cpu, and the model unless smollm2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--summarize", metavar="JSON", help="print the tables of a results file and run nothing")
     args = parser.parse_args(argv)
@@ -151,13 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = RESULTS / f"eval_{args.tag}.json"
+    path = RESULTS / f"eval_{args.tag or result_tag('cpu', args.model)}.json"
     result = run(
         available_methods(args.methods.split(",")),
         [int(n) for n in args.lengths.split(",")],
         args.tasks.split(","),
         args.samples,
         on_prompt=lambda partial: save_json(partial, path),  # an interrupted run keeps what it measured
+        model_name=args.model,
+        style=args.prompt_style,
     )
     save_json(result, path)
     print(summary(result))

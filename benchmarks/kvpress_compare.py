@@ -71,10 +71,10 @@ def run_one(model, input_ids, press, make_cache, max_new_tokens: int, eos: set[i
     with torch.no_grad():
         start = time.perf_counter()
         if press is None:
-            out = model(input_ids=input_ids, **kwargs)
+            out = model(input_ids=input_ids, logits_to_keep=1, **kwargs)
         else:
             with press(model):
-                out = model(input_ids=input_ids, **kwargs)
+                out = model(input_ids=input_ids, logits_to_keep=1, **kwargs)
         prefill = time.perf_counter() - start
         held = held_bytes(cache)
         token = out.logits[:, -1:].argmax(-1)

@@ -132,6 +132,7 @@ def channels(path, key_ratio: float = 0.5) -> None:
         model(
             **passkey(tokenizer, 1024, 0.5, seed=0).inputs,
             use_cache=True,
+            logits_to_keep=1,
             **{think_cache._compat.CACHE_ARGUMENT: cache},
         )
     fig = cache.plot_channels(title=f"SmolLM2-135M, 1k-token prompt, key_ratio={key_ratio}: kept key channels")

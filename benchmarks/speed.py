@@ -1,4 +1,5 @@
-"""Memory and speed of each method against DynamicCache, in one run, on SmolLM2-135M-Instruct.
+"""Memory and speed of each method against DynamicCache, in one run, on SmolLM2-135M-Instruct (or Gemma 3 270M:
+``--model gemma3``).
 
     python -m benchmarks.speed --lengths 1024,2048,4096 --repeats 3
 
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 
 import think_cache
 from think_cache import _compat, held_bytes
-from think_cache.models import load_smollm2
+from think_cache.models import MODELS, load_model
 
 from .common import (
     RESULTS,
@@ -39,6 +40,7 @@ from .common import (
     machine,
     make_cache,
     passkey,
+    result_tag,
     save_json,
     set_patched,
     tell_prompt_length,
@@ -83,7 +85,7 @@ def measure(
     with torch.no_grad():
         _sync(device)
         start = time.perf_counter()
-        out = model(input_ids=input_ids, **kwargs)
+        out = model(input_ids=input_ids, logits_to_keep=1, **kwargs)
         _sync(device)
         prefill = time.perf_counter() - start
         held = held_bytes(cache)
@@ -103,8 +105,10 @@ def measure(
     return row
 
 
-def run(methods: list[str], lengths: list[int], repeats: int, decode_tokens: int, device: str, dtype) -> dict:
-    model, tokenizer = load_smollm2(dtype=dtype)
+def run(
+    methods: list[str], lengths: list[int], repeats: int, decode_tokens: int, device: str, dtype, model_name="smollm2"
+) -> dict:
+    model, tokenizer = load_model(model_name, dtype=dtype)
     model = think_cache.patch(model.to(device))
     # one compiled forward per method, reused: a fresh cache costs a recompile, the warm-up steps absorb it
     compiled = {m: torch.compile(model.forward, fullgraph=True) for m in methods if is_compiled(m)}
@@ -130,6 +134,7 @@ def run(methods: list[str], lengths: list[int], repeats: int, decode_tokens: int
             rows.append(row)
     return {
         "machine": machine(),
+        "model": MODELS[model_name][0],
         "caches": describe(methods),
         "device": device,
         "dtype": str(dtype),
@@ -152,13 +157,14 @@ def summary(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", choices=list(MODELS), help="which model (default smollm2)")
     parser.add_argument("--methods", default=DEFAULT_METHODS)
     parser.add_argument("--lengths", default="1024,2048,4096")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--tag", default=None, help="results/speed_<tag>.json (default: the device)")
+    parser.add_argument("--tag", help="results/speed_<tag>.json (default: the device, and the model unless smollm2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -167,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     if "dynamic" not in methods:
         methods.insert(0, "dynamic")
     lengths = [int(n) for n in args.lengths.split(",")]
-    result = run(methods, lengths, args.repeats, args.decode_tokens, args.device, getattr(torch, args.dtype))
-    path = save_json(result, RESULTS / f"speed_{args.tag or args.device}.json")
+    dtype = getattr(torch, args.dtype)
+    result = run(methods, lengths, args.repeats, args.decode_tokens, args.device, dtype, args.model)
+    path = save_json(result, RESULTS / f"speed_{args.tag or result_tag(args.device, args.model)}.json")
     print(summary(result))
     print(f"\nwrote {path}")
     return 0

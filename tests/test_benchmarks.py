@@ -16,8 +16,10 @@ from benchmarks.common import (
     fact_document,
     greedy_decode,
     is_correct,
+    kv_retrieval,
     make_cache,
     paired,
+    passkey,
     record_prefill,
 )
 from think_cache import H2O, SnapKV, StreamingLLM, ThinKCache, held_bytes
@@ -27,6 +29,7 @@ class ByteTokenizer:
     """A stand-in tokenizer for the tiny random models: one token per byte, a plain chat template."""
 
     eos_token_id = None  # the tiny models never stop early
+    chat_template = "<role>content</role>"  # what apply_chat_template writes; the prompts' default style is chat
 
     def __call__(self, text, add_special_tokens=True, return_tensors=None):
         ids = [3 + b % (VOCAB - 3) for b in text.encode()]
@@ -60,6 +63,48 @@ def test_replayed_prefill_equals_a_real_run(method):
     if method != "dynamic":
         for a, b in zip(cache.layers, real_cache.layers, strict=True):
             assert torch.equal(a.key_channels, b.key_channels)
+
+
+def test_dynamic_baseline_on_an_unpatched_model_keeps_the_window_as_generate_does():
+    """The ``dynamic`` baseline replays on a model that is not patched (Gemma 3 before ThinK supports it), and its
+    DynamicCache is built from the config as ``generate`` builds it: sliding-window layers keep only their window."""
+    model = make_model("mistral", patch=False)  # a 48-token window
+    ids, _ = make_batch([90], seed=21)
+    real = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+    prefill = record_prefill(model, ids)
+    assert prefill.queries == [] and prefill.logits.shape == (1, VOCAB)
+    cache = cache_from_prefill(model, "dynamic", prefill)
+    assert all(layer.keys.shape[2] < 48 for layer in cache.layers)
+    assert greedy_decode(model, cache, prefill.logits.argmax(-1), 12, eos=set()) == real[0, 90:].tolist()
+    with pytest.raises(ValueError, match=r"think_cache.patch\(model\) before record_prefill"):
+        cache_from_prefill(model, "think-0.5", prefill)
+
+
+class PlainTokenizer(ByteTokenizer):
+    """A base model's tokenizer: no chat template."""
+
+    chat_template = None
+
+
+def _text(sample) -> str:
+    return ByteTokenizer().decode(sample.inputs["input_ids"][0].tolist())
+
+
+def test_prompts_are_completions_for_a_model_without_a_chat_template():
+    chat, plain = ByteTokenizer(), PlainTokenizer()
+    completion = passkey(plain, 400, 0.5, seed=1)
+    assert _text(completion).endswith(".\n\nWhat is the pass key? The pass key is")
+    assert "<user>" not in _text(completion)
+    assert _text(passkey(chat, 400, 0.5, seed=1, style="completion")) == _text(completion)
+    asked = _text(passkey(plain, 400, 0.5, seed=1, style="chat"))
+    assert asked.startswith("<user>") and asked.endswith("Answer with the number only.</user><assistant>")
+    assert _text(passkey(chat, 400, 0.5, seed=1)) == asked  # the chat template's default: the prompts as before
+    assert asked.replace("<user>", "").startswith(_text(completion).partition("\n\n")[0])  # the same document
+    kv = _text(kv_retrieval(plain, 3000, 0.5, seed=1))  # bytes: 12 keys need some filler
+    name = kv.rpartition("What is the number of the ")[2].partition(" box?")[0]
+    assert kv.endswith(f"The number of the {name} box is") and kv.count(f"The number of the {name} box is ") == 1
+    with pytest.raises(ValueError, match="unknown prompt style 'instruct'"):
+        passkey(chat, 400, 0.5, seed=1, style="instruct")
 
 
 def test_method_names():
@@ -214,7 +259,7 @@ def test_frontier_draws_one_panel_per_file_and_length(tmp_path, monkeypatch):
 
 def test_describe_records_each_methods_settings():
     d = describe(["dynamic", "think-0.4", "snapkv-512+think-0.4+recent-8"])
-    assert d["dynamic"] == "DynamicCache()"
+    assert d["dynamic"] == "DynamicCache(config=model.config)"
     assert "key_ratio=0.4" in d["think-0.4"] and "recent=0" in d["think-0.4"]
     stacked = d["snapkv-512+think-0.4+recent-8"]
     assert "recent=8" in stacked and "SnapKV(budget=512" in stacked

@@ -294,6 +294,42 @@ def test_window_attention_ignores_padding():
     torch.testing.assert_close(w.sum(-1), torch.tensor([[10.0, 10.0], [6.0, 6.0]]))
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("block_elements", [2**6, 2**20])
+def test_one_pass_attention_equals_sdpa_and_window_attention(monkeypatch, mask_kind, block_elements):
+    """H2O's prompt forward takes its output and its token scores from one softmax: the same as sdpa's output and
+    `window_attention`'s sums, with padding, GQA and blocks of any size."""
+    from think_cache import policies
+
+    monkeypatch.setattr(policies, "QUERY_CHUNK_ELEMENTS", block_elements)
+    g = torch.Generator().manual_seed(7)
+    batch, q_heads, kv_heads, tokens, q_len, dim = 2, 6, 2, 23, 17, 8
+    q = torch.randn(batch, q_heads, q_len, dim, generator=g)
+    k, v = torch.randn(batch, kv_heads, tokens, dim, generator=g), torch.randn(batch, kv_heads, tokens, 5, generator=g)
+    real = torch.ones(batch, tokens, dtype=torch.bool)
+    if mask_kind != "none":
+        real[1, :9] = False  # left padding in the second row
+    causal = torch.ones(q_len, tokens, dtype=torch.bool).tril(tokens - q_len)
+    bool_mask = causal[None, None] & real[:, None, None, :]
+    mask = {
+        "none": None,
+        "bool": bool_mask,
+        "additive": torch.zeros(bool_mask.shape).masked_fill(~bool_mask, torch.finfo(torch.float32).min),
+    }
+    out, sums = policies.attention_and_token_weights(
+        q, k, v, think_cache.compact.as_bool_mask(mask[mask_kind]), real, 0.3
+    )
+    expected = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=bool_mask, scale=0.3
+    )
+    rows = real[:, tokens - q_len :]  # padded query rows give no defined output
+    torch.testing.assert_close(
+        out.transpose(1, 2)[rows[:, None].expand(-1, q_heads, -1)], expected[rows[:, None].expand(-1, q_heads, -1)]
+    )
+    torch.testing.assert_close(sums, window_attention(q, k, real, 0.3))
+    assert out.shape == (batch, q_len, q_heads, 5) and out.is_contiguous()
+
+
 def test_a_user_policy_by_subclassing():
     @dataclass
     class KeepFirst(Policy):

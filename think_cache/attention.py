@@ -28,7 +28,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import kernels
 from ._compat import is_compiling
-from .compact import causal_mask, compact_probs, thin_mask, thinned_store, weighted_values
+from .compact import as_bool_mask, causal_mask, compact_probs, key_padding, thin_mask, thinned_store, weighted_values
+from .policies import attention_and_token_weights
 from .static import static_attention
 
 __all__ = ["ATTENTION_NAME", "think_attention", "register"]
@@ -148,6 +149,13 @@ def think_attention(
     q_len = query.shape[2]
     rows = layer.rows_before_end(q_len)
     mask = _stored_columns(attention_mask, key.shape[-2])  # while uncompacted the stored tokens are the newest
+    if rows == q_len and _scores_while_attending(layer, wants_attention, kwargs):
+        real_keys = key_padding(mask, query.shape[0], key.shape[-2], query.device)
+        out, token_weights = attention_and_token_weights(query, key, value, as_bool_mask(mask), real_keys, scale)
+        layer.observe(query, mask, scale, token_weights=token_weights)
+        if layer.prompt_end == layer.seen_tokens:
+            layer.compact()
+        return out, None
     if rows == q_len:
         out, weights = _full_attention(module, query, key, value, mask, 0.0, scaling, wants_attention, kwargs)
         layer.observe(query, mask, scale)
@@ -173,6 +181,20 @@ def think_attention(
         w_head = torch.nn.functional.pad(w_head, (0, w_tail.shape[-1] - w_head.shape[-1]))
         weights = torch.cat([w_head, w_tail], dim=2)
     return torch.cat([out_head, out_tail], dim=1), weights
+
+
+def _scores_while_attending(layer, wants_attention: bool, kwargs: dict) -> bool:
+    """Whether a prompt forward computes its attention and H2O's token scores from one softmax
+    (`policies.attention_and_token_weights`) instead of sdpa plus a second pass: for a layer that accumulates the
+    prompt's attention, not sliding (H2O scores a sliding layer's tokens causally, not by its window), with no
+    weights asked for and no logit soft-capping."""
+    return (
+        layer.accumulates_prompt_attention
+        and not layer.is_sliding
+        and not wants_attention
+        and kwargs.get("softcap") is None
+        and kwargs.get("s_aux") is None
+    )
 
 
 def _full_attention(module, query, key, value, mask, dropout: float, scaling, wants_attention: bool, kwargs: dict):

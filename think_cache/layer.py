@@ -394,13 +394,27 @@ class ThinKLayer(CacheLayerMixin):
         return q_len
 
     # ------------------------------------------------------------------------------------ ThinK proper
-    def observe(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, upto: int | None = None) -> None:
+    @property
+    def accumulates_prompt_attention(self) -> bool:
+        """Whether `observe` adds the prompt's attention weights to each token's score (H2O)."""
+        return self.prunes and self.policy is not None and self.policy.accumulates_attention
+
+    def observe(
+        self,
+        query: torch.Tensor,
+        mask: torch.Tensor | None,
+        scaling: float,
+        upto: int | None = None,
+        token_weights: torch.Tensor | None = None,
+    ) -> None:
         """Remember what the end of the prompt will need from an uncompacted forward.
 
         ``query`` ``(batch, q_heads, rows, head_dim)`` holds the queries of the logical positions just before
         ``upto`` (default: the layer's end); ``mask`` is their attention mask over the stored tokens before
         ``upto``, which tells padded keys and queries apart. Keeps the last ``query_rows`` queries (padded rows
-        zeroed) and, for a policy that accumulates attention (H2O), adds each stored token's attention weight.
+        zeroed) and, for a policy that accumulates attention (H2O), adds each stored token's attention weight:
+        ``token_weights`` when the attention already summed them (`policies.attention_and_token_weights`), else
+        `policies.window_attention` computes them.
         """
         if not self.prunes:
             return
@@ -409,11 +423,12 @@ class ThinKLayer(CacheLayerMixin):
         stored = self.keys.shape[-2] if upto is None else upto - self.full_from
         real_keys = key_padding(mask, batch, stored, query.device)
         real_rows = real_keys[:, stored - rows :]  # query i is stored token stored - rows + i
-        if self.policy is not None and self.policy.accumulates_attention:
+        if self.accumulates_prompt_attention:
             if self.token_scores is None:
                 self.token_scores = query.new_zeros(batch, kv_heads, self.keys.shape[-2], dtype=torch.float32)
-            weights = window_attention(query, self.keys[:, :, :stored], real_keys, scaling)
-            self.token_scores[..., :stored] += weights
+            if token_weights is None:
+                token_weights = window_attention(query, self.keys[:, :, :stored], real_keys, scaling)
+            self.token_scores[..., :stored] += token_weights
         w = min(self.query_rows, rows)
         q = query[:, :, rows - w :] * real_rows[:, None, rows - w :, None].to(query.dtype)
         q = q.reshape(batch, kv_heads, q_heads // kv_heads, w, head_dim)
