@@ -85,8 +85,9 @@ def pruned_channels(kept: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 class StaticThinKLayer(ThinKLayer):
-    """A full-attention ThinK layer with pre-allocated buffers for ``max_cache_len`` tokens; see the module
-    docstring. Before the end of the prompt it is a `ThinKLayer`; after it, every step has static shapes."""
+    """A full-attention ThinK layer with pre-allocated buffers for what it can hold at once (``max_cache_len``
+    tokens, fewer under a policy's budget); see the module docstring. Before the end of the prompt it is a
+    `ThinKLayer`; after it, every step has static shapes."""
 
     is_compileable = True
     is_croppable = False
