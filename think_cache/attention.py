@@ -9,15 +9,18 @@ returned key; neither call sees the other's arguments. So, per thread:
    computes over the layer's compact and recent parts. Any other key (another cache, cross-attention) goes to
    transformers' stock sdpa attention unchanged.
 
-A compiled decoding step (a static cache, `think_cache.static`) reads no thread-local state and runs no hook: the
-static cache leaves on each attention module a weak reference to its layer (`attach_static_layer`, in the eager
-prefill), and `think_attention` takes it when the key it receives is the buffer that layer returned.
+A compiled decoding step (a static cache, `think_cache.static`) runs no hook, and dynamo cannot trace a
+thread-local: there the cache hands the layer over through a plain object instead (`_compiled_state`). The hand-off
+is made and taken within the traced forward of one attention layer, so dynamo resolves the layer to the cache that
+was passed to the call and guards nothing else. (Reading a layer left on the attention module by an earlier
+forward, as this module once did through a weak reference, made the compiled graph guard on whatever cache was
+last used: one that died between tracing and guard building, as inductor's compile can collect garbage, crashed
+dynamo's guard building; see ``test_a_cache_dying_during_a_compile_does_not_break_it``.)
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +50,20 @@ class _ThreadState(threading.local):
         self.handoff: _Handoff | None = None
 
 
+class _CompiledState:
+    """The hand-off of a compiled step: a plain object, whose attribute writes dynamo traces (and replays)."""
+
+    def __init__(self) -> None:
+        self.handoff: _Handoff | None = None
+
+
 _state = _ThreadState()
+_compiled_state = _CompiledState()
+
+
+def _handoff_state() -> _ThreadState | _CompiledState:
+    """Where `hand_off` leaves a layer for `think_attention`: per thread, or the traceable object under compile."""
+    return _compiled_state if is_compiling() else _state
 
 
 def enter_module(module: torch.nn.Module, *args, **kwargs) -> None:
@@ -64,26 +80,6 @@ def exit_module(module: torch.nn.Module, *args, **kwargs) -> None:
         _state.handoff = None
 
 
-#: The attribute of an attention module holding a weak reference to the static cache layer last filled through it.
-_STATIC_LAYER = "_think_cache_static_layer"
-
-
-def attach_static_layer(module: torch.nn.Module, layer: object) -> None:
-    """Called by a static cache in eager code: ``module``'s compiled steps will read ``layer``."""
-    ref = getattr(module, _STATIC_LAYER, None)
-    if ref is None or ref() is not layer:
-        setattr(module, _STATIC_LAYER, weakref.ref(layer))
-
-
-def _static_layer(module: torch.nn.Module, key: torch.Tensor):
-    """In a compiled step: the static layer whose buffer ``key`` is, if any."""
-    ref = getattr(module, _STATIC_LAYER, None)
-    layer = None if ref is None else ref()
-    if layer is not None and layer.is_static and key is layer.compact_keys:
-        return layer
-    return None
-
-
 def current_module() -> torch.nn.Module | None:
     """The patched attention module this thread is running, if any."""
     return _state.module
@@ -91,11 +87,13 @@ def current_module() -> torch.nn.Module | None:
 
 def hand_off(layer: object, key: torch.Tensor) -> None:
     """Called by the cache: ``layer`` was just updated and returned ``key``."""
-    _state.handoff = _Handoff(layer, key)
+    _handoff_state().handoff = _Handoff(layer, key)
 
 
 def _take_handoff(key: torch.Tensor):
-    handoff, _state.handoff = _state.handoff, None
+    """The layer handed off with ``key``, if this is that key (the hand-off is taken either way)."""
+    state = _handoff_state()
+    handoff, state.handoff = state.handoff, None
     if handoff is not None and handoff.key is key:
         return handoff.layer
     return None
@@ -128,16 +126,15 @@ def think_attention(
     eager attention (which then replaces sdpa): over the stored tokens, or under a token policy, which keeps other
     tokens per head, over every token seen with 0 for the evicted ones.
     """
-    layer = _static_layer(module, key) if is_compiling() else _take_handoff(key)
+    layer = _take_handoff(key)
     scale = _scale(scaling, query)
     softcap = kwargs.get("softcap")
     wants_attention = _wants_attention_weights(module, kwargs)
     if layer is None:
         if is_compiling() and key.shape[-1] != query.shape[-1]:  # a compact buffer nobody handed over
             raise RuntimeError(
-                "think_cache: a compiled step got a static ThinKCache that is not attached to this model's attention "
-                "(a copy of a filled static cache, or two static caches used in turn on one model or from two "
-                "threads): run one eager step with it first; use one static cache per model and thread."
+                "think_cache: a compiled step got a compact key without its static ThinKCache layer; this is a bug, "
+                "please report it"
             )
         return _full_attention(module, query, key, value, attention_mask, dropout, scaling, wants_attention, kwargs)
     if dropout and module.training:

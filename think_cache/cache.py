@@ -9,7 +9,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from . import _compat, quant
-from .attention import ATTENTION_NAME, attach_static_layer, current_module, hand_off
+from .attention import ATTENTION_NAME, current_module, hand_off
 from .layer import LayerStats, ThinKLayer, ThinKSlidingLayer, storage_bytes
 from .policies import Policy
 from .static import StaticThinKLayer
@@ -113,12 +113,6 @@ def _fingerprint(config) -> tuple:
 
 def _check_static(cache: ThinKCache) -> None:
     """Refuse, where the settings enter, what a static cache cannot do yet."""
-    if cache.policy is not None and cache.policy.evicts_while_decoding:
-        raise ValueError(
-            f"ThinKCache(max_cache_len=...) does not support {type(cache.policy).__name__} yet: it evicts tokens "
-            "while decoding, which needs data-dependent copies. Use SnapKV or no policy with max_cache_len, or "
-            "leave max_cache_len out."
-        )
     if cache.bits is not None:
         raise ValueError(
             "ThinKCache(max_cache_len=...) does not support quantized storage (bits) yet; leave one of them out."
@@ -231,8 +225,8 @@ class ThinKCache(Cache):
         tokens (prompt + generated), like transformers' ``StaticCache``: its buffers are allocated at the end of the
         prompt and every decoding step has static shapes, so ``torch.compile`` (and ``generate``'s automatic
         compile) capture it whole, with the same answers as the dynamic cache (`think_cache.static`). It holds
-        its whole capacity from the prompt's end on. Not yet with `H2O`, `StreamingLLM`, ``bits`` or
-        sliding-window layers.
+        its whole capacity from the prompt's end on; under `StreamingLLM` or `H2O` its buffers hold the budget plus
+        a fold block, whatever ``N``. Not yet with ``bits`` or sliding-window layers.
     """
 
     def __init__(
@@ -332,24 +326,29 @@ class ThinKCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new tokens of layer ``layer_idx``; called by the model's attention modules."""
-        if _compat.is_compiling():
-            if self.max_cache_len is not None:  # a compiled decoding step: static shapes, no thread-local state
-                return self.layers[layer_idx].update(key_states, value_states)
+        layer = self._compiled_layer(layer_idx) if _compat.is_compiling() else self._eager_layer(key_states, layer_idx)
+        keys, values = layer.update(key_states, value_states)
+        hand_off(layer, keys)
+        return keys, values
+
+    def _compiled_layer(self, layer_idx: int) -> ThinKLayer:
+        """The layer a compiled decoding step updates: a static cache's (static shapes, no thread-local state)."""
+        if self.max_cache_len is None:
             raise RuntimeError(
                 "ThinKCache cannot run under torch.compile: its compact part changes shape as channels are pruned "
                 "and tokens fold in. Run the model uncompiled with ThinKCache (is_compileable is False)."
             )
+        return self.layers[layer_idx]
+
+    def _eager_layer(self, key_states: torch.Tensor, layer_idx: int) -> ThinKLayer:
+        """The layer an eager forward updates, built on first use, told where the prompt ends."""
         module = current_module()
         self._check_module(module, key_states, layer_idx)
         while len(self.layers) <= layer_idx:
             self.layers.append(self._new_layer(module))
         layer = self.layers[layer_idx]
         layer.prompt_start, layer.prompt_end = self._prompt_start, self._prompt_end
-        keys, values = layer.update(key_states, value_states)
-        hand_off(layer, keys)
-        if self.max_cache_len is not None:  # what the ThinK attention reads in a compiled step
-            attach_static_layer(module, layer)
-        return keys, values
+        return layer
 
     # ---------------------------------------------------------------------------------------- cache API
     def get_seq_length(self, layer_idx: int | None = 0) -> int | torch.Tensor:

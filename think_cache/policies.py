@@ -34,6 +34,7 @@ __all__ = [
     "H2O",
     "StreamingLLM",
     "top_tokens",
+    "keep_priority",
     "window_attention",
     "attention_and_token_weights",
 ]
@@ -61,6 +62,18 @@ def top_tokens(
     (padding) last, so a padded slot is kept only when there are fewer than ``n_keep`` real tokens. All masks
     broadcast to ``scores`` ``(B, H, T)``.
     """
+    priority = keep_priority(scores, always, never, prefer)
+    return torch.topk(priority, n_keep, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
+def keep_priority(
+    scores: torch.Tensor,
+    always: torch.Tensor | None = None,
+    never: torch.Tensor | None = None,
+    prefer: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The order in which `top_tokens` keeps tokens, as float32 (higher is kept first): ``always`` tokens at +inf,
+    ``prefer`` tokens at float32's largest value, ``never`` tokens at -inf, the others at their ``scores``."""
     s = scores.float()
     if prefer is not None:
         s = s.masked_fill(prefer, torch.finfo(torch.float32).max)
@@ -68,7 +81,7 @@ def top_tokens(
         s = s.masked_fill(never, float("-inf"))
     if always is not None:
         s = s.masked_fill(always, float("inf"))
-    return torch.topk(s, n_keep, dim=-1, sorted=False).indices.sort(dim=-1).values
+    return s
 
 
 #: The largest float32 logits block `window_attention` builds at once on the CPU, in elements (4 MiB), counted over
