@@ -387,6 +387,12 @@ def attention_modules(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "k_proj")]
 
 
+def _softcap(module) -> float | None:
+    """The logit cap the model passes its attention function (only Gemma 2's attention passes one)."""
+    config = module.config
+    return getattr(config, "attn_logit_softcapping", None) if config.model_type == "gemma2" else None
+
+
 def cache_from_prefill(model, method: str, prefill: Prefill):
     """The cache ``method`` would hold after the recorded prefill (exactly: see `record_prefill`)."""
     cache = make_cache(method, model.config)
@@ -401,7 +407,7 @@ def cache_from_prefill(model, method: str, prefill: Prefill):
         layer = cache._new_layer(module)  # what ThinKCache.update does on a layer's first call
         cache.layers.append(layer)
         layer.update(k.clone(), v.clone())
-        layer.observe(q, None, module.scaling)
+        layer.observe(q, None, module.scaling, softcap=_softcap(module))
         layer.compact()
     return cache
 

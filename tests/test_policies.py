@@ -330,6 +330,19 @@ def test_one_pass_attention_equals_sdpa_and_window_attention(monkeypatch, mask_k
     assert out.shape == (batch, q_len, q_heads, 5) and out.is_contiguous()
 
 
+def test_one_pass_attention_does_not_overflow_in_float16():
+    """Rows are normalised before the float16 matmul: unnormalised weights sum to the number of keys (4000 here)
+    and times values of 20 would pass float16's largest finite number."""
+    from think_cache import policies
+
+    tokens = 4000
+    q = torch.zeros(1, 2, 2, 8, dtype=torch.float16)  # uniform attention over every visible key
+    k = torch.randn(1, 1, tokens, 8).half()
+    v = torch.full((1, 1, tokens, 4), 20.0, dtype=torch.float16)
+    out, _ = policies.attention_and_token_weights(q, k, v, None, torch.ones(1, tokens, dtype=torch.bool), 0.3)
+    torch.testing.assert_close(out.float(), torch.full_like(out.float(), 20.0), rtol=1e-3, atol=1e-2)
+
+
 @pytest.mark.parametrize(
     "arch, layer_idx", [("llama", 0), ("gemma2", 1)], ids=["llama", "gemma2-global-layer-without-softcap-parameter"]
 )

@@ -102,3 +102,14 @@ def test_cache_reused_with_another_batch_or_model():
         other(input_ids=ids, past_key_values=cache)
     cache.reset()
     other(input_ids=ids, past_key_values=cache)  # fine after reset
+
+
+def test_a_bidirectional_model_is_refused():
+    """Gemma 3 as an embedding model attends both ways: ThinK's prompt scoring and H2O's one-pass attention assume
+    a causal decoder, so patch refuses it up front."""
+    model = make_model("gemma3", patch=False)
+    for module in model.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = False  # what use_bidirectional_attention=True sets
+    with pytest.raises(ValueError, match="bidirectionally"):
+        think_cache.patch(model)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,9 +80,14 @@ def _convert(folder: Path, gguf_file: str, copy: Path, fix: Callable | None = No
         del model.config.quantization_config
     if fix is not None:
         fix(model, tokenizer)
-    copy.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(copy)
-    tokenizer.save_pretrained(copy)
+    # written next to its place and renamed when whole: an interrupted conversion leaves no folder a later load trusts
+    partial = copy.with_name(copy.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(copy, ignore_errors=True)
+    partial.rename(copy)
 
 
 def _load_copy(copy: Path, dtype: torch.dtype, attn_implementation: str):

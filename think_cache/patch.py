@@ -72,6 +72,11 @@ def _check_model(model: object) -> list[torch.nn.Module]:
             "modules with q_proj/k_proj/v_proj (or a fused qkv_proj), a layer_idx and grouped-query heads "
             "(num_key_value_groups)"
         )
+    if any(getattr(m, "is_causal", True) is False for m in modules):
+        raise ValueError(
+            f"think_cache serves causal decoders; this {config.model_type!r} model attends bidirectionally "
+            "(use_bidirectional_attention=True, as an embedding model does)"
+        )
     return modules
 
 

@@ -196,10 +196,11 @@ def attention_and_token_weights(
     total = torch.zeros(batch, kv_heads, tokens, dtype=torch.float32, device=keys.device)
 
     def visit(start, stop, weights, inverse):
-        visible = weights.shape[-1]
-        block = torch.matmul(weights.to(values.dtype), values[:, :, :visible]) * inverse[..., None].to(values.dtype)
-        out[:, :, :, start:stop] = block.view(batch, kv_heads, group, stop - start, -1)
         _column_sums(total, weights, inverse, real_keys[:, first + start : first + stop].float())
+        # normalised before the cast: unnormalised rows sum to up to `visible`, which overflows float16
+        probs = weights.mul_(inverse[..., None]).to(values.dtype)
+        block = torch.matmul(probs, values[:, :, : weights.shape[-1]])
+        out[:, :, :, start:stop] = block.view(batch, kv_heads, group, stop - start, -1)
 
     _softmax_blocks(query, keys, real_keys, scaling, q_len, visit, mask)
     return out.view(batch, q_heads, q_len, -1).transpose(1, 2).contiguous(), total

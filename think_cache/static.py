@@ -154,7 +154,11 @@ class StaticThinKLayer(ThinKLayer):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         # in place, so that the buffers keep the addresses a compiled graph (or a CUDA graph) captured
+        scores = self.token_scores  # H2O's accumulated scores: a buffer a compiled graph captured, too
         super()._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        if scores is not None and self.token_scores is not scores:
+            scores.copy_(self.token_scores)
+            self.token_scores = scores
         for name in _STATIC_TENSORS + _STATIC_CHANNELS:
             t = getattr(self, name)
             if t is not None:
