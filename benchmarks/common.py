@@ -399,6 +399,9 @@ def cache_from_prefill(model, method: str, prefill: Prefill):
     if not isinstance(cache, ThinKCache):  # DynamicCache, QuantizedCache: what their first update would hold
         for i, (k, v) in enumerate(zip(prefill.keys, prefill.values, strict=True)):
             cache.update(k.clone(), v.clone(), i)
+        for layer in cache.layers if isinstance(cache, DynamicCache) else ():
+            if getattr(layer, "is_sliding", False):  # its window is a view of the whole prompt until the next step
+                layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
         return cache
     if not prefill.queries:
         raise ValueError(f"{method} needs the prompt's queries: think_cache.patch(model) before record_prefill")

@@ -75,6 +75,9 @@ def test_dynamic_baseline_on_an_unpatched_model_keeps_the_window_as_generate_doe
     assert prefill.queries == [] and prefill.logits.shape == (1, VOCAB)
     cache = cache_from_prefill(model, "dynamic", prefill)
     assert all(layer.keys.shape[2] < 48 for layer in cache.layers)
+    # and holds only its window: not a view that keeps the whole prompt's storage alive (the bytes it reports)
+    window_bytes = sum(t.numel() * t.element_size() for la in cache.layers for t in (la.keys, la.values))
+    assert window_bytes <= held_bytes(cache) <= window_bytes + 256  # a layer's small bookkeeping tensors aside
     assert greedy_decode(model, cache, prefill.logits.argmax(-1), 12, eos=set()) == real[0, 90:].tolist()
     with pytest.raises(ValueError, match=r"think_cache.patch\(model\) before record_prefill"):
         cache_from_prefill(model, "think-0.5", prefill)
