@@ -40,14 +40,24 @@ def family(method: str) -> str:
     return method
 
 
-def frontier(eval_files: list, path) -> None:
+def model_of(result: dict) -> str:
+    """The model a results file was measured on, by its `think_cache.models.MODELS` key (files from before
+    ``--model`` are SmolLM2's)."""
+    from think_cache.models import MODELS
+
+    keys = {title: key for key, (title, _) in MODELS.items()}
+    return keys.get(result.get("model"), "smollm2")
+
+
+def frontier(eval_files: list, path, model: str = "smollm2") -> None:
     """One panel per eval file and context length, so that every point in a panel comes from the same prompts."""
     panels = []
     for f in eval_files:
         rows = json.loads(f.read_text())["rows"]
         panels += [[r for r in rows if r["length"] == n] for n in sorted({r["length"] for r in rows})]
-    # memory is drawn against DynamicCache's: files without it (a sensitivity run) have no panel
+    # memory is drawn against DynamicCache's: files without it (a sensitivity run), or with it alone, have no panel
     panels = [rows for rows in panels if any(r["method"] == "dynamic" for r in rows)]
+    panels = [rows for rows in panels if len({r["method"] for r in rows}) > 1]
     ncols = min(len(panels), 2 if len(panels) == 4 else 3)
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4 * nrows), squeeze=False)
@@ -85,7 +95,9 @@ def frontier(eval_files: list, path) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             labels.setdefault(label, handle)
     fig.legend(labels.values(), labels.keys(), fontsize=8, loc="lower center", ncol=min(len(labels), 4))
-    fig.suptitle("SmolLM2-135M-Instruct: accuracy against KV memory")
+    from think_cache.models import MODELS
+
+    fig.suptitle(f"{MODELS[model][0]}: accuracy against KV memory")
     fig.tight_layout(rect=(0, 0.1 / nrows, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -144,10 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", action="store_true", help="also run SmolLM2 once for the channel map")
     args = parser.parse_args(argv)
     written = []
-    evals = sorted(RESULTS.glob("eval_cpu*.json"))
-    if evals:
-        frontier(evals, RESULTS / "frontier.png")
-        written.append("frontier.png")
+    by_model = defaultdict(list)  # one frontier figure per model: frontier.png (SmolLM2), frontier_<model>.png
+    for f in sorted(RESULTS.glob("eval_cpu*.json")):
+        by_model[model_of(json.loads(f.read_text()))].append(f)
+    for model, files in sorted(by_model.items()):
+        name = "frontier.png" if model == "smollm2" else f"frontier_{model}.png"
+        frontier(files, RESULTS / name, model)
+        written.append(name)
     for speed in sorted(RESULTS.glob("speed_*.json")):
         name = f"decode_{speed.stem.removeprefix('speed_')}.png"
         decode_time(speed, RESULTS / name)

@@ -260,6 +260,32 @@ def test_frontier_draws_one_panel_per_file_and_length(tmp_path, monkeypatch):
     assert len(colour) == len({label for label, _ in colour}) == len({c for _, c in colour})
 
 
+def test_frontier_per_model(tmp_path, monkeypatch):
+    """Each model gets its own figure, titled by the model; a file with DynamicCache alone draws no panel."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    from benchmarks import plots
+
+    row = {"length": 4096, "task": "passkey", "seed": 0, "correct": 1, "held_bytes": 10}
+    gemma = {"model": "Gemma 3 270M (base)", "rows": [row | {"method": "dynamic"}, row | {"method": "think-0.5"}]}
+    (tmp_path / "eval_cpu_gemma3_4k.json").write_text(json.dumps(gemma))
+    (tmp_path / "eval_cpu_gemma3_baseline.json").write_text(json.dumps({**gemma, "rows": gemma["rows"][:1]}))
+    (tmp_path / "eval_cpu_a.json").write_text(json.dumps({"rows": gemma["rows"]}))  # older files: SmolLM2
+    monkeypatch.setattr(plots, "RESULTS", tmp_path)
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    plots.main([])
+    assert (tmp_path / "frontier.png").exists() and (tmp_path / "frontier_gemma3.png").exists()
+    titles = sorted(f._suptitle.get_text() for f in figures)
+    assert titles == [
+        "Gemma 3 270M (base): accuracy against KV memory",
+        "SmolLM2-135M-Instruct: accuracy against KV memory",
+    ]
+    gemma_figure = next(f for f in figures if f._suptitle.get_text().startswith("Gemma"))
+    assert len([ax for ax in gemma_figure.axes if ax.get_visible()]) == 1  # the baseline-only file has no panel
+
+
 def test_describe_records_each_methods_settings():
     d = describe(["dynamic", "think-0.4", "snapkv-512+think-0.4+recent-8"])
     assert d["dynamic"] == "DynamicCache(config=model.config)"
