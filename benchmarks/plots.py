@@ -94,11 +94,13 @@ def frontier(eval_files: list, path, model: str = "smollm2") -> None:
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             labels.setdefault(label, handle)
-    fig.legend(labels.values(), labels.keys(), fontsize=8, loc="lower center", ncol=min(len(labels), 4))
+    legend_columns = min(len(labels), 4 if ncols > 1 else 2)  # a one-panel figure is narrow
+    fig.legend(labels.values(), labels.keys(), fontsize=8, loc="lower center", ncol=legend_columns)
+    legend_rows = -(-len(labels) // legend_columns)
     from think_cache.models import MODELS
 
     fig.suptitle(f"{MODELS[model][0]}: accuracy against KV memory")
-    fig.tight_layout(rect=(0, 0.1 / nrows, 1, 1))
+    fig.tight_layout(rect=(0, (0.02 + 0.05 * legend_rows) / nrows, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
