@@ -154,16 +154,15 @@ def think_attention(
     q_len = query.shape[2]
     rows = layer.rows_before_end(q_len)
     mask = _stored_columns(attention_mask, key.shape[-2])  # while uncompacted the stored tokens are the newest
-    if rows == q_len and _scores_while_attending(layer, wants_attention, kwargs):
-        real_keys = key_padding(mask, query.shape[0], key.shape[-2], query.device)
-        out, token_weights = attention_and_token_weights(query, key, value, as_bool_mask(mask), real_keys, scale)
-        layer.observe(query, mask, scale, token_weights=token_weights)
-        if layer.prompt_end == layer.seen_tokens:
-            layer.compact()
-        return out, None
     if rows == q_len:
-        out, weights = _full_attention(module, query, key, value, mask, 0.0, scaling, wants_attention, kwargs)
-        layer.observe(query, mask, scale, softcap=softcap)
+        token_weights = None
+        if _scores_while_attending(layer, wants_attention, kwargs):
+            real_keys = key_padding(mask, query.shape[0], key.shape[-2], query.device)
+            out, token_weights = attention_and_token_weights(query, key, value, as_bool_mask(mask), real_keys, scale)
+            weights = None
+        else:
+            out, weights = _full_attention(module, query, key, value, mask, 0.0, scaling, wants_attention, kwargs)
+        layer.observe(query, mask, scale, token_weights=token_weights, softcap=softcap)
         if layer.prompt_end == layer.seen_tokens:  # the prompt ends with this forward
             layer.compact()
         return out, weights
