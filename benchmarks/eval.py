@@ -64,10 +64,12 @@ def run(
     on_prompt: Callable[[dict], None] | None = None,
     model_name: str = "smollm2",
     style: str | None = None,
+    done: list[dict] | None = None,
 ) -> dict:
     """Every method on ``samples`` prompts per task and length, on the model ``model_name`` (see
     `think_cache.models.MODELS`), prompts in ``style`` (None: the model's own, see `prompt_style`). ``on_prompt``
-    gets the partial result after each prompt."""
+    gets the partial result after each prompt. ``done``: rows of an earlier, interrupted run with the same
+    settings; a prompt every method already answered there is kept, not run again."""
     model, tokenizer = load_model(model_name)
     if any(needs_patch(m) for m in methods):  # transformers' caches alone run on the model as it comes
         think_cache.patch(model)
@@ -76,17 +78,22 @@ def run(
     header |= {"caches": describe(methods), "lengths": lengths, "tasks": tasks}
     eos = eos_ids(model, tokenizer)
     keep_queries = None if any("h2o" in m for m in methods) else 64
-    rows = []
+    rows = list(done or [])
+    finished = {(r["length"], r["task"], r["seed"], r["method"]) for r in rows}
     # even prompts first, then odd ones: an interrupted run still spreads its depths over the whole context
     order = sorted(range(samples), key=lambda i: (i % 2, i))
     jobs = [(length, task, i) for length in lengths for i in order for task in tasks]
     for length, task, i in tqdm(jobs, desc="prompts", unit="prompt"):
         depth = depths(samples)[i]
+        if all((length, task, 1000 * length + i, m) in finished for m in methods):
+            continue
         sample = TASKS[task](tokenizer, length, depth, seed=1000 * length + i, style=style)
         ids = sample.inputs["input_ids"]
         prefill = record_prefill(model, ids, keep_queries)
         first = prefill.logits.argmax(-1)
         for method in methods:
+            if (length, task, sample.seed, method) in finished:
+                continue
             cache = cache_from_prefill(model, method, prefill)
             held = held_bytes(cache)
             start = time.perf_counter()
@@ -163,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", help="results/eval_<tag>.json (default: cpu, and the model unless smollm2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--summarize", metavar="JSON", help="print the tables of a results file and run nothing")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the prompts already in results/eval_<tag>.json, run the rest"
+    )
     args = parser.parse_args(argv)
     if args.summarize:
         result = json.loads(Path(args.summarize).read_text())
@@ -171,6 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     path = RESULTS / f"eval_{args.tag or result_tag('cpu', args.model)}.json"
+    done = None
+    if args.resume and path.exists():
+        earlier = json.loads(path.read_text())
+        if earlier["model"] != MODELS[args.model][0] or earlier.get("prompt_style") != (
+            args.prompt_style or earlier.get("prompt_style")
+        ):
+            raise SystemExit(f"--resume: {path} was written for another model or prompt style")
+        done = earlier["rows"]
     result = run(
         available_methods(args.methods.split(",")),
         [int(n) for n in args.lengths.split(",")],
@@ -179,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         on_prompt=lambda partial: save_json(partial, path),  # an interrupted run keeps what it measured
         model_name=args.model,
         style=args.prompt_style,
+        done=done,
     )
     save_json(result, path)
     print(summary(result))
