@@ -134,3 +134,36 @@ def test_gather_scatter_roundtrip_and_padding_helper():
     additive[0, :, :, :2] = torch.finfo(torch.float32).min
     real = key_padding(additive, 2, 5)
     assert real.tolist() == [[False, False, True, True, True], [True] * 5]
+
+
+def test_restored_rows_see_those_tokens_whole():
+    """`Restored.add_to`: the chosen rows get the full-width logits at the restored tokens' columns; other rows,
+    other columns and absent tokens keep the thinned logits."""
+    from think_cache.compact import Restored, pruned_channels
+
+    g = torch.Generator().manual_seed(5)
+    batch, heads, rows, tokens, dim = 2, 3, 6, 20, 16
+    q = torch.randn(batch, heads, rows, dim, generator=g)
+    keys = torch.randn(batch, heads, tokens, dim, generator=g)
+    kept = torch.stack([torch.randperm(dim, generator=g)[:6].sort().values for _ in range(batch * heads)])
+    kept = kept.view(batch, heads, 6)
+    pruned = pruned_channels(kept, dim)
+    assert pruned.shape == (batch, heads, 10) and not bool((pruned[..., None] == kept[..., None, :]).any())
+    scaling = 0.25
+    thinned = torch.matmul(gather_channels(q, kept), gather_channels(keys, kept).transpose(-1, -2)) * scaling
+    full = torch.matmul(q, keys.transpose(-1, -2)) * scaling
+    columns = torch.tensor([3, 7, 11]).expand(batch, heads, 3).clone()
+    present = torch.ones(batch, heads, 3, dtype=torch.bool)
+    present[1, 2, 1] = False  # an evicted token: its column keeps the thinned logit
+    row_mask = torch.tensor([True, True, False, True, False, False])
+    spare = gather_channels(keys, pruned).gather(2, columns[..., None].expand(-1, -1, -1, 10))
+    logits = thinned.clone()
+    Restored(keys=spare, channels=pruned, columns=columns, present=present, rows=row_mask).add_to(logits, q, scaling)
+    expected = thinned.clone()
+    for b in range(batch):
+        for h in range(heads):
+            for i, c in enumerate(columns[b, h].tolist()):
+                if present[b, h, i]:
+                    expected[b, h, row_mask, c] = full[b, h, row_mask, c]
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(logits, thinned)

@@ -11,6 +11,7 @@ a `think_cache.storage.CompactStore`, full precision or quantized: attention ove
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,7 +25,9 @@ __all__ = [
     "key_padding",
     "causal_mask",
     "gather_channels",
+    "pruned_channels",
     "gather_tokens",
+    "Restored",
     "scatter_channels",
     "compact_attention",
     "compact_probs",
@@ -82,6 +85,37 @@ def gather_channels(x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
     """
     index = channels.long()[:, :, None, :].expand(*x.shape[:-1], channels.shape[-1])
     return torch.gather(x, -1, index)
+
+
+def pruned_channels(kept: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The channels not in ``kept`` ``(batch, kv_heads, n_kept)``, ascending: ``(batch, kv_heads, head_dim - n)``."""
+    keep = torch.zeros(*kept.shape[:-1], head_dim, dtype=torch.bool, device=kept.device)
+    keep.scatter_(-1, kept.long(), True)
+    channels = torch.arange(head_dim, device=kept.device, dtype=kept.dtype).expand_as(keep)
+    return channels[~keep].view(*kept.shape[:-1], head_dim - kept.shape[-1])
+
+
+@dataclass
+class Restored:
+    """Compact tokens that some query rows see at full width: the pruned key channels of those tokens, kept aside
+    (``keys (batch, kv_heads, n, pruned)`` at ``channels (batch, kv_heads, pruned)``), their ``columns (batch,
+    kv_heads, n)`` in the compact part, whether each is there at all (``present``, same shape: an evicted or dropped
+    token is not), and which rows see them whole (``rows``, ``(group * q_len,)`` bool, laid out as
+    `compact_probs` lays a KV head's query group out). See `ThinKLayer.restored`."""
+
+    keys: torch.Tensor
+    channels: torch.Tensor
+    columns: torch.Tensor
+    present: torch.Tensor
+    rows: torch.Tensor
+
+    def add_to(self, logits: torch.Tensor, q: torch.Tensor, scaling: float) -> None:
+        """Add the pruned channels' share to the compact logits ``(batch, kv_heads, group * q_len, n_compact)`` of
+        ``q (batch, kv_heads, group * q_len, head_dim)``, in place: those rows then see those tokens' keys whole."""
+        share = torch.matmul(gather_channels(q, self.channels), self.keys.transpose(-1, -2)).float().mul_(scaling)
+        share *= self.present[:, :, None, :] & self.rows[None, None, :, None]
+        index = self.columns[:, :, None, :].expand_as(share)
+        logits.scatter_add_(-1, index, share)  # absent tokens add 0 at a valid column
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -178,12 +212,13 @@ def compact_probs(
     thin: torch.Tensor | None = None,
     thinned: CompactStore | None = None,
     softcap: float | None = None,
+    restored: Restored | None = None,
 ) -> torch.Tensor:
     """The attention weights of `compact_attention`: one float32 softmax over the compact part (``store``, None for
     none) then the recent part, ``(batch, kv_heads, group, q_len, n_compact + n_recent)``; ``view(batch, q_heads,
     q_len, -1)`` gives them per query head. ``thin`` and ``thinned`` (`thin_mask`, `thinned_store`): which rows
-    see the oldest recent tokens thinned, and those tokens as the store holds them. Else as in
-    `compact_attention`."""
+    see the oldest recent tokens thinned, and those tokens as the store holds them; ``restored``: compact tokens
+    some rows see at full width (`Restored`). Else as in `compact_attention`."""
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads = keys.shape[1]
     n_compact = 0 if store is None else store.tokens
@@ -199,6 +234,8 @@ def compact_probs(
         logits[..., :n_thin] = torch.where(thin, thin_logits, logits[..., :n_thin])
     if store is not None:
         compact = store.logits(gather_channels(q, store.key_channels), scaling)
+        if restored is not None:
+            restored.add_to(compact, q, scaling)
         logits = torch.cat([compact, logits], dim=-1)
     logits = cap_logits(logits, softcap).view(batch, kv_heads, group, q_len, n_total)
 

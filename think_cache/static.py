@@ -60,11 +60,11 @@ from collections.abc import Callable, Iterator
 import torch
 
 from . import _compat
-from .compact import as_bool_mask, cap_logits, gather_channels, key_padding, scatter_channels
+from .compact import as_bool_mask, cap_logits, gather_channels, key_padding, pruned_channels, scatter_channels
 from .layer import ThinKLayer, fold_point
 from .policies import keep_priority
 
-__all__ = ["StaticThinKLayer", "static_attention", "pruned_channels"]
+__all__ = ["StaticThinKLayer", "static_attention"]
 
 # Tensors of a static layer whose first dimension is the batch (the 0-d lengths are not).
 _STATIC_TENSORS = ("compact_keys", "compact_values", "ring_keys", "ring_values", "slot_positions", "ring_slots")
@@ -76,14 +76,6 @@ _STATIC_SCALARS = ("length", "fold_origin", "first_full")
 FREE = torch.iinfo(torch.int32).max
 
 
-def pruned_channels(kept: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """The channels not in ``kept`` ``(batch, kv_heads, n_kept)``, ascending: ``(batch, kv_heads, head_dim - n)``."""
-    keep = torch.zeros(*kept.shape[:-1], head_dim, dtype=torch.bool, device=kept.device)
-    keep.scatter_(-1, kept.long(), True)
-    channels = torch.arange(head_dim, device=kept.device, dtype=kept.dtype).expand_as(keep)
-    return channels[~keep].view(*kept.shape[:-1], head_dim - kept.shape[-1])
-
-
 class StaticThinKLayer(ThinKLayer):
     """A full-attention ThinK layer with pre-allocated buffers for what it can hold at once (``max_cache_len``
     tokens, fewer under a policy's budget); see the module docstring. Before the end of the prompt it is a
@@ -91,6 +83,7 @@ class StaticThinKLayer(ThinKLayer):
 
     is_compileable = True
     is_croppable = False
+    keeps_spare = False  # no later prompt: a static cache refuses a chat's next turn
 
     def __init__(self, max_cache_len: int, **kwargs):
         self.max_cache_len = max_cache_len
