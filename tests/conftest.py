@@ -170,6 +170,9 @@ class ZeroedLayer(DynamicLayer):
     from then on a forward starting at position ``t`` sees tokens before
     ``origin - held + fold_block * ((t - origin) // fold_block)`` thinned, where ``origin`` is the latest prompt's
     end and ``held`` is ``recent`` for the first prompt and ``max(recent, window)`` for a later one (a chat's turn).
+    When a prompt ends, the unzeroed keys of its last ``window`` tokens are copied aside (those not zeroed yet, for
+    the newest ``SPARE_PROMPTS`` prompts; not in sliding layers); a later prompt's forward (several tokens after the
+    first prompt's end) sees them unzeroed.
     """
 
     def __init__(
@@ -185,6 +188,9 @@ class ZeroedLayer(DynamicLayer):
         self.key_keep = self._keep_mask(key_channels, head_dim)
         self.value_keep = None if value_channels is None else self._keep_mask(value_channels, head_dim)
         self.origin = None  # logical end of the latest prompt
+        self.window = window
+        self.zeroed_before = 0  # positions before this one have their pruned channels zeroed
+        self.spare: list[tuple[int, torch.Tensor]] = []  # (logical position, unzeroed key (B, H, D))
         self.last_forward = 0
         self.seen = 0
 
@@ -195,22 +201,37 @@ class ZeroedLayer(DynamicLayer):
         return keep[:, :, None, :]  # (B, H, 1, D)
 
     def update(self, key_states, value_states, *args, **kwargs):
+        from think_cache.layer import SPARE_PROMPTS
+
         n, t0 = key_states.shape[-2], self.seen
-        if n == 1 and t0 > 0 and (self.last_forward > 1 or self.origin is None):
+        later_prompt = n > 1 and self.origin is not None
+        new_origin = n == 1 and t0 > 0 and (self.last_forward > 1 or self.origin is None)
+        if new_origin:
             self.origin = t0
             if self.first_origin is None:
                 self.first_origin = t0
         self.last_forward = n
         self.seen += n
         keys, values = super().update(key_states, value_states)
+        offset = self.seen - keys.shape[-2]  # logical position of the first stored token
+        if new_origin and self.sliding_window is None:  # the prompt's question, as far as it is not zeroed yet
+            for position in range(max(self.origin - self.window, self.zeroed_before, offset), self.origin):
+                self.spare.append((position, keys[:, :, position - offset].clone()))
+            self.spare = self.spare[-SPARE_PROMPTS * self.window :]
         if self.origin is not None:
             held = self.recent if self.origin == self.first_origin else self.later_recent
             thinned_before = self.origin - held + self.fold_block * ((t0 - self.origin) // self.fold_block)
+            self.zeroed_before = max(self.zeroed_before, thinned_before)
             old = keys.shape[-2] - (self.seen - thinned_before)  # stored tokens before that position
             if old > 0:
                 keys[:, :, :old] = keys[:, :, :old] * self.key_keep
                 if self.value_keep is not None:
                     values[:, :, :old] = values[:, :, :old] * self.value_keep
+        if later_prompt and self.spare:
+            keys = keys.clone()
+            for position, key in self.spare:
+                if position >= offset:
+                    keys[:, :, position - offset] = key
         out = keys, values
         if self.sliding_window is not None:  # keep what a sliding layer keeps after the forward
             self.keys = keys[:, :, -(self.sliding_window - 1) :]

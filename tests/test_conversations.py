@@ -113,6 +113,63 @@ def test_chat_turns_on_one_cache_follow_the_reference(arch):
             torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
 
 
+def _two_turns(model, cache, first_len=50, second_len=30, new_tokens=8):
+    """A prompt, a reply, a second user turn on the same cache; returns the two prompts' ends."""
+    ids, _ = make_batch([first_len], seed=6)
+    first = generate(model, ids, torch.ones_like(ids), cache, new_tokens)
+    turn2 = torch.randint(3, 200, (1, second_len), generator=torch.Generator().manual_seed(2))
+    sequence = torch.cat([first.sequences, turn2], dim=-1)
+    generate(model, sequence, torch.ones_like(sequence), cache, new_tokens)
+    return first_len, sequence.shape[1]
+
+
+@pytest.mark.parametrize(
+    "policy", [None, SnapKV(budget=24, window=8), H2O(budget=40, recent=4)], ids=["none", "snapkv", "h2o"]
+)
+def test_a_later_prompt_sees_the_earlier_questions_whole(policy):
+    """Regression: a chat's next turn attended the first question through the pruned channels only (SmolLM2 at
+    key ratio 0.4 then answered 3 of 12 second turns, a fresh cache 8). Each prompt's last `window` tokens keep
+    their pruned key channels aside; a later prompt's rows, and only those, see them whole."""
+    model = make_model("llama")
+    cache = ThinKCache(key_ratio=0.5, window=8, policy=policy)
+    end1, end2 = _two_turns(model, cache)
+    for layer in cache.layers:
+        assert layer.spare_positions == list(range(end1 - 8, end1)) + list(range(end2 - 8, end2))
+        assert layer.spare_keys.shape[-2:] == (16, layer.head_dim - layer.key_channels.shape[-1])
+        assert layer.restored(1, 2) is None  # a decoding row sees them thinned
+        layer.prompt_end = layer.seen_tokens + 5  # as if a third turn's forward of 5 tokens had just been fed
+        restored = layer.restored(5, 2)
+        layer.prompt_end = end2
+        assert restored.rows.all()
+        if not isinstance(policy, H2O):  # H2O may have evicted them
+            assert int(restored.present.sum(-1).min()) >= 8  # the first question; the second may be full-width
+        if layer.compact_positions is None:
+            found = restored.columns + (layer.full_from - layer.compact_tokens)
+        else:
+            found = layer.compact_positions.long().gather(-1, restored.columns)
+        wanted = torch.tensor(layer.spare_positions).expand_as(found)
+        assert torch.equal(found[restored.present], wanted[restored.present])
+
+
+def test_spare_keys_are_bounded():
+    """Keeping the questions aside stays bounded: the newest SPARE_PROMPTS prompts; sliding layers keep none."""
+    from think_cache.layer import SPARE_PROMPTS
+
+    model = make_model("llama")
+    cache = ThinKCache(key_ratio=0.5, window=8)
+    sequence, _ = make_batch([40], seed=8)
+    for turn in range(SPARE_PROMPTS + 2):
+        out = generate(model, sequence, torch.ones_like(sequence), cache, 3)
+        user = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(turn))
+        sequence = torch.cat([out.sequences, user], dim=-1)
+    layer = cache.layers[0]
+    assert len(layer.spare_positions) == layer.spare_keys.shape[-2] == SPARE_PROMPTS * 8
+    sliding = make_model("mistral", sliding_window=40)
+    cache = ThinKCache(key_ratio=0.5, window=8)
+    _two_turns(sliding, cache)
+    assert all(layer.is_sliding and layer.spare_keys is None for layer in cache.layers)
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_a_later_turn_in_chunks_equals_it_in_one_forward(arch):
     """A second turn fed with prefill_chunk_size: its chunks see each other at full width, as in one forward."""

@@ -48,8 +48,10 @@ def test_memory_stays_bounded_relative_while_decoding():
     n_full = cache.layers[0].keys.shape[-2]
     n_compact = 200 + 79 - n_full
     assert cache.layers[0].compact_tokens == n_compact
-    # keys at a quarter width except the full-width ones, plus full values
-    expected = ((n_compact * 4 + n_full * 16) + 279 * 16) / (2 * 279 * 16)
+    # keys at a quarter width except the full-width ones, the 12 pruned channels of the prompt's last 32 tokens
+    # kept aside for a later prompt (`ThinKLayer.restored`), plus full values
+    assert cache.layers[0].spare_positions == list(range(168, 200))
+    expected = ((n_compact * 4 + n_full * 16 + 32 * 12) + 279 * 16) / (2 * 279 * 16)
     assert abs(cache.stats().ratio - expected) < 0.005
 
 

@@ -305,11 +305,15 @@ def test_memory_on_top_of_snapkv():
     ids, _ = make_batch([1024])
     dense = held_bytes(prefill(model, DynamicCache(), ids))
     snap = held_bytes(prefill(model, ThinKCache(key_ratio=0, policy=SnapKV(budget=256)), ids))
-    both = held_bytes(prefill(model, ThinKCache(key_ratio=0.5, policy=SnapKV(budget=256), bits=4), ids))
+    cache = prefill(model, ThinKCache(key_ratio=0.5, policy=SnapKV(budget=256), bits=4), ids)
+    both = held_bytes(cache)
     print(
         f"SnapKV(256): {snap / dense:.3f}x, SnapKV(256) + ThinK 0.5 + 4-bit: {both / dense:.3f}x ({both / snap:.3f}x)"
     )
-    assert both / snap <= 0.26
+    # the pruned channels of the question's 32 tokens kept aside for a later prompt: full precision, 3% of SnapKV's
+    spare = sum(layer.spare_keys.nbytes for layer in cache.layers)
+    assert 0 < spare / snap <= 0.035
+    assert (both - spare) / snap <= 0.26
 
 
 def test_no_hidden_views_and_memory_stays_bounded_while_decoding():

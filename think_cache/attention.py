@@ -217,13 +217,16 @@ def _attend_compacted(
 
     The fused kernel (`think_cache.kernels`, chosen by `kernels.use_kernel`: on CUDA for a `FullStore`, never with a
     ``softcap``) serves the forwards that need only the output: no attention weights asked for, none accumulated by
-    the policy (H2O), and no query row that must see recent tokens thinned (`ThinKLayer.thinned_rows`). The rest
-    takes the torch path.
+    the policy (H2O), no query row that must see recent tokens thinned (`ThinKLayer.thinned_rows`) nor earlier
+    questions whole (`ThinKLayer.restored`: a chat's later prompt). The rest takes the torch path.
     """
     q_len = query.shape[2]
+    group = query.shape[1] // layer.keys.shape[1]
+    restored = layer.restored(q_len, group)
     if (
         not wants_attention
         and layer.token_scores is None
+        and restored is None
         and kernels.use_kernel(layer.store, query.device, softcap)
         and layer.thinned_rows(q_len) is None
     ):
@@ -232,10 +235,10 @@ def _attend_compacted(
         )
         layer.after_attention(mask, None)
         return out, None
-    thin = thin_mask(layer.thinned_rows(q_len), query.shape[1] // layer.keys.shape[1], query.device)
+    thin = thin_mask(layer.thinned_rows(q_len), group, query.device)
     thinned = thinned_store(layer.store, layer.keys, layer.values, thin)
     probs = compact_probs(
-        query, layer.store, layer.keys, layer.attention_mask(mask, q_len), scale, thin, thinned, softcap
+        query, layer.store, layer.keys, layer.attention_mask(mask, q_len), scale, thin, thinned, softcap, restored
     )
     out = weighted_values(probs, layer.store, layer.values, thin, thinned)
     weights = _weights_per_token(layer, probs).to(query.dtype) if wants_attention else None
