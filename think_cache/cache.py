@@ -13,6 +13,7 @@ from .attention import ATTENTION_NAME, current_module, hand_off
 from .layer import LayerStats, ThinKLayer, ThinKSlidingLayer, storage_bytes
 from .policies import Policy
 from .static import StaticThinKLayer
+from .static_quant import QuantizedStaticThinKLayer
 from .storage import CompactStore, FullStore, QuantizedStore
 
 __all__ = ["ThinKCache", "CacheStats", "held_bytes"]
@@ -113,9 +114,11 @@ def _fingerprint(config) -> tuple:
 
 def _check_static(cache: ThinKCache) -> None:
     """Refuse, where the settings enter, what a static cache cannot do yet."""
-    if cache.bits is not None:
+    if cache.bits is not None and cache.policy is not None and cache.policy.evicts_while_decoding:
         raise ValueError(
-            "ThinKCache(max_cache_len=...) does not support quantized storage (bits) yet; leave one of them out."
+            f"ThinKCache(max_cache_len=..., bits=...) does not support {type(cache.policy).__name__}: it evicts "
+            "tokens one at a time while decoding, which would scatter a quantized block's tokens over the static "
+            "slots. Use SnapKV or no policy with bits and max_cache_len, or leave one of bits and max_cache_len out."
         )
 
 
@@ -291,7 +294,8 @@ class ThinKCache(Cache):
                 )
             return ThinKSlidingLayer(sliding_window=sliding_window, **kwargs)
         if self.max_cache_len is not None:
-            return StaticThinKLayer(max_cache_len=self.max_cache_len, **kwargs)
+            static = StaticThinKLayer if self.bits is None else QuantizedStaticThinKLayer
+            return static(max_cache_len=self.max_cache_len, **kwargs)
         return ThinKLayer(**kwargs)
 
     def _check_module(self, module: torch.nn.Module | None, key_states: torch.Tensor, layer_idx: int) -> None:
