@@ -49,8 +49,12 @@ between two evictions, and the step after the prompt; plus ``recent + 1 - policy
 tokens holds 0.08x the bytes of a ``StaticCache`` of 1024. A prompt longer than ``N`` raises at the prefill, and the
 patched ``generate`` refuses ``prompt + max_new_tokens > N``; nothing is ever truncated silently.
 
-**Not supported yet** (refused with a clear error): quantized storage (``bits``), sliding-window layers, a second
-prompt on a filled cache (a chat's next turn, assisted decoding) and `crop`.
+**Quantized storage** (``bits``) is a subclass, `think_cache.static_quant.QuantizedStaticThinKLayer`: packed codes
+in the slots, the newest tokens at full precision in the ring, each block quantized in the step that folds it;
+without a policy or with `SnapKV`. It refuses `StreamingLLM` and `H2O` (their freed slots would scatter a block).
+
+**Not supported yet** (refused with a clear error): quantized storage under `StreamingLLM` or `H2O`, sliding-window
+layers, a second prompt on a filled cache (a chat's next turn, assisted decoding) and `crop`.
 """
 
 from __future__ import annotations
