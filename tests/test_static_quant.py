@@ -163,11 +163,29 @@ def test_compiled_snapkv_traces_whole(model, batch):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
+@NEEDS_5X
+def test_prompts_of_other_lengths_reuse_the_compiled_graphs(model):
+    """The prompt's tokens short of a whole block wait at full width, so how many depends on its length (18, 13 and
+    29 here): that count is a tensor and the ring is sized for the most, so a new prompt length compiles nothing new
+    (it once did)."""
+    compiled = torch.compile(model.forward, fullgraph=True, backend="eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    graphs = []
+    for n in (50, 45, 61):
+        ids, mask = make_batch([n, n - 7])
+        cache = ThinKCache(0.5, bits=4, max_cache_len=128)
+        decode(model, cache, ids, mask, 4, forward=compiled)
+        assert int(cache.layers[0].fold_held) == (n - 32) % 32
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1] == graphs[2], graphs
+
+
 # ------------------------------------------------------------------------------------------------ bytes
-@pytest.mark.parametrize(("dtype", "bits", "at_most"), [(torch.float32, 4, 0.19), (torch.bfloat16, 4, 0.29)])
+@pytest.mark.parametrize(("dtype", "bits", "at_most"), [(torch.float32, 4, 0.22), (torch.bfloat16, 4, 0.32)])
 def test_bytes_against_static_cache(dtype, bits, at_most):
-    """Key ratio 0.5, head_dim 64, N = 1024: measured 0.184x (float32) and 0.282x (bfloat16) of ``StaticCache``,
-    the eager 4-bit cache's 0.141x / 0.235x of ``DynamicCache`` plus the full-precision ring of 40 tokens; the
+    """Key ratio 0.5, head_dim 64, N = 1024: measured 0.206x (float32) and 0.304x (bfloat16) of ``StaticCache``,
+    the eager 4-bit cache's 0.141x / 0.235x of ``DynamicCache`` plus the full-precision ring of 63 tokens; the
     full-precision static ThinK cache holds 0.76x."""
     model = make_model("llama", head_dim=64).to(dtype)
     ids, mask = make_batch([40])

@@ -8,10 +8,13 @@ shapes after the prompt. Its buffers, allocated at the prompt's end:
   capacity, packed_width(kept_k, bits))`` uint8 and per-block ``scale``/``zero`` ``(batch, kv_heads, capacity //
   32, kept_k)`` in the model's dtype; slot ``s`` is in block ``s // 32``. ``compact_values``, a `QuantValues`:
   ``codes`` ``(..., capacity, packed_width(kept_v, bits))``, ``scale``/``zero`` ``(..., capacity, groups)``.
-* ``ring_keys`` ``(batch, kv_heads, held + FOLD_BLOCK, head_dim)`` and ``ring_values`` ``(..., v_dim)``: the newest
-  tokens at **full width and full precision** (entry = logical position mod its size). Unlike the full-precision
-  static layer's ring, which holds only the pruned channels (the kept ones are in the slots from the start), this
-  one holds every channel: a token's kept channels reach the slots only when its block is quantized.
+* ``ring_keys`` ``(batch, kv_heads, recent + 2 * FOLD_BLOCK - 1, head_dim)`` and ``ring_values`` ``(..., v_dim)``:
+  the newest tokens at **full width and full precision** (entry = logical position mod its size). Unlike the
+  full-precision static layer's ring, which holds only the pruned channels (the kept ones are in the slots from
+  the start), this one holds every channel: a token's kept channels reach the slots only when its block is
+  quantized. A query sees ``held + FOLD_BLOCK`` tokens at full width at most, where ``held`` (``fold_held``, a 0-d
+  tensor) is ``recent`` plus the prompt's ``< 32`` tokens that compaction left short of a whole block: the ring is
+  sized for the largest ``held``, so that its shape, and a compiled graph, do not depend on the prompt's length.
 * ``slot_positions`` ``(batch, 1 or kv_heads, capacity)`` int32, as in `StaticThinKLayer`.
 
 **Slots.** The prompt's compact tokens (quantized eagerly by `QuantizedStore.append` at compaction, in blocks of 32
@@ -34,10 +37,10 @@ context: the largest transient is one chunk's codes in float32, ``batch * kv_hea
 channels * 4`` bytes (`think_cache.quant.attention_transient_bytes`), besides the ``(batch, kv_heads, rows,
 capacity)`` logits; the fold's own transient is one 32-token block in float32.
 
-**Bytes.** The codes of ``capacity`` tokens, the ring at full precision and the slot positions: 0.28x of
-transformers' ``StaticCache`` at key ratio 0.5, 4 bits, head_dim 64, bfloat16 and 1k tokens (0.18x in float32), the
-eager 4-bit cache's 0.23x (0.14x) of ``DynamicCache`` plus the ring (measured with a 40-token prompt, whose ring
-holds 40 tokens).
+**Bytes.** The codes of ``capacity`` tokens, the ring at full precision and the slot positions: 0.30x of
+transformers' ``StaticCache`` at key ratio 0.5, 4 bits, head_dim 64, bfloat16 and 1k tokens (0.21x in float32): the
+eager 4-bit cache's 0.23x (0.14x) of ``DynamicCache``, plus the ring's 63 tokens (0.06x of 1k, less for a larger
+``N``) and the slot positions.
 
 **Not supported** (refused when the cache is built): `StreamingLLM` and `H2O`, which free and reuse slots one token
 at a time, so a block's tokens would scatter over slots and a slot's scale would have to be found per token.
@@ -100,11 +103,13 @@ class QuantizedStaticThinKLayer(StaticThinKLayer):
     docstring. Before the end of the prompt it is a quantized `ThinKLayer`; after it, every step has static shapes."""
 
     _static_tensors = ("ring_keys", "ring_values", "slot_positions")
+    #: 0-d tensors besides the base class's (its ``fold_held`` is an int: here it depends on the prompt's length)
+    _scalars = ("fold_held",)
     #: The packed buffers (a `QuantKeys` and a `QuantValues`), written in place.
     _packed = ("compact_keys", "compact_values")
 
     def reset(self) -> None:
-        for name in self._packed:
+        for name in self._packed + self._scalars:
             setattr(self, name, None)
         self.slot_base: int | None = None
         super().reset()
@@ -118,6 +123,7 @@ class QuantizedStaticThinKLayer(StaticThinKLayer):
     def tensors(self) -> Iterator[torch.Tensor]:
         yield from super().tensors()
         yield from self._packed_tensors()
+        yield from (t for t in (getattr(self, name, None) for name in self._scalars) if t is not None)
 
     def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super()._map_tensors(fn)
@@ -173,8 +179,9 @@ class QuantizedStaticThinKLayer(StaticThinKLayer):
                 getattr(self.compact_values, name)[:, :, :n_prompt] = getattr(prompt_values, name)
 
         origin = self.origin
-        self.fold_held = self.static_held(origin, first)
-        ring = self.fold_held + self.fold_block  # the most a query sees at full width
+        # a tensor and a ring of a size that does not depend on the prompt's length: no recompile per prompt
+        self.fold_held = torch.tensor(self.static_held(origin, first), device=device)
+        ring = self.held_tokens(origin) + 2 * self.fold_block - 1  # the most a query sees at full width, at most
         self.ring_keys = keys.new_zeros(batch, kv_heads, ring, head_dim)
         self.ring_values = values.new_zeros(batch, kv_heads, ring, v_dim)
         self.slot_positions = self._prompt_slot_positions(batch, kv_heads, capacity, n_prompt, first)
