@@ -229,8 +229,8 @@ def test_too_small_max_cache_len_raises(model, batch):
 
 
 def test_refuses_what_it_cannot_do_yet(model, batch):
-    with pytest.raises(ValueError, match="max_cache_len"):
-        ThinKCache(0.5, max_cache_len=64, bits=4)
+    with pytest.raises(ValueError, match="does not support StreamingLLM"):  # bits alone works: test_static_quant.py
+        ThinKCache(0.5, max_cache_len=64, bits=4, policy=StreamingLLM(sink=4, recent=28))
     mistral = make_model("mistral")
     ids, mask = batch
     with pytest.raises(ValueError, match="sliding-window"):

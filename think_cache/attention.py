@@ -30,7 +30,6 @@ from . import kernels
 from ._compat import is_compiling
 from .compact import as_bool_mask, causal_mask, compact_probs, key_padding, thin_mask, thinned_store, weighted_values
 from .policies import attention_and_token_weights
-from .static import static_attention
 
 __all__ = ["ATTENTION_NAME", "think_attention", "register"]
 
@@ -147,7 +146,7 @@ def think_attention(
                 "A static ThinKCache (max_cache_len) does not return attention weights; use a ThinKCache without "
                 "max_cache_len for output_attentions=True."
             )
-        return static_attention(layer, query, attention_mask, scale, softcap), None
+        return layer.attend(query, attention_mask, scale, softcap), None
     if layer.is_compacted:
         return _attend_compacted(layer, query, attention_mask, scale, wants_attention, softcap)
 

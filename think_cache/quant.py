@@ -782,10 +782,10 @@ def quantized_attention_output(
     if tokens == 0:
         return out
     per, width = 8 // qv.bits, qv.codes.shape[-1]
-    # (B, H, G, rows, tokens): the weights times each group's scales, G rows per query
-    scaled = torch.empty(batch, heads, groups, rows, tokens, dtype=torch.float32, device=w.device)
-    torch.mul(w[:, :, None], qv.scale.float().transpose(-1, -2)[:, :, :, None], out=scaled)
-    scaled = scaled.view(batch * heads, groups * rows, tokens)
+    # (B, H, G, rows, tokens): the weights times each group's scales, G rows per query. With the scales made
+    # contiguous the product is laid out contiguously, so the reshape is a view (an `out=` buffer failed inductor)
+    scale = qv.scale.float().transpose(-1, -2).contiguous()
+    scaled = torch.mul(w[:, :, None], scale[:, :, :, None]).reshape(batch * heads, groups * rows, tokens)
     chunk = _chunk_tokens(chunk_tokens, 1, tokens)
     buffer = torch.empty(per, batch, heads, chunk, width, dtype=torch.float32, device=w.device)
     acc = torch.zeros(per, batch * heads, groups * rows, width, dtype=torch.float32, device=w.device)

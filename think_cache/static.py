@@ -49,8 +49,12 @@ between two evictions, and the step after the prompt; plus ``recent + 1 - policy
 tokens holds 0.08x the bytes of a ``StaticCache`` of 1024. A prompt longer than ``N`` raises at the prefill, and the
 patched ``generate`` refuses ``prompt + max_new_tokens > N``; nothing is ever truncated silently.
 
-**Not supported yet** (refused with a clear error): quantized storage (``bits``), sliding-window layers, a second
-prompt on a filled cache (a chat's next turn, assisted decoding) and `crop`.
+**Quantized storage** (``bits``) is a subclass, `think_cache.static_quant.QuantizedStaticThinKLayer`: packed codes
+in the slots, the newest tokens at full precision in the ring, each block quantized in the step that folds it;
+without a policy or with `SnapKV`. It refuses `StreamingLLM` and `H2O` (their freed slots would scatter a block).
+
+**Not supported yet** (refused with a clear error): quantized storage under `StreamingLLM` or `H2O`, sliding-window
+layers, a second prompt on a filled cache (a chat's next turn, assisted decoding) and `crop`.
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ class StaticThinKLayer(ThinKLayer):
     is_compileable = True
     is_croppable = False
     keeps_spare = False  # no later prompt: a static cache refuses a chat's next turn
+    #: The layer's own buffers whose first dimension is the batch (a storage kind's subclass names its own).
+    _static_tensors: tuple[str, ...] = _STATIC_TENSORS
 
     def __init__(self, max_cache_len: int, **kwargs):
         self.max_cache_len = max_cache_len
@@ -95,7 +101,7 @@ class StaticThinKLayer(ThinKLayer):
 
     def reset(self) -> None:
         # `length` is set at compaction: from then on the layer is static
-        for name in _STATIC_TENSORS + _STATIC_CHANNELS + _STATIC_SCALARS:
+        for name in self._static_tensors + _STATIC_CHANNELS + _STATIC_SCALARS:
             setattr(self, name, None)
         super().reset()
 
@@ -133,14 +139,14 @@ class StaticThinKLayer(ThinKLayer):
 
     def tensors(self) -> Iterator[torch.Tensor]:
         yield from super().tensors()
-        for name in _STATIC_TENSORS + _STATIC_CHANNELS + _STATIC_SCALARS:
+        for name in self._static_tensors + _STATIC_CHANNELS + _STATIC_SCALARS:
             t = getattr(self, name, None)
             if t is not None:
                 yield t
 
     def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super()._map_tensors(fn)
-        for name in _STATIC_TENSORS + _STATIC_CHANNELS:
+        for name in self._static_tensors + _STATIC_CHANNELS:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
@@ -152,7 +158,7 @@ class StaticThinKLayer(ThinKLayer):
         if scores is not None and self.token_scores is not scores:
             scores.copy_(self.token_scores)
             self.token_scores = scores
-        for name in _STATIC_TENSORS + _STATIC_CHANNELS:
+        for name in self._static_tensors + _STATIC_CHANNELS:
             t = getattr(self, name)
             if t is not None:
                 t.copy_(t.index_select(0, beam_idx.to(t.device)))
@@ -233,6 +239,13 @@ class StaticThinKLayer(ThinKLayer):
         """``(batch, 1 or kv_heads)``: the first slot holding no token."""
         return (self.slot_positions == FREE).to(torch.int32).argmax(dim=-1)
 
+    def attend(
+        self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None = None
+    ) -> torch.Tensor:
+        """Attention of one new token over the static buffers (`static_attention`): what the ThinK attention
+        calls once the layer is static. A storage kind's subclass brings its own."""
+        return static_attention(self, query, mask, scaling, softcap)
+
     def get_seq_length(self) -> int | torch.Tensor:
         """Tokens seen: an int before the end of the prompt, then a 0-d tensor (as transformers' ``StaticLayer``,
         so that a compiled step reads it without a graph break)."""
@@ -308,7 +321,7 @@ class StaticThinKLayer(ThinKLayer):
         origin = self.origin
         self.fold_origin = torch.tensor(origin, device=device)
         self.first_full = torch.tensor(first, device=device)
-        self.fold_held = self.held_tokens(origin)
+        self.fold_held = self.static_held(origin, first)
         self.length = torch.tensor(first, device=device)
         self.store.start(self.key_channels, self.value_channels)  # the buffers hold the tokens now
         self.compact_positions = None
@@ -318,6 +331,14 @@ class StaticThinKLayer(ThinKLayer):
         if not _compat.is_compiling():  # fixed addresses: no graph break or CUDA-graph re-record on in-place writes
             for t in self.tensors():
                 torch._dynamo.mark_static_address(t)
+
+    def static_held(self, origin: int, first: int) -> int:
+        """How many of the prompt's last tokens wait at full width with the generated ones (`fold_point`'s
+        ``held``) once static: `held_tokens`, plus, for a store that folds whole blocks (`QuantizedStore`), the
+        prompt's tokens short of a whole block that compaction left at full width (``first`` is the oldest
+        full-width token): its folds then take ``fold_block`` tokens from ``first`` on, as the eager layer's do."""
+        held = self.held_tokens(origin)
+        return held + (origin - held - first) % self.store.block
 
     def _prompt_slot_positions(self, batch: int, kv_heads: int, capacity: int, n_prompt: int, first: int):
         """``(batch, 1 or kv_heads, capacity)`` int32: the compact prompt tokens' positions in the first slots (a

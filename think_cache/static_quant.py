@@ -1,0 +1,324 @@
+"""A static, compileable ThinK layer with a quantized compact part: ``ThinKCache(bits=..., max_cache_len=N)``.
+
+`QuantizedStaticThinKLayer` is the `StaticThinKLayer` of a `QuantizedStore`: the same schedule and the same answers
+as the eager quantized `ThinKLayer` (the same tokens quantized at the same steps, in the same blocks), with static
+shapes after the prompt. Its buffers, allocated at the prompt's end:
+
+* ``compact_keys``, a regular `think_cache.quant.QuantKeys` over ``capacity`` slots: ``codes`` ``(batch, kv_heads,
+  capacity, packed_width(kept_k, bits))`` uint8 and per-block ``scale``/``zero`` ``(batch, kv_heads, capacity //
+  32, kept_k)`` in the model's dtype; slot ``s`` is in block ``s // 32``. ``compact_values``, a `QuantValues`:
+  ``codes`` ``(..., capacity, packed_width(kept_v, bits))``, ``scale``/``zero`` ``(..., capacity, groups)``.
+* ``ring_keys`` ``(batch, kv_heads, recent + 2 * FOLD_BLOCK - 1, head_dim)`` and ``ring_values`` ``(..., v_dim)``:
+  the newest tokens at **full width and full precision** (entry = logical position mod its size). Unlike the
+  full-precision static layer's ring, which holds only the pruned channels (the kept ones are in the slots from
+  the start), this one holds every channel: a token's kept channels reach the slots only when its block is
+  quantized. A query sees ``held + FOLD_BLOCK`` tokens at full width at most, where ``held`` (``fold_held``, a 0-d
+  tensor) is ``recent`` plus the prompt's ``< 32`` tokens that compaction left short of a whole block: the ring is
+  sized for the largest ``held``, so that its shape, and a compiled graph, do not depend on the prompt's length.
+* ``slot_positions`` ``(batch, 1 or kv_heads, capacity)`` int32, as in `StaticThinKLayer`.
+
+**Slots.** The prompt's compact tokens (quantized eagerly by `QuantizedStore.append` at compaction, in blocks of 32
+from the first, the last one possibly partial under `SnapKV`) fill the first slots; the slots up to the next
+multiple of 32 stay empty, and the token at position ``p >= first`` (``first``: the oldest full-width token at the
+prompt's end) takes slot ``base + p - first`` with ``base`` that multiple. So every block the layer folds lands on
+whole blocks of slots and the keys stay regular: no per-token block index.
+
+**Folding quantizes.** The eager layer folds 32 tokens at the start of a step whose fold point passed a block, and
+quantizes them then (keys per channel over the block, values per token). Each static step computes the same block,
+the 32 positions before its fold point, from the ring (before the new token overwrites the oldest entry),
+quantizes it (fixed shapes) and writes codes, scales and zero points with ``torch.where(folds, new, old)``: a no-op
+in the 31 steps of 32 that fold nothing (an eager step quantizes only when it folds). Prompt compaction stays eager.
+
+**Attention** (`quantized_static_attention`): one float32 softmax over the slots' logits
+(`think_cache.quant.quantized_attention_logits` over the whole capacity, masked where the slot's token is not yet
+folded, is free, or is padding) and the ring's full-width logits (masked before the fold point); the output is
+`quantized_attention_output` over the slots (kept value channels) plus the ring's values. Neither dequantizes the
+context: the largest transient is one chunk's codes in float32, ``batch * kv_heads * min(2048, capacity) *
+channels * 4`` bytes (`think_cache.quant.attention_transient_bytes`), besides the ``(batch, kv_heads, rows,
+capacity)`` logits; the fold's own transient is one 32-token block in float32.
+
+**Bytes.** The codes of ``capacity`` tokens, the ring at full precision and the slot positions: 0.30x of
+transformers' ``StaticCache`` at key ratio 0.5, 4 bits, head_dim 64, bfloat16 and 1k tokens (0.21x in float32): the
+eager 4-bit cache's 0.23x (0.14x) of ``DynamicCache``, plus the ring's 63 tokens (0.06x of 1k, less for a larger
+``N``) and the slot positions.
+
+**Not supported** (refused when the cache is built): `StreamingLLM` and `H2O`, which free and reuse slots one token
+at a time, so a block's tokens would scatter over slots and a slot's scale would have to be found per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from . import _compat, quant
+from .compact import as_bool_mask, cap_logits, gather_channels, scatter_channels
+from .layer import fold_point
+from .static import StaticThinKLayer
+
+__all__ = [
+    "QuantizedStaticThinKLayer",
+    "quantized_static_attention",
+    "masked_index_copy",
+    "ring_positions",
+    "zero_keys",
+    "zero_values",
+]
+
+
+def ring_positions(t: torch.Tensor, size: int) -> torch.Tensor:
+    """``(size,)``: the logical position each ring entry holds when the newest written is ``t`` (a 0-d tensor);
+    entry ``i`` holds the newest position ``<= t`` that is ``i`` mod ``size`` (negative: never written)."""
+    return t - torch.remainder(t - torch.arange(size, device=t.device), size)
+
+
+def masked_index_copy(buffer: torch.Tensor, dim: int, index: torch.Tensor, rows: torch.Tensor, write: torch.Tensor):
+    """``buffer.index_copy_(dim, index, rows)`` where the 0-d bool ``write`` is True, else nothing: the rows at
+    ``index`` are written back unchanged. Static shapes: a step that may or may not fold compiles to one graph."""
+    old = buffer.index_select(dim, index)
+    buffer.index_copy_(dim, index, torch.where(write, rows, old))
+
+
+def zero_keys(like: torch.Tensor, tokens: int, channels: int, bits: int, block: int) -> quant.QuantKeys:
+    """Regular `QuantKeys` of ``tokens`` (a multiple of ``block``) all-zero tokens, batch and heads, dtype and device
+    those of ``like`` ``(batch, kv_heads, ...)``: the buffers of a static layer, written in place."""
+    batch, heads = like.shape[:2]
+    codes = torch.zeros(batch, heads, tokens, quant.packed_width(channels, bits), dtype=torch.uint8, device=like.device)
+    scale = like.new_zeros(batch, heads, tokens // block, channels)
+    return quant.QuantKeys(codes, scale, torch.zeros_like(scale), None, bits, block, channels)
+
+
+def zero_values(like: torch.Tensor, tokens: int, channels: int, bits: int, group_size: int) -> quant.QuantValues:
+    """`QuantValues` of ``tokens`` all-zero tokens, as `zero_keys` (``group_size`` clipped to ``channels``, as
+    `think_cache.quant.quantize_values` clips it)."""
+    batch, heads = like.shape[:2]
+    codes = torch.zeros(batch, heads, tokens, quant.packed_width(channels, bits), dtype=torch.uint8, device=like.device)
+    scale = like.new_zeros(batch, heads, tokens, quant.value_groups(channels, group_size))
+    return quant.QuantValues(codes, scale, torch.zeros_like(scale), bits, min(group_size, channels), channels)
+
+
+class QuantizedStaticThinKLayer(StaticThinKLayer):
+    """A static ThinK layer whose compact part is quantized (its store is a `QuantizedStore`); see the module
+    docstring. Before the end of the prompt it is a quantized `ThinKLayer`; after it, every step has static shapes."""
+
+    _static_tensors = ("ring_keys", "ring_values", "slot_positions")
+    #: 0-d tensors besides the base class's (its ``fold_held`` is an int: here it depends on the prompt's length)
+    _scalars = ("fold_held",)
+    #: The packed buffers (a `QuantKeys` and a `QuantValues`), written in place.
+    _packed = ("compact_keys", "compact_values")
+
+    def reset(self) -> None:
+        for name in self._packed + self._scalars:
+            setattr(self, name, None)
+        self.slot_base: int | None = None
+        super().reset()
+
+    def _packed_tensors(self) -> Iterator[torch.Tensor]:
+        for name in self._packed:
+            part = getattr(self, name, None)
+            if part is not None:
+                yield from part.tensors()
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        yield from super().tensors()
+        yield from self._packed_tensors()
+        yield from (t for t in (getattr(self, name, None) for name in self._scalars) if t is not None)
+
+    def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super()._map_tensors(fn)
+        for name in self._packed:
+            part = getattr(self, name)
+            if part is not None:
+                setattr(self, name, part.map(fn))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)  # in place, as the base class's buffers
+        for t in self._packed_tensors():
+            t.copy_(t.index_select(0, beam_idx.to(t.device)))
+
+    @property
+    def compact_tokens(self) -> int:
+        if not self.is_static:
+            return super().compact_tokens
+        return int((self.slot_positions < self.length).sum(-1).max())
+
+    def free_slot(self) -> torch.Tensor:
+        """``(batch, 1 or kv_heads)``: the slot of the token at position ``length``, ``base + length - first``."""
+        slot = self.length - self.first_full + self.slot_base
+        return slot.to(torch.int64).expand(*self.slot_positions.shape[:2])
+
+    # --------------------------------------------------------------------------------------- compaction
+    def _allocate(self) -> None:
+        """Allocate the packed buffers and the ring, and move the compacted prompt into them."""
+        keys, values = self.keys, self.values  # full width: the prompt's tokens the compaction left (and any later)
+        batch, kv_heads, n_full, head_dim = keys.shape
+        v_dim = values.shape[-1]
+        store = self.store
+        block, bits = store.block, store.bits
+        first = self.full_from
+        n_prompt = store.tokens
+        base = -(-n_prompt // block) * block
+        capacity = -(-(base + self.max_cache_len - first) // block) * block
+        kept_k = self.key_channels.shape[-1]
+        kept_v = v_dim if self.value_channels is None else self.value_channels.shape[-1]
+        device = keys.device
+
+        self.compact_keys = zero_keys(keys, capacity, kept_k, bits, block)
+        self.compact_values = zero_values(values, capacity, kept_v, bits, store.group_size)
+        if n_prompt:
+            prompt_keys, prompt_values = store.keys, store.values
+            if not prompt_keys.is_regular:
+                raise RuntimeError(
+                    "think_cache: a prompt's quantized keys are irregular; this is a bug, please report it"
+                )
+            self.compact_keys.codes[:, :, :n_prompt] = prompt_keys.codes
+            self.compact_keys.scale[:, :, : prompt_keys.n_blocks] = prompt_keys.scale
+            self.compact_keys.zero[:, :, : prompt_keys.n_blocks] = prompt_keys.zero
+            for name in ("codes", "scale", "zero"):
+                getattr(self.compact_values, name)[:, :, :n_prompt] = getattr(prompt_values, name)
+
+        origin = self.origin
+        # a tensor and a ring of a size that does not depend on the prompt's length: no recompile per prompt
+        self.fold_held = torch.tensor(self.static_held(origin, first), device=device)
+        ring = self.held_tokens(origin) + 2 * self.fold_block - 1  # the most a query sees at full width, at most
+        self.ring_keys = keys.new_zeros(batch, kv_heads, ring, head_dim)
+        self.ring_values = values.new_zeros(batch, kv_heads, ring, v_dim)
+        self.slot_positions = self._prompt_slot_positions(batch, kv_heads, capacity, n_prompt, first)
+        self.slot_base = base
+        self.fold_origin = torch.tensor(origin, device=device)
+        self.first_full = torch.tensor(first, device=device)
+        self.length = torch.tensor(first, device=device)
+        store.start(self.key_channels, self.value_channels)  # the buffers hold the tokens now
+        self.compact_positions = None
+        self.keys, self.values = keys[:, :, :0].clone(), values[:, :, :0].clone()
+        for i in range(n_full):  # the full-width tokens, as if decoded one at a time
+            self._write(keys[:, :, i : i + 1], values[:, :, i : i + 1])
+        if not _compat.is_compiling():  # fixed addresses: no graph break or CUDA-graph re-record on in-place writes
+            for t in self.tensors():
+                torch._dynamo.mark_static_address(t)
+
+    # ------------------------------------------------------------------------------------------ decoding
+    def _write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold (quantize) the block the token at ``length`` no longer sees at full width, if its step folds one;
+        then store the token in the ring and mark its slot, and advance ``length``. Returns the ring (the ThinK
+        attention reads the layer)."""
+        position = self.length.view(1)
+        self._fold_block(self.length)  # before the new token takes the ring entry of the block's oldest
+        ring_index = torch.remainder(position, self.ring_keys.shape[2])
+        self.ring_keys.index_copy_(2, ring_index, key_states)
+        self.ring_values.index_copy_(2, ring_index, value_states)
+        slot = self.free_slot()
+        self.slot_positions.scatter_(-1, slot[..., None], position.to(torch.int32).expand_as(slot)[..., None])
+        self.length.add_(1)
+        return self.ring_keys, self.ring_values
+
+    def _fold_block(self, t: torch.Tensor) -> None:
+        """In the step of the query at ``t``: quantize the ``fold_block`` positions before its fold point from the
+        ring into their slots, when this step folds them (`_folds_at`), as the eager layer's `_fold` does.
+
+        A compiled step has one graph for both cases: it quantizes the block in every step and writes it with
+        `masked_index_copy` (in the steps that fold nothing, the slots' own rows back). That costs: on the CPU
+        (inductor, a 2-layer Llama with 2 KV heads of 64, 300 tokens, steps interleaved) a compiled 4-bit step took
+        3.1 ms, 2.6 ms without the fold, against 2.0 ms for the full-precision static layer. ``torch.cond`` would
+        skip the quantization in the steps that fold nothing; tried, the compiled forward then lost the cache's
+        hand-off to the attention (not pursued further). Eagerly only a folding step quantizes (one read of the
+        flag, as `_check_free_slot`'s): quantizing a block eagerly costs about twice the attention over 1k
+        tokens."""
+        block = self.fold_block
+        fold = fold_point(t, self.fold_origin, self.fold_held, block)
+        folds = self._folds_at(t, fold)
+        compiling = _compat.is_compiling()
+        if not compiling and not bool(folds):
+            return
+        capacity = self.slot_positions.shape[-1]
+        start = (fold - block - self.first_full + self.slot_base).clamp(0, capacity - block)  # a valid index always
+        slots = start + torch.arange(block, device=t.device)
+        for (buffer, index), rows in zip(self._fold_targets(slots), self._quantized_rows(fold), strict=True):
+            if compiling:
+                masked_index_copy(buffer, 2, index, rows, folds)
+            else:
+                buffer.index_copy_(2, index, rows)
+
+    def _fold_targets(self, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What a fold writes, as ``(buffer, index along the tokens)``: key codes at the block's ``slots``, key scale
+        and zero point at its block, value codes, scales and zero points at its slots."""
+        block_index = slots[:1] // self.fold_block
+        keys, values = self.compact_keys, self.compact_values
+        return [(keys.codes, slots), (keys.scale, block_index), (keys.zero, block_index)] + [
+            (t, slots) for t in (values.codes, values.scale, values.zero)
+        ]
+
+    def _quantized_rows(self, fold: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The block of the ``fold_block`` positions before ``fold``, read from the ring and quantized as the eager
+        layer's fold quantizes it: keys (kept channels) per channel over the block, values (kept channels) per
+        token. Returns the rows of `_fold_targets`, in its order."""
+        block = self.fold_block
+        entries = torch.remainder(fold - block + torch.arange(block, device=fold.device), self.ring_keys.shape[2])
+        keys = gather_channels(self.ring_keys.index_select(2, entries), self.key_channels)
+        values = self.ring_values.index_select(2, entries)
+        if self.value_channels is not None:
+            values = gather_channels(values, self.value_channels)
+        qk = quant.quantize_keys(keys, self.compact_keys.bits, block)
+        qv = quant.quantize_values(values, self.compact_values.bits, self.compact_values.group_size)
+        return qk.codes, qk.scale, qk.zero, qv.codes, qv.scale, qv.zero
+
+    def attend(
+        self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None = None
+    ) -> torch.Tensor:
+        return quantized_static_attention(self, query, mask, scaling, softcap)
+
+
+def quantized_static_attention(
+    layer: QuantizedStaticThinKLayer,
+    query: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention of one new token over a quantized static layer, ``(batch, 1, q_heads, v_dim)``; see the module
+    docstring. Arguments as in `think_cache.static.static_attention`.
+
+    The slots' logits come from their codes in chunks (`think_cache.quant.quantized_attention_logits`), the ring's
+    from its full-precision keys; one float32 softmax spans both, each masked by positions (a slot before the fold
+    point, a ring entry from it on) and padding. No dequantized copy of the context is made: the largest transient
+    is one chunk's codes in float32 (`think_cache.quant.attention_transient_bytes`).
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads = layer.ring_keys.shape[1]
+    rows = q_heads // kv_heads * q_len
+    q = query.reshape(batch, kv_heads, rows, head_dim)
+    t = layer.length - 1  # the query's logical position
+    fold = fold_point(t, layer.fold_origin, layer.fold_held, layer.fold_block)
+    capacity = layer.slot_positions.shape[-1]
+
+    compact = quant.quantized_attention_logits(gather_channels(q, layer.key_channels), layer.compact_keys, scaling)
+    recent = torch.matmul(q, layer.ring_keys.transpose(-1, -2)).float().mul_(scaling)
+    logits = cap_logits(torch.cat([compact, recent], dim=-1), softcap)
+
+    positions = layer.slot_positions.long()  # (batch, 1 | kv_heads, capacity)
+    ring = ring_positions(t, layer.ring_keys.shape[2])
+    visible = torch.cat(
+        [
+            (positions < fold).expand(batch, kv_heads, capacity),  # folded (quantized) tokens; free slots are FREE
+            (ring >= torch.maximum(fold, layer.first_full)).expand(batch, kv_heads, ring.shape[0]),
+        ],
+        dim=-1,
+    )[:, :, None, :]
+    mask = as_bool_mask(mask)
+    if mask is not None:  # padding, gathered at each column's position
+        width = mask.shape[-1]
+        index = torch.cat([positions.expand(batch, kv_heads, capacity), ring.expand(batch, kv_heads, -1)], dim=-1)
+        index = index.clamp(0, width - 1)[:, :, None, :]
+        mask = mask[:, :1].expand(batch, kv_heads, q_len, width)
+        visible = visible & mask.gather(-1, index.expand(-1, -1, q_len, -1))
+    # a finite minimum, not -inf: a fully masked (padded) row then gives a uniform softmax instead of NaN
+    probs = torch.softmax(logits.masked_fill(~visible, torch.finfo(logits.dtype).min), dim=-1)
+    layer.after_attention(mask, None)
+
+    values = layer.ring_values
+    kept = quant.quantized_attention_output(probs[..., :capacity], layer.compact_values).to(values.dtype)
+    if layer.value_channels is not None:
+        kept = scatter_channels(kept, layer.value_channels, values.shape[-1])
+    out = kept + torch.matmul(probs[..., capacity:].to(values.dtype), values)
+    return out.view(batch, q_heads, q_len, out.shape[-1]).transpose(1, 2)
