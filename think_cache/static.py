@@ -318,15 +318,21 @@ class StaticThinKLayer(ThinKLayer):
         if self.token_scores is not None:  # H2O: its prompt tokens' accumulated attention, then 0 per slot
             self.token_scores = torch.nn.functional.pad(self.token_scores, (0, capacity - n_prompt - n_full))
 
-        origin = self.origin
-        self.fold_origin = torch.tensor(origin, device=device)
+        self.fold_held = self.static_held(self.origin, first)
+        self._enter_static(keys, values, first)
+
+    def _enter_static(self, keys: torch.Tensor, values: torch.Tensor, first: int) -> None:
+        """The end of `_allocate`, once the buffers hold the compact prompt: the schedule's constants as 0-d
+        tensors, the store emptied (the buffers hold its tokens now), the full-width ``keys``/``values`` (logical
+        positions from ``first``) written as if decoded one at a time, and every buffer's address fixed."""
+        device = keys.device
+        self.fold_origin = torch.tensor(self.origin, device=device)
         self.first_full = torch.tensor(first, device=device)
-        self.fold_held = self.static_held(origin, first)
         self.length = torch.tensor(first, device=device)
-        self.store.start(self.key_channels, self.value_channels)  # the buffers hold the tokens now
+        self.store.start(self.key_channels, self.value_channels)
         self.compact_positions = None
         self.keys, self.values = keys[:, :, :0].clone(), values[:, :, :0].clone()
-        for i in range(n_full):  # the full-width tokens, as if decoded one at a time
+        for i in range(keys.shape[-2]):
             self._write(keys[:, :, i : i + 1], values[:, :, i : i + 1])
         if not _compat.is_compiling():  # fixed addresses: no graph break or CUDA-graph re-record on in-place writes
             for t in self.tensors():

@@ -186,17 +186,7 @@ class QuantizedStaticThinKLayer(StaticThinKLayer):
         self.ring_values = values.new_zeros(batch, kv_heads, ring, v_dim)
         self.slot_positions = self._prompt_slot_positions(batch, kv_heads, capacity, n_prompt, first)
         self.slot_base = base
-        self.fold_origin = torch.tensor(origin, device=device)
-        self.first_full = torch.tensor(first, device=device)
-        self.length = torch.tensor(first, device=device)
-        store.start(self.key_channels, self.value_channels)  # the buffers hold the tokens now
-        self.compact_positions = None
-        self.keys, self.values = keys[:, :, :0].clone(), values[:, :, :0].clone()
-        for i in range(n_full):  # the full-width tokens, as if decoded one at a time
-            self._write(keys[:, :, i : i + 1], values[:, :, i : i + 1])
-        if not _compat.is_compiling():  # fixed addresses: no graph break or CUDA-graph re-record on in-place writes
-            for t in self.tensors():
-                torch._dynamo.mark_static_address(t)
+        self._enter_static(keys, values, first)
 
     # ------------------------------------------------------------------------------------------ decoding
     def _write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
