@@ -215,8 +215,10 @@ class ZeroedLayer(DynamicLayer):
         keys, values = super().update(key_states, value_states)
         offset = self.seen - keys.shape[-2]  # logical position of the first stored token
         if new_origin and self.sliding_window is None:  # the prompt's question, as far as it is not zeroed yet
+            kept = {position for position, _ in self.spare}
             for position in range(max(self.origin - self.window, self.zeroed_before, offset), self.origin):
-                self.spare.append((position, keys[:, :, position - offset].clone()))
+                if position not in kept:
+                    self.spare.append((position, keys[:, :, position - offset].clone()))
             self.spare = self.spare[-SPARE_PROMPTS * self.window :]
         if self.origin is not None:
             held = self.recent if self.origin == self.first_origin else self.later_recent

@@ -134,8 +134,15 @@ def test_a_later_prompt_sees_the_earlier_questions_whole(policy):
     cache = ThinKCache(key_ratio=0.5, window=8, policy=policy)
     end1, end2 = _two_turns(model, cache)
     for layer in cache.layers:
-        assert layer.spare_positions == list(range(end1 - 8, end1)) + list(range(end2 - 8, end2))
-        assert layer.spare_keys.shape[-2:] == (16, layer.head_dim - layer.key_channels.shape[-1])
+        questions = list(range(end1 - 8, end1)) + list(range(end2 - 8, end2))
+        if isinstance(policy, H2O):  # those every head evicted are forgotten
+            assert set(layer.spare_positions) <= set(questions) and layer.spare_positions == sorted(
+                layer.spare_positions
+            )
+        else:
+            assert layer.spare_positions == questions
+        n = len(layer.spare_positions)
+        assert layer.spare_keys.shape[-2:] == (n, layer.head_dim - layer.key_channels.shape[-1])
         assert layer.restored(1, 2) is None  # a decoding row sees them thinned
         layer.prompt_end = layer.seen_tokens + 5  # as if a third turn's forward of 5 tokens had just been fed
         restored = layer.restored(5, 2)
@@ -331,3 +338,48 @@ def test_crop_undoes_the_newest_forward_exactly(arch, overrides, bits):
         cache.crop(-5)
         again = model(input_ids=extra[:, 2:], use_cache=True, past_key_values=cache).logits
     torch.testing.assert_close(first[:, 2:], again, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("recent", [0, 4])
+def test_short_turns_keep_each_question_once(recent):
+    """Regression: a later prompt shorter than `window` (with the reply before it) kept aside again the tokens of the
+    question before it, still at full width; once folded, a later prompt's rows got their pruned share twice."""
+    model = make_model("llama")
+    ids, _ = make_batch([50], seed=6)
+    turns = [
+        torch.randint(3, 200, (1, n), generator=torch.Generator().manual_seed(i)) for i, n in enumerate([30, 3, 3, 20])
+    ]
+    new_tokens = [8, 3, 3, 40, 4] if recent == 0 else [3, 3, 3, 40, 4]
+
+    def chat(cache):
+        outs, sequence = [], ids
+        for turn, n in enumerate(new_tokens):
+            outs.append(generate(model, sequence, torch.ones_like(sequence), cache, n))
+            if turn < len(turns):
+                sequence = torch.cat([outs[-1].sequences, turns[turn]], dim=-1)
+        return outs
+
+    cache = ThinKCache(key_ratio=0.5, window=8, recent=recent)
+    outs = chat(cache)
+    for layer in cache.layers:
+        assert layer.spare_positions == sorted(set(layer.spare_positions))
+    for a, b in zip(outs, chat(zeroed_reference(cache, model)), strict=True):
+        for x, y in zip(a.logits, b.logits, strict=True):
+            torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "policy", [H2O(budget=24, recent=4), StreamingLLM(sink=2, recent=22)], ids=["h2o", "streaming"]
+)
+def test_evicted_questions_are_not_kept_aside(policy):
+    """Under a policy that evicts while decoding, a question every head evicted keeps no channels aside (they held
+    half the bytes of an 8-turn StreamingLLM chat)."""
+    model = make_model("llama")
+    cache = ThinKCache(key_ratio=0.5, window=8, policy=policy)
+    _two_turns(model, cache, new_tokens=40)
+    for layer in cache.layers:
+        positions = torch.tensor(layer.spare_positions, dtype=torch.long)
+        held = torch.isin(positions, layer.compact_positions) | (positions >= layer.full_from)
+        assert bool(held.all())
+        assert layer.spare_keys is None or layer.spare_keys.shape[-2] == len(layer.spare_positions)
+        assert min(layer.spare_positions, default=50) >= 50  # the first question went 40 tokens later: forgotten

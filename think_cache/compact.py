@@ -113,7 +113,7 @@ class Restored:
         """Add the pruned channels' share to the compact logits ``(batch, kv_heads, group * q_len, n_compact)`` of
         ``q (batch, kv_heads, group * q_len, head_dim)``, in place: those rows then see those tokens' keys whole."""
         share = torch.matmul(gather_channels(q, self.channels), self.keys.transpose(-1, -2)).float().mul_(scaling)
-        share *= self.present[:, :, None, :] & self.rows[None, None, :, None]
+        share = torch.where(self.present[:, :, None, :] & self.rows[None, None, :, None], share, 0.0)
         index = self.columns[:, :, None, :].expand_as(share)
         logits.scatter_add_(-1, index, share)  # absent tokens add 0 at a valid column
 

@@ -338,6 +338,10 @@ class ThinKLayer(CacheLayerMixin):
             self.window_queries = self.window_queries[:, :, :, :keep].clone()
         self.seen_tokens -= count
         self.forward_tokens = max(self.forward_tokens - count, 0)
+        kept = sum(p < self.seen_tokens for p in self.spare_positions)  # forget questions cut off (ascending)
+        if kept < len(self.spare_positions):
+            self.spare_positions = self.spare_positions[:kept]
+            self.spare_keys = self.spare_keys[:, :, :kept].clone() if kept else None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -430,6 +434,9 @@ class ThinKLayer(CacheLayerMixin):
     def _keep_spare(self, keys: torch.Tensor, first: int) -> None:
         """Keep aside the pruned key channels of ``keys`` (full width, logical positions from ``first``), the end of
         a prompt: its later prompts' rows see them whole (`restored`)."""
+        if self.spare_positions and first <= self.spare_positions[-1]:  # already kept (a short later turn)
+            keys = keys[:, :, self.spare_positions[-1] + 1 - first :]
+            first = self.spare_positions[-1] + 1
         n, pruned = keys.shape[-2], self.head_dim - self.key_channels.shape[-1]
         if not self.keeps_spare or n == 0 or pruned == 0:
             return
@@ -665,6 +672,18 @@ class ThinKLayer(CacheLayerMixin):
         n_keep = max(n_compact - excess, int((always | prefer).sum(-1).max()))
         keep = top_tokens(scores, n_keep, always, ~real_at, prefer)
         self._keep_compact(keep)
+        self._forget_evicted_spare()
+
+    def _forget_evicted_spare(self) -> None:
+        """Drop the kept-aside channels of tokens that every head has evicted (a later prompt cannot see them)."""
+        if not self.spare_positions:
+            return
+        positions = torch.tensor(self.spare_positions, device=self.compact_positions.device)
+        held = torch.isin(positions, self.compact_positions) | (positions >= self.full_from)
+        if bool(held.all()):
+            return
+        self.spare_positions = [p for p, h in zip(self.spare_positions, held.tolist(), strict=True) if h]
+        self.spare_keys = self.spare_keys[:, :, held].contiguous() if self.spare_positions else None
 
     def _keep_compact(self, index: torch.Tensor) -> None:
         """Keep the compact tokens at ``index`` ``(B, H, K)`` per head (ascending)."""
