@@ -383,3 +383,51 @@ def test_evicted_questions_are_not_kept_aside(policy):
         assert bool(held.all())
         assert layer.spare_keys is None or layer.spare_keys.shape[-2] == len(layer.spare_positions)
         assert min(layer.spare_positions, default=50) >= 50  # the first question went 40 tokens later: forgotten
+
+
+@pytest.mark.parametrize(
+    "policy", [None, H2O(budget=40, recent=4), SnapKV(budget=24, window=8)], ids=["none", "h2o", "snapkv"]
+)
+def test_a_long_later_prompt_attends_in_row_chunks_exactly(policy, monkeypatch):
+    """A later prompt's forward over a compacted layer builds its logits a chunk of query rows at a time
+    (`attention.ROW_CHUNK_ELEMENTS`): one row per chunk gives the logits, the weights asked for and H2O's scores
+    of one pass."""
+    from think_cache import attention
+
+    model = make_model("llama")
+    ids, _ = make_batch([50], seed=6)
+    turn2 = torch.randint(3, 200, (1, 30), generator=torch.Generator().manual_seed(2))
+
+    def run():
+        cache = ThinKCache(key_ratio=0.5, window=8, policy=policy)
+        first = generate(model, ids, torch.ones_like(ids), cache, 8)
+        sequence = torch.cat([first.sequences, turn2], dim=-1)
+        with torch.no_grad():
+            out = model(input_ids=sequence[:, cache.get_seq_length() :], past_key_values=cache, output_attentions=True)
+        scores = [layer.token_scores.clone() for layer in cache.layers if layer.token_scores is not None]
+        return out, scores
+
+    whole, whole_scores = run()
+    monkeypatch.setattr(attention, "ROW_CHUNK_ELEMENTS", 1)
+    chunked, chunked_scores = run()
+    torch.testing.assert_close(whole.logits, chunked.logits, atol=1e-5, rtol=0)
+    for a, b in zip(whole.attentions, chunked.attentions, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    for a, b in zip(whole_scores, chunked_scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert (len(whole_scores) > 0) == isinstance(policy, H2O)
+
+
+def test_row_chunk_helpers():
+    """The pieces of a row chunk: the causal rows of an absent mask, and rows laid out group member by member."""
+    from think_cache.attention import _group_rows, _mask_rows, _row_chunk
+    from think_cache.compact import causal_mask
+
+    full = causal_mask(7, 20, torch.device("cpu"))
+    assert torch.equal(_mask_rows(None, 2, 5, 7, 20, torch.device("cpu")), full[:, :, 2:5])
+    assert _mask_rows(None, 0, 7, 7, 20, torch.device("cpu")) is None
+    assert torch.equal(_mask_rows(full, 3, 4, 7, 20, None), full[:, :, 3:4])
+    rows = torch.arange(2 * 7 * 3).view(2 * 7, 3)  # group 2, 7 rows
+    assert torch.equal(_group_rows(rows, 2, 7, 1, 3), torch.cat([rows[1:3], rows[8:10]]))
+    assert _row_chunk(batch_x_heads=4, n_total=100, q_len=10**6) == think_cache.attention.ROW_CHUNK_ELEMENTS // 400
+    assert _row_chunk(batch_x_heads=4, n_total=100, q_len=3) == 3

@@ -21,7 +21,7 @@ dynamo's guard building; see ``test_a_cache_dying_during_a_compile_does_not_brea
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -217,7 +217,9 @@ def _attend_compacted(
     The fused kernel (`think_cache.kernels`, chosen by `kernels.use_kernel`: on CUDA for a `FullStore`, never with a
     ``softcap``) serves the forwards that need only the output: no attention weights asked for, none accumulated by
     the policy (H2O), no query row that must see recent tokens thinned (`ThinKLayer.thinned_rows`) nor earlier
-    questions whole (`ThinKLayer.restored`: a chat's later prompt). The rest takes the torch path.
+    questions whole (`ThinKLayer.restored`: a chat's later prompt). The rest takes the torch path, whose float32
+    logits are built a chunk of query rows at a time (`ROW_CHUNK_ELEMENTS`): a long later prompt over a long
+    context stays within one chunk's memory.
     """
     q_len = query.shape[2]
     group = query.shape[1] // layer.keys.shape[1]
@@ -236,15 +238,66 @@ def _attend_compacted(
         return out, None
     thin = thin_mask(layer.thinned_rows(q_len), group, query.device)
     thinned = thinned_store(layer.store, layer.keys, layer.values, thin)
-    probs = compact_probs(
-        query, layer.store, layer.keys, layer.attention_mask(mask, q_len), scale, thin, thinned, softcap, restored
-    )
-    out = weighted_values(probs, layer.store, layer.values, thin, thinned)
-    weights = _weights_per_token(layer, probs).to(query.dtype) if wants_attention else None
-    # a policy that accumulates attention (H2O) gets each stored token's weight, summed over its group's queries
-    token_weights = probs.sum(dim=(2, 3)) if layer.token_scores is not None else None
+    stored_mask = layer.attention_mask(mask, q_len)
+    n_total = layer.compact_tokens + layer.keys.shape[-2]
+    rows = _row_chunk(query.shape[0] * query.shape[1], n_total, q_len)
+    outs, weights, token_weights = [], [], None
+    for start in range(0, q_len, rows):  # one pass, unless a long forward (a later prompt) meets a long context
+        stop = min(start + rows, q_len)
+        thin_rows = _group_rows(thin, group, q_len, start, stop)
+        restored_rows = None
+        if restored is not None:
+            restored_rows = replace(restored, rows=_group_rows(restored.rows, group, q_len, start, stop))
+        probs = compact_probs(
+            query[:, :, start:stop],
+            layer.store,
+            layer.keys,
+            _mask_rows(stored_mask, start, stop, q_len, n_total, query.device),
+            scale,
+            thin_rows,
+            thinned,
+            softcap,
+            restored_rows,
+        )
+        outs.append(weighted_values(probs, layer.store, layer.values, thin_rows, thinned))
+        if wants_attention:
+            weights.append(_weights_per_token(layer, probs).to(query.dtype))
+        # a policy that accumulates attention (H2O) gets each stored token's weight, summed over its group's queries
+        if layer.token_scores is not None:
+            chunk_weights = probs.sum(dim=(2, 3))
+            token_weights = chunk_weights if token_weights is None else token_weights + chunk_weights
+        del probs
     layer.after_attention(mask, token_weights)
-    return out, weights
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return out, (torch.cat(weights, dim=2) if wants_attention else None)
+
+
+#: The most float32 logits one chunk of query rows builds over a compacted layer (`_attend_compacted`'s torch
+#: path): 2**26 (256 MiB). A decoding step is one chunk; a later prompt of 4k tokens over a 32k-token context on an
+#: 8B-shaped model (32 query heads) is split into chunks of 64 rows instead of one 16 GiB block.
+ROW_CHUNK_ELEMENTS = 2**26
+
+
+def _row_chunk(batch_x_heads: int, n_total: int, q_len: int) -> int:
+    """Query rows per chunk: as many as fit `ROW_CHUNK_ELEMENTS` logits, at least one."""
+    return max(1, min(q_len, ROW_CHUNK_ELEMENTS // max(batch_x_heads * n_total, 1)))
+
+
+def _mask_rows(mask: torch.Tensor | None, start: int, stop: int, q_len: int, n_total: int, device) -> torch.Tensor:
+    """The mask rows of queries ``start:stop`` of ``q_len`` (None, for every row: causal, the queries the newest)."""
+    if start == 0 and stop == q_len:
+        return mask
+    if mask is not None:
+        return mask[:, :, start:stop]
+    positions = torch.arange(n_total - q_len + start, n_total - q_len + stop, device=device)
+    return (torch.arange(n_total, device=device)[None, :] <= positions[:, None])[None, None]
+
+
+def _group_rows(rows: torch.Tensor | None, group: int, q_len: int, start: int, stop: int) -> torch.Tensor | None:
+    """The rows ``start:stop`` of a per-row tensor laid out group member by member (``(group * q_len, ...)``)."""
+    if rows is None or (start == 0 and stop == q_len):
+        return rows
+    return rows.view(group, q_len, *rows.shape[1:])[:, start:stop].reshape(group * (stop - start), *rows.shape[1:])
 
 
 def _stored_columns(mask: torch.Tensor | None, stored: int) -> torch.Tensor | None:
