@@ -256,6 +256,21 @@ def test_attention_equals_fake_quant_reference(bits, pieces, chunk):
     torch.testing.assert_close(out.view_as(ref_out), ref_out, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("regular", [True, False])
+def test_attention_over_several_chunks_traces_whole(regular):
+    """Regression: a chunk after the first wrote its logits with a non-contiguous ``out=``, which dynamo refuses: a
+    compiled static quantized cache over more than one chunk (SmolLM2 at 2k) failed with a graph break."""
+    torch.manual_seed(3)
+    batch, kv_heads, rows, kept = 1, 2, 3, 8
+    pieces = [96, 64] if regular else [17, 32, 5, 32]
+    qk = quantize_pieces(torch.randn(batch, kv_heads, sum(pieces), kept), 4, pieces)
+    assert qk.is_regular == regular
+    q = torch.randn(batch, kv_heads, rows, kept)
+    eager = quant.quantized_attention_logits(q, qk, 0.5, 32)
+    compiled = torch.compile(quant.quantized_attention_logits, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, qk, 0.5, 32), eager, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_bf16_scales_and_float32_accumulation(bits):
     torch.manual_seed(bits)

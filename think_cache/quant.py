@@ -669,6 +669,16 @@ def attention_transient_bytes(
     return batch * kv_heads * chunk * per * -(-channels // per) * 4
 
 
+def _sum_planes(products: torch.Tensor, logits: torch.Tensor) -> None:
+    """``logits[...] = products.sum(0)``: straight into ``logits`` when it is one block of memory (the only chunk);
+    a later chunk's columns are not, and dynamo refuses a non-contiguous ``out=`` (a graph break under
+    ``fullgraph``: a static quantized cache over more than one chunk failed to compile)."""
+    if logits.is_contiguous():
+        torch.sum(products, dim=0, out=logits)
+    else:
+        logits.copy_(products.sum(dim=0))
+
+
 def quantized_attention_logits(
     query: torch.Tensor, qk: QuantKeys, scaling: float, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 ) -> torch.Tensor:
@@ -728,11 +738,11 @@ def quantized_attention_logits(
             first, blocks = start // block, -(-n // block)
             tiles = buffer[:, :, :, : blocks * block].view(per, batch, heads, blocks, block, width)
             tiles.mul_(s_planes[:, :, :, first : first + blocks, None])
-            torch.sum(torch.matmul(q_planes, k.transpose(-1, -2)), dim=0, out=logits)
+            _sum_planes(torch.matmul(q_planes, k.transpose(-1, -2)), logits)
         else:  # each token's block through the index
             index = qk.block_index[:, :, start : start + n].long()
             k.mul_(s_planes.gather(3, index[None, :, :, :, None].expand(per, batch, heads, n, width)))
-            torch.sum(torch.matmul(q_planes, k.transpose(-1, -2)), dim=0, out=logits)
+            _sum_planes(torch.matmul(q_planes, k.transpose(-1, -2)), logits)
             logits.add_(bias.gather(-1, index[:, :, None].expand(batch, heads, rows, n)))
     if qk.block_index is None:  # the zero points' bias, block by block
         full = tokens // block * block
