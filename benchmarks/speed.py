@@ -3,10 +3,11 @@
 
     python -m benchmarks.speed --lengths 1024,2048,4096 --repeats 3
 
-For every context length and method: the bytes the cache holds after the prompt (measured from its tensors),
-the prefill time, and the median decode time per token. Methods run interleaved, their order rotated each
-repeat, after a warm-up; each figure is the median over repeats and is also given as a ratio to DynamicCache
-from the same run. Writes benchmarks/results/speed_<tag>.json.
+For every context length and method: the bytes the cache holds after the prompt and after the decode steps
+(measured from its tensors; right after a prompt transformers' sliding layers still view the whole prompt, so on
+Gemma 3 the second is DynamicCache's real footprint), the prefill time, and the median decode time per token.
+Methods run interleaved, their order rotated each repeat, after a warm-up; each figure is the median over repeats
+and is also given as a ratio to DynamicCache from the same run. Writes benchmarks/results/speed_<tag>.json.
 
 ``unpatched`` is DynamicCache on the model before `think_cache.patch` (it is unpatched for that method and
 patched again for the next), so ``dynamic`` against it is the cost of the patch alone::
@@ -100,6 +101,8 @@ def measure(
             _sync(device)
             steps.append(time.perf_counter() - start)
     row = {"prefill_s": prefill, "decode_s_per_token": statistics.median(steps[warmup_tokens:]), "held_bytes": held}
+    # after decoding too: right after a prompt transformers' sliding layers still view the whole prompt (Gemma 3)
+    row["held_bytes_decoded"] = held_bytes(cache)
     if device.type == "cuda":
         row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() - base
     return row
@@ -145,10 +148,17 @@ def run(
 
 
 def summary(result: dict) -> str:
-    lines = ["| context | method | KV memory | prefill | decode / token |", "|---|---|---|---|---|"]
+    lines = [
+        "| context | method | KV memory | after decoding | prefill | decode / token |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
+        decoded = "-"  # not in results files written before it was measured
+        if "held_bytes_decoded" in r:
+            decoded = f"{r['held_bytes_decoded'] / 2**20:.1f} MiB ({r['held_bytes_decoded_vs_dynamic']:.2f}x)"
         lines.append(
             f"| {r['length']} | {r['method']} | {r['held_bytes'] / 2**20:.1f} MiB ({r['held_bytes_vs_dynamic']:.2f}x) "
+            f"| {decoded} "
             f"| {r['prefill_s']:.2f} s ({r['prefill_s_vs_dynamic']:.2f}x) "
             f"| {1000 * r['decode_s_per_token']:.1f} ms ({r['decode_s_per_token_vs_dynamic']:.2f}x) |"
         )
