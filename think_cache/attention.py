@@ -224,19 +224,20 @@ def _attend_compacted(
     q_len = query.shape[2]
     group = query.shape[1] // layer.keys.shape[1]
     restored = layer.restored(q_len, group)
+    thinned_rows = layer.thinned_rows(q_len)
     if (
         not wants_attention
         and layer.token_scores is None
         and restored is None
+        and thinned_rows is None
         and kernels.use_kernel(layer.store, query.device, softcap)
-        and layer.thinned_rows(q_len) is None
     ):
         out = kernels.store_attention(
             query, layer.store, layer.keys, layer.values, layer.attention_mask(mask, q_len), scale
         )
         layer.after_attention(mask, None)
         return out, None
-    thin = thin_mask(layer.thinned_rows(q_len), group, query.device)
+    thin = thin_mask(thinned_rows, group, query.device)
     thinned = thinned_store(layer.store, layer.keys, layer.values, thin)
     stored_mask = layer.attention_mask(mask, q_len)
     n_total = layer.compact_tokens + layer.keys.shape[-2]
@@ -289,8 +290,7 @@ def _mask_rows(mask: torch.Tensor | None, start: int, stop: int, q_len: int, n_t
         return mask
     if mask is not None:
         return mask[:, :, start:stop]
-    positions = torch.arange(n_total - q_len + start, n_total - q_len + stop, device=device)
-    return (torch.arange(n_total, device=device)[None, :] <= positions[:, None])[None, None]
+    return causal_mask(q_len, n_total, device, start, stop)
 
 
 def _group_rows(rows: torch.Tensor | None, group: int, q_len: int, start: int, stop: int) -> torch.Tensor | None:

@@ -71,9 +71,13 @@ def key_padding(
     return real.expand(batch, kv_length)
 
 
-def causal_mask(q_length: int, kv_length: int, device: torch.device) -> torch.Tensor:
-    """``(1, 1, q_length, kv_length)`` bool mask for queries that are the last ``q_length`` keys."""
-    q_pos = torch.arange(kv_length - q_length, kv_length, device=device)
+def causal_mask(
+    q_length: int, kv_length: int, device: torch.device, start: int = 0, stop: int | None = None
+) -> torch.Tensor:
+    """``(1, 1, q_length, kv_length)`` bool mask for queries that are the last ``q_length`` keys; only the rows
+    ``start:stop`` of it when given (a chunk of the queries)."""
+    first = kv_length - q_length
+    q_pos = torch.arange(first + start, first + (q_length if stop is None else stop), device=device)
     return (torch.arange(kv_length, device=device)[None, :] <= q_pos[:, None])[None, None]
 
 

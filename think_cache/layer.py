@@ -338,10 +338,7 @@ class ThinKLayer(CacheLayerMixin):
             self.window_queries = self.window_queries[:, :, :, :keep].clone()
         self.seen_tokens -= count
         self.forward_tokens = max(self.forward_tokens - count, 0)
-        kept = sum(p < self.seen_tokens for p in self.spare_positions)  # forget questions cut off (ascending)
-        if kept < len(self.spare_positions):
-            self.spare_positions = self.spare_positions[:kept]
-            self.spare_keys = self.spare_keys[:, :, :kept].clone() if kept else None
+        self._retain_spare([p < self.seen_tokens for p in self.spare_positions])  # forget questions cut off
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -434,11 +431,13 @@ class ThinKLayer(CacheLayerMixin):
     def _keep_spare(self, keys: torch.Tensor, first: int) -> None:
         """Keep aside the pruned key channels of ``keys`` (full width, logical positions from ``first``), the end of
         a prompt: its later prompts' rows see them whole (`restored`)."""
+        if not self.keeps_spare:
+            return
         if self.spare_positions and first <= self.spare_positions[-1]:  # already kept (a short later turn)
             keys = keys[:, :, self.spare_positions[-1] + 1 - first :]
             first = self.spare_positions[-1] + 1
         n, pruned = keys.shape[-2], self.head_dim - self.key_channels.shape[-1]
-        if not self.keeps_spare or n == 0 or pruned == 0:
+        if n == 0 or pruned == 0:
             return
         spare = gather_channels(keys, pruned_channels(self.key_channels, self.head_dim))
         positions = self.spare_positions + list(range(first, first + n))
@@ -449,10 +448,10 @@ class ThinKLayer(CacheLayerMixin):
 
     def restored(self, q_len: int, group: int) -> Restored | None:
         """For the current forward's ``q_len`` query rows (of each of a KV head's ``group`` query heads): the compact
-        tokens a later prompt's rows see at full width (the
-        earlier prompts' questions, kept aside by `_keep_spare`), or None when no row does (decoding, the usual
-        case). A row is a later prompt's when it comes before the prompt end ``generate`` declared; without a
-        declared end, every row of a multi-token forward is."""
+        tokens a later prompt's rows see at full width (the earlier prompts' questions, kept aside by
+        `_keep_spare`), or None when no row does (decoding, the usual case). A row is a later prompt's when it
+        comes before the prompt end ``generate`` declared; without a declared end, every row of a multi-token
+        forward is."""
         if self.spare_keys is None or self.compact_tokens == 0:
             return None
         t0 = self.seen_tokens - q_len
@@ -680,10 +679,15 @@ class ThinKLayer(CacheLayerMixin):
             return
         positions = torch.tensor(self.spare_positions, device=self.compact_positions.device)
         held = torch.isin(positions, self.compact_positions) | (positions >= self.full_from)
-        if bool(held.all()):
+        self._retain_spare(held.tolist())
+
+    def _retain_spare(self, keep: list[bool]) -> None:
+        """Keep the kept-aside channels of the questions' tokens where ``keep`` (one flag per spare position)."""
+        if all(keep):
             return
-        self.spare_positions = [p for p, h in zip(self.spare_positions, held.tolist(), strict=True) if h]
-        self.spare_keys = self.spare_keys[:, :, held].contiguous() if self.spare_positions else None
+        self.spare_positions = [p for p, k in zip(self.spare_positions, keep, strict=True) if k]
+        index = torch.tensor(keep, device=self.spare_keys.device)
+        self.spare_keys = self.spare_keys[:, :, index].contiguous() if self.spare_positions else None
 
     def _keep_compact(self, index: torch.Tensor) -> None:
         """Keep the compact tokens at ``index`` ``(B, H, K)`` per head (ascending)."""
