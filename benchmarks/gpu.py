@@ -52,6 +52,12 @@ Expected on an H100 with the default groups: start-up (imports, CUDA, model, war
 about 25 s; 32k about 75 s (H2O's prefill alone 30-40 s); batch 8 at 8k about 60 s; 128k about 20 s a method
 (H2O skipped by its estimate); the repeats of the first group fill what is left of the budget.
 
+``--compile`` adds ``static-compiled`` and ``think-0.5+static-compiled`` (the static ThinK cache of
+``ThinKCache(key_ratio=0.5, max_cache_len=N)``, its decode step under ``torch.compile(fullgraph=True,
+mode="reduce-overhead")``); any method of a static cache ending in ``-compiled`` decodes so, in a child process.
+``--kernel-config JSON`` launches the Triton kernel as ``benchmarks/kernel_check.py --sweep`` chose (saved in
+that JSON).
+
 ``--smoke``: a tiny Llama (2 layers, hidden 64, 4 query / 2 KV heads) on the CPU with short prompts, policy
 budgets scaled down to 64 tokens and 4 decode steps: the whole pipeline in seconds, for the tests
 (``--smoke --device cuda --profile --compile`` checks the GPU paths in about a minute).
@@ -83,6 +89,7 @@ from think_cache import _compat, held_bytes
 from think_cache.cache import human_bytes
 
 from .common import RESULTS, machine, make_cache, save_json, set_patched, tell_prompt_length
+from .kernel_check import apply_launch_config
 
 LLAMA_8B = dict(
     vocab_size=128256,
@@ -120,7 +127,21 @@ DEFAULT_GROUPS = "1x8k,1x32k,8x8k,1x128k"
 SMOKE_GROUPS = "1x96,1x160,2x96"
 
 UNPATCHED_METHODS = ("unpatched", "static", "static-compiled")
-CHILD_METHODS = ("static-compiled",)  # run in a child process, with a timeout
+#: What ``--compile`` adds at the first group: transformers' StaticCache and the static ThinK cache, compiled.
+COMPILE_METHODS = ("static-compiled", "think-0.5+static-compiled")
+
+
+def is_compiled(method: str) -> bool:
+    """A ``-compiled`` method decodes under ``torch.compile`` (CUDA graphs on a GPU), in a child process with a
+    timeout: transformers' ``static-compiled`` or a static ThinK cache, e.g. ``think-0.5+static-compiled``."""
+    return method.endswith("-compiled")
+
+
+def cache_name(method: str) -> str:
+    """The `make_cache` name of a method: ``-compiled`` says how it decodes, not which cache it has."""
+    return method.removesuffix("-compiled")
+
+
 GIB = 2**30
 
 
@@ -152,9 +173,7 @@ def prompt_ids(batch: int, context: int, vocab: int, device) -> torch.Tensor:
 def new_cache(method: str, model, context: int, steps: int):
     if method == "unpatched":
         return DynamicCache()
-    # "static-compiled" is transformers' StaticCache ("static"), decoded compiled
-    name = "static" if method == "static-compiled" else method
-    return make_cache(name, model.config, max_cache_len=context + steps + 1)
+    return make_cache(cache_name(method), model.config, max_cache_len=context + steps + 1)
 
 
 def _sync(device) -> None:
@@ -173,14 +192,18 @@ def measure(model, method: str, batch: int, context: int, steps: int, warmup: in
     device = model.device
     cuda = _is_cuda(model)
     ids = prompt_ids(batch, context, model.config.vocab_size, device)
+    compiled = is_compiled(method)
+    if compiled:
+        warmup = max(warmup, 3)  # compile, a first run, the CUDA graphs recorded: then the replays are timed
     cache = new_cache(method, model, context, warmup + steps + (1 if profile else 0))
     tell_prompt_length(cache, ids)
     kwargs = {_compat.CACHE_ARGUMENT: cache, "use_cache": True, "logits_to_keep": 1}
     forward = model
     position = _static_positions(model, batch, context) if method.startswith("static") else None
-    if method == "static-compiled":
-        forward = torch.compile(model.__call__, mode="reduce-overhead")
-        warmup = max(warmup, 3)  # compile, a first run, the CUDA graphs recorded: then the replays are timed
+    if compiled:
+        # ThinK's static step is captured whole (fullgraph): a graph break would be a defect, not a slower figure
+        mode = "reduce-overhead" if cuda else None
+        forward = torch.compile(model.__call__, mode=mode, fullgraph=method != "static-compiled")
     row: dict = {"status": "ok"}
     if cuda:
         torch.cuda.empty_cache()
@@ -202,14 +225,14 @@ def measure(model, method: str, batch: int, context: int, steps: int, warmup: in
             extra = position(i) if position else {}
             _sync(device)
             start = time.perf_counter()
-            if method == "static-compiled":
+            if compiled and cuda:
                 torch.compiler.cudagraph_mark_step_begin()
             out = forward(input_ids=token, **kwargs, **extra)
             token = out.logits[:, -1:].argmax(-1)
             _sync(device)
             times.append(time.perf_counter() - start)
             del out
-        if method == "static-compiled":
+        if compiled:
             row["compile_s"] = times[0]  # the first call compiles (and CUDA graphs are recorded on the next)
         decode = times[warmup:]
         row["decode_s_per_token"] = statistics.median(decode)
@@ -288,6 +311,7 @@ def measure_in_child(args, method: str, batch: int, context: int, timeout_s: flo
             str(args.warmup_steps),
         ]
         command += ["--device", args.device] + (["--smoke"] if args.smoke else [])
+        command += ["--kernel-config", str(args.kernel_config)] if args.kernel_config else []
         start = time.perf_counter()
         child = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent)
         if register:
@@ -310,6 +334,8 @@ def measure_in_child(args, method: str, batch: int, context: int, timeout_s: flo
 
 def child_main(args) -> int:
     ((batch, context),) = parse_groups(args.groups)
+    if args.kernel_config:
+        apply_launch_config(args.kernel_config)
     model, _ = build_model(args.smoke, args.device)
     row = run_one(lambda: measure(model, args.child, batch, context, args.decode_steps, args.warmup_steps, False))
     save_json(row, Path(args.out))
@@ -334,7 +360,7 @@ def context_label(context: int) -> str:
 def schedule(groups, methods, repeats: int, compile_methods) -> list[tuple[int, int, int, str]]:
     """``(pass, batch, context, method)`` in the order they run: every group once, child-process cells at the end
     of that first pass, then more passes over the first group with the method order rotated."""
-    plain = [m for m in methods if m not in CHILD_METHODS]
+    plain = [m for m in methods if not is_compiled(m)]
     cells = [(0, b, c, m) for b, c in groups for m in plain]
     cells += [(0, b, c, m) for b, c in groups[:1] for m in compile_methods]
     for p in range(1, repeats):
@@ -500,6 +526,9 @@ def parse_args(argv):
     parser.add_argument("--profile", action="store_true", help="count kernels of one step in the first group")
     parser.add_argument("--compile", action="store_true", help="add static-compiled at the first group")
     parser.add_argument("--compile-timeout-s", type=float, default=200.0)
+    parser.add_argument(
+        "--kernel-config", metavar="JSON", default=None, help="launch the kernel as a kernel_check --sweep chose"
+    )
     parser.add_argument("--device", default=None, help="default cuda (smoke: cpu)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model, short prompts: seconds on the CPU")
     parser.add_argument("--plot-only", metavar="JSON", default=None, help="plot and tabulate a result, run nothing")
@@ -529,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for method in args.methods:
         if method not in UNPATCHED_METHODS and method != "dynamic":
-            make_cache(method)  # an unknown name fails now, not after the model is built
+            make_cache(cache_name(method))  # an unknown name fails now, not after the model is built
 
     def elapsed() -> float:
         return time.perf_counter() - started
@@ -561,12 +590,13 @@ def main(argv: list[str] | None = None) -> int:
 def benchmark(args, elapsed, log, child: dict) -> dict:
     """Build the model, warm up, run the schedule within the budget; the JSON is written after every cell."""
     groups = parse_groups(args.groups)
-    compile_methods = [m for m in args.methods if m in CHILD_METHODS] + (["static-compiled"] * args.compile)
+    compile_methods = [m for m in args.methods if is_compiled(m)] + list(COMPILE_METHODS if args.compile else ())
     compile_methods = list(dict.fromkeys(compile_methods))
-    methods = [m for m in args.methods if m not in CHILD_METHODS]
+    methods = [m for m in args.methods if not is_compiled(m)]
     if "unpatched" not in methods:
         methods.insert(0, "unpatched")
 
+    launch = apply_launch_config(args.kernel_config) if args.kernel_config else None
     model, build_s = build_model(args.smoke, args.device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     log(f"model built in {build_s:.2f} s: {weights / GIB:.2f} GiB of weights on {model.device}")
@@ -593,8 +623,13 @@ def benchmark(args, elapsed, log, child: dict) -> dict:
             "profile": args.profile,
             "compile_timeout_s": args.compile_timeout_s,
             "logits_to_keep": 1,
+            "kernel_launch": launch,
         },
-        "caches": {m: repr(make_cache(m)) for m in methods if m not in UNPATCHED_METHODS and m != "dynamic"},
+        "caches": {
+            m: repr(make_cache(cache_name(m)))
+            for m in methods + compile_methods
+            if m not in UNPATCHED_METHODS and m != "dynamic"
+        },
         "cells": [],
         "finished": False,
     }
@@ -611,7 +646,7 @@ def benchmark(args, elapsed, log, child: dict) -> dict:
             result["cells"].append(cells[key])
         left = args.budget_s - elapsed()
         # a compile needs a minute at least; a cell of unknown cost (the first) runs if any time is left
-        guess = 60.0 if method in CHILD_METHODS else estimate_s(history, method, batch, context) or 0.0
+        guess = 60.0 if is_compiled(method) else estimate_s(history, method, batch, context) or 0.0
         if left <= 0 or guess > left:
             reason = f"budget: about {guess:.0f} s needed, {left:.0f} s left"
             if repeat == 0:
@@ -620,7 +655,7 @@ def benchmark(args, elapsed, log, child: dict) -> dict:
             log(f"{where}: skipped ({reason})")
             continue
         start = time.perf_counter()
-        if method in CHILD_METHODS:
+        if is_compiled(method):
             timeout = min(args.compile_timeout_s, left - 5)
 
             def register(process):
@@ -634,7 +669,7 @@ def benchmark(args, elapsed, log, child: dict) -> dict:
             )
         row["cell_s"] = time.perf_counter() - start
         row["at_s"] = elapsed()
-        if row["status"] == "ok" and method not in CHILD_METHODS:
+        if row["status"] == "ok" and not is_compiled(method):
             history.append({"method": method, "batch": batch, "context": context, **row})
         cells[key]["samples"].append(row)
         merge(cells[key])

@@ -13,12 +13,19 @@
    (what a decode step pays, host-side launch overhead included) and ``gpu_us`` with the GPU held busy while the
    call is queued (the kernels' own time).
 
+3. With ``--sweep`` (first, about a minute on an H100): the kernel's GPU time at 8k/32k/128k tokens under each
+   launch config of a small grid (`think_cache.kernels.LaunchConfig`: tokens per tile, warps, pipelining stages,
+   then programs per SM for the best of those), head_dim 128. The best (least mean time relative to the current
+   default) is applied before the checks and timings above, and saved as ``launch_config``;
+   ``python -m benchmarks.gpu --kernel-config that.json`` launches with it too.
+
 Writes JSON to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -152,11 +159,92 @@ def time_layer(n_compact: int, n_recent: int, device: str, runs: int, warmup: in
     return row
 
 
+SWEEP_TILES = dict(block_n=(32, 64, 128), num_warps=(4, 8), num_stages=(2, 3, 4))
+SWEEP_PROGRAMS_PER_SM = (1, 2, 4, 8)
+
+
+def sweep(device: str, runs: int, lengths, shape: dict, tiles=SWEEP_TILES, per_sm=SWEEP_PROGRAMS_PER_SM) -> dict:
+    """The kernel's GPU time (µs, one query token) at each ``lengths`` under each launch config of the grid, for
+    heads of ``shape["head_dim"]``; returns the rows and the best config (least mean time relative to the
+    current one). The current config is restored afterwards."""
+    from think_cache import kernels
+
+    head_dim, key = shape["head_dim"], kernels._pow2(shape["head_dim"])
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    inputs = {
+        n: make_inputs(1, shape["kv_heads"], shape["group"], 1, head_dim, head_dim // 2, None, n, 16, dtype, device)
+        for n in lengths
+    }
+    timer = _timer(device)
+    default = kernels.LAUNCH.get(key, kernels.LaunchConfig())
+    rows: list[dict] = []
+
+    def measure(config) -> dict:
+        kernels.LAUNCH[key] = config
+        row = dataclasses.asdict(config)
+        try:
+            for n, (query, store, rk, rv) in inputs.items():
+
+                def fn(query=query, store=store, rk=rk, rv=rv):
+                    return kernels.store_attention(query, store, rk, rv, None, head_dim**-0.5)
+
+                for _ in range(3):
+                    fn()
+                call_us, gpu_us = timer(fn, runs)
+                row[f"us_{n}"] = gpu_us if gpu_us is not None else call_us
+        except Exception as error:  # noqa: BLE001 - a config the compiler refuses (registers, shared memory)
+            row["error"] = f"{type(error).__name__}: {str(error)[:200]}"
+        rows.append(row)
+        return row
+
+    try:
+        base = measure(default)
+        if "error" in base:
+            raise RuntimeError(f"the current launch config fails: {base['error']}")
+
+        def score(row: dict) -> float:
+            if "error" in row:
+                return float("inf")
+            return sum(row[f"us_{n}"] / base[f"us_{n}"] for n in lengths) / len(lengths)
+
+        for block_n in tiles["block_n"]:
+            for warps in tiles["num_warps"]:
+                for stages in tiles["num_stages"]:
+                    measure(dataclasses.replace(default, block_n=block_n, num_warps=warps, num_stages=stages))
+        best_tiles = min(rows, key=score)
+        chosen = {k: best_tiles[k] for k in ("block_n", "num_warps", "num_stages")}
+        for programs in per_sm:
+            measure(kernels.LaunchConfig(**chosen, programs_per_sm=programs))
+        for row in rows:
+            row["relative"] = score(row)
+        best = min(rows, key=score)
+    finally:
+        kernels.LAUNCH[key] = default
+    fields = ("block_n", "num_warps", "num_stages", "programs_per_sm")
+    return {
+        "head_dim": head_dim,
+        "default": dataclasses.asdict(default),
+        "best": {k: best[k] for k in fields},
+        "rows": rows,
+    }
+
+
+def apply_launch_config(path: str) -> dict:
+    """Launch the kernel with the ``launch_config`` a ``--sweep`` saved in ``path`` (for `benchmarks.gpu`)."""
+    from think_cache import kernels
+
+    config = json.loads(open(path).read())["launch_config"]
+    fields = {k: v for k, v in config.items() if k != "head_dim"}
+    kernels.configure(config["head_dim"], **fields)
+    return config
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="where to write the JSON results")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, Triton interpreted")
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--sweep", action="store_true", help="tune the launch config first (see the docstring)")
     args = parser.parse_args(argv)
     if args.smoke:  # before Triton is first imported (the model classes of transformers import it)
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -186,10 +274,22 @@ def main(argv: list[str] | None = None) -> dict:
         ]
         lengths, runs, warmup, timing_shape = (8192, 32768, 131072), args.runs, 10, LLAMA_8B
 
+    tuning = None
+    if args.sweep:
+        if args.smoke:  # the grid's shape only: each interpreted call takes a while
+            grid = dict(tiles=dict(block_n=(32, 64), num_warps=(4,), num_stages=(None,)), per_sm=(1, 2))
+            tuning = sweep(device, 1, (256,), timing_shape, **grid)
+        else:
+            tuning = sweep(device, min(runs, 20), lengths, timing_shape)
+        kernels.configure(tuning["head_dim"], **tuning["best"])
+        print(f"launch config for head_dim {tuning['head_dim']}: {tuning['best']} (was {tuning['default']})")
+    launch = kernels.LAUNCH[kernels._pow2(timing_shape["head_dim"])]
     results = {
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
+        "launch_config": {"head_dim": timing_shape["head_dim"], **dataclasses.asdict(launch)},
+        "sweep": tuning,
         "checks": [check(shape, dtype, device) for dtype in (torch.bfloat16, torch.float32) for shape in checks],
         "timings": [time_layer(n, 16, device, runs, warmup, timing_shape) for n in lengths],
     }

@@ -104,6 +104,30 @@ def test_groups_schedule_and_estimates():
     assert gpu.estimate_s(history, "think-0.5", 1, 32768) > gpu.estimate_s(history, "unpatched", 1, 32768)
 
 
+def test_compiled_methods_name_their_cache():
+    assert gpu.is_compiled("think-0.5+static-compiled") and gpu.is_compiled("static-compiled")
+    assert not gpu.is_compiled("think-0.5+static") and not gpu.is_compiled("think-0.5")
+    assert gpu.cache_name("snapkv-64+think-0.5+static-compiled") == "snapkv-64+think-0.5+static"
+    args = gpu.parse_args(
+        ["--smoke", "--compile", "--methods", "unpatched,think-0.5,snapkv-64+think-0.5+static-compiled"]
+    )
+    plan = gpu.schedule([(1, 8)], ["unpatched", "think-0.5"], 1, ["snapkv-64+think-0.5+static-compiled"])
+    assert plan[-1] == (0, 1, 8, "snapkv-64+think-0.5+static-compiled") and args.methods[-1].endswith("-compiled")
+
+
+@pytest.mark.slow
+def test_compiled_static_think_cell():
+    """A compiled static ThinK cache decodes in a child process (about 40 s of compiling on this CPU), with its
+    bytes below transformers' StaticCache."""
+    args = gpu.parse_args(["--smoke"])
+    row = gpu.measure_in_child(args, "think-0.5+static-compiled", 1, 96, timeout_s=300)
+    assert row["status"] == "ok", row
+    assert row["compile_s"] > row["decode_s_per_token"] > 0
+    assert len(row["decode_steps_s"]) == 3 + 4  # a compiled cell warms up three steps at least
+    static = gpu.measure_in_child(args, "static", 1, 96, timeout_s=120)
+    assert row["held_bytes"] < static["held_bytes"]
+
+
 def test_profile_step_counts_ops():
     model, _ = gpu.build_model(smoke=True, device="cpu")
     row = gpu.measure(model, "think-0.5", 1, 64, 2, 1, profile=True)

@@ -197,3 +197,37 @@ def test_kernel_check_smoke(tmp_path):
     results = kernel_check.main(["--smoke", "--out", str(out), "--runs", "2"])
     assert results["all_ok"] and len(results["checks"]) == 4
     assert json.loads(out.read_text())["timings"][0]["kernel_call_us"] > 0
+
+
+def test_kernel_check_sweep_applies_and_saves_its_choice(tmp_path, monkeypatch):
+    """--sweep times each launch config of its grid, applies the best, saves it as launch_config; the benchmarks
+    launch with it through apply_launch_config; the module's default is back afterwards."""
+    from benchmarks import kernel_check
+
+    monkeypatch.setattr(kernels, "LAUNCH", dict(kernels.LAUNCH))  # the run applies its choice for the process
+    default = kernels.LAUNCH[64]
+    out = tmp_path / "sweep.json"
+    results = kernel_check.main(["--smoke", "--sweep", "--out", str(out), "--runs", "1"])
+    tuning = results["sweep"]
+    rows = tuning["rows"]
+    assert results["all_ok"] and len(rows) == 1 + 2 + 2  # the current config, two tiles, two programs per SM
+    assert {r["block_n"] for r in rows} == {32, 64} and {r["programs_per_sm"] for r in rows} == {1, 2}
+    best = min(rows, key=lambda r: r["relative"])
+    assert tuning["best"] == {k: best[k] for k in ("block_n", "num_warps", "num_stages", "programs_per_sm")}
+    assert results["launch_config"] == {"head_dim": 64, **tuning["best"]}
+    kernels.LAUNCH[64] = default
+    kernel_check.apply_launch_config(str(out))
+    assert kernels.LAUNCH[64] == kernels.LaunchConfig(**tuning["best"])
+
+
+def test_launch_config_changes_the_launch_not_the_answer():
+    """Every launch config the sweep may pick (tiles, warps, stages, spans) gives the default's output."""
+    query, store, rk, rv = _case(n_compact=600, n_recent=5, kept_v=40, seed=3)
+    reference = kernels.store_attention(query, store, rk, rv, None, 0.125)
+    for changes in (dict(block_n=32), dict(num_warps=8, num_stages=2), dict(programs_per_sm=8, block_n=128)):
+        previous = kernels.configure(64, **changes)
+        try:
+            out = kernels.store_attention(query, store, rk, rv, None, 0.125)
+        finally:
+            kernels.LAUNCH[64] = previous
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)

@@ -43,6 +43,7 @@ import functools
 import importlib.util
 import math
 import os
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -294,9 +295,32 @@ def _pow2(n: int, least: int = 16) -> int:
 MAX_SPANS = 64
 #: Fewest tokens a span is given (shorter spans cost more partial results to write and combine than they save).
 MIN_SPAN_TOKENS = 256
-#: Tokens per tile, by head_dim (wider heads, smaller tiles: registers), and warps per program.
-BLOCK_N = {64: 64, 128: 32, 256: 32}
-NUM_WARPS = 4
+
+
+@dataclass
+class LaunchConfig:
+    """How the kernel is launched for one head width: tokens per tile (``block_n``; wider heads, smaller tiles:
+    registers), warps per program, software-pipelining stages of the token loop (None: Triton's default) and the
+    programs per SM the spans of a long context are sized for."""
+
+    block_n: int = 32
+    num_warps: int = 4
+    num_stages: int | None = None
+    programs_per_sm: int = 2
+
+
+#: The launch of each padded head width (tuned on an H100: ``benchmarks/kernel_check.py --sweep``). Replace an
+#: entry (or call `configure`) to launch otherwise; the answers do not depend on it.
+LAUNCH = {64: LaunchConfig(block_n=64), 128: LaunchConfig(block_n=32), 256: LaunchConfig(block_n=32)}
+
+
+def configure(head_dim: int, **changes) -> LaunchConfig:
+    """Launch heads of ``head_dim`` channels with ``changes`` (fields of `LaunchConfig`); returns the previous
+    config, to restore with ``LAUNCH[_pow2(head_dim)] = previous``. Used by the benchmarks' sweeps."""
+    key = _pow2(head_dim)
+    previous = LAUNCH.get(key, LaunchConfig())
+    LAUNCH[key] = replace(previous, **changes)
+    return previous
 
 
 @functools.lru_cache(maxsize=8)
@@ -306,11 +330,14 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split_length(n_total: int, programs: int, block_n: int, device: torch.device, split_tokens: int | None) -> int:
-    """Tokens per span, a multiple of ``block_n``: enough spans for about two programs per SM, none under
-    `MIN_SPAN_TOKENS` tokens, at most `MAX_SPANS` (``split_tokens`` forces a length, for tests)."""
+def _split_length(
+    n_total: int, programs: int, config: LaunchConfig, device: torch.device, split_tokens: int | None
+) -> int:
+    """Tokens per span, a multiple of the tile: enough spans for ``config.programs_per_sm`` programs per SM, none
+    under `MIN_SPAN_TOKENS` tokens, at most `MAX_SPANS` (``split_tokens`` forces a length, for tests)."""
+    block_n = config.block_n
     if split_tokens is None:
-        spans = -(-2 * _multiprocessors(device) // programs)
+        spans = -(-config.programs_per_sm * _multiprocessors(device) // programs)
         spans = max(1, min(spans, -(-n_total // MIN_SPAN_TOKENS), MAX_SPANS))
         split_tokens = -(-n_total // spans)
     return max(block_n, -(-split_tokens // block_n) * block_n)
@@ -409,10 +436,10 @@ def _attention(
     block_d = _pow2(head_dim)
     block_kk, block_kv = _pow2(kept_k), _pow2(kept_v)
     block_r = min(_pow2(group * q_len), 32 if head_dim > 128 else 64)
-    block_n = BLOCK_N.get(block_d, 32)
+    config = LAUNCH.get(block_d, LaunchConfig())
     row_blocks = -(-group * q_len // block_r)
     programs = batch * kv_heads * row_blocks
-    split_len = _split_length(n_total, programs, block_n, query.device, split_tokens)
+    split_len = _split_length(n_total, programs, config, query.device, split_tokens)
     n_splits = -(-n_total // split_len)
 
     out = query.new_empty(batch, q_len, q_heads, head_dim)
@@ -430,11 +457,12 @@ def _attention(
             *value_channels.stride(), *recent_keys.stride(), *recent_values.stride(), *mask_strides, *out.stride(),
             kv_heads, group, q_len, n_compact, n_recent, kept_k, kept_v, head_dim, split_len, n_splits, row_blocks,
             scale * _LOG2E,
-            BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_KK=block_kk, BLOCK_KV=block_kv,
+            BLOCK_R=block_r, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_KK=block_kk, BLOCK_KV=block_kv,
             HAS_MASK=has_mask, CAUSAL=q_len > 1, PRUNED_V=pruned_v, SPLIT=n_splits > 1, BLOCK_S=_pow2(n_splits),
             PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
             UPCAST=interpreting and query.dtype == torch.bfloat16,
-            num_warps=NUM_WARPS,
+            num_warps=config.num_warps,
+            **({} if config.num_stages is None else {"num_stages": config.num_stages}),
         )  # fmt: skip
     return out
 
