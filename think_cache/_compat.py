@@ -86,9 +86,9 @@ def sliding_window_of(module: torch.nn.Module) -> int | None:
 
 
 def is_compiling() -> bool:
-    """Whether torch.compile (dynamo) is tracing the current code."""
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+    """Whether torch.compile (dynamo) is tracing the current code (torch >= 2.3 has ``torch.compiler.is_compiling``;
+    think-cache needs 2.6). Called several times a layer in every step: no lookups beyond that call."""
+    return torch.compiler.is_compiling()
 
 
 @functools.cache
