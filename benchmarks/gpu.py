@@ -52,7 +52,7 @@ Expected on an H100 with the default groups: start-up (imports, CUDA, model, war
 about 25 s; 32k about 75 s (H2O's prefill alone 30-40 s); batch 8 at 8k about 60 s; 128k about 20 s a method
 (H2O skipped by its estimate); the repeats of the first group fill what is left of the budget.
 
-``--compile`` adds ``static-compiled`` and ``think-0.5+static-compiled`` (the static ThinK cache of
+``--compile`` adds ``think-0.5+static-compiled`` and ``static-compiled`` (the static ThinK cache of
 ``ThinKCache(key_ratio=0.5, max_cache_len=N)``, its decode step under ``torch.compile(fullgraph=True,
 mode="reduce-overhead")``); any method of a static cache ending in ``-compiled`` decodes so, in a child process.
 ``--kernel-config JSON`` launches the Triton kernel as ``benchmarks/kernel_check.py --sweep`` chose (saved in
@@ -128,7 +128,7 @@ SMOKE_GROUPS = "1x96,1x160,2x96"
 
 UNPATCHED_METHODS = ("unpatched", "static", "static-compiled")
 #: What ``--compile`` adds at the first group: transformers' StaticCache and the static ThinK cache, compiled.
-COMPILE_METHODS = ("static-compiled", "think-0.5+static-compiled")
+COMPILE_METHODS = ("think-0.5+static-compiled", "static-compiled")
 
 
 def is_compiled(method: str) -> bool:

@@ -9,10 +9,10 @@ out=${1:-benchmarks/results}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
-timeout 150 python3 -m benchmarks.kernel_check --sweep --out "$out/kernel_check_h100.json" 2>&1 | tail -20
+timeout 120 python3 -m benchmarks.kernel_check --sweep --out "$out/kernel_check_h100.json" 2>&1 | tail -20
 config=()
 [ -f "$out/kernel_check_h100.json" ] && config=(--kernel-config "$out/kernel_check_h100.json")
-timeout 420 python3 -m benchmarks.gpu --groups 1x8k,1x32k \
+timeout 380 python3 -m benchmarks.gpu --groups 1x8k,1x32k \
     --methods unpatched,dynamic,think-0.5,think-0.5+int4,snapkv-1024+think-0.5,streaming-2048+think-0.5,h2o-2048+think-0.5 \
-    --compile --compile-timeout-s 150 --profile --repeats 3 --budget-s 360 "${config[@]}" \
+    --compile --compile-timeout-s 140 --profile --repeats 3 --budget-s 330 "${config[@]}" \
     --out "$out/gpu_h100.json" 2>&1 | grep -v Warning | tail -45
