@@ -195,7 +195,7 @@ def measure(model, method: str, batch: int, context: int, steps: int, warmup: in
     compiled = is_compiled(method)
     if compiled:
         warmup = max(warmup, 3)  # compile, a first run, the CUDA graphs recorded: then the replays are timed
-    cache = new_cache(method, model, context, warmup + steps + (1 if profile else 0))
+    cache = new_cache(method, model, context, warmup + steps + (1 + HOST_PROFILE_STEPS if profile else 0))
     tell_prompt_length(cache, ids)
     kwargs = {_compat.CACHE_ARGUMENT: cache, "use_cache": True, "logits_to_keep": 1}
     forward = model
@@ -281,7 +281,44 @@ def profile_step(forward, token: torch.Tensor, kwargs: dict, cuda: bool) -> dict
         "kernel_time_per_step_s": sum(e.time_range.elapsed_us() for e in kernels) / 1e6,
         "aten_ops_per_step": sum(1 for e in events if e.name.startswith("aten::")),
         "profiled_step_s": seconds,
+        "host_profile": host_profile(forward, token, kwargs),
     }
+
+
+#: Decode steps `host_profile` runs under cProfile.
+HOST_PROFILE_STEPS = 4
+#: Where the functions `host_profile` reports live (the Python a decode step runs on the host).
+HOST_PROFILE_PATHS = ("think_cache", "transformers", "triton", "torch/nn")
+
+
+def host_profile(forward, token: torch.Tensor, kwargs: dict, top: int = 40) -> list[dict]:
+    """Host time per decode step by function (cProfile over `HOST_PROFILE_STEPS` steps, per step): on a GPU the
+    step is launch-bound, so this says where its time goes. The ``top`` functions of `HOST_PROFILE_PATHS` by
+    cumulative time, with their own time and calls per step."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    with torch.no_grad():
+        profiler.enable()
+        for _ in range(HOST_PROFILE_STEPS):
+            out = forward(input_ids=token, **kwargs)
+            out.logits[:, -1:].argmax(-1)
+        _sync(token.device)
+        profiler.disable()
+    rows = []
+    for (path, line, name), (_, calls, own, cumulative, _) in pstats.Stats(profiler).stats.items():
+        if any(part in path for part in HOST_PROFILE_PATHS):
+            where = path.split("site-packages/")[-1].split("/work/main/")[-1]
+            rows.append(
+                {
+                    "function": f"{where}:{line}({name})",
+                    "calls": calls / HOST_PROFILE_STEPS,
+                    "own_us": 1e6 * own / HOST_PROFILE_STEPS,
+                    "cumulative_us": 1e6 * cumulative / HOST_PROFILE_STEPS,
+                }
+            )
+    return sorted(rows, key=lambda r: -r["cumulative_us"])[:top]
 
 
 def warm_up(model, smoke: bool) -> float:

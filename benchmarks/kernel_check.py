@@ -97,6 +97,46 @@ def check(shape: dict, dtype: torch.dtype, device: str) -> dict:
     }
 
 
+def quantized_store(store, bits: int, head_dim: int):
+    """A `QuantizedStore` of ``bits`` holding ``store``'s tokens (its kept channels, codes of those tokens)."""
+    from think_cache.storage import QuantizedStore
+
+    out = QuantizedStore(bits)
+    batch, kv_heads, tokens, _ = store.keys.shape
+    out.start(store.key_channels, store.value_channels)
+    # full-width tokens whose kept channels are the store's: the other channels are never read
+    keys = store.keys.new_zeros(batch, kv_heads, tokens, head_dim)
+    keys.scatter_(-1, store.key_channels.long()[:, :, None].expand(-1, -1, tokens, -1), store.keys)
+    values = store.values
+    if store.value_channels is not None:
+        values = store.values.new_zeros(batch, kv_heads, tokens, head_dim)
+        values.scatter_(-1, store.value_channels.long()[:, :, None].expand(-1, -1, tokens, -1), store.values)
+    out.append(keys, values)
+    return out
+
+
+def check_quantized(shape: dict, bits: int, dtype: torch.dtype, device: str) -> dict:
+    """`check` for the kernel over a `QuantizedStore` of ``bits`` (codes unpacked in the kernel)."""
+    from think_cache import kernels
+    from think_cache.compact import compact_attention
+
+    query, store, rk, rv = make_inputs(**shape, dtype=dtype, device=device)
+    store = quantized_store(store, bits, shape["head_dim"])
+    scale = shape["head_dim"] ** -0.5
+    reference = compact_attention(query.float(), store, rk.float(), rv.float(), None, scale).float()
+    torch_path = compact_attention(query, store, rk, rv, None, scale)
+    out = kernels.store_attention(query, store, rk, rv, None, scale)
+    kernel_err = (out.float() - reference).abs().max().item()
+    return {
+        **shape,
+        "bits": bits,
+        "dtype": str(dtype).removeprefix("torch."),
+        "kernel_max_err": kernel_err,
+        "torch_path_max_err": (torch_path.float() - reference).abs().max().item(),
+        "ok": kernel_err <= SCALE_TOLERANCE[dtype],
+    }
+
+
 def _timer(device: str):
     """``time(fn, runs) -> (call_us, gpu_us)`` medians: CUDA events on a GPU, the wall clock on the CPU."""
     if device != "cuda":
@@ -141,6 +181,7 @@ def time_layer(n_compact: int, n_recent: int, device: str, runs: int, warmup: in
     full_keys = torch.randn(1, kv_heads, n_compact + n_recent, head_dim, device=device, dtype=dtype)
     full_values = torch.randn_like(full_keys)
     scale = head_dim**-0.5
+    int4 = quantized_store(store, 4, head_dim)
     fns = {
         "sdpa_full": lambda: torch.nn.functional.scaled_dot_product_attention(
             query, full_keys, full_values, scale=scale, enable_gqa=True
@@ -149,6 +190,8 @@ def time_layer(n_compact: int, n_recent: int, device: str, runs: int, warmup: in
         "kernel": lambda: kernels.compact_decode_attention(
             query, store.key_channels, store.keys, store.values, None, rk, rv, None, scale
         ),
+        "torch_int4": lambda: compact_attention(query, int4, rk, rv, None, scale),
+        "kernel_int4": lambda: kernels.store_attention(query, int4, rk, rv, None, scale),
     }
     timer = _timer(device)
     row = {"compact_tokens": n_compact, "recent_tokens": n_recent}
@@ -290,7 +333,13 @@ def main(argv: list[str] | None = None) -> dict:
         "triton": __import__("triton").__version__,
         "launch_config": {"head_dim": timing_shape["head_dim"], **dataclasses.asdict(launch)},
         "sweep": tuning,
-        "checks": [check(shape, dtype, device) for dtype in (torch.bfloat16, torch.float32) for shape in checks],
+        "checks": [check(shape, dtype, device) for dtype in (torch.bfloat16, torch.float32) for shape in checks]
+        + [
+            check_quantized(shape, bits, dtype, device)
+            for bits in (4, 2)
+            for dtype in (torch.bfloat16, torch.float32)
+            for shape in checks[:2]
+        ],
         "timings": [time_layer(n, 16, device, runs, warmup, timing_shape) for n in lengths],
     }
     results["all_ok"] = all(c["ok"] for c in results["checks"])
@@ -298,7 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     for c in results["checks"]:
         print(
-            f"{c['dtype']:>8} B={c['batch']} {c['kv_heads']}x{c['group']} heads D={c['head_dim']} L={c['q_len']} "
+            f"{c['dtype']:>8}{_bits(c)} B={c['batch']} {c['kv_heads']}x{c['group']} heads D={c['head_dim']} "
+            f"L={c['q_len']} "
             f"keys {c['kept_k']} values {c['kept_v']} tokens {c['n_compact']}+{c['n_recent']}: kernel err "
             f"{c['kernel_max_err']:.2e} (torch path {c['torch_path_max_err']:.2e}) {'ok' if c['ok'] else 'FAIL'}"
         )
@@ -313,7 +363,11 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-_METHODS = ("sdpa_full", "torch_compact", "kernel")
+_METHODS = ("sdpa_full", "torch_compact", "kernel", "torch_int4", "kernel_int4")
+
+
+def _bits(check: dict) -> str:
+    return f" int{check['bits']}" if "bits" in check else ""
 
 
 def _us(value: float | None) -> str:

@@ -132,6 +132,9 @@ def test_profile_step_counts_ops():
     model, _ = gpu.build_model(smoke=True, device="cpu")
     row = gpu.measure(model, "think-0.5", 1, 64, 2, 1, profile=True)
     assert row["kernels_per_step"] == 0 and row["aten_ops_per_step"] > 10  # no CUDA here: no kernels
+    functions = {r["function"].rsplit("(", 1)[-1]: r for r in row["host_profile"]}
+    assert functions["think_attention)"]["calls"] == 2  # per step: once per layer
+    assert functions["think_attention)"]["cumulative_us"] >= functions["think_attention)"]["own_us"] > 0
 
 
 def test_child_process_cell_and_its_timeout():

@@ -144,13 +144,69 @@ def test_split_across_programs():
     _check(*_case(n_compact=300), split_tokens=None)  # the automatic plan splits 306 tokens on the CPU too
 
 
+def _quantized_case(bits, kept_k=38, kept_v=None, q_len=1, n_compact=100, dtype=torch.float32, seed=0):
+    """A `QuantizedStore` of ``n_compact`` tokens (regular key blocks), a query and a recent part."""
+    batch, kv_heads, group, head_dim = 2, 2, 4, 64
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, q_len, kv_heads * group, head_dim, generator=g).to(dtype).transpose(1, 2)
+    store = QuantizedStore(bits)
+    value_channels = None if kept_v is None else _channels(batch, kv_heads, head_dim, kept_v, g)
+    store.start(_channels(batch, kv_heads, head_dim, kept_k, g), value_channels)
+    keys, values = (torch.randn(batch, kv_heads, n_compact, head_dim, generator=g).to(dtype) for _ in "kv")
+    store.append(keys * torch.linspace(0.1, 3, head_dim).to(dtype), values)  # channels of different ranges
+    recent = [torch.randn(batch, kv_heads, 7, head_dim, generator=g).to(dtype) for _ in "kv"]
+    return query, store, *recent
+
+
+def _check_quantized(query, store, recent_keys, recent_values, mask=None, split_tokens=None):
+    scale = query.shape[-1] ** -0.5
+    expected = compact_attention(query, store, recent_keys, recent_values, mask, scale)
+    if split_tokens is None:
+        out = kernels.store_attention(query, store, recent_keys, recent_values, mask, scale)
+    else:
+        args = (query, store.key_channels, store.keys.codes, store.values.codes, store.value_channels)
+        quantized = (store.keys, store.values)
+        out = kernels._attention(
+            *args, recent_keys, recent_values, mask, scale, split_tokens=split_tokens, quantized=quantized
+        )
+    assert out.shape == expected.shape and out.dtype == query.dtype
+    tol = TOL[query.dtype]
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("kept_v", [None, 40])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantized_store(bits, kept_v, q_len):
+    """Codes unpacked in the kernel (odd kept widths: padded planes; value groups of 32 and 8) equal the torch
+    path: regular key blocks, then irregular ones after a per-head gather, with left padding and several spans."""
+    query, store, rk, rv = _quantized_case(bits, kept_v=kept_v, q_len=q_len, seed=bits)
+    _check_quantized(query, store, rk, rv)
+    g = torch.Generator().manual_seed(1)
+    index = torch.stack(
+        [torch.stack([torch.randperm(100, generator=g)[:61].sort().values for _ in "hh"]) for _ in "bb"]
+    )
+    store.gather(index)
+    assert store.keys.block_index is not None  # each token keeps the block it was quantized in
+    mask = torch.ones(2, 1, q_len, 68, dtype=torch.bool).tril(68 - q_len)
+    mask[1, ..., :9] = False
+    _check_quantized(query, store, rk, rv, mask=mask)
+    _check_quantized(query, store, rk, rv, mask=mask, split_tokens=32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantized_store_half_precision(dtype):
+    _check_quantized(*_quantized_case(4, kept_v=40, q_len=2, dtype=dtype))
+
+
 def test_dispatch_choice(monkeypatch):
     full, quantized = FullStore(), QuantizedStore(bits=4)
     assert kernels.kernel_available("cpu")  # interpreted
     assert not kernels.use_kernel(full, torch.device("cpu"))  # auto: CUDA only
     monkeypatch.setenv(kernels.KERNEL_ENV, "triton")
     assert kernels.use_kernel(full, torch.device("cpu"))
-    assert not kernels.use_kernel(quantized, torch.device("cpu"))
+    assert kernels.use_kernel(quantized, torch.device("cpu"))  # codes read by the kernel too
+    assert not kernels.use_kernel(full, torch.device("cpu"), softcap=30.0)  # no cap in the kernel
     monkeypatch.setenv(kernels.KERNEL_ENV, "torch")
     assert not kernels.use_kernel(full, torch.device("cpu"))
     monkeypatch.setenv(kernels.KERNEL_ENV, "cuda")
@@ -165,8 +221,8 @@ def test_dispatch_choice(monkeypatch):
 def _generate(monkeypatch, path, model, ids, mask, steps, **cache_kwargs):
     monkeypatch.setenv(kernels.KERNEL_ENV, path)
     calls = []
-    real = kernels.compact_decode_attention
-    monkeypatch.setattr(kernels, "compact_decode_attention", lambda *a: calls.append(1) or real(*a))
+    real = kernels.store_attention
+    monkeypatch.setattr(kernels, "store_attention", lambda *a: calls.append(1) or real(*a))
     out = generate(model, ids, mask, ThinKCache(**cache_kwargs), steps=steps)
     assert bool(calls) == (path == "triton")
     return out
@@ -174,8 +230,13 @@ def _generate(monkeypatch, path, model, ids, mask, steps, **cache_kwargs):
 
 @pytest.mark.parametrize(
     "cache_kwargs",
-    [dict(key_ratio=0.5), dict(key_ratio=0.5, value_ratio=0.3, policy=SnapKV(budget=24, window=6, kernel=3))],
-    ids=["think", "snapkv-values"],
+    [
+        dict(key_ratio=0.5),
+        dict(key_ratio=0.5, value_ratio=0.3, policy=SnapKV(budget=24, window=6, kernel=3)),
+        dict(key_ratio=0.5, bits=4),
+        dict(key_ratio=0.4, value_ratio=0.3, bits=2, policy=SnapKV(budget=24, window=6, kernel=3)),
+    ],
+    ids=["think", "snapkv-values", "int4", "snapkv-values-int2"],
 )
 def test_generation_equals_torch_path(monkeypatch, cache_kwargs):
     """A tiny GQA Llama, greedy, a left-padded batch, long enough for generated tokens to fold into the compact
@@ -195,7 +256,7 @@ def test_kernel_check_smoke(tmp_path):
 
     out = tmp_path / "check.json"
     results = kernel_check.main(["--smoke", "--out", str(out), "--runs", "2"])
-    assert results["all_ok"] and len(results["checks"]) == 4
+    assert results["all_ok"] and len(results["checks"]) == 4 + 8  # plain, then 4- and 2-bit stores
     assert json.loads(out.read_text())["timings"][0]["kernel_call_us"] > 0
 
 
