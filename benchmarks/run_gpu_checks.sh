@@ -3,10 +3,10 @@
 #   bash benchmarks/run_gpu_checks.sh OUT_DIR
 # 1. kernel_check (with SWEEP=1: --sweep, the launch config tuned first): the kernel against the torch path over
 #    full-precision and 2/4-bit stores, one layer's attention timed at 8k/32k/128k
-# 2. gpu.py on the Llama-3.1-8B shape (random bf16 weights), batch 1 at GROUPS, every method of METHODS, one
+# 2. gpu.py on the Llama-3.1-8B shape (random bf16 weights), batch 1 at CONTEXTS, every method of METHODS, one
 #    profiled step per method (kernels, GPU time, host time by function), with COMPILE=1 the compiled static
 #    caches (transformers' and ThinK's), the kernel launched as the sweep chose.
-# Settings by environment: SWEEP (1), COMPILE (1), GROUPS (1x8k,1x32k), METHODS (below), BUDGET_S (330).
+# Settings by environment: SWEEP (1), COMPILE (1), CONTEXTS (1x8k,1x32k; GROUPS is bash's own), METHODS (below), BUDGET_S (330).
 set -u
 out=${1:-benchmarks/results}
 mkdir -p "$out"
@@ -20,6 +20,6 @@ timeout 120 python3 -m benchmarks.kernel_check "${sweep[@]}" --out "$out/kernel_
 extra=()
 [ "${SWEEP:-1}" = 1 ] && [ -f "$out/kernel_check_h100.json" ] && extra+=(--kernel-config "$out/kernel_check_h100.json")
 [ "${COMPILE:-1}" = 1 ] && extra+=(--compile --compile-timeout-s 140)
-timeout $((budget + 50)) python3 -m benchmarks.gpu --groups "${GROUPS:-1x8k,1x32k}" --methods "$methods" \
+timeout $((budget + 50)) python3 -m benchmarks.gpu --groups "${CONTEXTS:-1x8k,1x32k}" --methods "$methods" \
     --profile --repeats 3 --budget-s "$budget" "${extra[@]}" \
     --out "$out/gpu_h100.json" 2>&1 | grep -v Warning | tail -45

@@ -161,8 +161,10 @@ def _keys_tile_body(
         at = block[None, :] * kept_k + ck[:, None]
         scale = tl.load(ks_base + at, mask=tile_ok, other=0.0).to(tl.float32)
         zero = tl.load(kz_base + at, mask=tile_ok, other=0.0).to(tl.float32)
-        return code.to(tl.float32) * scale + zero
-    return tl.load(base + cols[None, :] * s_t + ck[:, None] * s_c, mask=tile_ok, other=0.0)
+        keys = code.to(tl.float32) * scale + zero
+    else:  # one return: Triton types every return statement, even those a constexpr branch leaves out
+        keys = tl.load(base + cols[None, :] * s_t + ck[:, None] * s_c, mask=tile_ok, other=0.0)
+    return keys
 
 
 def _values_tile_body(
@@ -180,8 +182,10 @@ def _values_tile_body(
         at = cols[:, None] * v_groups + (cv // v_group)[None, :]
         scale = tl.load(vs_base + at, mask=tile_ok, other=0.0).to(tl.float32)
         zero = tl.load(vz_base + at, mask=tile_ok, other=0.0).to(tl.float32)
-        return (code.to(tl.float32) * scale + zero).to(vs_base.dtype.element_ty)
-    return tl.load(base + cols[:, None] * s_t + cv[None, :] * s_c, mask=tile_ok, other=0.0)
+        values = (code.to(tl.float32) * scale + zero).to(vs_base.dtype.element_ty)
+    else:
+        values = tl.load(base + cols[:, None] * s_t + cv[None, :] * s_c, mask=tile_ok, other=0.0)
+    return values
 
 
 # bound to the jitted bodies above by _kernels(): the kernel calls them under these names
