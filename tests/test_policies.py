@@ -302,7 +302,8 @@ def test_window_attention_ignores_padding():
 @pytest.mark.parametrize("block_elements", [2**6, 2**20])
 def test_one_pass_attention_equals_sdpa_and_window_attention(monkeypatch, mask_kind, block_elements):
     """H2O's prompt forward takes its output and its token scores from one softmax: the same as sdpa's output and
-    `window_attention`'s sums, with padding, GQA and blocks of any size."""
+    `window_attention`'s sums (and the dense formula's), with padding, GQA and blocks of any size (2**6 elements: a
+    block of one query row per KV head, 2**20: the whole prompt in one block per KV head)."""
     from think_cache import policies
 
     monkeypatch.setattr(policies, "QUERY_CHUNK_ELEMENTS", block_elements)
@@ -331,6 +332,12 @@ def test_one_pass_attention_equals_sdpa_and_window_attention(monkeypatch, mask_k
         out.transpose(1, 2)[rows[:, None].expand(-1, q_heads, -1)], expected[rows[:, None].expand(-1, q_heads, -1)]
     )
     torch.testing.assert_close(sums, window_attention(q, k, real, 0.3))
+    # and both equal the dense formula: the softmax over all keys, summed over each group's real query rows
+    logits = (q.double() @ k.double().repeat_interleave(3, 1).transpose(-1, -2) * 0.3).masked_fill(
+        ~bool_mask, -torch.inf
+    )
+    dense = (logits.softmax(-1).nan_to_num(0.0) * rows[:, None, :, None]).sum(2).view(batch, kv_heads, 3, tokens)
+    torch.testing.assert_close(sums, dense.sum(2).float())
     assert out.shape == (batch, q_len, q_heads, 5) and out.is_contiguous()
 
 

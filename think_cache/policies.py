@@ -85,31 +85,40 @@ def keep_priority(
 
 
 #: The largest float32 logits block `window_attention` builds at once on the CPU, in elements (4 MiB), counted over
-#: batch, KV heads, query group, query rows and tokens: small enough for the CPU's caches (measured fastest of
-#: 2**18 to 2**22 on 4k tokens), large enough that the loop over blocks costs little.
+#: batch, the query group of one KV head, query rows and tokens: small enough for the CPU's caches, large enough
+#: that the loop over blocks costs little.
 QUERY_CHUNK_ELEMENTS = 2**20
-#: The same on a GPU (256 MiB): a block per launch of a few kernels, so larger blocks mean fewer launches.
+#: The most query rows of a block on the CPU: a block computes each row's logits up to the block's last query, so
+#: longer blocks waste more of the causal triangle on short prompts. On SmolLM2's shape (one thread), 128 rows were
+#: the fastest or as fast as the fastest of 32 to 341 at 1k, 2k and 4k tokens.
+QUERY_CHUNK_ROWS = 128
+#: The same on a GPU (256 MiB, no row limit): a block per launch of a few kernels, so larger blocks mean fewer
+#: launches.
 GPU_QUERY_CHUNK_ELEMENTS = 2**26
 
 
-def _query_chunk(rows: int, tokens: int, batch: int, heads: int, group: int, budget: int | None = None) -> int:
-    """How many query rows `window_attention` scores at once: as many as keep a ``(batch, heads, group, chunk,
-    tokens)`` block within ``budget`` elements (default `QUERY_CHUNK_ELEMENTS`), at least one, at most ``rows``."""
+def _query_chunk(
+    rows: int, tokens: int, batch: int, group: int, budget: int | None = None, max_rows: int | None = None
+) -> int:
+    """How many query rows `window_attention` scores at once: as many as keep one KV head's ``(batch, group, chunk,
+    tokens)`` block within ``budget`` elements (default `QUERY_CHUNK_ELEMENTS`), at least one, at most ``rows`` and
+    ``max_rows`` (when given)."""
     budget = QUERY_CHUNK_ELEMENTS if budget is None else budget
-    per_row = batch * heads * group * tokens
-    return max(1, min(rows, budget // max(per_row, 1)))
+    per_row = batch * group * tokens
+    return max(1, min(rows, max_rows or rows, budget // max(per_row, 1)))
 
 
-def _softmax_blocks(query, keys, real_keys, scaling, rows, visit, mask=None, softcap=None) -> None:
-    """The softmax of the last ``rows`` queries over ``keys``, a block of query rows at a time (see `_query_chunk`).
+def _softmax_blocks(query, keys, real_keys, scaling, rows, mask=None, softcap=None):
+    """The softmax of the last ``rows`` queries over ``keys``, a block of query rows of one KV head at a time (see
+    `_query_chunk`).
 
-    Calls ``visit(start, stop, weights, inverse)`` per block (a callback, not a generator: the caller's loop
-    variable would keep the previous block alive while the next one is built). ``weights (batch, kv_heads,
-    group * n, visible)`` float32 are ``exp(logit - row max)``, unnormalised, over the ``visible`` first keys
-    (those up to the block's last query), and ``inverse (batch, kv_heads, group * n)`` is one over each row's
-    sum. Masked: ``mask`` (bool, True = attend, ``(batch | 1, 1, q_len, tokens)``) when given, else causal and
-    ``real_keys`` padding; the logits are capped first under a ``softcap`` (Gemma 2). A block is
-    freed when the next one is built, so memory stays within one block however long the prompt.
+    Yields ``(head, start, stop, probs)``: ``probs (batch, group * n, visible)`` float32 are the attention weights
+    (rows sum to one) of queries ``start:stop`` of KV head ``head``'s query group, laid out group member by member,
+    over the ``visible`` first keys (those up to the block's last query). Masked: ``mask`` (bool, True = attend,
+    ``(batch | 1, 1, q_len, tokens)``) when given, else causal and ``real_keys`` padding; the logits are capped first
+    under a ``softcap`` (Gemma 2). Every block is computed in one preallocated buffer (the logits matrix product
+    writes into it and the softmax runs in place): ``probs`` is overwritten by the next block, and memory stays within
+    one block however long the prompt.
     """
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, tokens = keys.shape[1], keys.shape[2]
@@ -117,33 +126,39 @@ def _softmax_blocks(query, keys, real_keys, scaling, rows, visit, mask=None, sof
     first = tokens - q_len  # the stored position of query 0
     k = keys.float().transpose(-1, -2)
     padded = None if mask is not None or bool(real_keys.all()) else ~real_keys
-    budget = GPU_QUERY_CHUNK_ELEMENTS if keys.device.type == "cuda" else QUERY_CHUNK_ELEMENTS
-    chunk = _query_chunk(rows, tokens, batch, kv_heads, group, budget)
+    if keys.device.type == "cuda":
+        chunk = _query_chunk(rows, tokens, batch, group, GPU_QUERY_CHUNK_ELEMENTS)
+    else:
+        chunk = _query_chunk(rows, tokens, batch, group, QUERY_CHUNK_ELEMENTS, QUERY_CHUNK_ROWS)
+    buffer = torch.empty(batch * group * chunk * tokens, dtype=torch.float32, device=keys.device)
+    future = torch.ones(chunk, chunk, dtype=torch.bool, device=keys.device).triu_(1)
     lowest = torch.finfo(torch.float32).min
     for start in range(q_len - rows, q_len, chunk):
         stop = min(start + chunk, q_len)
         n, visible = stop - start, first + stop  # keys after the block's last query are masked for every row
-        q = (query[:, :, start:stop].float() * scaling).reshape(batch, kv_heads, group * n, head_dim)
-        weights = cap_logits(torch.matmul(q, k[..., :visible]), softcap)
-        blocks = weights.view(batch, kv_heads, group, n, visible)
+        hidden = None  # the keys masked besides the causal future
         if mask is not None:
-            blocks.masked_fill_(~mask[:, :, None, start:stop, :visible], lowest)
-        else:  # causal: only the last n keys are in some row's future
-            future = torch.ones(n, n, dtype=torch.bool, device=keys.device).triu_(1)
-            blocks[..., visible - n :].masked_fill_(future, lowest)
-            if padded is not None:
-                blocks.masked_fill_(padded[:, None, None, None, :visible], lowest)
-        weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()
-        visit(start, stop, weights, weights.sum(dim=-1).reciprocal_())
-        del weights, blocks
+            hidden = ~mask[:, 0, None, start:stop, :visible]
+        elif padded is not None:
+            hidden = padded[:, None, None, :visible]
+        for head in range(kv_heads):
+            q = (query[:, head * group : (head + 1) * group, start:stop].float() * scaling).reshape(batch, -1, head_dim)
+            logits = buffer[: batch * group * n * visible].view(batch, group * n, visible)
+            cap_logits(torch.matmul(q, k[:, head, :, :visible], out=logits), softcap)
+            blocks = logits.view(batch, group, n, visible)
+            if mask is None:  # causal: only the last n keys are in some row's future
+                blocks[..., visible - n :].masked_fill_(future[:n, :n], lowest)
+            if hidden is not None:
+                blocks.masked_fill_(hidden, lowest)
+            yield head, start, stop, torch.softmax(logits, dim=-1, out=logits)
 
 
-def _column_sums(total, weights, inverse, real_rows):
-    """Add each key's attention weight, summed over a block's real query rows, to ``total (batch, kv_heads,
-    tokens)``: one matrix-vector product instead of normalising the block."""
-    batch, kv_heads, rows_x_group, visible = weights.shape
-    per_row = inverse.view(batch, kv_heads, -1, real_rows.shape[-1]) * real_rows[:, None, None, :]
-    total[..., :visible] += torch.matmul(per_row.view(batch, kv_heads, 1, rows_x_group), weights).squeeze(-2)
+def _add_column_sums(total, probs, real_rows):
+    """Add each key's attention weight, summed over a block's real query rows, to ``total (batch, visible)`` (a view
+    of the sums of one KV head): ``probs (batch, group * n, visible)`` as `_softmax_blocks` yields them,
+    ``real_rows (batch, n)`` float, 1 for a real query row and 0 for a padded one, the same for each group member."""
+    per_row = real_rows.repeat(1, probs.shape[1] // real_rows.shape[1])
+    total += torch.matmul(per_row.unsqueeze(-2), probs).squeeze(-2)
 
 
 def window_attention(
@@ -165,11 +180,9 @@ def window_attention(
     rows = q_len if rows is None else min(rows, q_len)
     first = tokens - q_len
     total = torch.zeros(batch, keys.shape[1], tokens, dtype=torch.float32, device=keys.device)
-
-    def visit(start, stop, weights, inverse):
-        _column_sums(total, weights, inverse, real_keys[:, first + start : first + stop].float())
-
-    _softmax_blocks(query, keys, real_keys, scaling, rows, visit, softcap=softcap)
+    real_rows = real_keys[:, first:].float()
+    for head, start, stop, probs in _softmax_blocks(query, keys, real_keys, scaling, rows, softcap=softcap):
+        _add_column_sums(total[:, head, : probs.shape[-1]], probs, real_rows[:, start:stop])
     return total
 
 
@@ -194,15 +207,13 @@ def attention_and_token_weights(
     group, first = q_heads // kv_heads, tokens - q_len
     out = values.new_empty(batch, kv_heads, group, q_len, values.shape[-1])
     total = torch.zeros(batch, kv_heads, tokens, dtype=torch.float32, device=keys.device)
-
-    def visit(start, stop, weights, inverse):
-        _column_sums(total, weights, inverse, real_keys[:, first + start : first + stop].float())
-        # normalised before the cast: unnormalised rows sum to up to `visible`, which overflows float16
-        probs = weights.mul_(inverse[..., None]).to(values.dtype)
-        block = torch.matmul(probs, values[:, :, : weights.shape[-1]])
-        out[:, :, :, start:stop] = block.view(batch, kv_heads, group, stop - start, -1)
-
-    _softmax_blocks(query, keys, real_keys, scaling, q_len, visit, mask)
+    real_rows = real_keys[:, first:].float()
+    for head, start, stop, probs in _softmax_blocks(query, keys, real_keys, scaling, q_len, mask):
+        visible = probs.shape[-1]
+        _add_column_sums(total[:, head, :visible], probs, real_rows[:, start:stop])
+        # cast once normalised: unnormalised weights sum to up to `visible`, and times values overflow float16
+        block = torch.matmul(probs.to(values.dtype), values[:, head, :visible])
+        out[:, head, :, start:stop] = block.view(batch, group, stop - start, -1)
     return out.view(batch, q_heads, q_len, -1).transpose(1, 2).contiguous(), total
 
 
