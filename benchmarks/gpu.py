@@ -285,6 +285,8 @@ def profile_step(forward, token: torch.Tensor, kwargs: dict, cuda: bool) -> dict
     }
 
 
+#: This checkout's root, cut from the paths `host_profile` reports.
+ROOT = str(Path(__file__).resolve().parent.parent) + "/"
 #: Decode steps `host_profile` runs under cProfile.
 HOST_PROFILE_STEPS = 4
 #: Where the functions `host_profile` reports live (the Python a decode step runs on the host).
@@ -309,7 +311,7 @@ def host_profile(forward, token: torch.Tensor, kwargs: dict, top: int = 40) -> l
     rows = []
     for (path, line, name), (_, calls, own, cumulative, _) in pstats.Stats(profiler).stats.items():
         if any(part in path for part in HOST_PROFILE_PATHS):
-            where = path.split("site-packages/")[-1].split("/work/main/")[-1]
+            where = path.split("site-packages/")[-1].removeprefix(ROOT)
             rows.append(
                 {
                     "function": f"{where}:{line}({name})",

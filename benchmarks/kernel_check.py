@@ -115,13 +115,19 @@ def quantized_store(store, bits: int, head_dim: int):
     return out
 
 
-def check_quantized(shape: dict, bits: int, dtype: torch.dtype, device: str) -> dict:
-    """`check` for the kernel over a `QuantizedStore` of ``bits`` (codes unpacked in the kernel)."""
+def check_quantized(shape: dict, bits: int, dtype: torch.dtype, device: str, gathered: bool = False) -> dict:
+    """`check` for the kernel over a `QuantizedStore` of ``bits`` (codes unpacked in the kernel); ``gathered``: keep
+    a different two thirds of the tokens per head first (irregular key blocks, as after eviction)."""
     from think_cache import kernels
     from think_cache.compact import compact_attention
 
     query, store, rk, rv = make_inputs(**shape, dtype=dtype, device=device)
     store = quantized_store(store, bits, shape["head_dim"])
+    if gathered:
+        g = torch.Generator().manual_seed(7)
+        n, kept = shape["n_compact"], 2 * shape["n_compact"] // 3
+        rows = [torch.randperm(n, generator=g)[:kept].sort().values for _ in range(shape["batch"] * shape["kv_heads"])]
+        store.gather(torch.stack(rows).view(shape["batch"], shape["kv_heads"], kept).to(device))
     scale = shape["head_dim"] ** -0.5
     reference = compact_attention(query.float(), store, rk.float(), rv.float(), None, scale).float()
     torch_path = compact_attention(query, store, rk, rv, None, scale)
@@ -130,6 +136,7 @@ def check_quantized(shape: dict, bits: int, dtype: torch.dtype, device: str) -> 
     return {
         **shape,
         "bits": bits,
+        "gathered": gathered,
         "dtype": str(dtype).removeprefix("torch."),
         "kernel_max_err": kernel_err,
         "torch_path_max_err": (torch_path.float() - reference).abs().max().item(),
@@ -335,10 +342,11 @@ def main(argv: list[str] | None = None) -> dict:
         "sweep": tuning,
         "checks": [check(shape, dtype, device) for dtype in (torch.bfloat16, torch.float32) for shape in checks]
         + [
-            check_quantized(shape, bits, dtype, device)
-            for bits in (4, 2)
+            check_quantized(shape, bits, dtype, device, gathered)
+            for bits in (4, 2, 8)
             for dtype in (torch.bfloat16, torch.float32)
-            for shape in checks[:2]
+            for shape in checks
+            for gathered in (False, True)
         ],
         "timings": [time_layer(n, 16, device, runs, warmup, timing_shape) for n in lengths],
     }
@@ -367,7 +375,9 @@ _METHODS = ("sdpa_full", "torch_compact", "kernel", "torch_int4", "kernel_int4")
 
 
 def _bits(check: dict) -> str:
-    return f" int{check['bits']}" if "bits" in check else ""
+    if "bits" not in check:
+        return ""
+    return f" int{check['bits']}" + (" gathered" if check["gathered"] else "")
 
 
 def _us(value: float | None) -> str:

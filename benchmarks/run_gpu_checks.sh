@@ -14,11 +14,16 @@ methods=${METHODS:-unpatched,dynamic,think-0.5,think-0.5+int4,snapkv-1024+think-
 budget=${BUDGET_S:-330}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+started=$(date +%s)
 sweep=()
 [ "${SWEEP:-1}" = 1 ] && sweep=(--sweep)
 timeout 120 python3 -m benchmarks.kernel_check "${sweep[@]}" --out "$out/kernel_check_h100.json" 2>&1 | tail -28
 extra=()
-[ "${SWEEP:-1}" = 1 ] && [ -f "$out/kernel_check_h100.json" ] && extra+=(--kernel-config "$out/kernel_check_h100.json")
+# the sweep's choice only if this run wrote it (a kernel_check that timed out leaves an older file)
+if [ "${SWEEP:-1}" = 1 ] && [ -f "$out/kernel_check_h100.json" ] \
+    && [ "$(stat -c %Y "$out/kernel_check_h100.json")" -ge "$started" ]; then
+    extra+=(--kernel-config "$out/kernel_check_h100.json")
+fi
 [ "${COMPILE:-1}" = 1 ] && extra+=(--compile --compile-timeout-s 140)
 timeout $((budget + 50)) python3 -m benchmarks.gpu --groups "${CONTEXTS:-1x8k,1x32k}" --methods "$methods" \
     --profile --repeats 3 --budget-s "$budget" "${extra[@]}" \

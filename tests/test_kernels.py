@@ -194,6 +194,22 @@ def test_quantized_store(bits, kept_v, q_len):
     _check_quantized(query, store, rk, rv, mask=mask, split_tokens=32)
 
 
+def test_quantized_store_must_match_its_channels():
+    """The kernel reads scales by the kept channel counts: codes of another width are refused, not read past."""
+    query, store, rk, rv = _quantized_case(4, kept_v=40)
+    with pytest.raises(ValueError, match="kept key / 40 value channels"):
+        kernels.quantized_decode_attention(
+            query, store.key_channels[..., :30], store.keys, store.values, store.value_channels, rk, rv, None, 0.125
+        )
+    with pytest.raises(ValueError, match="expected the same code width and tokens"):
+        other = QuantizedStore(2)
+        other.start(store.key_channels, store.value_channels)
+        other.append(torch.randn(2, 2, 100, 64), torch.randn(2, 2, 100, 64))
+        kernels.quantized_decode_attention(
+            query, store.key_channels, store.keys, other.values, store.value_channels, rk, rv, None, 0.125
+        )
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_quantized_store_half_precision(dtype):
     _check_quantized(*_quantized_case(4, kept_v=40, q_len=2, dtype=dtype))
@@ -256,7 +272,9 @@ def test_kernel_check_smoke(tmp_path):
 
     out = tmp_path / "check.json"
     results = kernel_check.main(["--smoke", "--out", str(out), "--runs", "2"])
-    assert results["all_ok"] and len(results["checks"]) == 4 + 8  # plain, then 4- and 2-bit stores
+    # plain stores, then 2/4/8-bit ones, as appended and gathered per head (irregular key blocks)
+    assert results["all_ok"] and len(results["checks"]) == 4 + 3 * 2 * 2 * 2
+    assert {(c["bits"], c["gathered"]) for c in results["checks"][4:]} == {(b, g) for b in (2, 4, 8) for g in (0, 1)}
     assert json.loads(out.read_text())["timings"][0]["kernel_call_us"] > 0
 
 

@@ -152,7 +152,8 @@ def _keys_tile_body(
     tile_ok = ck_ok[:, None] & col_ok[None, :]
     if QUANT:
         byte = tl.load(base + cols[None, :] * s_t + (ck % k_width)[:, None] * s_c, mask=tile_ok, other=0)
-        shift = ((ck // k_width) * BITS).to(tl.uint8)
+        # the plane of each channel; padding lanes past the channels (never kept) stay within the byte's planes
+        shift = (((ck // k_width) % (8 // BITS)) * BITS).to(tl.uint8)
         code = (byte >> shift[:, None]) & ((1 << BITS) - 1)
         if IRREGULAR:
             block = tl.load(kb_base + cols, mask=col_ok, other=0)
@@ -177,7 +178,7 @@ def _values_tile_body(
     tile_ok = col_ok[:, None] & cv_ok[None, :]
     if QUANT:
         byte = tl.load(base + cols[:, None] * s_t + (cv % v_width)[None, :] * s_c, mask=tile_ok, other=0)
-        shift = ((cv // v_width) * BITS).to(tl.uint8)
+        shift = (((cv // v_width) % (8 // BITS)) * BITS).to(tl.uint8)
         code = (byte >> shift[None, :]) & ((1 << BITS) - 1)
         at = cols[:, None] * v_groups + (cv // v_group)[None, :]
         scale = tl.load(vs_base + at, mask=tile_ok, other=0.0).to(tl.float32)
@@ -363,8 +364,16 @@ def _kernels(interpret: bool):
     _softmax_step = triton.jit(_softmax_step_body)
     _keys_tile = triton.jit(_keys_tile_body)
     _values_tile = triton.jit(_values_tile_body)
-    # token counts change every step: not specialized on (== 1, multiple of 16), so that no step recompiles
-    return triton.jit(_split_pass, do_not_specialize=["n_compact", "n_recent", "split_len", "n_splits"])
+    # what changes as tokens come (counts, the strides of tensors laid out by token count, the key blocks): not
+    # specialized on (== 1, multiple of 16), so that no decoding step recompiles
+    return triton.jit(_split_pass, do_not_specialize=GROWING_ARGUMENTS)
+
+
+#: The kernel's integer arguments that change with the token counts (see `_kernels`).
+GROWING_ARGUMENTS = [
+    "n_compact", "n_recent", "split_len", "n_splits", "k_blocks",
+    "sck_b", "sck_h", "scv_b", "scv_h", "srk_b", "srk_h", "srv_b", "srv_h", "sm_b", "sm_h", "sm_l",
+]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- the launch
@@ -490,6 +499,12 @@ def quantized_decode_attention(
         raise ValueError(
             f"quantized_decode_attention: keys of {keys.bits} bits over {keys.tokens} tokens with values of "
             f"{values.bits} bits over {values.tokens}: expected the same code width and tokens"
+        )
+    kept_v = query.shape[-1] if value_channels is None else value_channels.shape[-1]
+    if keys.channels != key_channels.shape[-1] or values.channels != kept_v:
+        raise ValueError(
+            f"quantized_decode_attention: codes of {keys.channels} key / {values.channels} value channels for "
+            f"{key_channels.shape[-1]} kept key / {kept_v} value channels: the kernel reads the scales by these"
         )
     return _attention(
         query, key_channels, keys.codes, values.codes, value_channels, recent_keys, recent_values, mask, scale,
