@@ -150,6 +150,35 @@ def test_clipping_beats_min_max_on_an_outlier(bits):
     assert error < {2: 0.8, 4: 0.95}[bits] * plain
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_clipping_search_in_slices_equals_one_pass(bits, monkeypatch):
+    """The ratios are searched a bounded slice of groups at a time (a long prompt); the slices change nothing, and
+    each group keeps the ratio with the least error (the widest of equal ones), checked against a loop here."""
+    g = torch.Generator().manual_seed(bits)
+    keys = torch.randn(2, 3, 77, 38, generator=g) * torch.linspace(0.1, 4, 38)
+    real = torch.rand(2, 1, 77, generator=g) > 0.2
+    whole = quant.quantize_keys(keys, bits, real=real)
+    monkeypatch.setattr(quant, "CLIP_SEARCH_ELEMENTS", 100)  # a few groups a slice
+    sliced = quant.quantize_keys(keys, bits, real=real)
+    for a, b in zip(whole.tensors(), sliced.tensors(), strict=True):
+        assert torch.equal(a, b)
+    # the same choice as trying each ratio in turn
+    x = torch.randn(50, 32, generator=g)
+    x[:, 3] *= 6
+    lo, hi = x.amin(-1), x.amax(-1)
+    qmax = (1 << bits) - 1
+    best_error, best_codes = torch.full((50,), float("inf")), torch.zeros(50, 32)
+    for ratio in quant.CLIP_RATIOS[bits]:
+        margin = (1.0 - ratio) / 2 * (hi - lo)
+        codes, scale, zero = quant._rounded(x, lo + margin, hi - margin, qmax, torch.float32)
+        error = (codes * scale[:, None] + zero[:, None] - x).square().sum(-1)
+        better = error < best_error  # strictly: the earlier (wider) ratio keeps a tie
+        best_error = torch.where(better, error, best_error)
+        best_codes = torch.where(better[:, None], codes, best_codes)
+    codes, _, _ = quant._minmax_quantize(x, bits, torch.float32)
+    assert torch.equal(codes, best_codes.to(torch.uint8))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_8_bit_logits_on_outlier_keys(dtype):
     """Realistic key statistics: RoPE'd keys with a few outlier channels of magnitude ~100 (small spread, large

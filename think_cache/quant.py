@@ -81,6 +81,9 @@ BITS = (2, 4, 8)
 #: middle; the one with the least squared error is kept). Measured on SmolLM2 (2k pass key, 12 prompts, ThinK 0.4,
 #: 2-bit keys alone): 4 of 12 found with min/max ranges, 10 of 12 clipped; values alone 7 -> 9 of 12.
 CLIP_RATIOS = {2: (1.0, 0.9, 0.8, 0.7, 0.6, 0.5), 4: (1.0, 0.95, 0.9, 0.85, 0.8), 8: (1.0,)}
+#: The most float32 elements the clipping search of `_minmax_quantize` builds at once (64 MiB), counted over the
+#: ratios tried, the groups and their elements: a prompt's tokens are searched a slice of groups at a time.
+CLIP_SEARCH_ELEMENTS = 2**24
 #: Tokens per key block: the ThinK layer's fold block, so every fold quantizes exactly one block.
 DEFAULT_BLOCK = 32
 #: Value channels per scale / zero point (KIVI's default); the last group takes the remainder.
@@ -348,29 +351,34 @@ def _minmax_quantize(
         hi = x.masked_fill(~valid, float("-inf")).amax(dim=-1)
         empty = lo.isinf()
         lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
-    best = None
-    for ratio in CLIP_RATIOS[bits]:
-        margin = (1.0 - ratio) / 2 * (hi - lo)
-        codes, scale, zero = _rounded(x, lo + margin, hi - margin, qmax, dtype)
-        if len(CLIP_RATIOS[bits]) == 1:
-            break
-        error = (codes * scale.float()[..., None] + zero.float()[..., None] - x).square_()
-        if valid is not None:
-            error.masked_fill_(~valid, 0.0)
-        error = error.sum(dim=-1)
-        if best is None:
-            best = [codes, scale, zero, error]
-            continue
-        better = error < best[3]
-        best = [
-            torch.where(better[..., None], codes, best[0]),
-            torch.where(better, scale, best[1]),
-            torch.where(better, zero, best[2]),
-            torch.minimum(error, best[3]),
-        ]
-    if best is not None:
-        codes, scale, zero = best[:3]
-    return codes.to(torch.uint8), scale, zero
+    ratios = CLIP_RATIOS[bits]
+    if len(ratios) == 1:  # 8 bits: the min/max range
+        codes, scale, zero = _rounded(x, lo, hi, qmax, dtype)
+        return codes.to(torch.uint8), scale, zero
+    # every ratio at once (one launch per op instead of one per op and ratio: a decoding step that folds a block
+    # launched about 6 ms of small kernels a layer on an H100), a bounded number of groups at a time
+    size = x.shape[-1]
+    rows = x.reshape(-1, size)
+    row_valid = None if valid is None else valid.expand(x.shape).reshape(-1, size)
+    lo, hi = lo.reshape(-1), hi.reshape(-1)
+    codes = torch.empty(rows.shape, dtype=torch.uint8, device=x.device)
+    scale = torch.empty(lo.shape, dtype=dtype, device=x.device)
+    zero = torch.empty(lo.shape, dtype=dtype, device=x.device)
+    # float32 as the scalar (1 - ratio) / 2 would be: the margins of a loop over the ratios, bit for bit
+    factors = torch.tensor([(1.0 - r) / 2 for r in ratios], dtype=torch.float32, device=x.device)[:, None]
+    step = max(1, CLIP_SEARCH_ELEMENTS // (len(ratios) * size))
+    for start in range(0, rows.shape[0], step):
+        part = slice(start, start + step)
+        margin = factors * (hi[part] - lo[part])  # (ratios, groups)
+        c, s, z = _rounded(rows[part], lo[part] + margin, hi[part] - margin, qmax, dtype)
+        error = (c * s.float()[..., None] + z.float()[..., None] - rows[part]).square_()
+        if row_valid is not None:
+            error.masked_fill_(~row_valid[part], 0.0)
+        best = error.sum(dim=-1).argmin(dim=0)  # the first of equal errors: the widest range, as a loop would keep
+        codes[part] = c.gather(0, best[None, :, None].expand(1, *c.shape[1:]))[0]
+        scale[part] = s.gather(0, best[None])[0]
+        zero[part] = z.gather(0, best[None])[0]
+    return codes.view(x.shape), scale.view(x.shape[:-1]), zero.view(x.shape[:-1])
 
 
 def quantize_keys(
