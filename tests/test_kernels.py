@@ -197,17 +197,17 @@ def test_quantized_store(bits, kept_v, q_len):
 def test_quantized_store_must_match_its_channels():
     """The kernel reads scales by the kept channel counts: codes of another width are refused, not read past."""
     query, store, rk, rv = _quantized_case(4, kept_v=40)
+    channels = store.key_channels
+    store.key_channels = channels[..., :30]
     with pytest.raises(ValueError, match="kept key / 40 value channels"):
-        kernels.quantized_decode_attention(
-            query, store.key_channels[..., :30], store.keys, store.values, store.value_channels, rk, rv, None, 0.125
-        )
+        kernels.quantized_decode_attention(query, store, rk, rv, None, 0.125)
+    store.key_channels = channels
+    other = QuantizedStore(2)
+    other.start(store.key_channels, store.value_channels)
+    other.append(torch.randn(2, 2, 100, 64), torch.randn(2, 2, 100, 64))
+    store.values = other.values
     with pytest.raises(ValueError, match="expected the same code width and tokens"):
-        other = QuantizedStore(2)
-        other.start(store.key_channels, store.value_channels)
-        other.append(torch.randn(2, 2, 100, 64), torch.randn(2, 2, 100, 64))
-        kernels.quantized_decode_attention(
-            query, store.key_channels, store.keys, other.values, store.value_channels, rk, rv, None, 0.125
-        )
+        kernels.quantized_decode_attention(query, store, rk, rv, None, 0.125)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -480,26 +480,24 @@ def compact_decode_attention(
 
 def quantized_decode_attention(
     query: torch.Tensor,
-    key_channels: torch.Tensor,
-    keys: QuantKeys,
-    values: QuantValues,
-    value_channels: torch.Tensor | None,
+    store: QuantizedStore,
     recent_keys: torch.Tensor,
     recent_values: torch.Tensor,
     mask: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """`compact_decode_attention` over a `QuantizedStore`'s compact part: ``keys``/``values`` as packed codes with
+    """`compact_decode_attention` over a `QuantizedStore` holding tokens: its keys and values as packed codes with
     their scales and zero points (`think_cache.quant`), unpacked and dequantized tile by tile in registers, so no
     dequantized copy of any token exists outside them. Equal (up to float rounding: the dequantized keys enter the
-    products in the query's dtype) to `think_cache.compact.compact_attention` over that store. ``keys`` and
-    ``values`` hold the same tokens with the same code width; the other arguments are `compact_decode_attention`'s.
-    """
+    products in the query's dtype) to `think_cache.compact.compact_attention` over that store; the other arguments
+    are `compact_decode_attention`'s."""
+    keys, values = store.keys, store.values
     if keys.bits != values.bits or keys.tokens != values.tokens:
         raise ValueError(
             f"quantized_decode_attention: keys of {keys.bits} bits over {keys.tokens} tokens with values of "
             f"{values.bits} bits over {values.tokens}: expected the same code width and tokens"
         )
+    key_channels, value_channels = store.key_channels, store.value_channels
     kept_v = query.shape[-1] if value_channels is None else value_channels.shape[-1]
     if keys.channels != key_channels.shape[-1] or values.channels != kept_v:
         raise ValueError(
@@ -620,9 +618,7 @@ def store_attention(
     arguments of `think_cache.compact.compact_attention`): `compact_decode_attention` for a `FullStore`,
     `quantized_decode_attention` for a `QuantizedStore`. The place a new storage kind's kernel is chosen."""
     if isinstance(store, QuantizedStore) and store.keys is not None:
-        return quantized_decode_attention(
-            query, store.key_channels, store.keys, store.values, store.value_channels, keys, values, mask, scale
-        )
+        return quantized_decode_attention(query, store, keys, values, mask, scale)
     compact_keys, compact_values = store.keys, store.values
     if compact_keys is None:  # compacted, nothing folded yet
         batch, kv_heads = keys.shape[:2]
