@@ -131,7 +131,9 @@ def _softmax_blocks(query, keys, real_keys, scaling, rows, mask=None, softcap=No
     else:
         chunk = _query_chunk(rows, tokens, batch, group, QUERY_CHUNK_ELEMENTS, QUERY_CHUNK_ROWS)
     buffer = torch.empty(batch * group * chunk * tokens, dtype=torch.float32, device=keys.device)
-    future = torch.ones(chunk, chunk, dtype=torch.bool, device=keys.device).triu_(1)
+    future = None  # causal: each block's later queries, built once (a given mask says it all)
+    if mask is None:
+        future = torch.ones(chunk, chunk, dtype=torch.bool, device=keys.device).triu_(1)
     lowest = torch.finfo(torch.float32).min
     for start in range(q_len - rows, q_len, chunk):
         stop = min(start + chunk, q_len)
@@ -146,7 +148,7 @@ def _softmax_blocks(query, keys, real_keys, scaling, rows, mask=None, softcap=No
             logits = buffer[: batch * group * n * visible].view(batch, group * n, visible)
             cap_logits(torch.matmul(q, k[:, head, :, :visible], out=logits), softcap)
             blocks = logits.view(batch, group, n, visible)
-            if mask is None:  # causal: only the last n keys are in some row's future
+            if future is not None:  # causal: only the last n keys are in some row's future
                 blocks[..., visible - n :].masked_fill_(future[:n, :n], lowest)
             if hidden is not None:
                 blocks.masked_fill_(hidden, lowest)
