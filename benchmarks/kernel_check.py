@@ -19,6 +19,11 @@
    default) is applied before the checks and timings above, and saved as ``launch_config``;
    ``python -m benchmarks.gpu --kernel-config that.json`` launches with it too.
 
+4. With ``--compile-for 90`` (no GPU needed, a few seconds a variant): every variant of the kernel (storage kind,
+   bits, key layout, value pruning, mask, causal rows, split) compiled for that CUDA compute capability by
+   Triton's CUDA backend and ptxas. Triton's interpreter, which the tests run on the CPU, does not see what only
+   the compiler rejects (a type a construct cannot take on the GPU, say); this does.
+
 Writes JSON to ``--out``.
 """
 
@@ -289,13 +294,91 @@ def apply_launch_config(path: str) -> dict:
     return config
 
 
+#: The kernel's variants `compile_for` builds: (quantized bits or None, irregular key blocks, pruned values, mask,
+#: causal, split), in bfloat16 with head_dim 128 (64 kept key channels).
+VARIANTS = [
+    (None, False, False, False, False, False),
+    (None, False, False, False, False, True),
+    (None, False, True, True, False, True),
+    (None, False, True, False, True, False),
+    *((bits, irregular, pruned, False, False, True) for bits in (2, 4, 8) for irregular in (False, True)
+      for pruned in (False, True)),
+    (4, False, True, True, True, False),
+]  # fmt: skip
+
+
+def compile_for(arch: int, variants=VARIANTS) -> list[dict]:
+    """Compile each of ``variants`` (see `VARIANTS`) for CUDA compute capability ``arch`` (90: H100) without a GPU;
+    returns one record per variant, with the compiler's error where it failed. Needs Triton's CUDA backend and
+    ``TRITON_INTERPRET`` unset (the kernel is jitted, not wrapped for the interpreter)."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from think_cache import kernels
+
+    jitted = kernels._kernels(False)
+    params = list(inspect.signature(kernels._split_pass).parameters)
+    records = []
+    for bits, irregular, pruned, mask, causal, split in variants:
+        quant = bits is not None
+        codes = "*u8" if quant else "*bf16"
+        types = dict(
+            q_ptr="*bf16", kch_ptr="*i16", ck_ptr=codes, cv_ptr=codes, vch_ptr="*i16", rk_ptr="*bf16",
+            rv_ptr="*bf16", mask_ptr="*u8", out_ptr="*bf16", part_ptr="*fp32", count_ptr="*i32", ks_ptr="*bf16",
+            kz_ptr="*bf16", kb_ptr="*i32" if irregular else "*bf16", vs_ptr="*bf16", vz_ptr="*bf16", scale_log2="fp32",
+        )  # fmt: skip
+        block_kv = 64 if pruned else 128
+        constexprs = dict(
+            BLOCK_R=16, BLOCK_N=32, BLOCK_D=128, BLOCK_KK=64, BLOCK_KV=block_kv, HAS_MASK=mask, CAUSAL=causal,
+            PRUNED_V=pruned, SPLIT=split, BLOCK_S=64, PRECISION="tf32", UPCAST=False, QUANT=quant,
+            BITS=bits or 8, IRREGULAR=irregular, V_GROUP=32 if quant else block_kv,
+        )  # fmt: skip
+        signature = {p: "constexpr" if p in constexprs else types.get(p, "i32") for p in params}
+        constants = {(params.index(p),): value for p, value in constexprs.items()}
+        record = dict(bits=bits, irregular=irregular, pruned_values=pruned, mask=mask, causal=causal, split=split)
+        started = time.perf_counter()
+        try:
+            triton.compile(
+                ASTSource(fn=jitted, signature=signature, constexprs=constants), target=GPUTarget("cuda", arch, 32)
+            )
+            record["ok"] = True
+        except Exception as error:  # the compiler's message is the result
+            record["ok"], record["error"] = False, repr(error.__cause__ or error)[:2000]
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        records.append(record)
+    return records
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="where to write the JSON results")
+    parser.add_argument("--out", help="where to write the JSON results (required but with --compile-for)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, Triton interpreted")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--sweep", action="store_true", help="tune the launch config first (see the docstring)")
+    parser.add_argument(
+        "--compile-for", type=int, metavar="CC", help="only compile every variant for CUDA capability CC (90), no GPU"
+    )
     args = parser.parse_args(argv)
+    if args.compile_for:
+        records = compile_for(args.compile_for)
+        for r in records:
+            print(
+                ("ok  " if r["ok"] else "FAIL")
+                + f" {r['seconds']:5.1f} s "
+                + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("ok", "seconds", "error"))
+                + ("" if r["ok"] else "\n     " + r["error"])
+            )
+        results = dict(compile_for=args.compile_for, triton=__import__("triton").__version__, variants=records)
+        results["all_ok"] = all(r["ok"] for r in records)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+        return results
+    if not args.out:
+        parser.error("--out is required")
     if args.smoke:  # before Triton is first imported (the model classes of transformers import it)
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from think_cache import kernels

@@ -144,12 +144,12 @@ def test_split_across_programs():
     _check(*_case(n_compact=300), split_tokens=None)  # the automatic plan splits 306 tokens on the CPU too
 
 
-def _quantized_case(bits, kept_k=38, kept_v=None, q_len=1, n_compact=100, dtype=torch.float32, seed=0):
+def _quantized_case(bits, kept_k=38, kept_v=None, q_len=1, n_compact=100, dtype=torch.float32, seed=0, group_size=32):
     """A `QuantizedStore` of ``n_compact`` tokens (regular key blocks), a query and a recent part."""
     batch, kv_heads, group, head_dim = 2, 2, 4, 64
     g = torch.Generator().manual_seed(seed)
     query = torch.randn(batch, q_len, kv_heads * group, head_dim, generator=g).to(dtype).transpose(1, 2)
-    store = QuantizedStore(bits)
+    store = QuantizedStore(bits, group_size)
     value_channels = None if kept_v is None else _channels(batch, kv_heads, head_dim, kept_v, g)
     store.start(_channels(batch, kv_heads, head_dim, kept_k, g), value_channels)
     keys, values = (torch.randn(batch, kv_heads, n_compact, head_dim, generator=g).to(dtype) for _ in "kv")
@@ -192,6 +192,26 @@ def test_quantized_store(bits, kept_v, q_len):
     mask[1, ..., :9] = False
     _check_quantized(query, store, rk, rv, mask=mask)
     _check_quantized(query, store, rk, rv, mask=mask, split_tokens=32)
+
+
+@pytest.mark.parametrize("kept_v", [None, 40])
+@pytest.mark.parametrize("group_size", [8, 16, 64, 128])
+def test_quantized_value_groups(group_size, kept_v):
+    """Each value group's scale is loaded once per token and spread over the group's channels: groups narrower than
+    a tile, one group over the whole row, and a row narrower than one group all equal the torch path."""
+    _check_quantized(*_quantized_case(4, kept_v=kept_v, q_len=2, group_size=group_size, seed=group_size))
+
+
+def test_layouts_the_kernel_cannot_read_take_the_torch_path(monkeypatch):
+    """Value groups that are not a power of two cannot be spread over a tile by a reshape: `use_kernel` sends such a
+    store to the torch path even under ``triton``, and the kernel refuses it if called directly."""
+    monkeypatch.setenv(kernels.KERNEL_ENV, "triton")
+    assert kernels.kernel_reads(QuantizedStore(4, 32)) and kernels.use_kernel(QuantizedStore(4, 32), "cpu")
+    assert not kernels.kernel_reads(QuantizedStore(4, 24))
+    assert not kernels.use_kernel(QuantizedStore(4, 24), "cpu")
+    query, store, rk, rv = _quantized_case(4, group_size=24)
+    with pytest.raises(ValueError, match="power-of-two groups"):
+        kernels.store_attention(query, store, rk, rv, None, 0.125)
 
 
 def test_quantized_store_must_match_its_channels():
@@ -310,3 +330,38 @@ def test_launch_config_changes_the_launch_not_the_answer():
         finally:
             kernels.LAUNCH[64] = previous
         torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+
+
+def test_variants_compile_for_an_h100(tmp_path):
+    """The interpreter misses what only the CUDA compiler rejects: the full-precision kernel, the quantized one with
+    regular and with irregular key blocks, and the masked causal variant compile for sm_90 (no GPU needed)."""
+    import subprocess
+    import sys
+
+    triton = pytest.importorskip("triton")
+    if not hasattr(triton, "compile") or "nvidia" not in triton.backends.backends:
+        pytest.skip("Triton without its CUDA backend")
+    script = (
+        "import json, sys; from benchmarks import kernel_check as k; "
+        "v = [k.VARIANTS[2], (4, False, True, False, False, True), (2, True, True, False, False, True), "
+        "k.VARIANTS[-1]]; "
+        "json.dump(k.compile_for(90, v), sys.stdout)"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = json.loads(done.stdout)
+    assert len(records) == 4 and all(r["ok"] for r in records), [r.get("error") for r in records]
+
+
+def test_span_counters_are_reset_for_the_next_launch():
+    """The split kernel's per-program counters are kept between launches: each launch leaves them at zero, so a
+    second launch over other spans (and another program count) combines its own spans only."""
+    kernels._COUNTERS.clear()
+    case = _case(batch=2, n_compact=300, kept_v=40)
+    _check(*case, split_tokens=64)
+    (counters,) = kernels._COUNTERS.values()
+    assert counters.numel() >= 2 * 2 and not counters.any()
+    _check(*case, split_tokens=32)
+    _check(*_case(batch=1, group=8, n_compact=200, seed=3), split_tokens=64)
+    assert not counters.any() and len(kernels._COUNTERS) == 1

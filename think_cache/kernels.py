@@ -23,10 +23,10 @@ What one program does, for one (batch row, KV head, block of query rows, span of
 
 Memory: the kernel reads the query, the kept channels, the compact and recent keys and values once each and the
 mask if any; it allocates the output and, when the context is split into ``S`` spans, a float32 workspace of
-``batch * q_heads * q_len * S * (head_dim + 2) * 4`` bytes plus one int32 counter per program (``S`` is at most
-about twice the number of SMs divided by ``batch * kv_heads``: about 0.5 MiB at batch 1 on an H100 for
-Llama-3.1-8B's shape, whatever the context length). A float additive mask is first turned into a bool one (the
-torch path does the same).
+``batch * q_heads * q_len * S * (head_dim + 2) * 4`` bytes (``S`` is at most about twice the number of SMs divided
+by ``batch * kv_heads``: about 0.5 MiB at batch 1 on an H100 for Llama-3.1-8B's shape, whatever the context
+length), and keeps one int32 counter per program, zeroed once per device and stream and reset by the kernel. A
+float additive mask is first turned into a bool one (the torch path does the same).
 
 Storage kinds: the kernel reads a `FullStore`'s tensors directly, and a `QuantizedStore`'s packed codes
 (`quantized_decode_attention`, the ``QUANT`` variant of the same kernel): per tile, each kept key channel's byte
@@ -102,14 +102,16 @@ def use_kernel(store: CompactStore, device: torch.device | str, softcap: float |
     """Whether a compacted layer with ``store`` should attend through the kernel, by `KERNEL_ENV`.
 
     ``auto`` uses it on CUDA devices only: Triton's interpreter is far slower than the torch path on the CPU, so
-    it runs only when asked for (``triton``). Stores other than `FullStore` and `QuantizedStore`, and models that
-    cap their attention logits (a ``softcap``, Gemma 2: the kernel has no cap), always take the torch path, even
-    under ``triton``.
+    it runs only when asked for (``triton``). Stores other than `FullStore` and `QuantizedStore` (and quantized
+    layouts the kernel cannot read, `kernel_reads`), and models that cap their attention logits (a ``softcap``,
+    Gemma 2: the kernel has no cap), always take the torch path, even under ``triton``.
     """
     choice = os.environ.get(KERNEL_ENV, "auto").lower() or "auto"
     if choice not in ("auto", "torch", "triton"):
         raise ValueError(f"{KERNEL_ENV}={choice!r}: expected 'auto', 'torch' or 'triton'")
     if choice == "torch" or not isinstance(store, FullStore | QuantizedStore) or softcap is not None:
+        return False
+    if not kernel_reads(store):
         return False
     if choice == "triton":
         if not kernel_available(device):
@@ -147,43 +149,52 @@ def _keys_tile_body(
 ):  # fmt: skip
     """A tile of compact keys, ``(kept channels, tokens)``: loaded (a `FullStore`), or, under ``QUANT``, the
     tokens' packed codes unpacked in registers (planar: channel ``c`` is byte ``c % k_width``, bits
-    ``(c // k_width) * BITS`` on) times their block's scale plus its zero point, in float32. A token's block is
-    ``token // k_block`` (regular) or read from its ``block_index`` (``IRREGULAR``)."""
+    ``(c // k_width) * BITS`` on) times their block's scale plus its zero point, in float32. Regular keys: the
+    tile is one whole block (the launch makes tiles ``k_block`` tokens, aligned), so its scales and zero points are
+    one vector over the channels; ``IRREGULAR``: each token's block is read from its ``block_index``."""
     tile_ok = ck_ok[:, None] & col_ok[None, :]
     if QUANT:
         byte = tl.load(base + cols[None, :] * s_t + (ck % k_width)[:, None] * s_c, mask=tile_ok, other=0)
         # the plane of each channel; padding lanes past the channels (never kept) stay within the byte's planes
         shift = (((ck // k_width) % (8 // BITS)) * BITS).to(tl.uint8)
-        code = (byte >> shift[:, None]) & ((1 << BITS) - 1)
+        code = ((byte >> shift[:, None]) & ((1 << BITS) - 1)).to(tl.float32)
         if IRREGULAR:
             block = tl.load(kb_base + cols, mask=col_ok, other=0)
+            at = block[None, :] * kept_k + ck[:, None]
+            scale = tl.load(ks_base + at, mask=tile_ok, other=0.0).to(tl.float32)
+            zero = tl.load(kz_base + at, mask=tile_ok, other=0.0).to(tl.float32)
+            keys = code * scale + zero
         else:
-            block = cols // k_block
-        at = block[None, :] * kept_k + ck[:, None]
-        scale = tl.load(ks_base + at, mask=tile_ok, other=0.0).to(tl.float32)
-        zero = tl.load(kz_base + at, mask=tile_ok, other=0.0).to(tl.float32)
-        keys = code.to(tl.float32) * scale + zero
+            at = (tl.min(cols, 0) // k_block) * kept_k + ck  # the tile's block: its first token's
+            scale = tl.load(ks_base + at, mask=ck_ok, other=0.0).to(tl.float32)
+            zero = tl.load(kz_base + at, mask=ck_ok, other=0.0).to(tl.float32)
+            keys = code * scale[:, None] + zero[:, None]
     else:  # one return: Triton types every return statement, even those a constexpr branch leaves out
         keys = tl.load(base + cols[None, :] * s_t + ck[:, None] * s_c, mask=tile_ok, other=0.0)
     return keys
 
 
 def _values_tile_body(
-    base, cols, col_ok, cv, cv_ok, s_t, s_c, vs_base, vz_base, v_groups, v_width, v_group,
-    QUANT: tl.constexpr, BITS: tl.constexpr,
+    base, cols, col_ok, cv, cv_ok, s_t, s_c, vs_base, vz_base, v_groups, v_width,
+    QUANT: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KV: tl.constexpr, V_GROUP: tl.constexpr,
 ):  # fmt: skip
     """A tile of compact values, ``(tokens, kept channels)``: loaded, or, under ``QUANT``, unpacked from the
-    tokens' codes times the scale plus the zero point of the channel's group (``c // v_group``), rounded to the
-    scales' dtype (the model's) as a stored value would be."""
+    tokens' codes times the scale plus the zero point of the channel's group (``c // V_GROUP``), rounded to the
+    scales' dtype (the model's) as a stored value would be. The scales are loaded once per token and group, a
+    ``(tokens, groups)`` tile, and broadcast over each group's channels (``V_GROUP`` divides ``BLOCK_KV``)."""
     tile_ok = col_ok[:, None] & cv_ok[None, :]
     if QUANT:
         byte = tl.load(base + cols[:, None] * s_t + (cv % v_width)[None, :] * s_c, mask=tile_ok, other=0)
         shift = (((cv // v_width) % (8 // BITS)) * BITS).to(tl.uint8)
-        code = (byte >> shift[None, :]) & ((1 << BITS) - 1)
-        at = cols[:, None] * v_groups + (cv // v_group)[None, :]
-        scale = tl.load(vs_base + at, mask=tile_ok, other=0.0).to(tl.float32)
-        zero = tl.load(vz_base + at, mask=tile_ok, other=0.0).to(tl.float32)
-        values = (code.to(tl.float32) * scale + zero).to(vs_base.dtype.element_ty)
+        code = ((byte >> shift[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+        g = tl.arange(0, BLOCK_KV // V_GROUP)
+        at = cols[:, None] * v_groups + g[None, :]
+        at_ok = col_ok[:, None] & (g < v_groups)[None, :]
+        scale = tl.load(vs_base + at, mask=at_ok, other=0.0).to(tl.float32)
+        zero = tl.load(vz_base + at, mask=at_ok, other=0.0).to(tl.float32)
+        code = tl.reshape(code, (BLOCK_N, BLOCK_KV // V_GROUP, V_GROUP))
+        values = tl.reshape(code * scale[:, :, None] + zero[:, :, None], (BLOCK_N, BLOCK_KV))
+        values = values.to(vs_base.dtype.element_ty)
     else:
         values = tl.load(base + cols[:, None] * s_t + cv[None, :] * s_c, mask=tile_ok, other=0.0)
     return values
@@ -208,11 +219,11 @@ def _split_pass(
     sm_b, sm_h, sm_l, sm_n,
     so_b, so_l, so_h, so_d,
     kv_heads, group, q_len, n_compact, n_recent, kept_k, kept_v, head_dim, split_len, n_splits, row_blocks,
-    scale_log2, k_width, k_blocks, k_block, v_width, v_groups, v_group,
+    scale_log2, k_width, k_blocks, k_block, v_width, v_groups,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KK: tl.constexpr,
     BLOCK_KV: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRUNED_V: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    QUANT: tl.constexpr, BITS: tl.constexpr, IRREGULAR: tl.constexpr,
+    QUANT: tl.constexpr, BITS: tl.constexpr, IRREGULAR: tl.constexpr, V_GROUP: tl.constexpr,
 ):  # fmt: skip
     """One (batch row, KV head, row block) x one span of tokens: see the module docstring. ``UPCAST``: do the
     products in float32 (Triton's interpreter multiplies bfloat16 operands as raw bits). ``QUANT``: the compact
@@ -279,8 +290,9 @@ def _split_pass(
             s, cols, col_ok, m_i, l_i, mask_rows, row_ok, sm_n, last_visible, HAS_MASK, CAUSAL
         )
         v = _values_tile(
-            cv_base, cols, col_ok, cv, cv_ok, scv_t, scv_c, vs_base, vz_base, v_groups, v_width, v_group, QUANT, BITS
-        )
+            cv_base, cols, col_ok, cv, cv_ok, scv_t, scv_c, vs_base, vz_base, v_groups, v_width, QUANT, BITS,
+            BLOCK_N, BLOCK_KV, V_GROUP,
+        )  # fmt: skip
         p_v = p.to(v.dtype)  # probabilities at the values' precision, as the torch path multiplies them
         if UPCAST:
             p_v, v = p_v.to(tl.float32), v.to(tl.float32)
@@ -350,6 +362,7 @@ def _split_pass(
                 o_row = tl.sum(o_s * w[:, None], 0) / tl.sum(w * l_s, 0)
                 o_ptr = out_ptr + b * so_b + (row % q_len) * so_l + (kvh * group + row // q_len) * so_h
                 tl.store(o_ptr + d * so_d, o_row.to(out_ptr.dtype.element_ty), mask=d_ok)
+            tl.store(count_ptr + pid, 0)  # every span has counted itself: the counter is ready for the next launch
     else:
         tl.store(o_rows[:, None] + d[None, :] * so_d, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
 
@@ -513,14 +526,43 @@ def quantized_decode_attention(
 def _quantized_args(quantized: tuple[QuantKeys, QuantValues] | None, anything: torch.Tensor):
     """The kernel's quantized-store arguments: (key scales, key zero points, key block index, value scales, value
     zero points), then (key bytes per token, key blocks, tokens per key block, value bytes per token, value
-    groups, channels per value group), bits, irregular. A `FullStore` passes ``anything`` (never read)."""
+    groups), bits, irregular, channels per value group. A `FullStore` passes ``anything`` (never read)."""
     if quantized is None:
-        return (anything,) * 5, (1, 1, 1, 1, 1, 1), 8, False
+        return (anything,) * 5, (1, 1, 1, 1, 1), 8, False, None
     qk, qv = quantized
     block_index = qk.block_index
     tensors = (qk.scale, qk.zero, anything if block_index is None else block_index, qv.scale, qv.zero)
-    sizes = (qk.codes.shape[-1], qk.n_blocks, qk.block, qv.codes.shape[-1], qv.n_groups, qv.group_size)
-    return tuple(t.contiguous() for t in tensors), sizes, qk.bits, block_index is not None
+    sizes = (qk.codes.shape[-1], qk.n_blocks, qk.block, qv.codes.shape[-1], qv.n_groups)
+    return tuple(t.contiguous() for t in tensors), sizes, qk.bits, block_index is not None, qv.group_size
+
+
+def kernel_reads(store: CompactStore) -> bool:
+    """Whether the kernel can read ``store``'s layout: any `FullStore`; a `QuantizedStore` whose key blocks are a
+    power of two of at least 16 tokens (a tile is one block) and whose value groups, when a row has several, are a
+    power of two of channels (the kernel broadcasts a group's scale by reshaping the tile)."""
+    if not isinstance(store, QuantizedStore):
+        return True
+    block, group = store.block, store.group_size
+    return block >= 16 and _pow2(block) == block and _pow2(group, 1) == group
+
+
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _counters(device: torch.device, programs: int) -> torch.Tensor:
+    """Zeroed int32 span counters for ``programs`` programs, kept per device and stream: the last span of each
+    program's rows sets its counter back to 0, so no launch pays for zeroing them (a memset per layer and step
+    otherwise); launches on one stream run in order, so they never share a counter at once. Fresh ones while a
+    CUDA graph is being captured (its memory is the graph's)."""
+    stream = 0
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(programs, dtype=torch.int32, device=device)
+        stream = torch.cuda.current_stream(device).cuda_stream
+    counters = _COUNTERS.get((device, stream))
+    if counters is None or counters.numel() < programs:
+        counters = _COUNTERS[device, stream] = torch.zeros(max(programs, 1024), dtype=torch.int32, device=device)
+    return counters
 
 
 def _attention(
@@ -550,7 +592,7 @@ def _attention(
         raise ValueError(f"compact values hold {kept_v} channels of {head_dim}: pass their value_channels")
     if n_compact == 0:  # nothing is read from the compact tensors: any valid pointer will do
         compact_keys, compact_values, quantized = recent_keys, recent_values, None
-    store_tensors, store_sizes, bits, irregular = _quantized_args(quantized, query)
+    store_tensors, store_sizes, bits, irregular, v_group = _quantized_args(quantized, query)
     if not pruned_v:
         value_channels = key_channels
 
@@ -575,6 +617,15 @@ def _attention(
     block_kk, block_kv = _pow2(kept_k), _pow2(kept_v)
     block_r = min(_pow2(group * q_len), 32 if head_dim > 128 else 64)
     config = LAUNCH.get(block_d, LaunchConfig())
+    if quantized is not None:  # a tile is one key block: one vector of scales per tile (`_keys_tile_body`)
+        config = replace(config, block_n=quantized[0].block)
+    # channels per value scale as the tile sees them: one group over all lanes when a row has one group
+    v_group = block_kv if v_group is None or v_group >= kept_v else v_group
+    if block_kv % v_group or config.block_n < 16 or _pow2(config.block_n) != config.block_n:
+        raise ValueError(
+            f"quantized_decode_attention: value groups of {v_group} channels over {kept_v} and key blocks of "
+            f"{config.block_n} tokens: the kernel needs power-of-two groups and blocks (see kernel_reads)"
+        )
     row_blocks = -(-group * q_len // block_r)
     programs = batch * kv_heads * row_blocks
     split_len = _split_length(n_total, programs, config, query.device, split_tokens)
@@ -583,7 +634,7 @@ def _attention(
     out = query.new_empty(batch, q_len, q_heads, head_dim)
     if n_splits > 1:  # per row and span: partial output, running max and sum; per program: spans finished
         parts = torch.empty(batch * q_heads * q_len * n_splits, head_dim + 2, dtype=torch.float32, device=out.device)
-        counts = torch.zeros(programs, dtype=torch.int32, device=out.device)
+        counts = _counters(out.device, programs)
     else:
         parts = counts = out  # never touched
     # Triton launches on the current CUDA device and stream: make them the tensors' (a model spread over GPUs)
@@ -599,7 +650,7 @@ def _attention(
             HAS_MASK=has_mask, CAUSAL=q_len > 1, PRUNED_V=pruned_v, SPLIT=n_splits > 1, BLOCK_S=_pow2(n_splits),
             PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
             UPCAST=interpreting and query.dtype == torch.bfloat16,
-            QUANT=quantized is not None, BITS=bits, IRREGULAR=irregular,
+            QUANT=quantized is not None, BITS=bits, IRREGULAR=irregular, V_GROUP=v_group,
             num_warps=config.num_warps,
             **({} if config.num_stages is None else {"num_stages": config.num_stages}),
         )  # fmt: skip
