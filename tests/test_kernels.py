@@ -182,6 +182,7 @@ def test_quantized_store(bits, kept_v, q_len):
     path: regular key blocks, then irregular ones after a per-head gather, with left padding and several spans."""
     query, store, rk, rv = _quantized_case(bits, kept_v=kept_v, q_len=q_len, seed=bits)
     _check_quantized(query, store, rk, rv)
+    _check_quantized(query, store, rk, rv, split_tokens=32)  # regular blocks over spans: one block a tile
     g = torch.Generator().manual_seed(1)
     index = torch.stack(
         [torch.stack([torch.randperm(100, generator=g)[:61].sort().values for _ in "hh"]) for _ in "bb"]
@@ -210,7 +211,7 @@ def test_layouts_the_kernel_cannot_read_take_the_torch_path(monkeypatch):
     assert not kernels.kernel_reads(QuantizedStore(4, 24))
     assert not kernels.use_kernel(QuantizedStore(4, 24), "cpu")
     query, store, rk, rv = _quantized_case(4, group_size=24)
-    with pytest.raises(ValueError, match="power-of-two groups"):
+    with pytest.raises(ValueError, match="power-of-two groups and tiles"):
         kernels.store_attention(query, store, rk, rv, None, 0.125)
 
 
@@ -365,3 +366,26 @@ def test_span_counters_are_reset_for_the_next_launch():
     _check(*case, split_tokens=32)
     _check(*_case(batch=1, group=8, n_compact=200, seed=3), split_tokens=64)
     assert not counters.any() and len(kernels._COUNTERS) == 1
+
+
+def test_a_failed_launch_drops_the_kept_counters(monkeypatch):
+    """A launch that stops part way may leave counts behind; the kept counters are dropped with it, and the next
+    launch starts from zeroed ones."""
+    case = _case(n_compact=300)
+    _check(*case, split_tokens=64)
+    assert kernels._COUNTERS
+
+    class Failing:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                args[10][:1] = 1  # a span counted itself, then the launch failed
+                raise RuntimeError("launch failed")
+
+            return launch
+
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "_kernels", lambda interpret: Failing())
+        with pytest.raises(RuntimeError, match="launch failed"):
+            _check(*case, split_tokens=64)
+    assert not kernels._COUNTERS
+    _check(*case, split_tokens=64)

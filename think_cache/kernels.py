@@ -625,8 +625,8 @@ def _attention(
     v_group = block_kv if v_group is None or v_group >= kept_v else v_group
     if block_kv % v_group or config.block_n < 16 or _pow2(config.block_n) != config.block_n:
         raise ValueError(
-            f"quantized_decode_attention: value groups of {v_group} channels over {kept_v} and key blocks of "
-            f"{config.block_n} tokens: the kernel needs power-of-two groups and blocks (see kernel_reads)"
+            f"compact_decode_attention: value groups of {v_group} channels over {kept_v} and tiles of "
+            f"{config.block_n} tokens: the kernel needs power-of-two groups and tiles of at least 16 (kernel_reads)"
         )
     row_blocks = -(-group * q_len // block_r)
     programs = batch * kv_heads * row_blocks
@@ -634,28 +634,35 @@ def _attention(
     n_splits = -(-n_total // split_len)
 
     out = query.new_empty(batch, q_len, q_heads, head_dim)
-    if n_splits > 1:  # per row and span: partial output, running max and sum; per program: spans finished
-        parts = torch.empty(batch * q_heads * q_len * n_splits, head_dim + 2, dtype=torch.float32, device=out.device)
-        counts = _counters(out.device, programs)
-    else:
-        parts = counts = out  # never touched
     # Triton launches on the current CUDA device and stream: make them the tensors' (a model spread over GPUs)
     with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
-        kernel[(programs, n_splits)](
-            query, key_channels, compact_keys, compact_values, value_channels, recent_keys, recent_values, mask,
-            out, parts, counts, *store_tensors,
-            *query.stride(), *key_channels.stride(), *compact_keys.stride(), *compact_values.stride(),
-            *value_channels.stride(), *recent_keys.stride(), *recent_values.stride(), *mask_strides, *out.stride(),
-            kv_heads, group, q_len, n_compact, n_recent, kept_k, kept_v, head_dim, split_len, n_splits, row_blocks,
-            scale * _LOG2E, *store_sizes,
-            BLOCK_R=block_r, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_KK=block_kk, BLOCK_KV=block_kv,
-            HAS_MASK=has_mask, CAUSAL=q_len > 1, PRUNED_V=pruned_v, SPLIT=n_splits > 1, BLOCK_S=_pow2(n_splits),
-            PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-            UPCAST=interpreting and query.dtype == torch.bfloat16,
-            QUANT=quantized is not None, BITS=bits, IRREGULAR=irregular, V_GROUP=v_group,
-            num_warps=config.num_warps,
-            **({} if config.num_stages is None else {"num_stages": config.num_stages}),
-        )  # fmt: skip
+        if n_splits > 1:  # per row and span: partial output, running max and sum; per program: spans finished
+            parts = torch.empty(
+                batch * q_heads * q_len * n_splits, head_dim + 2, dtype=torch.float32, device=out.device
+            )
+            counts = _counters(out.device, programs)
+        else:
+            parts = counts = out  # never touched
+        try:
+            kernel[(programs, n_splits)](
+                query, key_channels, compact_keys, compact_values, value_channels, recent_keys, recent_values, mask,
+                out, parts, counts, *store_tensors,
+                *query.stride(), *key_channels.stride(), *compact_keys.stride(), *compact_values.stride(),
+                *value_channels.stride(), *recent_keys.stride(), *recent_values.stride(), *mask_strides,
+                *out.stride(),
+                kv_heads, group, q_len, n_compact, n_recent, kept_k, kept_v, head_dim, split_len, n_splits,
+                row_blocks, scale * _LOG2E, *store_sizes,
+                BLOCK_R=block_r, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_KK=block_kk, BLOCK_KV=block_kv,
+                HAS_MASK=has_mask, CAUSAL=q_len > 1, PRUNED_V=pruned_v, SPLIT=n_splits > 1, BLOCK_S=_pow2(n_splits),
+                PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+                UPCAST=interpreting and query.dtype == torch.bfloat16,
+                QUANT=quantized is not None, BITS=bits, IRREGULAR=irregular, V_GROUP=v_group,
+                num_warps=config.num_warps,
+                **({} if config.num_stages is None else {"num_stages": config.num_stages}),
+            )  # fmt: skip
+        except BaseException:  # a launch that stopped part way may leave counts behind: the next one starts afresh
+            _COUNTERS.clear()
+            raise
     return out
 
 
