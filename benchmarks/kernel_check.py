@@ -21,8 +21,9 @@
 
 4. With ``--compile-for 90`` (no GPU needed, a few seconds a variant): every variant of the kernel (storage kind,
    bits, key layout, value pruning, mask, causal rows, split) compiled for that CUDA compute capability by
-   Triton's CUDA backend and ptxas. Triton's interpreter, which the tests run on the CPU, does not see what only
-   the compiler rejects (a type a construct cannot take on the GPU, say); this does.
+   Triton's CUDA backend and ptxas, specialized as a launch specializes it (innermost strides 1, pointers and the
+   keys' and values' other strides multiples of 16). Triton's interpreter, which the tests run on the CPU, does
+   not see what only the compiler rejects (a type a construct cannot take on the GPU, say); this does.
 
 Writes JSON to ``--out``.
 """
@@ -336,13 +337,23 @@ def compile_for(arch: int, variants=VARIANTS) -> list[dict]:
             PRUNED_V=pruned, SPLIT=split, BLOCK_S=64, PRECISION="tf32", UPCAST=False, QUANT=quant,
             BITS=bits or 8, IRREGULAR=irregular, V_GROUP=32 if quant else block_kv,
         )  # fmt: skip
+        # as a launch on a GPU specializes them: the innermost strides are 1 (constants), pointers and the other
+        # strides of the keys and values multiples of 16 (aligned rows), what grows with the tokens unspecialized
+        innermost = {p for p in params if p[0] == "s" and p.endswith(("_c", "_d")) and p != "sm_n"}
+        constexprs.update({p: 1 for p in innermost})
+        aligned = [
+            i for i, p in enumerate(params)
+            if p.endswith("_ptr") or (p[0] == "s" and "_" in p and p not in set(kernels.GROWING_ARGUMENTS) | innermost)
+        ]  # fmt: skip
         signature = {p: "constexpr" if p in constexprs else types.get(p, "i32") for p in params}
         constants = {(params.index(p),): value for p, value in constexprs.items()}
+        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned if signature[params[i]] != "constexpr"}
         record = dict(bits=bits, irregular=irregular, pruned_values=pruned, mask=mask, causal=causal, split=split)
         started = time.perf_counter()
         try:
             triton.compile(
-                ASTSource(fn=jitted, signature=signature, constexprs=constants), target=GPUTarget("cuda", arch, 32)
+                ASTSource(fn=jitted, signature=signature, constexprs=constants, attrs=attrs),
+                target=GPUTarget("cuda", arch, 32),
             )
             record["ok"] = True
         except Exception as error:  # the compiler's message is the result
