@@ -296,15 +296,17 @@ def apply_launch_config(path: str) -> dict:
 
 
 #: The kernel's variants `compile_for` builds: (quantized bits or None, irregular key blocks, pruned values, mask,
-#: causal, split), in bfloat16 with head_dim 128 (64 kept key channels).
+#: causal, split, token weights), in bfloat16 with head_dim 128 (64 kept key channels).
 VARIANTS = [
-    (None, False, False, False, False, False),
-    (None, False, False, False, False, True),
-    (None, False, True, True, False, True),
-    (None, False, True, False, True, False),
-    *((bits, irregular, pruned, False, False, True) for bits in (2, 4, 8) for irregular in (False, True)
+    (None, False, False, False, False, False, False),
+    (None, False, False, False, False, True, False),
+    (None, False, True, True, False, True, False),
+    (None, False, True, False, True, False, False),
+    *((bits, irregular, pruned, False, False, True, False) for bits in (2, 4, 8) for irregular in (False, True)
       for pruned in (False, True)),
-    (4, False, True, True, True, False),
+    (4, False, True, True, True, False, False),
+    (None, False, False, True, False, True, True),
+    (4, True, True, False, False, False, True),
 ]  # fmt: skip
 
 
@@ -323,19 +325,20 @@ def compile_for(arch: int, variants=VARIANTS) -> list[dict]:
     jitted = kernels._kernels(False)
     params = list(inspect.signature(kernels._split_pass).parameters)
     records = []
-    for bits, irregular, pruned, mask, causal, split in variants:
+    for bits, irregular, pruned, mask, causal, split, scores in variants:
         quant = bits is not None
         codes = "*u8" if quant else "*bf16"
         types = dict(
             q_ptr="*bf16", kch_ptr="*i16", ck_ptr=codes, cv_ptr=codes, vch_ptr="*i16", rk_ptr="*bf16",
             rv_ptr="*bf16", mask_ptr="*u8", out_ptr="*bf16", part_ptr="*fp32", count_ptr="*i32", ks_ptr="*bf16",
+            lg_ptr="*fp32", st_ptr="*fp32",
             kz_ptr="*bf16", kb_ptr="*i32" if irregular else "*bf16", vs_ptr="*bf16", vz_ptr="*bf16", scale_log2="fp32",
         )  # fmt: skip
         block_kv = 64 if pruned else 128
         constexprs = dict(
             BLOCK_R=16, BLOCK_N=32, BLOCK_D=128, BLOCK_KK=64, BLOCK_KV=block_kv, HAS_MASK=mask, CAUSAL=causal,
             PRUNED_V=pruned, SPLIT=split, BLOCK_S=64, PRECISION="tf32", UPCAST=False, QUANT=quant,
-            BITS=bits or 8, IRREGULAR=irregular, V_GROUP=32 if quant else block_kv,
+            BITS=bits or 8, IRREGULAR=irregular, V_GROUP=32 if quant else block_kv, SCORES=scores,
         )  # fmt: skip
         # as a launch on a GPU specializes them: the innermost strides are 1 (constants), pointers and the other
         # strides of the keys and values multiples of 16 (aligned rows), what grows with the tokens unspecialized
@@ -348,7 +351,9 @@ def compile_for(arch: int, variants=VARIANTS) -> list[dict]:
         signature = {p: "constexpr" if p in constexprs else types.get(p, "i32") for p in params}
         constants = {(params.index(p),): value for p, value in constexprs.items()}
         attrs = {(i,): [["tt.divisibility", 16]] for i in aligned if signature[params[i]] != "constexpr"}
-        record = dict(bits=bits, irregular=irregular, pruned_values=pruned, mask=mask, causal=causal, split=split)
+        record = dict(
+            bits=bits, irregular=irregular, pruned_values=pruned, mask=mask, causal=causal, split=split, scores=scores
+        )
         started = time.perf_counter()
         try:
             triton.compile(

@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 from conftest import generate, make_batch, make_model  # noqa: E402
 
-from think_cache import SnapKV, ThinKCache, kernels  # noqa: E402
+from think_cache import H2O, SnapKV, ThinKCache, kernels  # noqa: E402
 from think_cache.compact import compact_attention  # noqa: E402
 from think_cache.storage import FullStore, QuantizedStore  # noqa: E402
 
@@ -215,6 +215,44 @@ def test_layouts_the_kernel_cannot_read_take_the_torch_path(monkeypatch):
         kernels.store_attention(query, store, rk, rv, None, 0.125)
 
 
+def _check_token_weights(query, store, recent_keys, recent_values, mask=None, split_tokens=None):
+    """The kernel's output and per-token weights (H2O's) against `compact_attention(return_token_weights=True)`."""
+    scale = query.shape[-1] ** -0.5
+    expected, expected_weights = compact_attention(
+        query, store, recent_keys, recent_values, mask, scale, return_token_weights=True
+    )
+    quantized = (store.keys, store.values) if isinstance(store, QuantizedStore) else None
+    compact_keys, compact_values = (store.keys.codes, store.values.codes) if quantized else (store.keys, store.values)
+    out, weights = kernels._attention(
+        query, store.key_channels, compact_keys, compact_values, store.value_channels, recent_keys, recent_values,
+        mask, scale, split_tokens=split_tokens, quantized=quantized, token_weights=True,
+    )  # fmt: skip
+    assert weights.shape == expected_weights.shape and weights.dtype == torch.float32
+    tol = TOL[query.dtype]
+    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(weights, expected_weights, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("split_tokens", [None, 32])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_token_weights(q_len, split_tokens):
+    """With ``token_weights`` the kernel also gives each stored token's attention weight summed over its KV head's
+    query rows, as the torch path does for H2O: full precision and 4-bit, one span or several, a left-padded batch
+    (its padded rows: a query that may see nothing spreads its weight evenly, as the torch path's softmax does)."""
+    case = _case(batch=2, q_len=q_len, n_compact=100, kept_v=40, seed=q_len)
+    n_total = 106
+    mask = torch.ones(2, 1, q_len, n_total, dtype=torch.bool).tril(n_total - q_len)
+    mask[1, ..., :30] = False
+    _check_token_weights(*case, mask=mask, split_tokens=split_tokens)
+    _check_token_weights(*case, split_tokens=split_tokens)
+    mask[1] = False  # a row that may see nothing
+    _check_token_weights(*case, mask=mask, split_tokens=split_tokens)
+    query, store, rk, rv = _quantized_case(4, kept_v=40, q_len=q_len, seed=5)
+    n_total = store.tokens + rk.shape[2]
+    _check_token_weights(query, store, rk, rv, split_tokens=split_tokens)
+    assert kernels.store_attention(query, store, rk, rv, None, 0.125, token_weights=True)[1].shape == (2, 2, n_total)
+
+
 def test_quantized_store_must_match_its_channels():
     """The kernel reads scales by the kept channel counts: codes of another width are refused, not read past."""
     query, store, rk, rv = _quantized_case(4, kept_v=40)
@@ -259,7 +297,7 @@ def _generate(monkeypatch, path, model, ids, mask, steps, **cache_kwargs):
     monkeypatch.setenv(kernels.KERNEL_ENV, path)
     calls = []
     real = kernels.store_attention
-    monkeypatch.setattr(kernels, "store_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(kernels, "store_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     out = generate(model, ids, mask, ThinKCache(**cache_kwargs), steps=steps)
     assert bool(calls) == (path == "triton")
     return out
@@ -272,8 +310,10 @@ def _generate(monkeypatch, path, model, ids, mask, steps, **cache_kwargs):
         dict(key_ratio=0.5, value_ratio=0.3, policy=SnapKV(budget=24, window=6, kernel=3)),
         dict(key_ratio=0.5, bits=4),
         dict(key_ratio=0.4, value_ratio=0.3, bits=2, policy=SnapKV(budget=24, window=6, kernel=3)),
+        dict(key_ratio=0.5, value_ratio=0.25, policy=H2O(budget=20, recent=4)),
+        dict(key_ratio=0.5, bits=4, policy=H2O(budget=20, recent=4)),
     ],
-    ids=["think", "snapkv-values", "int4", "snapkv-values-int2"],
+    ids=["think", "snapkv-values", "int4", "snapkv-values-int2", "h2o-values", "h2o-int4"],
 )
 def test_generation_equals_torch_path(monkeypatch, cache_kwargs):
     """A tiny GQA Llama, greedy, a left-padded batch, long enough for generated tokens to fold into the compact
@@ -335,7 +375,8 @@ def test_launch_config_changes_the_launch_not_the_answer():
 
 def test_variants_compile_for_an_h100(tmp_path):
     """The interpreter misses what only the CUDA compiler rejects: the full-precision kernel, the quantized one with
-    regular and with irregular key blocks, and the masked causal variant compile for sm_90 (no GPU needed)."""
+    regular and with irregular key blocks, the masked causal variant and both with token weights (H2O) compile for
+    sm_90 (no GPU needed)."""
     import subprocess
     import sys
 
@@ -344,15 +385,15 @@ def test_variants_compile_for_an_h100(tmp_path):
         pytest.skip("Triton without its CUDA backend")
     script = (
         "import json, sys; from benchmarks import kernel_check as k; "
-        "v = [k.VARIANTS[2], (4, False, True, False, False, True), (2, True, True, False, False, True), "
-        "k.VARIANTS[-1]]; "
+        "v = [k.VARIANTS[2], (4, False, True, False, False, True, False), (2, True, True, False, False, True, False), "
+        "k.VARIANTS[-3], k.VARIANTS[-2], k.VARIANTS[-1]]; "
         "json.dump(k.compile_for(90, v), sys.stdout)"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     records = json.loads(done.stdout)
-    assert len(records) == 4 and all(r["ok"] for r in records), [r.get("error") for r in records]
+    assert len(records) == 6 and all(r["ok"] for r in records), [r.get("error") for r in records]
 
 
 def test_span_counters_are_reset_for_the_next_launch():

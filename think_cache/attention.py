@@ -214,9 +214,9 @@ def _attend_compacted(
 ):
     """Attention of ``query`` (the forward's newest rows) over a compacted layer, then the layer's bookkeeping.
 
-    The fused kernel (`think_cache.kernels`, chosen by `kernels.use_kernel`: on CUDA for a `FullStore`, never with a
-    ``softcap``) serves the forwards that need only the output: no attention weights asked for, none accumulated by
-    the policy (H2O), no query row that must see recent tokens thinned (`ThinKLayer.thinned_rows`) nor earlier
+    The fused kernel (`think_cache.kernels`, chosen by `kernels.use_kernel`: on CUDA, never with a ``softcap``)
+    serves the forwards that ask for no attention weights (each token's summed weight, which H2O accumulates, it
+    gives too), with no query row that must see recent tokens thinned (`ThinKLayer.thinned_rows`) nor earlier
     questions whole (`ThinKLayer.restored`: a chat's later prompt). The rest takes the torch path, whose float32
     logits are built a chunk of query rows at a time (`ROW_CHUNK_ELEMENTS`): a long later prompt over a long
     context stays within one chunk's memory.
@@ -227,15 +227,19 @@ def _attend_compacted(
     thinned_rows = layer.thinned_rows(q_len)
     if (
         not wants_attention
-        and layer.token_scores is None
         and restored is None
         and thinned_rows is None
         and kernels.use_kernel(layer.store, query.device, softcap)
     ):
-        out = kernels.store_attention(
-            query, layer.store, layer.keys, layer.values, layer.attention_mask(mask, q_len), scale
-        )
-        layer.after_attention(mask, None)
+        stored_mask = layer.attention_mask(mask, q_len)
+        if layer.token_scores is None:
+            out = kernels.store_attention(query, layer.store, layer.keys, layer.values, stored_mask, scale)
+            layer.after_attention(mask, None)
+        else:  # H2O: each stored token's weight too, from the kernel's logits and its rows' softmax statistics
+            out, token_weights = kernels.store_attention(
+                query, layer.store, layer.keys, layer.values, stored_mask, scale, token_weights=True
+            )
+            layer.after_attention(mask, token_weights)
         return out, None
     thin = thin_mask(thinned_rows, group, query.device)
     thinned = thinned_store(layer.store, layer.keys, layer.values, thin)

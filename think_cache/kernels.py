@@ -128,7 +128,8 @@ def _softmax_step_body(
     s, cols, col_ok, m_i, l_i, mask_rows, row_ok, sm_n, last_visible, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr
 ):
     """One tile of the online softmax: mask the tile's logits ``s`` (base-2 scaled), then the tile's
-    probabilities against the new running max, the factor that rescales what came before, the new max and sum.
+    probabilities against the new running max, the factor that rescales what came before, the new max and sum, and
+    the masked logits.
     Masked columns sit at float32's minimum as in the torch path (a row that sees nothing gets a uniform softmax),
     columns outside the span at -inf (no weight at all)."""
     if HAS_MASK:
@@ -140,7 +141,7 @@ def _softmax_step_body(
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1), s
 
 
 def _keys_tile_body(
@@ -208,7 +209,7 @@ _values_tile = None
 
 def _split_pass(
     q_ptr, kch_ptr, ck_ptr, cv_ptr, vch_ptr, rk_ptr, rv_ptr, mask_ptr, out_ptr, part_ptr, count_ptr,
-    ks_ptr, kz_ptr, kb_ptr, vs_ptr, vz_ptr,
+    ks_ptr, kz_ptr, kb_ptr, vs_ptr, vz_ptr, lg_ptr, st_ptr,
     sq_b, sq_h, sq_l, sq_d,
     skc_b, skc_h, skc_c,
     sck_b, sck_h, sck_t, sck_c,
@@ -223,13 +224,15 @@ def _split_pass(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KK: tl.constexpr,
     BLOCK_KV: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRUNED_V: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    QUANT: tl.constexpr, BITS: tl.constexpr, IRREGULAR: tl.constexpr, V_GROUP: tl.constexpr,
+    QUANT: tl.constexpr, BITS: tl.constexpr, IRREGULAR: tl.constexpr, V_GROUP: tl.constexpr, SCORES: tl.constexpr,
 ):  # fmt: skip
     """One (batch row, KV head, row block) x one span of tokens: see the module docstring. ``UPCAST``: do the
     products in float32 (Triton's interpreter multiplies bfloat16 operands as raw bits). ``QUANT``: the compact
     part is a `QuantizedStore`'s codes (``ck_ptr``/``cv_ptr``) with their scales and zero points (``ks``/``kz``
     per key block and channel, ``vs``/``vz`` per token and value group) and, ``IRREGULAR``, each token's key block
-    (``kb``); those tensors are contiguous."""
+    (``kb``); those tensors are contiguous. ``SCORES``: also write every row's masked logits (``lg``, ``(batch,
+    kv_heads, rows, tokens)`` float32, base-2 scaled) and its softmax's final max and sum (``st``, ``(..., rows,
+    2)``), from which `_token_weights` gives each token's attention weight (what H2O accumulates)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     row_block = pid % row_blocks
@@ -268,6 +271,8 @@ def _split_pass(
 
     start = split * split_len
     end = tl.minimum(start + split_len, n_total)
+    lg_rows = lg_ptr + ((b * kv_heads + kvh) * n_rows + rows).to(tl.int64) * n_total  # SCORES: each row's logits
+    st_rows = st_ptr + ((b * kv_heads + kvh) * n_rows + rows) * 2
 
     # ---- compact part: keys at the kept channels, values at the kept value channels
     compact_end = tl.minimum(end, n_compact)
@@ -286,9 +291,11 @@ def _split_pass(
         )  # fmt: skip
         k = k.to(tl.float32) if UPCAST else k.to(q_kept.dtype)
         s = tl.dot(q_kept, k, input_precision=PRECISION) * scale_log2
-        p, alpha, m_new, l_i = _softmax_step(
+        p, alpha, m_new, l_i, s = _softmax_step(
             s, cols, col_ok, m_i, l_i, mask_rows, row_ok, sm_n, last_visible, HAS_MASK, CAUSAL
         )
+        if SCORES:
+            tl.store(lg_rows[:, None] + cols[None, :], s, mask=row_ok[:, None] & col_ok[None, :])
         v = _values_tile(
             cv_base, cols, col_ok, cv, cv_ok, scv_t, scv_c, vs_base, vz_base, v_groups, v_width, QUANT, BITS,
             BLOCK_N, BLOCK_KV, V_GROUP,
@@ -315,9 +322,11 @@ def _split_pass(
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q_full, k, input_precision=PRECISION) * scale_log2
-        p, alpha, m_new, l_i = _softmax_step(
+        p, alpha, m_new, l_i, s = _softmax_step(
             s, cols, col_ok, m_i, l_i, mask_rows, row_ok, sm_n, last_visible, HAS_MASK, CAUSAL
         )
+        if SCORES:
+            tl.store(lg_rows[:, None] + cols[None, :], s, mask=row_ok[:, None] & col_ok[None, :])
         v = tl.load(rv_base + t[:, None] * srv_t + d[None, :] * srv_d, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         p_v = p.to(v.dtype)
         if UPCAST:
@@ -360,11 +369,18 @@ def _split_pass(
                 )
                 w = tl.exp2(m_s - tl.max(m_s, 0))
                 o_row = tl.sum(o_s * w[:, None], 0) / tl.sum(w * l_s, 0)
+                if SCORES:
+                    st_row = st_ptr + ((b * kv_heads + kvh) * n_rows + row) * 2
+                    tl.store(st_row, tl.max(m_s, 0))
+                    tl.store(st_row + 1, tl.sum(w * l_s, 0))
                 o_ptr = out_ptr + b * so_b + (row % q_len) * so_l + (kvh * group + row // q_len) * so_h
                 tl.store(o_ptr + d * so_d, o_row.to(out_ptr.dtype.element_ty), mask=d_ok)
             tl.store(count_ptr + pid, 0)  # every span has counted itself: the counter is ready for the next launch
     else:
         tl.store(o_rows[:, None] + d[None, :] * so_d, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+        if SCORES:
+            tl.store(st_rows, m_i, mask=row_ok)
+            tl.store(st_rows + 1, l_i, mask=row_ok)
 
 
 @functools.lru_cache(maxsize=2)
@@ -459,7 +475,8 @@ def compact_decode_attention(
     recent_values: torch.Tensor,
     mask: torch.Tensor | None,
     scale: float,
-) -> torch.Tensor:
+    token_weights: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query`` over a compact part then a full-width recent part, in one fused kernel.
 
     Equal (up to float rounding) to `think_cache.compact.compact_attention` over a `FullStore` holding
@@ -483,14 +500,21 @@ def compact_decode_attention(
         None is causal with the queries being the last ``q_len`` tokens.
     scale:
         The softmax scale.
+    token_weights:
+        Also return each stored token's attention weight summed over its KV head's query rows, ``(batch, kv_heads,
+        n_compact + n_recent)`` float32, as `think_cache.compact.compact_attention` does with
+        ``return_token_weights`` (what H2O accumulates): the kernel writes each row's masked logits and its
+        softmax's final max and sum (``batch * q_heads * q_len * (n_compact + n_recent + 2)`` floats), and four
+        torch ops turn them into weights.
 
     Returns
     -------
-    ``(batch, q_len, q_heads, head_dim)`` in the query's dtype.
+    ``(batch, q_len, q_heads, head_dim)`` in the query's dtype (and the token weights when asked).
     """
     return _attention(
-        query, key_channels, compact_keys, compact_values, value_channels, recent_keys, recent_values, mask, scale
-    )
+        query, key_channels, compact_keys, compact_values, value_channels, recent_keys, recent_values, mask, scale,
+        token_weights=token_weights,
+    )  # fmt: skip
 
 
 def quantized_decode_attention(
@@ -500,7 +524,8 @@ def quantized_decode_attention(
     recent_values: torch.Tensor,
     mask: torch.Tensor | None,
     scale: float,
-) -> torch.Tensor:
+    token_weights: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`compact_decode_attention` over a `QuantizedStore` holding tokens: its keys and values as packed codes with
     their scales and zero points (`think_cache.quant`), unpacked and dequantized tile by tile in registers, so no
     dequantized copy of any token exists outside them. Equal (up to float rounding: the dequantized keys enter the
@@ -521,7 +546,7 @@ def quantized_decode_attention(
         )
     return _attention(
         query, key_channels, keys.codes, values.codes, value_channels, recent_keys, recent_values, mask, scale,
-        quantized=(keys, values),
+        quantized=(keys, values), token_weights=token_weights,
     )  # fmt: skip
 
 
@@ -570,7 +595,8 @@ def _counters(device: torch.device, programs: int) -> torch.Tensor:
 def _attention(
     query, key_channels, compact_keys, compact_values, value_channels, recent_keys, recent_values, mask, scale,
     split_tokens: int | None = None, quantized: tuple[QuantKeys, QuantValues] | None = None,
-) -> torch.Tensor:  # fmt: skip
+    token_weights: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """`compact_decode_attention` (``quantized``: `quantized_decode_attention`, the compact tensors being the
     codes), with ``split_tokens`` to force the span length (tests)."""
     batch, q_heads, q_len, head_dim = query.shape
@@ -634,6 +660,11 @@ def _attention(
     n_splits = -(-n_total // split_len)
 
     out = query.new_empty(batch, q_len, q_heads, head_dim)
+    if token_weights:  # each row's masked logits, then its softmax's final max and sum
+        logits = torch.empty(batch, kv_heads, group * q_len, n_total, dtype=torch.float32, device=out.device)
+        stats = torch.empty(batch, kv_heads, group * q_len, 2, dtype=torch.float32, device=out.device)
+    else:
+        logits = stats = out  # never touched
     # Triton launches on the current CUDA device and stream: make them the tensors' (a model spread over GPUs)
     with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
         if n_splits > 1:  # per row and span: partial output, running max and sum; per program: spans finished
@@ -646,7 +677,7 @@ def _attention(
         try:
             kernel[(programs, n_splits)](
                 query, key_channels, compact_keys, compact_values, value_channels, recent_keys, recent_values, mask,
-                out, parts, counts, *store_tensors,
+                out, parts, counts, *store_tensors, logits, stats,
                 *query.stride(), *key_channels.stride(), *compact_keys.stride(), *compact_values.stride(),
                 *value_channels.stride(), *recent_keys.stride(), *recent_values.stride(), *mask_strides,
                 *out.stride(),
@@ -656,14 +687,24 @@ def _attention(
                 HAS_MASK=has_mask, CAUSAL=q_len > 1, PRUNED_V=pruned_v, SPLIT=n_splits > 1, BLOCK_S=_pow2(n_splits),
                 PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
                 UPCAST=interpreting and query.dtype == torch.bfloat16,
-                QUANT=quantized is not None, BITS=bits, IRREGULAR=irregular, V_GROUP=v_group,
+                QUANT=quantized is not None, BITS=bits, IRREGULAR=irregular, V_GROUP=v_group, SCORES=token_weights,
                 num_warps=config.num_warps,
                 **({} if config.num_stages is None else {"num_stages": config.num_stages}),
             )  # fmt: skip
         except BaseException:  # a launch that stopped part way may leave counts behind: the next one starts afresh
             _COUNTERS.clear()
             raise
+    if token_weights:
+        return out, _token_weights(logits, stats)
     return out
+
+
+def _token_weights(logits: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """Each token's softmax weight summed over the rows, ``(batch, kv_heads, tokens)``, from the kernel's masked
+    base-2 logits ``(batch, kv_heads, rows, tokens)`` and each row's final max and sum ``(..., rows, 2)`` (in place
+    over ``logits``). A row that may see nothing spreads its weight evenly, as the torch path's softmax does."""
+    probs = logits.sub_(stats[..., :1]).exp2_()
+    return torch.matmul(stats[..., 1:].reciprocal().transpose(-1, -2), probs).squeeze(-2)
 
 
 def store_attention(
@@ -673,12 +714,14 @@ def store_attention(
     values: torch.Tensor,
     mask: torch.Tensor | None,
     scale: float,
-) -> torch.Tensor:
+    token_weights: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The fused kernel over a layer's compact part ``store`` and full-width part ``keys``/``values`` (the
     arguments of `think_cache.compact.compact_attention`): `compact_decode_attention` for a `FullStore`,
-    `quantized_decode_attention` for a `QuantizedStore`. The place a new storage kind's kernel is chosen."""
+    `quantized_decode_attention` for a `QuantizedStore` (``token_weights``: see `compact_decode_attention`). The
+    place a new storage kind's kernel is chosen."""
     if isinstance(store, QuantizedStore) and store.keys is not None:
-        return quantized_decode_attention(query, store, keys, values, mask, scale)
+        return quantized_decode_attention(query, store, keys, values, mask, scale, token_weights)
     compact_keys, compact_values = store.keys, store.values
     if compact_keys is None:  # compacted, nothing folded yet
         batch, kv_heads = keys.shape[:2]
@@ -686,5 +729,6 @@ def store_attention(
         kept_v = keys.shape[-1] if store.value_channels is None else store.value_channels.shape[-1]
         compact_values = values.new_empty(batch, kv_heads, 0, kept_v)
     return compact_decode_attention(
-        query, store.key_channels, compact_keys, compact_values, store.value_channels, keys, values, mask, scale
-    )
+        query, store.key_channels, compact_keys, compact_values, store.value_channels, keys, values, mask, scale,
+        token_weights,
+    )  # fmt: skip
