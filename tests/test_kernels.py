@@ -430,3 +430,22 @@ def test_a_failed_launch_drops_the_kept_counters(monkeypatch):
             _check(*case, split_tokens=64)
     assert not kernels._COUNTERS
     _check(*case, split_tokens=64)
+
+
+def test_h2o_takes_the_torch_path_when_its_logits_would_not_fit_a_chunk(monkeypatch):
+    """Under H2O the kernel writes every row's logits as one float32 block; a forward whose block would exceed the
+    torch path's chunk (`attention.ROW_CHUNK_ELEMENTS`, e.g. a long later prompt over a long context) takes the
+    chunked torch path instead, with the same tokens."""
+    from think_cache import attention
+
+    model = make_model("llama", hidden_size=128, num_attention_heads=4, num_key_value_heads=1)
+    ids, mask = make_batch([30, 21], seed=4)
+    settings = dict(key_ratio=0.5, policy=H2O(budget=20, recent=4))
+    through_kernel = _generate(monkeypatch, "triton", model, ids, mask, 12, **settings)
+    monkeypatch.setattr(attention, "ROW_CHUNK_ELEMENTS", 64)  # smaller than any decoding step's logits here
+    calls = []
+    real = kernels.store_attention
+    monkeypatch.setattr(kernels, "store_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    chunked = generate(model, ids, mask, ThinKCache(**settings), steps=12)
+    assert not calls
+    assert torch.equal(chunked.sequences, through_kernel.sequences)

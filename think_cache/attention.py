@@ -216,7 +216,8 @@ def _attend_compacted(
 
     The fused kernel (`think_cache.kernels`, chosen by `kernels.use_kernel`: on CUDA, never with a ``softcap``)
     serves the forwards that ask for no attention weights (each token's summed weight, which H2O accumulates, it
-    gives too), with no query row that must see recent tokens thinned (`ThinKLayer.thinned_rows`) nor earlier
+    gives too, from a float32 block of every row's logits: so only while that block fits `ROW_CHUNK_ELEMENTS`), with
+    no query row that must see recent tokens thinned (`ThinKLayer.thinned_rows`) nor earlier
     questions whole (`ThinKLayer.restored`: a chat's later prompt). The rest takes the torch path, whose float32
     logits are built a chunk of query rows at a time (`ROW_CHUNK_ELEMENTS`): a long later prompt over a long
     context stays within one chunk's memory.
@@ -225,10 +226,12 @@ def _attend_compacted(
     group = query.shape[1] // layer.keys.shape[1]
     restored = layer.restored(q_len, group)
     thinned_rows = layer.thinned_rows(q_len)
+    n_total = layer.compact_tokens + layer.keys.shape[-2]
     if (
         not wants_attention
         and restored is None
         and thinned_rows is None
+        and (layer.token_scores is None or query.numel() // query.shape[-1] * n_total <= ROW_CHUNK_ELEMENTS)
         and kernels.use_kernel(layer.store, query.device, softcap)
     ):
         stored_mask = layer.attention_mask(mask, q_len)
@@ -244,7 +247,6 @@ def _attend_compacted(
     thin = thin_mask(thinned_rows, group, query.device)
     thinned = thinned_store(layer.store, layer.keys, layer.values, thin)
     stored_mask = layer.attention_mask(mask, q_len)
-    n_total = layer.compact_tokens + layer.keys.shape[-2]
     rows = _row_chunk(query.shape[0] * query.shape[1], n_total, q_len)
     outs, weights, token_weights = [], [], None
     for start in range(0, q_len, rows):  # one pass, unless a long forward (a later prompt) meets a long context

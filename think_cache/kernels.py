@@ -504,7 +504,7 @@ def compact_decode_attention(
         Also return each stored token's attention weight summed over its KV head's query rows, ``(batch, kv_heads,
         n_compact + n_recent)`` float32, as `think_cache.compact.compact_attention` does with
         ``return_token_weights`` (what H2O accumulates): the kernel writes each row's masked logits and its
-        softmax's final max and sum (``batch * q_heads * q_len * (n_compact + n_recent + 2)`` floats), and four
+        softmax's final max and sum (``batch * q_heads * q_len * (n_compact + n_recent + 2)`` floats), and five
         torch ops turn them into weights.
 
     Returns
@@ -703,8 +703,8 @@ def _token_weights(logits: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """Each token's softmax weight summed over the rows, ``(batch, kv_heads, tokens)``, from the kernel's masked
     base-2 logits ``(batch, kv_heads, rows, tokens)`` and each row's final max and sum ``(..., rows, 2)`` (in place
     over ``logits``). A row that may see nothing spreads its weight evenly, as the torch path's softmax does."""
-    probs = logits.sub_(stats[..., :1]).exp2_()
-    return torch.matmul(stats[..., 1:].reciprocal().transpose(-1, -2), probs).squeeze(-2)
+    probs = logits.sub_(stats[..., :1]).exp2_().mul_(stats[..., 1:].reciprocal())
+    return probs.sum(dim=-2)  # a plain sum: a float32 matmul may run in TF32 (set_float32_matmul_precision)
 
 
 def store_attention(
