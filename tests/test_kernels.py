@@ -213,6 +213,9 @@ def test_layouts_the_kernel_cannot_read_take_the_torch_path(monkeypatch):
     query, store, rk, rv = _quantized_case(4, group_size=24)
     with pytest.raises(ValueError, match="power-of-two groups and tiles"):
         kernels.store_attention(query, store, rk, rv, None, 0.125)
+    one_group = _quantized_case(4, kept_v=40, group_size=48)  # any width when a row is one group
+    assert kernels.kernel_reads(one_group[1]) and kernels.use_kernel(one_group[1], "cpu")
+    _check_quantized(*one_group)
 
 
 def _check_token_weights(query, store, recent_keys, recent_values, mask=None, split_tokens=None):

@@ -570,7 +570,8 @@ def kernel_reads(store: CompactStore) -> bool:
     if not isinstance(store, QuantizedStore):
         return True
     block, group = store.block, store.group_size
-    return block >= 16 and _pow2(block) == block and _pow2(group, 1) == group
+    one_group = store.values is not None and store.values.n_groups == 1
+    return block >= 16 and _pow2(block) == block and (_pow2(group, 1) == group or one_group)
 
 
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
