@@ -227,26 +227,23 @@ def _attend_compacted(
     restored = layer.restored(q_len, group)
     thinned_rows = layer.thinned_rows(q_len)
     n_total = layer.compact_tokens + layer.keys.shape[-2]
+    stored_mask = layer.attention_mask(mask, q_len)
+    scores = layer.token_scores is not None  # H2O: each stored token's weight too
     if (
         not wants_attention
         and restored is None
         and thinned_rows is None
-        and (layer.token_scores is None or query.numel() // query.shape[-1] * n_total <= ROW_CHUNK_ELEMENTS)
+        and (not scores or query.numel() // query.shape[-1] * n_total <= ROW_CHUNK_ELEMENTS)
         and kernels.use_kernel(layer.store, query.device, softcap)
     ):
-        stored_mask = layer.attention_mask(mask, q_len)
-        if layer.token_scores is None:
-            out = kernels.store_attention(query, layer.store, layer.keys, layer.values, stored_mask, scale)
-            layer.after_attention(mask, None)
-        else:  # H2O: each stored token's weight too, from the kernel's logits and its rows' softmax statistics
-            out, token_weights = kernels.store_attention(
-                query, layer.store, layer.keys, layer.values, stored_mask, scale, token_weights=True
-            )
-            layer.after_attention(mask, token_weights)
+        result = kernels.store_attention(
+            query, layer.store, layer.keys, layer.values, stored_mask, scale, token_weights=scores
+        )
+        out, token_weights = result if scores else (result, None)
+        layer.after_attention(mask, token_weights)
         return out, None
     thin = thin_mask(thinned_rows, group, query.device)
     thinned = thinned_store(layer.store, layer.keys, layer.values, thin)
-    stored_mask = layer.attention_mask(mask, q_len)
     rows = _row_chunk(query.shape[0] * query.shape[1], n_total, q_len)
     outs, weights, token_weights = [], [], None
     for start in range(0, q_len, rows):  # one pass, unless a long forward (a later prompt) meets a long context
