@@ -278,11 +278,14 @@ def _attention_modules(model):
 
 
 # ------------------------------------------------------------------------------- quantized storage reference
-def fake_quant(x: torch.Tensor, bits: int, dtype: torch.dtype, valid: torch.Tensor | None = None) -> torch.Tensor:
+def fake_quant(
+    x: torch.Tensor, bits: int, dtype: torch.dtype, valid: torch.Tensor | None = None, keys: bool = False
+) -> torch.Tensor:
     """The reference quantizer: quantize then dequantize float32 ``x`` over its last axis, written apart from
     think_cache.quant. Each group's range is its min/max (over ``valid`` elements only when given) narrowed about its
-    middle by each fraction of ``quant.CLIP_RATIOS[bits]`` in turn, scale and zero point rounded to ``dtype`` as
-    stored; the range with the least squared error (over valid elements; the first on a tie) is kept."""
+    middle by each fraction of ``quant.CLIP_RATIOS[bits]`` (``KEY_CLIP_RATIOS`` for ``keys``) in turn, scale and
+    zero point rounded to ``dtype`` as stored; the range with the least squared error (over valid elements; the
+    first on a tie) is kept."""
     from think_cache import quant
 
     qmax = 2**bits - 1
@@ -293,7 +296,7 @@ def fake_quant(x: torch.Tensor, bits: int, dtype: torch.dtype, valid: torch.Tens
         hi = torch.where(valid, x, -torch.inf).amax(-1, keepdim=True)
         lo, hi = torch.nan_to_num(lo, posinf=0.0), torch.nan_to_num(hi, neginf=0.0)
     best, best_error = None, None
-    for ratio in quant.CLIP_RATIOS[bits]:
+    for ratio in (quant.KEY_CLIP_RATIOS if keys else quant.CLIP_RATIOS)[bits]:
         margin = (1.0 - ratio) / 2 * (hi - lo)
         scale = ((hi - margin - (lo + margin)) / qmax).to(dtype).float()
         zero = (lo + margin).to(dtype).float()

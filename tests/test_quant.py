@@ -29,7 +29,7 @@ def fake_quant_keys(keys: torch.Tensor, bits: int, pieces: list[int], block: int
     for n in pieces:
         for b in range(start, start + n, block):
             chunk = keys[:, :, b : min(b + block, start + n)].float()
-            out.append(fake_quant(chunk.transpose(-1, -2), bits, keys.dtype).transpose(-1, -2))
+            out.append(fake_quant(chunk.transpose(-1, -2), bits, keys.dtype, keys=True).transpose(-1, -2))
         start += n
     assert start == keys.shape[2]
     return torch.cat(out, dim=2)
@@ -460,3 +460,31 @@ def test_largest_temporary_does_not_grow_with_context(bits):
         )
         assert largest == expected, tokens
     assert expected * 8 == batch * heads * 4096 * channels * 4
+
+
+def test_keys_are_clipped_less_than_values_at_two_bits():
+    """At 2 bits a key block's range keeps at least 0.8 of its min/max range (`KEY_CLIP_RATIOS`), where a value
+    group may narrow to half of it: clipping keys hard flattens the extreme keys that make the largest logits."""
+    x = torch.randn(1, 1, 32, 64, generator=torch.Generator().manual_seed(5))
+    x[:, :, 7] *= 10  # one token far out in every channel: the values' search narrows to 0.5, the keys' to 0.8
+    qk = quant.quantize_keys(x, 2, block=32)
+    key_range = qk.scale[0, 0, 0].float() * 3
+    assert (key_range >= 0.8 * (x[0, 0].amax(0) - x[0, 0].amin(0)) - 1e-5).all()
+    qv = quant.quantize_values(x.transpose(-1, -2), 2, group_size=32)  # the same numbers as value groups
+    value_range = qv.scale.float() * 3
+    full = x.transpose(-1, -2).amax(-1) - x.transpose(-1, -2).amin(-1)
+    assert (value_range < 0.75 * full[..., None]).any()
+
+
+def test_two_bit_storage_defaults():
+    """2 bits take 16-token key blocks and 64-channel value groups (0.15x of DynamicCache's bytes at key ratio 0.5,
+    head_dim 64, bfloat16, measured in test_quantized_cache); 4 and 8 bits 32 and 32."""
+    from think_cache import ThinKCache
+    from think_cache.storage import QuantizedStore
+
+    assert [quant.key_block(b) for b in (2, 4, 8)] == [16, 32, 32]
+    assert [ThinKCache(key_ratio=0.5, bits=b).group_size for b in (2, 4, 8)] == [64, 32, 32]
+    assert ThinKCache(key_ratio=0.5, bits=2, group_size=16).group_size == 16
+    store = QuantizedStore(2)
+    assert (store.key_block, store.group_size, store.block) == (16, 64, 32)
+    assert all(quant.DEFAULT_BLOCK % quant.key_block(b) == 0 for b in (2, 4, 8))  # folds quantize whole key blocks

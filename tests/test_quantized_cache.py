@@ -2,8 +2,9 @@
 
 The reference replays a ThinK run on a full-size stock cache with stock attention. It takes from the run only what
 the other references take (which tokens each head saw at full width and which thinned, the chosen channels) and
-writes the quantization itself: key blocks are runs of 32 tokens (a head's prompt tokens in order, then every 32
-positions from where the full-width part began at the end of the prompt), ranges over real tokens only; values
+writes the quantization itself: key blocks are runs of 32 tokens, 16 at 2 bits (a head's prompt tokens in order,
+then every 32 or 16 positions from where the full-width part began at the end of the prompt), ranges over real
+tokens only; values
 per token in groups of ``group_size`` kept channels. Each thinned token is quantized and dequantized in float, its
 kept channels written into a zero-filled full-size key (and value) row, and torch's sdpa runs on that.
 """
@@ -29,26 +30,27 @@ from think_cache.plotting import channel_map
 from think_cache.storage import FullStore, QuantizedStore
 
 ATOL = 1e-4
-BLOCK = 32
+BLOCK = 32  # the fold block
+KEY_BLOCK = {2: 16, 4: 32, 8: 32}  # tokens per key scale and zero point, by bits
 
 
 # ------------------------------------------------------------------------------------------ the reference
-def key_blocks(compact: torch.Tensor, prompt: torch.Tensor, full_from: int) -> torch.Tensor:
+def key_blocks(compact: torch.Tensor, prompt: torch.Tensor, full_from: int, size: int) -> torch.Tensor:
     """``(B, H, T)`` the key block of every token that went into the compact part (-1: none).
 
     ``prompt`` ``(B, H, T0)``: the tokens each head compacted at the end of the prompt, ``full_from``: where the
-    full-width part began then. A head's prompt tokens form blocks of 32 in order (the last one shorter); from
-    ``full_from`` on, tokens folded 32 consecutive positions at a time.
+    full-width part began then. A head's prompt tokens form blocks of ``size`` in order (the last one shorter);
+    from ``full_from`` on, blocks of ``size`` consecutive positions.
     """
     batch, heads, tokens = compact.shape
     in_prompt = torch.zeros_like(compact)
     in_prompt[..., : prompt.shape[-1]] = prompt
     rank = in_prompt.long().cumsum(-1) - 1
-    prompt_blocks = (in_prompt.sum(-1, keepdim=True) + BLOCK - 1) // BLOCK
+    prompt_blocks = (in_prompt.sum(-1, keepdim=True) + size - 1) // size
     pos = torch.arange(tokens)
     later = pos >= full_from
     assert not (compact & ~in_prompt & ~later).any(), "a thinned token is neither a prompt token nor folded later"
-    block = torch.where(in_prompt, rank // BLOCK, prompt_blocks + (pos - full_from).clamp(min=0) // BLOCK)
+    block = torch.where(in_prompt, rank // size, prompt_blocks + (pos - full_from).clamp(min=0) // size)
     return torch.where(in_prompt | later, block, -1)
 
 
@@ -64,7 +66,7 @@ def fake_quant_keys(keys, block, real, bits):
                 if members.any():
                     x = keys[b, h, members].T  # (C, members)
                     valid = real[b, members][None].expand_as(x)
-                    out[b, h, members] = fake_quant(x, bits, torch.float32, valid).T
+                    out[b, h, members] = fake_quant(x, bits, torch.float32, valid, keys=True).T
     return out
 
 
@@ -125,7 +127,7 @@ def run_with_reference(model, ids, mask, steps, bits, group_size, generate_kwarg
             compact = seen["compact"]
             if i not in prompt_sets:
                 prompt_sets[i] = (compact.clone(), seen["full_from"])
-            block = key_blocks(compact, *prompt_sets[i])
+            block = key_blocks(compact, *prompt_sets[i], KEY_BLOCK[bits])
             kc = seen["key_channels"].long()[:, :, None, :].expand(-1, -1, k.shape[2], -1)
             q_keys = fake_quant_keys(k.gather(-1, kc), block, real, bits)
             thinned_k = torch.zeros_like(k).scatter_(-1, kc, q_keys)
@@ -182,7 +184,7 @@ def test_single_prompt_folds_three_blocks(arch, bits):
     assert layer.compact_tokens == 64 + 3 * BLOCK
     assert layer.keys.shape[-2] == 70 + 99 - layer.compact_tokens
     assert layer.store.keys.is_regular  # whole blocks only: no per-token block index
-    assert layer.store.keys.scale.shape[-2] == layer.compact_tokens // BLOCK
+    assert layer.store.keys.scale.shape[-2] == layer.compact_tokens // KEY_BLOCK[bits]
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

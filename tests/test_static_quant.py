@@ -86,9 +86,9 @@ def test_eager_static_equals_eager_quantized(model, batch, name):
 @pytest.mark.parametrize("name", ["4bit-values", "2bit"])
 def test_the_same_codes_as_the_eager_store(model, batch, name):
     """Without a policy the slots hold the eager store's codes, scales and zero points: the prompt's block copied at
-    compaction bit for bit; the block decoded from 50 to 81, quantized by the static step at 82, with the same
-    codes and scales within float rounding (its keys come out of a static decode, whose attention sums in another
-    order)."""
+    compaction bit for bit (one key block, two at 2 bits); the block decoded from 50 to 81, quantized by the static
+    step at 82, with the same codes and scales within float rounding (its keys come out of a static decode, whose
+    attention sums in another order)."""
     settings = {"key_ratio": 0.5, **SETTINGS[name]}
     ids, mask = batch
     cache = ThinKCache(**settings, max_cache_len=96)
@@ -102,7 +102,7 @@ def test_the_same_codes_as_the_eager_store(model, batch, name):
             assert ours.codes[:, :, :64].equal(eager.codes)
             for field in ("scale", "zero"):
                 got, expected = getattr(ours, field), getattr(eager, field)
-                prompt = 1 if per_block else 32
+                prompt = 32 // ours.block if per_block else 32  # the prompt's key blocks (16 tokens at 2 bits)
                 assert got[:, :, :prompt].equal(expected[:, :, :prompt])
                 torch.testing.assert_close(got[:, :, prompt : 2 * prompt], expected[:, :, prompt:], atol=1e-6, rtol=0)
 

@@ -87,7 +87,7 @@ def _check_bits(bits: object) -> int | None:
 
 def _check_group_size(group_size: object, bits: int | None) -> int | None:
     if group_size is None:
-        return None if bits is None else quant.DEFAULT_GROUP_SIZE
+        return None if bits is None else quant.default_group_size(bits)
     if bits is None:
         raise ValueError(
             f"group_size={group_size!r} applies to quantized storage only: pass bits=2, 4 or 8 with it (or leave "
@@ -216,13 +216,14 @@ class ThinKCache(Cache):
         A token eviction `Policy`, or None to keep every token.
     bits:
         None (the default) keeps the compact part in the model's dtype; 2, 4 or 8 stores it as packed codes,
-        KIVI-style: keys per channel with a scale and zero point per block of 32 tokens, values per token with a
-        scale and zero point per ``group_size`` channels (scales and zero points in the model's dtype). Tokens are
-        quantized once, when they fold; the full-width part (the newest tokens) stays in full precision. Key
-        ratio 0.5 with 4 bits holds 0.23x of DynamicCache's bytes, with 2 bits 0.14x (head_dim 64, bfloat16).
+        KIVI-style: keys per channel with a scale and zero point per block of 32 tokens (16 at 2 bits), values per
+        token with a scale and zero point per ``group_size`` channels (scales and zero points in the model's
+        dtype). Tokens are quantized once, when they fold; the full-width part (the newest tokens) stays in full
+        precision. Key ratio 0.5 with 4 bits holds 0.23x of DynamicCache's bytes, with 2 bits 0.15x (head_dim 64,
+        bfloat16).
     group_size:
-        Value channels per scale and zero point when ``bits`` is set (default 32; the last group of a pruned
-        value width holds the remainder). Smaller groups are more accurate and cost more scales.
+        Value channels per scale and zero point when ``bits`` is set (default 32, 64 at 2 bits; the last group of
+        a pruned value width holds the remainder). Smaller groups are more accurate and cost more scales.
     max_cache_len:
         None (the default): the cache grows as needed. An int ``N``: a static, compileable cache for at most ``N``
         tokens (prompt + generated), like transformers' ``StaticCache``: its buffers are allocated at the end of the

@@ -569,7 +569,7 @@ def kernel_reads(store: CompactStore) -> bool:
     power of two of channels (the kernel broadcasts a group's scale by reshaping the tile)."""
     if not isinstance(store, QuantizedStore):
         return True
-    block, group = store.block, store.group_size
+    block, group = store.key_block, store.group_size
     one_group = store.values is not None and store.values.n_groups == 1
     return block >= 16 and _pow2(block) == block and (_pow2(group, 1) == group or one_group)
 

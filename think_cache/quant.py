@@ -1,12 +1,12 @@
 """Quantized storage for the compact part, KIVI-style: the math as pure tensor functions.
 
 Keys are quantized **per channel** over a block of tokens (every kept channel has a scale and a zero point per
-block, the 32-token fold block being the natural block): key outliers live in a few channels, so a per-channel
-range keeps them from flattening the other channels. Values are quantized **per token** in groups of
+block: the 32-token fold block, or half of it at 2 bits, `KEY_BLOCKS`): key outliers live in a few channels, so a
+per-channel range keeps them from flattening the other channels. Values are quantized **per token** in groups of
 ``group_size`` channels. Quantization is asymmetric: ``x ~ code * scale + zero`` with ``zero = min`` and
 ``scale = (max - min) / (2**bits - 1)`` over a range that, at 2 and 4 bits, is the group's min/max range clipped
-by the factor (of `CLIP_RATIOS`) with the least squared error; a group whose values are all equal gets
-``scale = 0`` and is stored exactly.
+by the factor (of `CLIP_RATIOS`; `KEY_CLIP_RATIOS` for keys) with the least squared error; a group whose values
+are all equal gets ``scale = 0`` and is stored exactly.
 
 Layout and packing
 ------------------
@@ -50,12 +50,17 @@ import torch
 __all__ = [
     "BITS",
     "CLIP_RATIOS",
+    "KEY_CLIP_RATIOS",
     "DEFAULT_BLOCK",
+    "KEY_BLOCKS",
     "DEFAULT_GROUP_SIZE",
+    "GROUP_SIZES",
     "DEFAULT_CHUNK_TOKENS",
     "QuantKeys",
     "QuantValues",
     "codes_per_byte",
+    "key_block",
+    "default_group_size",
     "packed_width",
     "pack_codes",
     "unpack_codes",
@@ -81,13 +86,28 @@ BITS = (2, 4, 8)
 #: middle; the one with the least squared error is kept). Measured on SmolLM2 (2k pass key, 12 prompts, ThinK 0.4,
 #: 2-bit keys alone): 4 of 12 found with min/max ranges, 10 of 12 clipped; values alone 7 -> 9 of 12.
 CLIP_RATIOS = {2: (1.0, 0.9, 0.8, 0.7, 0.6, 0.5), 4: (1.0, 0.95, 0.9, 0.85, 0.8), 8: (1.0,)}
+#: The fractions tried for key blocks: keys are clipped less at 2 bits (to 0.8 of a range, as at 4), where the values'
+#: 0.5 would flatten the extreme keys that make the largest logits (SmolLM2, 2k pass key, 48 prompts, 16-token key
+#: blocks: one or two more found than with `CLIP_RATIOS`; min/max ranges alone, 16 of 46 against 36).
+KEY_CLIP_RATIOS = {2: CLIP_RATIOS[4], 4: CLIP_RATIOS[4], 8: CLIP_RATIOS[8]}
 #: The most float32 elements the clipping search of `_minmax_quantize` builds at once (64 MiB), counted over the
 #: ratios tried, the groups and their elements: a prompt's tokens are searched a slice of groups at a time.
 CLIP_SEARCH_ELEMENTS = 2**24
 #: Tokens per key block: the ThinK layer's fold block, so every fold quantizes exactly one block.
 DEFAULT_BLOCK = 32
+#: Tokens per key block of a `think_cache.storage.QuantizedStore`, by code width (each divides `DEFAULT_BLOCK`, so a
+#: fold quantizes whole blocks). Four levels per channel over 32 tokens leave too little of a key's shape: on
+#: SmolLM2 (2k pass key, 48 prompts, ThinK 0.4, 2-bit keys and values) 32-token key blocks found 33 pass keys,
+#: 16-token blocks 38 (full-precision keys with 2-bit values: 44). A scale and a zero point per 16 tokens cost, in
+#: bfloat16, 2 bits per key element, as much as its code; at 4 and 8 bits 32-token blocks, half that, suffice.
+KEY_BLOCKS = {2: 16, 4: DEFAULT_BLOCK, 8: DEFAULT_BLOCK}
 #: Value channels per scale / zero point (KIVI's default); the last group takes the remainder.
 DEFAULT_GROUP_SIZE = 32
+#: The default value group of a `think_cache.ThinKCache` by code width: at 2 bits the 16-token key blocks
+#: (`KEY_BLOCKS`) take the bytes that 64-channel value groups save (head_dim 64, bfloat16: 36 bytes a token and KV
+#: head, 0.14x of DynamicCache's 256), and 2-bit values cost little accuracy where keys cost much (SmolLM2, 2k
+#: pass key, 48 prompts: full-precision values with 2-bit keys found 30, full-precision keys with 2-bit values 44).
+GROUP_SIZES = {2: 64, 4: DEFAULT_GROUP_SIZE, 8: DEFAULT_GROUP_SIZE}
 #: Tokens per attention chunk. On a 2-core AVX2 CPU at 4k-8k tokens larger chunks are faster (every op has a
 #: fixed cost): 4-bit logits at 8k take 1.6x as long with 1024-token chunks as with 4096. 2048 bounds one chunk's
 #: float32 buffer to 256 KiB per (batch, head) for 32 channels, 512 KiB for 64, at about 1.2x the 4096 time.
@@ -124,6 +144,16 @@ def _check_float(name: str, x: torch.Tensor, dims: int) -> None:
 def codes_per_byte(bits: int) -> int:
     """How many ``bits``-wide codes one byte holds: 4, 2 or 1."""
     return 8 // _check_bits(bits)
+
+
+def default_group_size(bits: int) -> int:
+    """The value group size a `think_cache.ThinKCache` uses for ``bits``-wide codes when given none: `GROUP_SIZES`."""
+    return GROUP_SIZES[_check_bits(bits)]
+
+
+def key_block(bits: int) -> int:
+    """Tokens per key block (per-channel scale and zero point) for ``bits``-wide codes: see `KEY_BLOCKS`."""
+    return KEY_BLOCKS[_check_bits(bits)]
 
 
 def packed_width(n: int, bits: int) -> int:
@@ -329,7 +359,11 @@ def _rounded(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmax: int, dty
 
 
 def _minmax_quantize(
-    x: torch.Tensor, bits: int, dtype: torch.dtype, valid: torch.Tensor | None = None
+    x: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype,
+    valid: torch.Tensor | None = None,
+    ratios: tuple[float, ...] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Asymmetric min/max over the last axis of float32 ``x (..., g)``: ``(codes uint8, scale, zero)``.
 
@@ -338,9 +372,9 @@ def _minmax_quantize(
     With ``valid`` (bool, broadcast to ``x``) only valid elements set the range; the others are clamped into it,
     and a group with no valid element gets scale 0 and zero point 0.
 
-    Below 8 bits each group's range is clipped: narrowed about its middle by each factor of `CLIP_RATIOS`, the one
-    with the least squared error over the group's (valid) elements kept. Four or sixteen levels spread over a
-    range set by one extreme element leave the others few levels; clipping that element costs less.
+    Below 8 bits each group's range is clipped: narrowed about its middle by each factor of ``ratios`` (default
+    `CLIP_RATIOS`), the one with the least squared error over the group's (valid) elements kept. Four or sixteen
+    levels spread over a range set by one extreme element leave the others few levels; clipping it costs less.
     """
     qmax = (1 << bits) - 1
     if valid is None:
@@ -351,7 +385,7 @@ def _minmax_quantize(
         hi = x.masked_fill(~valid, float("-inf")).amax(dim=-1)
         empty = lo.isinf()
         lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
-    ratios = CLIP_RATIOS[bits]
+    ratios = CLIP_RATIOS[bits] if ratios is None else ratios
     if len(ratios) == 1:  # 8 bits: the min/max range
         codes, scale, zero = _rounded(x, lo, hi, qmax, dtype)
         return codes.to(torch.uint8), scale, zero
@@ -426,7 +460,7 @@ def quantize_keys(
     x = x.view(batch, heads, n_blocks, block, channels).transpose(-1, -2)  # ranges over the block's tokens
     if valid is not None:
         valid = valid.reshape(batch, heads, n_blocks, 1, block)
-    codes, scale, zero = _minmax_quantize(x, bits, keys.dtype, valid)
+    codes, scale, zero = _minmax_quantize(x, bits, keys.dtype, valid, KEY_CLIP_RATIOS[bits])
     codes = codes.transpose(-1, -2).reshape(batch, heads, n_blocks * block, channels)[:, :, :tokens]
     return QuantKeys(_pack(codes, bits), scale, zero, None, bits, block, channels)
 

@@ -6,7 +6,8 @@ shapes after the prompt. Its buffers, allocated at the prompt's end:
 
 * ``compact_keys``, a regular `think_cache.quant.QuantKeys` over ``capacity`` slots: ``codes`` ``(batch, kv_heads,
   capacity, packed_width(kept_k, bits))`` uint8 and per-block ``scale``/``zero`` ``(batch, kv_heads, capacity //
-  32, kept_k)`` in the model's dtype; slot ``s`` is in block ``s // 32``. ``compact_values``, a `QuantValues`:
+  key_block, kept_k)`` in the model's dtype (``key_block`` 32, or 16 at 2 bits); slot ``s`` is in key block ``s //
+  key_block``. ``compact_values``, a `QuantValues`:
   ``codes`` ``(..., capacity, packed_width(kept_v, bits))``, ``scale``/``zero`` ``(..., capacity, groups)``.
 * ``ring_keys`` ``(batch, kv_heads, recent + 2 * FOLD_BLOCK - 1, head_dim)`` and ``ring_values`` ``(..., v_dim)``:
   the newest tokens at **full width and full precision** (entry = logical position mod its size). Unlike the
@@ -24,7 +25,7 @@ prompt's end) takes slot ``base + p - first`` with ``base`` that multiple. So ev
 whole blocks of slots and the keys stay regular: no per-token block index.
 
 **Folding quantizes.** The eager layer folds 32 tokens at the start of a step whose fold point passed a block, and
-quantizes them then (keys per channel over the block, values per token). Each static step computes the same block,
+quantizes them then (keys per channel over each key block, values per token). Each static step computes the same block,
 the 32 positions before its fold point, from the ring (before the new token overwrites the oldest entry),
 quantizes it (fixed shapes) and writes codes, scales and zero points with ``torch.where(folds, new, old)``: a no-op
 in the 31 steps of 32 that fold nothing (an eager step quantizes only when it folds). Prompt compaction stays eager.
@@ -164,7 +165,7 @@ class QuantizedStaticThinKLayer(StaticThinKLayer):
         kept_v = v_dim if self.value_channels is None else self.value_channels.shape[-1]
         device = keys.device
 
-        self.compact_keys = zero_keys(keys, capacity, kept_k, bits, block)
+        self.compact_keys = zero_keys(keys, capacity, kept_k, bits, store.key_block)
         self.compact_values = zero_values(values, capacity, kept_v, bits, store.group_size)
         if n_prompt:
             prompt_keys, prompt_values = store.keys, store.values
@@ -233,7 +234,8 @@ class QuantizedStaticThinKLayer(StaticThinKLayer):
     def _fold_targets(self, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """What a fold writes, as ``(buffer, index along the tokens)``: key codes at the block's ``slots``, key scale
         and zero point at its block, value codes, scales and zero points at its slots."""
-        block_index = slots[:1] // self.fold_block
+        key_block = self.compact_keys.block  # a fold writes fold_block // key_block key blocks
+        block_index = slots[::key_block] // key_block
         keys, values = self.compact_keys, self.compact_values
         return [(keys.codes, slots), (keys.scale, block_index), (keys.zero, block_index)] + [
             (t, slots) for t in (values.codes, values.scale, values.zero)
@@ -249,7 +251,7 @@ class QuantizedStaticThinKLayer(StaticThinKLayer):
         values = self.ring_values.index_select(2, entries)
         if self.value_channels is not None:
             values = gather_channels(values, self.value_channels)
-        qk = quant.quantize_keys(keys, self.compact_keys.bits, block)
+        qk = quant.quantize_keys(keys, self.compact_keys.bits, self.compact_keys.block)
         qv = quant.quantize_values(values, self.compact_values.bits, self.compact_values.group_size)
         return qk.codes, qk.scale, qk.zero, qv.codes, qv.scale, qv.zero
 

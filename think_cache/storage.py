@@ -6,8 +6,9 @@ are pruned). A `ThinKLayer` decides *which* tokens go there and when (the schedu
 
 * `FullStore`: in the model's dtype, ``keys (batch, kv_heads, tokens, kept_k)`` and ``values (..., kept_v)``.
 * `QuantizedStore`: KIVI-style codes of 2, 4 or 8 bits (see `think_cache.quant`): keys per channel over blocks of
-  32 tokens, values per token in groups of ``group_size`` channels, scales and zero points in the model's dtype.
-  Tokens are quantized once, when they are appended, and attended without a dense copy of the context.
+  32 tokens (16 at 2 bits), values per token in groups of ``group_size`` channels, scales and zero points in the
+  model's dtype. Tokens are quantized once, when they are appended, and attended without a dense copy of the
+  context.
 
 Every store also holds the kept channels, ``key_channels`` ``(batch, kv_heads, kept_k)`` and ``value_channels``
 (or None when values keep every channel), set by `start` when the layer is compacted.
@@ -190,10 +191,11 @@ class FullStore(CompactStore):
 
 class QuantizedStore(CompactStore):
     """The compact part as KIVI-style codes (`think_cache.quant`): ``keys`` a `QuantKeys` (per channel, over
-    blocks of 32 tokens), ``values`` a `QuantValues` (per token, in groups of ``group_size`` channels).
+    blocks of ``key_block`` tokens: 32, or 16 at 2 bits, `think_cache.quant.KEY_BLOCKS`), ``values`` a
+    `QuantValues` (per token, in groups of ``group_size`` channels).
 
     The layer appends whole 32-token blocks where it can (folds; a prompt without a token policy), so the keys
-    stay *regular*: a token's block is its index // 32, no per-token block index is stored. A policy's prompt
+    stay *regular*: a token's block is its index // ``key_block``, no per-token block index is stored. A policy's prompt
     tokens end with a partial block, eviction gathers tokens per head and a sliding window drops tokens that do not
     start a block: the keys then carry a ``block_index`` (int32 per token), and every token keeps the scale and
     zero point it was quantized with.
@@ -212,9 +214,11 @@ class QuantizedStore(CompactStore):
 
     block = quant.DEFAULT_BLOCK
 
-    def __init__(self, bits: int, group_size: int = quant.DEFAULT_GROUP_SIZE):
+    def __init__(self, bits: int, group_size: int | None = None):
         self.bits = bits
-        self.group_size = group_size
+        self.group_size = quant.default_group_size(bits) if group_size is None else group_size
+        #: Tokens per key scale and zero point; divides `block`, so every fold quantizes whole key blocks.
+        self.key_block = quant.key_block(bits)
         super().__init__()
 
     def __repr__(self) -> str:
@@ -232,7 +236,7 @@ class QuantizedStore(CompactStore):
         self.values: quant.QuantValues | None = None
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, real: torch.Tensor | None = None) -> None:
-        k = quant.quantize_keys(gather_channels(keys, self.key_channels), self.bits, self.block, real=real)
+        k = quant.quantize_keys(gather_channels(keys, self.key_channels), self.bits, self.key_block, real=real)
         v = quant.quantize_values(self._kept_values(values), self.bits, self.group_size)
         if self.keys is None:
             self.keys, self.values = k, v
