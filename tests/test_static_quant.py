@@ -10,7 +10,7 @@ from conftest import generate, held_bytes, make_batch, make_model, prefill
 from test_static import NEEDS_5X, assert_next_step_is_one_graph, decode
 from transformers.cache_utils import StaticCache
 
-from think_cache import H2O, SnapKV, StreamingLLM, ThinKCache, quant
+from think_cache import H2O, SnapKV, StreamingLLM, ThinKCache
 from think_cache import _compat as compat
 from think_cache.static_quant import QuantizedStaticThinKLayer, masked_index_copy, ring_positions
 
@@ -75,7 +75,7 @@ def test_eager_static_equals_eager_quantized(model, batch, name):
     assert isinstance(layer, QuantizedStaticThinKLayer)
     assert int(cache.get_seq_length()) == 50 + STEPS
     # the decoded block folded (its scales were written), as in the eager layer
-    folded = layer.compact_keys.scale[:, :, layer.slot_base // quant.DEFAULT_BLOCK]
+    folded = layer.compact_keys.scale[:, :, layer.slot_base // layer.compact_keys.block]
     assert folded.abs().amax() > 0
     assert layer.compact_tokens == eager.layers[0].compact_tokens + eager.layers[0].keys.shape[-2]
     unquantized = {k: v for k, v in settings.items() if k not in ("bits", "group_size")}
