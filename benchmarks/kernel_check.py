@@ -336,9 +336,11 @@ def compile_for(arch: int, variants=VARIANTS) -> list[dict]:
         )  # fmt: skip
         block_kv = 64 if pruned else 128
         constexprs = dict(
-            BLOCK_R=16, BLOCK_N=32, BLOCK_D=128, BLOCK_KK=64, BLOCK_KV=block_kv, HAS_MASK=mask, CAUSAL=causal,
+            BLOCK_R=16, BLOCK_N=16 if bits == 2 else 32, BLOCK_D=128, BLOCK_KK=64, BLOCK_KV=block_kv, HAS_MASK=mask,
+            CAUSAL=causal,
             PRUNED_V=pruned, SPLIT=split, BLOCK_S=64, PRECISION="tf32", UPCAST=False, QUANT=quant,
-            BITS=bits or 8, IRREGULAR=irregular, V_GROUP=32 if quant else block_kv, SCORES=scores,
+            BITS=bits or 8, IRREGULAR=irregular, V_GROUP=(64 if bits == 2 else 32) if quant else block_kv,
+            SCORES=scores,
         )  # fmt: skip
         # as a launch on a GPU specializes them: the innermost strides are 1 (constants), pointers and the other
         # strides of the keys and values multiples of 16 (aligned rows), what grows with the tokens unspecialized

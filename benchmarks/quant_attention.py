@@ -105,8 +105,8 @@ def variants(tokens: int, layers: int, chunks: list[int], alternatives: bool) ->
         "attention plain, keys C=32": cycle(lambda i: plain_attention(k32[i], v64[i], q32)),
     }
     for bits in (2, 4, 8):
-        qk = [quant.quantize_keys(x, bits) for x in k32]
-        qv = [quant.quantize_values(x, bits) for x in v64]
+        qk = [quant.quantize_keys(x, bits, quant.key_block(bits)) for x in k32]  # the store's layout
+        qv = [quant.quantize_values(x, bits, quant.default_group_size(bits)) for x in v64]
         for c in chunks:
             fns[f"logits {bits}b chunk {c}"] = cycle(
                 lambda i, qk=qk, c=c: quant.quantized_attention_logits(q32, qk[i], scaling, c)

@@ -182,7 +182,7 @@ def test_quantized_store(bits, kept_v, q_len):
     path: regular key blocks, then irregular ones after a per-head gather, with left padding and several spans."""
     query, store, rk, rv = _quantized_case(bits, kept_v=kept_v, q_len=q_len, seed=bits)
     _check_quantized(query, store, rk, rv)
-    _check_quantized(query, store, rk, rv, split_tokens=32)  # regular blocks over spans: one block a tile
+    _check_quantized(query, store, rk, rv, split_tokens=32)  # regular blocks over spans: one key block a tile
     g = torch.Generator().manual_seed(1)
     index = torch.stack(
         [torch.stack([torch.randperm(100, generator=g)[:61].sort().values for _ in "hh"]) for _ in "bb"]

@@ -200,7 +200,7 @@ def test_bytes_against_static_cache(dtype, bits, at_most):
     assert keys.codes.dtype == values.codes.dtype == torch.uint8
     assert keys.codes.shape[-1] == 32 * bits // 8 and values.codes.shape[-1] == 64 * bits // 8  # really packed
     assert keys.scale.dtype == values.zero.dtype == dtype
-    assert keys.scale.shape[2] == keys.codes.shape[2] // 32  # a scale per block of 32 slots, not per token
+    assert keys.scale.shape[2] == keys.codes.shape[2] // keys.block  # a scale per key block of slots, not per token
 
 
 # --------------------------------------------------------------------------------------------- refusals

@@ -219,8 +219,8 @@ class ThinKCache(Cache):
         KIVI-style: keys per channel with a scale and zero point per block of 32 tokens (16 at 2 bits), values per
         token with a scale and zero point per ``group_size`` channels (scales and zero points in the model's
         dtype). Tokens are quantized once, when they fold; the full-width part (the newest tokens) stays in full
-        precision. Key ratio 0.5 with 4 bits holds 0.23x of DynamicCache's bytes, with 2 bits 0.15x (head_dim 64,
-        bfloat16).
+        precision. Key ratio 0.5 with 4 bits holds 0.24x of DynamicCache's bytes, with 2 bits 0.15x (head_dim 64,
+        bfloat16, counting the question's pruned key channels kept for a later turn).
     group_size:
         Value channels per scale and zero point when ``bits`` is set (default 32, 64 at 2 bits; the last group of
         a pruned value width holds the remainder). Smaller groups are more accurate and cost more scales.

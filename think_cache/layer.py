@@ -27,17 +27,16 @@ When things happen (the schedule), in logical positions, whatever the way tokens
   the patched ``generate``); without that, a single-token forward after a multi-token one marks the end (the
   first decoding step). A plain forward over a document therefore leaves it full-width: copies of the cache can
   then each be compacted at the end of their own question (prefix caching).
-* **Generated tokens fold in blocks.** A query at position ``t >= P`` sees every token before
-  ``P - recent + FOLD_BLOCK * ((t - P) // FOLD_BLOCK)`` thinned and the later ones at full width: generated
-  tokens wait full-width and fold ``FOLD_BLOCK`` at a time. A store with a ``block`` (quantized keys: 32 tokens
-  share a scale per channel) takes whole blocks only: without a policy the prompt's last ``< block`` tokens stay
-  full-width at compaction and folds take whole blocks. A policy that evicts while decoding (H2O, StreamingLLM)
-  evicts a block at a time as well: it lets the layer grow to ``budget + FOLD_BLOCK`` tokens, and in the forward
-  that folds them drops the lowest-scored compact tokens back to the budget. When one forward holds several
-  generated positions (assisted decoding verifies drafts in one forward), each query row gets exactly the view it
-  would have had one token at a time (`thinned_rows`). A later prompt (a chat's next turn) restarts the schedule
-  at its own end and keeps at least its last ``window`` tokens at full width (`held_tokens`): its question did not
-  choose the channels.
+* **Generated tokens fold in blocks.** A query at position ``t >= P`` sees every token before ``P - recent +
+  FOLD_BLOCK * ((t - P) // FOLD_BLOCK)`` thinned and the later ones at full width: generated tokens wait full-width
+  and fold ``FOLD_BLOCK`` at a time. A store with a ``block`` (quantized keys: 32 tokens make whole key blocks of 32,
+  or 16 at 2 bits) takes whole blocks only: without a policy the prompt's last ``< block`` tokens stay full-width at
+  compaction and folds take whole blocks. A policy that evicts while decoding (H2O, StreamingLLM) evicts a block at a
+  time as well: it lets the layer grow to ``budget + FOLD_BLOCK`` tokens, and in the forward that folds them drops the
+  lowest-scored compact tokens back to the budget. When one forward holds several generated positions (assisted
+  decoding verifies drafts in one forward), each query row gets exactly the view it would have had one token at a time
+  (`thinned_rows`). A later prompt (a chat's next turn) restarts the schedule at its own end and keeps at least its
+  last ``window`` tokens at full width (`held_tokens`): its question did not choose the channels.
 * **A later prompt sees the earlier prompts' questions whole.** When a prompt ends, the pruned key channels of its
   last ``window`` tokens (its question, where the channels were chosen from) are kept aside (``spare_keys``, a
   few KiB per full-attention layer, for the newest `SPARE_PROMPTS` prompts). The query rows of a later prompt (a

@@ -93,7 +93,8 @@ KEY_CLIP_RATIOS = {2: CLIP_RATIOS[4], 4: CLIP_RATIOS[4], 8: CLIP_RATIOS[8]}
 #: The most float32 elements the clipping search of `_minmax_quantize` builds at once (64 MiB), counted over the
 #: ratios tried, the groups and their elements: a prompt's tokens are searched a slice of groups at a time.
 CLIP_SEARCH_ELEMENTS = 2**24
-#: Tokens per key block: the ThinK layer's fold block, so every fold quantizes exactly one block.
+#: The ThinK layer's fold block: a fold appends this many tokens, whole key blocks (`KEY_BLOCKS`); also the
+#: default ``block`` of `quantize_keys`.
 DEFAULT_BLOCK = 32
 #: Tokens per key block of a `think_cache.storage.QuantizedStore`, by code width (each divides `DEFAULT_BLOCK`, so a
 #: fold quantizes whole blocks). Four levels per channel over 32 tokens leave too little of a key's shape: on
@@ -101,6 +102,7 @@ DEFAULT_BLOCK = 32
 #: 16-token blocks 38 (full-precision keys with 2-bit values: 44). A scale and a zero point per 16 tokens cost, in
 #: bfloat16, 2 bits per key element, as much as its code; at 4 and 8 bits 32-token blocks, half that, suffice.
 KEY_BLOCKS = {2: 16, 4: DEFAULT_BLOCK, 8: DEFAULT_BLOCK}
+assert all(DEFAULT_BLOCK % b == 0 for b in KEY_BLOCKS.values()), "a fold must quantize whole key blocks"
 #: Value channels per scale / zero point (KIVI's default); the last group takes the remainder.
 DEFAULT_GROUP_SIZE = 32
 #: The default value group of a `think_cache.ThinKCache` by code width: at 2 bits the 16-token key blocks
@@ -427,7 +429,8 @@ def quantize_keys(
     bits:
         2, 4 or 8.
     block:
-        Tokens per block (the ThinK fold block). A prompt of ``tokens`` gets ``ceil(tokens / block)`` blocks.
+        Tokens per block (a `QuantizedStore` passes `key_block` of its bits). A prompt of ``tokens`` gets
+        ``ceil(tokens / block)`` blocks.
     real:
         Optional ``(batch, kv_heads or 1, tokens)`` bool: the tokens that set each block's range (padding does
         not: its keys are arbitrary and would only widen the range of the real tokens beside it). The others are

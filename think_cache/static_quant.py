@@ -18,7 +18,7 @@ shapes after the prompt. Its buffers, allocated at the prompt's end:
   sized for the largest ``held``, so that its shape, and a compiled graph, do not depend on the prompt's length.
 * ``slot_positions`` ``(batch, 1 or kv_heads, capacity)`` int32, as in `StaticThinKLayer`.
 
-**Slots.** The prompt's compact tokens (quantized eagerly by `QuantizedStore.append` at compaction, in blocks of 32
+**Slots.** The prompt's compact tokens (quantized eagerly by `QuantizedStore.append` at compaction, in key blocks
 from the first, the last one possibly partial under `SnapKV`) fill the first slots; the slots up to the next
 multiple of 32 stay empty, and the token at position ``p >= first`` (``first``: the oldest full-width token at the
 prompt's end) takes slot ``base + p - first`` with ``base`` that multiple. So every block the layer folds lands on
