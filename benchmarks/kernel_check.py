@@ -321,6 +321,7 @@ def compile_for(arch: int, variants=VARIANTS) -> list[dict]:
     from triton.compiler import ASTSource
 
     from think_cache import kernels
+    from think_cache import quant as quant_layout
 
     jitted = kernels._kernels(False)
     params = list(inspect.signature(kernels._split_pass).parameters)
@@ -336,11 +337,11 @@ def compile_for(arch: int, variants=VARIANTS) -> list[dict]:
         )  # fmt: skip
         block_kv = 64 if pruned else 128
         constexprs = dict(
-            BLOCK_R=16, BLOCK_N=16 if bits == 2 else 32, BLOCK_D=128, BLOCK_KK=64, BLOCK_KV=block_kv, HAS_MASK=mask,
-            CAUSAL=causal,
-            PRUNED_V=pruned, SPLIT=split, BLOCK_S=64, PRECISION="tf32", UPCAST=False, QUANT=quant,
-            BITS=bits or 8, IRREGULAR=irregular, V_GROUP=(64 if bits == 2 else 32) if quant else block_kv,
-            SCORES=scores,
+            # a quantized launch's tile is the store's key block and its value group the store's default
+            BLOCK_R=16, BLOCK_N=quant_layout.key_block(bits) if quant else 32, BLOCK_D=128, BLOCK_KK=64,
+            BLOCK_KV=block_kv, HAS_MASK=mask, CAUSAL=causal, PRUNED_V=pruned, SPLIT=split, BLOCK_S=64,
+            PRECISION="tf32", UPCAST=False, QUANT=quant, BITS=bits or 8, IRREGULAR=irregular,
+            V_GROUP=quant_layout.default_group_size(bits) if quant else block_kv, SCORES=scores,
         )  # fmt: skip
         # as a launch on a GPU specializes them: the innermost strides are 1 (constants), pointers and the other
         # strides of the keys and values multiples of 16 (aligned rows), what grows with the tokens unspecialized

@@ -217,9 +217,13 @@ class QuantizedStore(CompactStore):
     def __init__(self, bits: int, group_size: int | None = None):
         self.bits = bits
         self.group_size = quant.default_group_size(bits) if group_size is None else group_size
-        #: Tokens per key scale and zero point; divides `block`, so every fold quantizes whole key blocks.
-        self.key_block = quant.key_block(bits)
         super().__init__()
+
+    @property
+    def key_block(self) -> int:
+        """Tokens per key scale and zero point (`think_cache.quant.KEY_BLOCKS`); divides `block`, so every fold
+        quantizes whole key blocks."""
+        return quant.key_block(self.bits)
 
     def __repr__(self) -> str:
         return f"QuantizedStore(bits={self.bits}, group_size={self.group_size}, tokens={self.tokens})"
