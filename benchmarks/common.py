@@ -21,8 +21,6 @@ from transformers import AttentionInterface, DynamicCache, QuantizedCache, Stati
 import think_cache
 from think_cache import H2O, SnapKV, StreamingLLM, ThinKCache
 from think_cache.demo import Question, document_prompt, fill_to_tokens
-from think_cache.layer import FOLD_BLOCK
-from think_cache.storage import FullStore
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -162,25 +160,6 @@ def fact_document(tokenizer, n_tokens: int, depth: float, seed: int, n_keys: int
 STATIC_DEFAULT_LEN = 4096
 
 
-class _BlockStore(FullStore):
-    """Full precision with the schedule of quantized storage: whole 32-token blocks only (so the prompt's last
-    partial block stays at full width at compaction, as it does with ``bits``). For the benchmarks' ``blocks``
-    method part, which separates the effect of that schedule from the effect of quantizing."""
-
-    block = FOLD_BLOCK
-
-    def fresh(self) -> _BlockStore:
-        return _BlockStore()
-
-
-class _BlockAlignedThinKCache(ThinKCache):
-    def _new_store(self):
-        return _BlockStore() if self.bits is None else super()._new_store()
-
-    def __repr__(self) -> str:
-        return super().__repr__().replace("ThinKCache(", "ThinKCache(<whole 32-token blocks>, ", 1)
-
-
 def quanto_available() -> bool:
     """Whether transformers' ``QuantizedCache(backend="quanto")`` can be built (the ``optimum-quanto`` package)."""
     return importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None
@@ -224,8 +203,7 @@ def make_cache(method: str, config=None, max_cache_len: int | None = None):
     ``config``, the model's, and optimum-quanto); or ``+``-joined parts among ``think-R`` (key ratio),
     ``value-R`` (value ratio), ``recent-N`` (full-width recent tokens), ``snapkv-B``, ``h2o-B`` and
     ``streaming-B`` (token budgets), ``int2``/``int4``/``int8`` (quantized compact storage), ``g-N`` (value
-    group size of the quantized storage), ``blocks`` (full precision folding whole 32-token blocks, the
-    schedule of quantized storage: the prompt's last partial block stays at full width), ``static`` (a static,
+    group size of the quantized storage), ``static`` (a static,
     compileable ThinKCache of ``max_cache_len`` tokens) or ``static-N`` (of ``N`` tokens). A bare ``static`` is
     transformers' StaticCache of ``max_cache_len`` tokens (it needs ``config``).
 
@@ -249,7 +227,6 @@ def make_cache(method: str, config=None, max_cache_len: int | None = None):
             raise ValueError(f"{method}: transformers' QuantizedCache needs the model's config")
         return QuantizedCache(backend="quanto", config=config, nbits=nbits)
     settings: dict = {"key_ratio": 0.0}
-    cls = ThinKCache
     for part in method.split("+"):
         kind, _, arg = part.partition("-")
         if kind == "think":
@@ -270,11 +247,9 @@ def make_cache(method: str, config=None, max_cache_len: int | None = None):
             settings["max_cache_len"] = int(arg) if arg else max_cache_len or STATIC_DEFAULT_LEN
         elif kind == "g" and arg:
             settings["group_size"] = int(arg)
-        elif kind == "blocks" and not arg:
-            cls = _BlockAlignedThinKCache
         else:
             raise ValueError(f"unknown method part {part!r} in {method!r}")
-    return cls(**settings)
+    return ThinKCache(**settings)
 
 
 def describe(methods: list[str]) -> dict[str, str]:
@@ -311,7 +286,7 @@ def baseline_of(method: str) -> str | None:
     unquantized = [p for p in parts if p not in ("int2", "int4", "int8")]
     if len(unquantized) < len(parts):
         return "+".join(unquantized) or "dynamic"
-    kept = [p for p in parts if not p.startswith(("think-", "value-", "recent-")) and p != "blocks"]
+    kept = [p for p in parts if not p.startswith(("think-", "value-", "recent-"))]
     if len(kept) == len(parts):
         return None
     return "+".join(kept) or "dynamic"
@@ -319,15 +294,10 @@ def baseline_of(method: str) -> str | None:
 
 def baselines_of(method: str, methods: list[str]) -> list[str]:
     """Every method among ``methods`` that ``method`` is worth comparing with on the same prompts: its
-    `baseline_of`, and for quantized storage also the same method with the ``blocks`` schedule at full precision
-    (which isolates quantizing from the schedule it implies), and for ``...+blocks`` the method without it."""
+    `baseline_of`, and for quantized storage also DynamicCache (what the 2-bit goal counts against)."""
     out = [baseline_of(method)]
-    parts = method.split("+")
-    if any(p in ("int2", "int4", "int8") for p in parts):
-        unquantized = [p for p in parts if p not in ("int2", "int4", "int8") and not p.startswith("g-")]
-        out.append("+".join(unquantized + ["blocks"]))
-    if "blocks" in parts:
-        out.append("+".join(p for p in parts if p != "blocks") or "dynamic")
+    if any(p in ("int2", "int4", "int8") for p in method.split("+")):
+        out.append("dynamic")
     return [b for i, b in enumerate(out) if b is not None and b in methods and b not in out[:i]]
 
 

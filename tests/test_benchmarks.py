@@ -138,21 +138,15 @@ def test_baseline_of_names_the_cache_a_method_thins():
     assert baseline_of("h2o-128+value-0.25") == "h2o-128"
     assert baseline_of("snapkv-512") is None and baseline_of("dynamic") is None
     assert baseline_of("quantized-4") == "dynamic" and baseline_of("think-0.4+int2+g-16") == "think-0.4"
-    assert baseline_of("think-0.4+blocks") == "dynamic"
-    methods = ["dynamic", "think-0.4", "think-0.4+blocks", "think-0.4+int8"]
-    assert baselines_of("think-0.4+int8", methods) == ["think-0.4", "think-0.4+blocks"]
-    assert baselines_of("think-0.4+blocks", methods) == ["dynamic", "think-0.4"]
+    methods = ["dynamic", "think-0.4", "think-0.4+int8"]
+    assert baselines_of("think-0.4+int8", methods) == ["think-0.4", "dynamic"]
+    assert baselines_of("think-0.4", methods) == ["dynamic"]
     assert baselines_of("think-0.4+int8", ["think-0.4+int8"]) == []
+    with pytest.raises(ValueError, match="unknown method part 'blocks'"):
+        make_cache("think-0.4+blocks")  # the schedule it isolated is gone: quantized storage thins as full precision
 
 
-def test_block_schedule_and_group_size_parts():
-    """``blocks``: full precision, but only whole 32-token blocks fold (the schedule ``bits`` implies)."""
-    model = make_model("llama")
-    ids, _ = make_batch([70], seed=21)
-    prefill = record_prefill(model, ids)
-    plain, blocks = (cache_from_prefill(model, m, prefill) for m in ("think-0.5", "think-0.5+blocks"))
-    assert plain.layers[0].compact_tokens == 70 and blocks.layers[0].compact_tokens == 64
-    assert blocks.bits is None and "whole 32-token blocks" in describe(["think-0.5+blocks"])["think-0.5+blocks"]
+def test_group_size_part():
     assert make_cache("think-0.4+int2+g-16").group_size == 16
 
 

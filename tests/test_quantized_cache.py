@@ -4,9 +4,11 @@ The reference replays a ThinK run on a full-size stock cache with stock attentio
 the other references take (which tokens each head saw at full width and which thinned, the chosen channels) and
 writes the quantization itself: key blocks are runs of 32 tokens, 16 at 2 bits (a head's prompt tokens in order,
 then every 32 or 16 positions from where the full-width part began at the end of the prompt), ranges over real
-tokens only; values
-per token in groups of ``group_size`` kept channels. Each thinned token is quantized and dequantized in float, its
-kept channels written into a zero-filled full-size key (and value) row, and torch's sdpa runs on that.
+tokens only; values per token in groups of ``group_size`` kept channels. Each compact token is quantized and
+dequantized in float, its kept channels written into a zero-filled full-size key (and value) row, and torch's sdpa
+runs on that. Which tokens a query sees thinned it computes from the schedule (everything before ``P - recent + 32 *
+((t - P) // 32)`` for a query at ``t`` after a prompt of ``P``): those the store has not taken yet (short of a
+whole block) it writes thinned in full precision.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ def run_with_reference(model, ids, mask, steps, bits, group_size, generate_kwarg
         return original(module, query, key, value, attention_mask, **kwargs)
 
     calls = defaultdict(int)
+    prompt_length, recent = ids.shape[1], settings.get("recent", 0)
 
     def reference(module, query, key, value, attention_mask, scaling=None, **kwargs):
         i = module.layer_idx
@@ -125,18 +128,26 @@ def run_with_reference(model, ids, mask, steps, bits, group_size, generate_kwarg
             real = allowed_mask.any(-2).any(1).expand(k.shape[0], -1)
         if seen["key_channels"] is not None:
             compact = seen["compact"]
+            assert query.shape[2] == 1, "the reference replays one token at a time after the prompt"
+            t = k.shape[2] - 1
+            fold = prompt_length - recent + BLOCK * ((t - prompt_length) // BLOCK)
+            thinned = seen["visible"] & (torch.arange(k.shape[2]) < fold)
+            assert not (compact & ~thinned).any(), "a compact token after the fold point"
             if i not in prompt_sets:
                 prompt_sets[i] = (compact.clone(), seen["full_from"])
             block = key_blocks(compact, *prompt_sets[i], KEY_BLOCK[bits])
             kc = seen["key_channels"].long()[:, :, None, :].expand(-1, -1, k.shape[2], -1)
-            q_keys = fake_quant_keys(k.gather(-1, kc), block, real, bits)
+            kept_k = k.gather(-1, kc)  # compact tokens quantized, the others thinned in full precision
+            q_keys = torch.where(compact[..., None], fake_quant_keys(kept_k, block, real, bits), kept_k)
             thinned_k = torch.zeros_like(k).scatter_(-1, kc, q_keys)
-            k = torch.where(compact[..., None], thinned_k, k)
+            k = torch.where(thinned[..., None], thinned_k, k)
             vc = seen["value_channels"]
             vc = torch.arange(v.shape[-1]).expand(*v.shape[:2], -1) if vc is None else vc.long()
             vc = vc[:, :, None, :].expand(-1, -1, v.shape[2], -1)
-            thinned_v = torch.zeros_like(v).scatter_(-1, vc, fake_quant_values(v.gather(-1, vc), bits, group_size))
-            v = torch.where(compact[..., None], thinned_v, v)
+            kept_v = v.gather(-1, vc)
+            q_values = torch.where(compact[..., None], fake_quant_values(kept_v, bits, group_size), kept_v)
+            thinned_v = torch.zeros_like(v).scatter_(-1, vc, q_values)
+            v = torch.where(thinned[..., None], thinned_v, v)
         q_len, kv_len = query.shape[2], k.shape[2]
         allowed = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)[None, None]
         if allowed_mask is not None:
@@ -411,6 +422,28 @@ def test_assisted_decoding_gives_plain_greedy_tokens(settings):
         torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("settings", [dict(bits=4), dict(bits=2, value_ratio=0.5)], ids=["4bit", "2bit+values"])
+def test_one_forward_over_generated_positions_sees_what_one_at_a_time_does(settings):
+    """75 generated positions in one forward (a long draft) after a 70-token prompt: the prompt's last 6 tokens wait
+    thinned in full precision, and the rows past the second fold point see one block quantized that the rows past
+    the first see quantized and 6 tokens after it thinned in full precision; every row's logits are those of one
+    token at a time."""
+    model = make_model("llama")
+    ids, _ = make_batch([70], seed=30)
+    drafts = torch.randint(3, 200, (1, 75), generator=torch.Generator().manual_seed(31))
+    one_at_a_time, whole = (ThinKCache(key_ratio=0.5, window=8, **settings) for _ in range(2))
+    rows = []
+    prefill(model, one_at_a_time, ids)
+    with torch.no_grad():
+        for i in range(drafts.shape[1]):
+            rows.append(model(input_ids=drafts[:, i : i + 1], past_key_values=one_at_a_time).logits[:, -1])
+        prefill(model, whole, ids)
+        logits = model(input_ids=drafts, past_key_values=whole).logits
+    layer = whole.layers[0]
+    assert layer.compact_tokens == 64 and layer.thinned_full == 6  # the prompt's short block waits, thinned
+    torch.testing.assert_close(logits[0], torch.cat(rows), atol=ATOL, rtol=0)
+
+
 def test_chunked_prefill_and_copies_equal_one_prefill():
     model = make_model("llama")
     ids, mask = make_batch([60], seed=3)
@@ -518,3 +551,31 @@ def test_output_attentions(policy):
         for w in weights:
             assert w.shape == (2, 4, 1, 70 + step)
             torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 1), atol=1e-5, rtol=0)
+
+
+def test_a_later_prompt_sees_a_question_waiting_thinned_whole():
+    """A 50-token prompt at 4 bits leaves its last 18 tokens (its question among them) thinned at full width, short
+    of a block; the next user turn's rows see that question whole, as they see a compact one, and its logits track
+    the full-precision cache's."""
+
+    def second_turn(bits):
+        model = make_model("llama")
+        cache = ThinKCache(key_ratio=0.5, window=8, bits=bits)
+        ids, _ = make_batch([50], seed=6)
+        first = generate(model, ids, torch.ones_like(ids), cache, 8)
+        turn = torch.randint(3, 200, (1, 30), generator=torch.Generator().manual_seed(2))
+        cache.mark_prompt_end(first.sequences.shape[1] + 30)
+        with torch.no_grad():
+            logits = model(input_ids=turn, past_key_values=cache).logits
+        return cache, logits
+
+    cache, logits = second_turn(8)
+    for layer in cache.layers:
+        assert layer.compact_tokens == 32 and layer.thinned_full == 18
+        restored = layer.restored(30, 2)
+        assert restored.rows.all() and restored.present.all()
+        found = restored.columns + (layer.full_from - layer.compact_tokens)
+        assert (found == torch.arange(42, 50)).all()  # the question, in the part thinned in place
+    _, full_precision = second_turn(None)
+    # 3e-4 apart; with the question seen thinned by the later prompt's rows, 1.1e-3
+    torch.testing.assert_close(logits, full_precision, atol=6e-4, rtol=0)

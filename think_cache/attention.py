@@ -28,7 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import kernels
 from ._compat import is_compiling
-from .compact import as_bool_mask, causal_mask, compact_probs, key_padding, thin_mask, thinned_store, weighted_values
+from .compact import as_bool_mask, causal_mask, compact_probs, key_padding, thinned_views, weighted_values
 from .policies import attention_and_token_weights
 
 __all__ = ["ATTENTION_NAME", "think_attention", "register"]
@@ -242,13 +242,14 @@ def _attend_compacted(
         out, token_weights = result if scores else (result, None)
         layer.after_attention(mask, token_weights)
         return out, None
-    thin = thin_mask(thinned_rows, group, query.device)
-    thinned = thinned_store(layer.store, layer.keys, layer.values, thin)
+    thinned = thinned_views(layer.store, layer.keys, layer.values, thinned_rows, group)
     rows = _row_chunk(query.shape[0] * query.shape[1], n_total, q_len)
     outs, weights, token_weights = [], [], None
     for start in range(0, q_len, rows):  # one pass, unless a long forward (a later prompt) meets a long context
         stop = min(start + rows, q_len)
-        thin_rows = _group_rows(thin, group, q_len, start, stop)
+        thinned_chunk = None
+        if thinned is not None:
+            thinned_chunk = [replace(v, mask=_group_rows(v.mask, group, q_len, start, stop)) for v in thinned]
         restored_rows = None
         if restored is not None:
             restored_rows = replace(restored, rows=_group_rows(restored.rows, group, q_len, start, stop))
@@ -258,12 +259,11 @@ def _attend_compacted(
             layer.keys,
             _mask_rows(stored_mask, start, stop, q_len, n_total, query.device),
             scale,
-            thin_rows,
-            thinned,
+            thinned_chunk,
             softcap,
             restored_rows,
         )
-        outs.append(weighted_values(probs, layer.store, layer.values, thin_rows, thinned))
+        outs.append(weighted_values(probs, layer.store, layer.values, thinned_chunk))
         if wants_attention:
             weights.append(_weights_per_token(layer, probs).to(query.dtype))
         # a policy that accumulates attention (H2O) gets each stored token's weight, summed over its group's queries

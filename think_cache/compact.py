@@ -32,8 +32,8 @@ __all__ = [
     "compact_attention",
     "compact_probs",
     "weighted_values",
-    "thin_mask",
-    "thinned_store",
+    "Thinned",
+    "thinned_views",
 ]
 
 
@@ -101,11 +101,11 @@ def pruned_channels(kept: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 @dataclass
 class Restored:
-    """Compact tokens that some query rows see at full width: the pruned key channels of those tokens, kept aside
+    """Thinned tokens that some query rows see at full width: the pruned key channels of those tokens, kept aside
     (``keys (batch, kv_heads, n, pruned)`` at ``channels (batch, kv_heads, pruned)``), their ``columns (batch,
-    kv_heads, n)`` in the compact part, whether each is there at all (``present``, same shape: an evicted or dropped
-    token is not), and which rows see them whole (``rows``, ``(group * q_len,)`` bool, laid out as
-    `compact_probs` lays a KV head's query group out). See `ThinKLayer.restored`."""
+    kv_heads, n)`` among the stored tokens (compact part first), whether each is there at all (``present``, same
+    shape: an evicted or dropped token is not), and which rows see them whole (``rows``, ``(group * q_len,)`` bool,
+    laid out as `compact_probs` lays a KV head's query group out). See `ThinKLayer.restored`."""
 
     keys: torch.Tensor
     channels: torch.Tensor
@@ -114,7 +114,7 @@ class Restored:
     rows: torch.Tensor
 
     def add_to(self, logits: torch.Tensor, q: torch.Tensor, scaling: float) -> None:
-        """Add the pruned channels' share to the compact logits ``(batch, kv_heads, group * q_len, n_compact)`` of
+        """Add the pruned channels' share to the logits ``(batch, kv_heads, group * q_len, stored)`` of
         ``q (batch, kv_heads, group * q_len, head_dim)``, in place: those rows then see those tokens' keys whole."""
         share = torch.matmul(gather_channels(q, self.channels), self.keys.transpose(-1, -2)).float().mul_(scaling)
         share = torch.where(self.present[:, :, None, :] & self.rows[None, None, :, None], share, 0.0)
@@ -167,9 +167,10 @@ def compact_attention(
         Also return each stored token's attention weight summed over the queries of its KV head's group,
         ``(batch, kv_heads, n_compact + n_recent)`` float32 (what H2O accumulates).
     thinned_rows:
-        Per query row (``q_len`` ints), how many of the oldest recent tokens that row sees thinned (as the store
-        would hold them: kept channels only, quantized if the store quantizes): the view each row would have had
-        if the queries had come one at a time and the recent part had folded in between. None: all at full width.
+        Per query row (``q_len`` ints), how many of the oldest recent tokens that row sees thinned (kept channels
+        only; the whole blocks of a quantizing store quantized, see `thinned_views`): the view each row would have
+        had if the queries had come one at a time and the recent part had folded in between. None: all at full
+        width.
     softcap:
         Attention logit softcapping (`cap_logits`) applied to the scaled logits of both parts before the mask, as
         Gemma 2 does; None for none.
@@ -179,32 +180,49 @@ def compact_attention(
     ``(batch, q_len, q_heads, head_dim)``, the layout transformers' attention functions return (and the token
     weights when asked). `compact_probs` and `weighted_values` are its two halves.
     """
-    thin = thin_mask(thinned_rows, query.shape[1] // keys.shape[1], query.device)
-    thinned = thinned_store(store, keys, values, thin)
-    probs = compact_probs(query, store, keys, mask, scaling, thin, thinned, softcap)
-    out = weighted_values(probs, store, values, thin, thinned)
+    thinned = thinned_views(store, keys, values, thinned_rows, query.shape[1] // keys.shape[1])
+    probs = compact_probs(query, store, keys, mask, scaling, thinned, softcap)
+    out = weighted_values(probs, store, values, thinned)
     if return_token_weights:
         return out, probs.sum(dim=(2, 3))
     return out
 
 
-def thin_mask(thinned_rows: list[int] | None, group: int, device: torch.device) -> torch.Tensor | None:
-    """``(group * q_len, n_thin)`` bool from `compact_attention`'s ``thinned_rows``: which of the oldest recent
-    tokens each row of a KV head's query group (laid out group member by member) sees thinned."""
+@dataclass
+class Thinned:
+    """Some of the oldest recent (full-width) tokens as some query rows see them thinned: ``mask`` ``(group * q_len,
+    n)`` bool, which rows (laid out as `compact_probs` lays a KV head's query group out) see which of the oldest
+    ``n`` tokens this way, and ``store``, those ``n`` tokens held this way. See `thinned_views`."""
+
+    mask: torch.Tensor
+    store: CompactStore
+
+
+def thinned_views(
+    store: CompactStore, keys: torch.Tensor, values: torch.Tensor, thinned_rows: list[int] | None, group: int
+) -> list[Thinned] | None:
+    """How the query rows that see some of the oldest recent tokens thinned see them (`compact_attention`'s
+    ``thinned_rows``, one count per row), as they would have one token at a time: a row's whole blocks of the
+    store's (`CompactStore.whole_blocks`) as the store holds them once folded (``store.preview``), the rest of its
+    count thinned at full precision (``store.preview_exact``: a store that takes whole blocks only leaves them so
+    until their block folds, `ThinKLayer._thin_oldest`). The views do not overlap; None without ``thinned_rows``."""
     if thinned_rows is None:
         return None
-    counts = torch.tensor(thinned_rows, device=device).repeat(group)
-    return torch.arange(max(thinned_rows), device=device)[None, :] < counts[:, None]
-
-
-def thinned_store(
-    store: CompactStore, keys: torch.Tensor, values: torch.Tensor, thin: torch.Tensor | None
-) -> CompactStore | None:
-    """The oldest ``n_thin`` recent tokens as ``store`` would hold them once folded (None without ``thin``)."""
-    if thin is None:
-        return None
-    n_thin = thin.shape[-1]
-    return store.preview(keys[:, :, :n_thin], values[:, :, :n_thin])
+    device = keys.device
+    counts = torch.tensor(thinned_rows, device=device).repeat(group)[:, None]
+    whole = counts - counts % store.block
+    n_thin = max(thinned_rows)
+    n_stored = store.whole_blocks(n_thin)
+    columns = torch.arange(n_thin, device=device)[None, :]
+    views = []
+    if n_stored:
+        preview = store.preview(keys[:, :, :n_stored], values[:, :, :n_stored])
+        views.append(Thinned(columns[:, :n_stored] < whole, preview))
+    if store.block > 1:
+        exact = (columns < counts) & (columns >= whole)
+        if bool(exact.any()):
+            views.append(Thinned(exact, store.preview_exact(keys[:, :, :n_thin], values[:, :, :n_thin])))
+    return views
 
 
 def compact_probs(
@@ -213,15 +231,14 @@ def compact_probs(
     keys: torch.Tensor,
     mask: torch.Tensor | None,
     scaling: float,
-    thin: torch.Tensor | None = None,
-    thinned: CompactStore | None = None,
+    thinned: list[Thinned] | None = None,
     softcap: float | None = None,
     restored: Restored | None = None,
 ) -> torch.Tensor:
     """The attention weights of `compact_attention`: one float32 softmax over the compact part (``store``, None for
     none) then the recent part, ``(batch, kv_heads, group, q_len, n_compact + n_recent)``; ``view(batch, q_heads,
-    q_len, -1)`` gives them per query head. ``thin`` and ``thinned`` (`thin_mask`, `thinned_store`): which rows
-    see the oldest recent tokens thinned, and those tokens as the store holds them; ``restored``: compact tokens
+    q_len, -1)`` gives them per query head. ``thinned`` (`thinned_views`): how the rows that see some of the
+    oldest recent tokens thinned see them; ``restored``: compact tokens
     some rows see at full width (`Restored`). Else as in `compact_attention`."""
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads = keys.shape[1]
@@ -232,15 +249,15 @@ def compact_probs(
     q = query.reshape(batch, kv_heads, group * q_len, head_dim)
 
     logits = torch.matmul(q, keys.transpose(-1, -2)).float().mul_(scaling)
-    if thin is not None:  # the oldest recent tokens, as the store holds them, for the rows that see them thinned
-        n_thin = thin.shape[-1]
-        thin_logits = thinned.logits(gather_channels(q, thinned.key_channels), scaling)
-        logits[..., :n_thin] = torch.where(thin, thin_logits, logits[..., :n_thin])
+    for view in thinned or ():  # the oldest recent tokens as the rows that see them thinned see them
+        n = view.mask.shape[-1]
+        view_logits = view.store.logits(gather_channels(q, view.store.key_channels), scaling)
+        logits[..., :n] = torch.where(view.mask, view_logits, logits[..., :n])
     if store is not None:
         compact = store.logits(gather_channels(q, store.key_channels), scaling)
-        if restored is not None:
-            restored.add_to(compact, q, scaling)
         logits = torch.cat([compact, logits], dim=-1)
+    if restored is not None:
+        restored.add_to(logits, q, scaling)
     logits = cap_logits(logits, softcap).view(batch, kv_heads, group, q_len, n_total)
 
     mask = as_bool_mask(mask)
@@ -261,8 +278,7 @@ def weighted_values(
     probs: torch.Tensor,
     store: CompactStore | None,
     values: torch.Tensor,
-    thin: torch.Tensor | None = None,
-    thinned: CompactStore | None = None,
+    thinned: list[Thinned] | None = None,
 ) -> torch.Tensor:
     """The output of `compact_attention` from its weights ``probs`` (`compact_probs`): ``(batch, q_len, q_heads,
     v_dim)``. Arguments as in `compact_probs`."""
@@ -272,16 +288,17 @@ def weighted_values(
     weights = probs.view(batch, kv_heads, group * q_len, n_total)
     recent = weights[..., n_compact:]
     kept_out = None  # what the tokens held at the kept value channels give: the compact part, thinned tokens
-    if thin is not None:
-        n_thin = thin.shape[-1]
-        kept_out = thinned.output(recent[..., :n_thin] * thin)
-        recent = torch.cat([recent[..., :n_thin] * ~thin, recent[..., n_thin:]], dim=-1)
+    for view in thinned or ():  # (views come with a store, and hold its channels)
+        n = view.mask.shape[-1]
+        view_out = view.store.output(recent[..., :n] * view.mask)
+        kept_out = view_out if kept_out is None else kept_out + view_out
+        recent = torch.cat([recent[..., :n] * ~view.mask, recent[..., n:]], dim=-1)
     if store is not None:
         compact_out = store.output(weights[..., :n_compact])
         kept_out = compact_out if kept_out is None else compact_out + kept_out
     out = torch.matmul(recent.to(values.dtype), values)
     if kept_out is not None:
-        value_channels = (thinned if store is None else store).value_channels
+        value_channels = store.value_channels
         if value_channels is not None:
             kept_out = scatter_channels(kept_out, value_channels, v_dim)
         out = kept_out.to(values.dtype) + out

@@ -30,13 +30,16 @@ When things happen (the schedule), in logical positions, whatever the way tokens
 * **Generated tokens fold in blocks.** A query at position ``t >= P`` sees every token before ``P - recent +
   FOLD_BLOCK * ((t - P) // FOLD_BLOCK)`` thinned and the later ones at full width: generated tokens wait full-width
   and fold ``FOLD_BLOCK`` at a time. A store with a ``block`` (quantized keys: 32 tokens make whole key blocks of 32,
-  or 16 at 2 bits) takes whole blocks only: without a policy the prompt's last ``< block`` tokens stay full-width at
-  compaction and folds take whole blocks. A policy that evicts while decoding (H2O, StreamingLLM) evicts a block at a
-  time as well: it lets the layer grow to ``budget + FOLD_BLOCK`` tokens, and in the forward that folds them drops the
-  lowest-scored compact tokens back to the budget. When one forward holds several generated positions (assisted
-  decoding verifies drafts in one forward), each query row gets exactly the view it would have had one token at a time
-  (`thinned_rows`). A later prompt (a chat's next turn) restarts the schedule at its own end and keeps at least its
-  last ``window`` tokens at full width (`held_tokens`): its question did not choose the channels.
+  or 16 at 2 bits) takes whole blocks only: without a policy the prompt's last ``< block`` tokens stay in the
+  full-width part at compaction, and folds take whole blocks; the tokens the schedule thins short of a block wait
+  there *thinned*, their pruned channels zeroed in place (`_thin_oldest`), and are quantized when their block
+  folds, so every query sees exactly the tokens before its fold point thinned, whatever the store. A policy that
+  evicts while decoding (H2O, StreamingLLM) evicts a block at a time as well: it lets the layer grow to ``budget +
+  FOLD_BLOCK`` tokens, and in the forward that folds them drops the lowest-scored compact tokens back to the budget.
+  When one forward holds several generated positions (assisted decoding verifies drafts in one forward), each query
+  row gets exactly the view it would have had one token at a time (`thinned_rows`). A later prompt (a chat's next
+  turn) restarts the schedule at its own end and keeps at least its last ``window`` tokens at full width
+  (`held_tokens`): its question did not choose the channels.
 * **A later prompt sees the earlier prompts' questions whole.** When a prompt ends, the pruned key channels of its
   last ``window`` tokens (its question, where the channels were chosen from) are kept aside (``spare_keys``, a
   few KiB per full-attention layer, for the newest `SPARE_PROMPTS` prompts). The query rows of a later prompt (a
@@ -203,6 +206,7 @@ class ThinKLayer(CacheLayerMixin):
         self.forward_tokens = 0  # tokens of the last forward
         self.spare_positions: list[int] = []  # logical positions of the tokens in `spare_keys`
         self.folded = False  # tokens were folded since the policy last evicted
+        self.thinned_full = 0  # the oldest full-width tokens seen thinned in place (`_thin_oldest`)
         self.is_initialized = False
 
     @property
@@ -336,6 +340,7 @@ class ThinKLayer(CacheLayerMixin):
             keep = max(self.window_queries.shape[3] - count, 0)
             self.window_queries = self.window_queries[:, :, :, :keep].clone()
         self.seen_tokens -= count
+        self.thinned_full = min(self.thinned_full, self.keys.shape[-2])
         self.forward_tokens = max(self.forward_tokens - count, 0)
         self._retain_spare([p < self.seen_tokens for p in self.spare_positions])  # forget questions cut off
 
@@ -391,7 +396,7 @@ class ThinKLayer(CacheLayerMixin):
                 self.compact(end)
         elif end is not None and end > self.origin:
             self.origin = end  # a new prompt (a chat's next turn) restarts the schedule at its end
-            first = max(end - self.window, self.full_from)  # its question's tokens still at full width
+            first = max(end - self.window, self.full_from + self.thinned_full)  # its question's tokens still whole
             self._keep_spare(self.keys[:, :, first - self.full_from : end - self.full_from], first)
         if self.is_compacted:
             fold_at = t0
@@ -405,18 +410,17 @@ class ThinKLayer(CacheLayerMixin):
 
     def thinned_rows(self, q_len: int) -> list[int] | None:
         """For the current forward's query rows: how many of the oldest full-width tokens each row must see thinned
-        (the view it would have had decoding one token at a time). None when every row sees them at full width,
-        the usual case."""
+        (the view it would have had decoding one token at a time, `think_cache.compact.thinned_views`), 0 for a
+        row that sees no more of them thinned than those thinned in place (`_thin_oldest`). None when no row
+        does, the usual case."""
         t0 = self.seen_tokens - q_len
         if q_len == 1 or self.prompt_end is None or self.prompt_end >= t0 + q_len or not self.is_compacted:
             return None  # one token, or a forward of prompt tokens: all at full width
         origin = self.prompt_end if self.prompt_end > t0 else self.origin
         counts = []
         for t in range(t0, t0 + q_len):
-            if t < origin:
-                counts.append(0)
-            else:
-                counts.append(self.store.whole_blocks(max(self.fold_point(t, origin) - self.full_from, 0)))
+            count = 0 if t < origin else self.fold_point(t, origin) - self.full_from
+            counts.append(count if count > self.thinned_full else 0)
         return counts if any(counts) else None
 
     def rows_before_end(self, q_len: int) -> int:
@@ -446,12 +450,13 @@ class ThinKLayer(CacheLayerMixin):
         self.spare_keys, self.spare_positions = spare[:, :, -bound:].contiguous(), positions[-bound:]
 
     def restored(self, q_len: int, group: int) -> Restored | None:
-        """For the current forward's ``q_len`` query rows (of each of a KV head's ``group`` query heads): the compact
-        tokens a later prompt's rows see at full width (the earlier prompts' questions, kept aside by
-        `_keep_spare`), or None when no row does (decoding, the usual case). A row is a later prompt's when it
-        comes before the prompt end ``generate`` declared; without a declared end, every row of a multi-token
-        forward is."""
-        if self.spare_keys is None or self.compact_tokens == 0:
+        """For the current forward's ``q_len`` query rows (of each of a KV head's ``group`` query heads): the thinned
+        tokens (compact, or thinned in place by `_thin_oldest`) a later prompt's rows see at full width (the earlier
+        prompts' questions, kept aside by `_keep_spare`), or None when no row does (decoding, the usual case). A row
+        is a later prompt's when it comes before the prompt end ``generate`` declared; without a declared end, every
+        row of a multi-token forward is."""
+        n_thinned = self.compact_tokens + self.thinned_full  # tokens held thinned: compact, then thinned in place
+        if self.spare_keys is None or n_thinned == 0:
             return None
         t0 = self.seen_tokens - q_len
         if self.prompt_end is not None:
@@ -460,23 +465,24 @@ class ThinKLayer(CacheLayerMixin):
             n_rows = q_len if q_len > 1 else 0
         if n_rows == 0:
             return None
-        device, n_compact = self.spare_keys.device, self.compact_tokens
+        device = self.spare_keys.device
         batch, kv_heads, n, _ = self.spare_keys.shape
         positions = torch.tensor(self.spare_positions, device=device)
         if self.compact_positions is None:  # the compact part holds consecutive positions, the oldest dropped
-            columns = positions - (self.full_from - n_compact)
-            present = (columns >= 0) & (columns < n_compact)
+            columns = positions - (self.full_from - self.compact_tokens)
+            present = (columns >= 0) & (columns < n_thinned)
             columns, present = columns.expand(batch, kv_heads, n), present.expand(batch, kv_heads, n)
         else:  # per head, ascending positions: find each one, if the policy kept it
-            held = self.compact_positions.contiguous()
+            in_place = torch.arange(self.full_from, self.full_from + self.thinned_full, device=device)
+            held = torch.cat([self.compact_positions, in_place.to(torch.int32).expand(batch, kv_heads, -1)], -1)
             wanted = positions.to(held.dtype).expand(batch, kv_heads, n).contiguous()
-            columns = torch.searchsorted(held, wanted)
-            present = (columns < n_compact) & (held.gather(-1, columns.clamp(max=n_compact - 1)) == wanted)
+            columns = torch.searchsorted(held.contiguous(), wanted)
+            present = (columns < n_thinned) & (held.gather(-1, columns.clamp(max=n_thinned - 1)) == wanted)
         rows = (torch.arange(q_len, device=device) < n_rows).repeat(group)
         return Restored(
             keys=self.spare_keys,
             channels=pruned_channels(self.key_channels, self.head_dim),
-            columns=columns.clamp(0, n_compact - 1),
+            columns=columns.clamp(0, n_thinned - 1),
             present=present,
             rows=rows,
         )
@@ -572,9 +578,10 @@ class ThinKLayer(CacheLayerMixin):
         self.origin = self.compacted_at = end
         self._keep_spare(question, end - question.shape[-2])
 
-        n = max(keys.shape[-2] - self.recent, 0)
-        if positions is None:  # the same tokens for every head: a partial block can wait at full width
-            n = self.store.whole_blocks(n)
+        due = max(keys.shape[-2] - self.recent, 0)
+        n = due
+        if positions is None:  # the same tokens for every head: a partial block can wait, thinned (`_thin_oldest`)
+            n = self.store.whole_blocks(due)
             real = real[:, None]
         self.store.append(keys[:, :, :n], values[:, :, :n], real=real[..., :n])
         if positions is not None:
@@ -582,6 +589,8 @@ class ThinKLayer(CacheLayerMixin):
         # clone: a slice would keep the whole old buffer alive
         self.keys = torch.cat([keys[:, :, n:], after_k], dim=-2)
         self.values = torch.cat([values[:, :, n:], after_v], dim=-2)
+        self.thinned_full = 0
+        self._thin_oldest(due - n)
         self._trim(end)  # what a sliding window hides from every query after the prompt
 
     def _select_prompt_tokens(self, keys, values, real_keys, first: int, end: int):
@@ -734,19 +743,43 @@ class ThinKLayer(CacheLayerMixin):
         return mask.reshape(mask.shape[0], mask.shape[1], group * w, mask.shape[-1])
 
     def _fold(self, n: int) -> None:
-        """Move the oldest ``n`` full-width tokens into the compact part (whole blocks of the store's)."""
-        n = self.store.whole_blocks(min(n, self.keys.shape[-2]))
-        if n <= 0:
+        """Move the oldest ``n`` full-width tokens into the compact part: whole blocks of the store's, the rest of
+        the ``n`` thinned where they are (`_thin_oldest`)."""
+        due = min(n, self.keys.shape[-2])
+        n = self.store.whole_blocks(due)
+        if n > 0:
+            self.store.append(self.keys[:, :, :n], self.values[:, :, :n])
+            self.folded = True
+            if self.compact_positions is not None:
+                first = self.full_from
+                new = torch.arange(first, first + n, dtype=torch.int32, device=self.keys.device)
+                self.compact_positions = torch.cat([self.compact_positions, new.expand(*self.keys.shape[:2], n)], -1)
+            # clone: a slice would keep the whole old buffer alive
+            self.keys = self.keys[:, :, n:].clone()
+            self.values = self.values[:, :, n:].clone()
+            self.thinned_full = max(self.thinned_full - n, 0)
+        self._thin_oldest(due - n)
+
+    def _thin_oldest(self, n: int) -> None:
+        """Make the oldest ``n`` full-width tokens attend as thinned: zero their pruned key channels (and pruned value
+        channels), in place.
+
+        A store that takes whole blocks only (`QuantizedStore`) leaves the tokens short of a block that the schedule
+        says are thinned at full width until the next fold. Seen whole, a prompt's last tokens (its question) would
+        outweigh the thinned context: every other token lost the pruned channels' share of its logits (SmolLM2, ThinK
+        0.4 at 8 bits, 2k pass key: "The pass key is a coin that..." where the full-precision compact part answered).
+        With those channels zero they give exactly the thinned logits and outputs, in every attention path, for no
+        bytes; they are quantized when their block folds. Only the tokens not yet thinned are written."""
+        if n <= self.thinned_full:
             return
-        self.store.append(self.keys[:, :, :n], self.values[:, :, :n])
-        self.folded = True
-        if self.compact_positions is not None:
-            first = self.full_from
-            new = torch.arange(first, first + n, dtype=torch.int32, device=self.keys.device)
-            self.compact_positions = torch.cat([self.compact_positions, new.expand(*self.keys.shape[:2], n)], -1)
-        # clone: a slice would keep the whole old buffer alive
-        self.keys = self.keys[:, :, n:].clone()
-        self.values = self.values[:, :, n:].clone()
+        start = self.thinned_full
+        self.thinned_full = n
+        for part, kept in ((self.keys, self.key_channels), (self.values, self.value_channels)):
+            if kept is None or kept.shape[-1] == part.shape[-1]:
+                continue
+            pruned = pruned_channels(kept, part.shape[-1]).long()
+            tokens = part[:, :, start:n]
+            tokens.scatter_(-1, pruned[:, :, None, :].expand(*tokens.shape[:3], -1), 0)
 
     def _drop_oldest(self, n: int) -> None:
         """Forget the oldest ``n`` stored tokens, compact part first (the same tokens for every head)."""
@@ -764,6 +797,7 @@ class ThinKLayer(CacheLayerMixin):
         if n > 0:
             self.keys = self.keys[:, :, n:].clone()
             self.values = self.values[:, :, n:].clone()
+            self.thinned_full = max(self.thinned_full - n, 0)
             if self.token_scores is not None:
                 self.token_scores = self.token_scores[..., n:].clone()
             if self.real_keys is not None:

@@ -341,8 +341,9 @@ class StaticThinKLayer(ThinKLayer):
     def static_held(self, origin: int, first: int) -> int:
         """How many of the prompt's last tokens wait at full width with the generated ones (`fold_point`'s
         ``held``) once static: `held_tokens`, plus, for a store that folds whole blocks (`QuantizedStore`), the
-        prompt's tokens short of a whole block that compaction left at full width (``first`` is the oldest
-        full-width token): its folds then take ``fold_block`` tokens from ``first`` on, as the eager layer's do."""
+        prompt's tokens short of a whole block that compaction left in the full-width part, thinned (``first`` is
+        the oldest full-width token): its folds then take ``fold_block`` tokens from ``first`` on, as the eager
+        layer's do."""
         held = self.held_tokens(origin)
         return held + (origin - held - first) % self.store.block
 

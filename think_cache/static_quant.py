@@ -14,8 +14,10 @@ shapes after the prompt. Its buffers, allocated at the prompt's end:
   full-precision static layer's ring, which holds only the pruned channels (the kept ones are in the slots from
   the start), this one holds every channel: a token's kept channels reach the slots only when its block is
   quantized. A query sees ``held + FOLD_BLOCK`` tokens at full width at most, where ``held`` (``fold_held``, a 0-d
-  tensor) is ``recent`` plus the prompt's ``< 32`` tokens that compaction left short of a whole block: the ring is
-  sized for the largest ``held``, so that its shape, and a compiled graph, do not depend on the prompt's length.
+  tensor) is ``recent`` plus the prompt's ``< 32`` tokens that compaction left short of a whole block (``fold_lag``):
+  the ring is sized for the largest ``held``, so that its shape, and a compiled graph, do not depend on the prompt's
+  length. Those ``fold_lag`` tokens, and as many after each folded block, wait with their pruned channels zeroed
+  (`_thinned_lag`), as the eager layer's `ThinKLayer._thin_oldest` leaves them: thinned, not yet quantized.
 * ``slot_positions`` ``(batch, 1 or kv_heads, capacity)`` int32, as in `StaticThinKLayer`.
 
 **Slots.** The prompt's compact tokens (quantized eagerly by `QuantizedStore.append` at compaction, in key blocks
@@ -54,7 +56,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from . import _compat, quant
-from .compact import as_bool_mask, cap_logits, gather_channels, scatter_channels
+from .compact import as_bool_mask, cap_logits, gather_channels, pruned_channels, scatter_channels
 from .layer import fold_point
 from .static import StaticThinKLayer
 
@@ -105,7 +107,7 @@ class QuantizedStaticThinKLayer(StaticThinKLayer):
 
     _static_tensors = ("ring_keys", "ring_values", "slot_positions")
     #: 0-d tensors besides the base class's (its ``fold_held`` is an int: here it depends on the prompt's length)
-    _scalars = ("fold_held",)
+    _scalars = ("fold_held", "fold_lag")
     #: The packed buffers (a `QuantKeys` and a `QuantValues`), written in place.
     _packed = ("compact_keys", "compact_values")
 
@@ -180,8 +182,13 @@ class QuantizedStaticThinKLayer(StaticThinKLayer):
                 getattr(self.compact_values, name)[:, :, :n_prompt] = getattr(prompt_values, name)
 
         origin = self.origin
-        # a tensor and a ring of a size that does not depend on the prompt's length: no recompile per prompt
-        self.fold_held = torch.tensor(self.static_held(origin, first), device=device)
+        # tensors and a ring of a size that do not depend on the prompt's length: no recompile per prompt
+        held = self.static_held(origin, first)
+        self.fold_held = torch.tensor(held, device=device)
+        self.fold_lag = torch.tensor(held - self.held_tokens(origin), device=device)
+        self.pruned_key_channels = pruned_channels(self.key_channels, head_dim)
+        if self.value_channels is not None:
+            self.pruned_value_channels = pruned_channels(self.value_channels, v_dim)
         ring = self.held_tokens(origin) + 2 * self.fold_block - 1  # the most a query sees at full width, at most
         self.ring_keys = keys.new_zeros(batch, kv_heads, ring, head_dim)
         self.ring_values = values.new_zeros(batch, kv_heads, ring, v_dim)
@@ -225,11 +232,31 @@ class QuantizedStaticThinKLayer(StaticThinKLayer):
         capacity = self.slot_positions.shape[-1]
         start = (fold - block - self.first_full + self.slot_base).clamp(0, capacity - block)  # a valid index always
         slots = start + torch.arange(block, device=t.device)
-        for (buffer, index), rows in zip(self._fold_targets(slots), self._quantized_rows(fold), strict=True):
+        targets = list(zip(self._fold_targets(slots), self._quantized_rows(fold), strict=True))
+        for (buffer, index), rows in targets + self._thinned_lag(fold):
             if compiling:
                 masked_index_copy(buffer, 2, index, rows, folds)
             else:
                 buffer.index_copy_(2, index, rows)
+
+    def _thinned_lag(self, fold: torch.Tensor) -> list[tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """What the eager layer's `_thin_oldest` does when it folds: the ``fold_lag`` positions from ``fold`` on (the
+        tokens the schedule thins, short of a block) with their pruned key (and value) channels zeroed in the ring.
+        As ``((ring, entries), rows)``, the entries of the ``fold_block`` positions from ``fold`` on, the rows past
+        the lag unchanged."""
+        block = self.fold_block
+        offsets = torch.arange(block, device=fold.device)
+        entries = torch.remainder(fold + offsets, self.ring_keys.shape[2])
+        lag = (offsets < self.fold_lag)[:, None]
+        writes = []
+        parts = ((self.ring_keys, self.pruned_key_channels), (self.ring_values, self.pruned_value_channels))
+        for ring, pruned in parts:
+            if pruned is None or pruned.shape[-1] == 0:
+                continue
+            rows = ring.index_select(2, entries)
+            thinned = rows.scatter(-1, pruned.long()[:, :, None, :].expand(*rows.shape[:3], -1), 0)
+            writes.append(((ring, entries), torch.where(lag, thinned, rows)))
+        return writes
 
     def _fold_targets(self, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """What a fold writes, as ``(buffer, index along the tokens)``: key codes at the block's ``slots``, key scale

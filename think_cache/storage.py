@@ -25,6 +25,7 @@ Interface (all shapes ``(batch, kv_heads, ...)``, batch first):
 ``logits(q_kept, scaling)``             ``(batch, kv_heads, rows, tokens)`` float32 attention logits
 ``output(weights)``                     ``(batch, kv_heads, rows, kept_v)``: ``weights @ values``
 ``preview(keys, values)``               a new store of the same kind holding only these tokens
+``preview_exact(keys, values)``         the same in full precision (a `FullStore`)
 ``block``                               the layer folds whole multiples of this many tokens (1: any count)
 =====================================  ======================================================================
 """
@@ -73,6 +74,14 @@ class CompactStore:
         """A new store with these channels holding only ``keys``/``values`` (full width), as `append` would hold
         them: what a query sees of tokens that one-at-a-time decoding would already have folded."""
         store = self.fresh()
+        store.start(self.key_channels, self.value_channels)
+        store.append(keys, values)
+        return store
+
+    def preview_exact(self, keys: torch.Tensor, values: torch.Tensor) -> FullStore:
+        """A `FullStore` with these channels holding only ``keys``/``values`` (full width): the tokens thinned in full
+        precision, as a layer holds those the schedule thinned before their block folds (`whole_blocks`)."""
+        store = FullStore()
         store.start(self.key_channels, self.value_channels)
         store.append(keys, values)
         return store
