@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     written = []
     by_model = defaultdict(list)  # one frontier figure per model: frontier.png (SmolLM2), frontier_<model>.png
     for f in sorted(RESULTS.glob("eval_cpu*.json")):
-        by_model[model_of(json.loads(f.read_text()))].append(f)
+        result = json.loads(f.read_text())
+        if "rows" in result:  # a sweep file holds several runs (and its script) instead: not a frontier
+            by_model[model_of(result)].append(f)
     for model, files in sorted(by_model.items()):
         name = "frontier.png" if model == "smollm2" else f"frontier_{model}.png"
         frontier(files, RESULTS / name, model)

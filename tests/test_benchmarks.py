@@ -266,6 +266,8 @@ def test_frontier_per_model(tmp_path, monkeypatch):
     (tmp_path / "eval_cpu_gemma3_4k.json").write_text(json.dumps(gemma))
     (tmp_path / "eval_cpu_gemma3_baseline.json").write_text(json.dumps({**gemma, "rows": gemma["rows"][:1]}))
     (tmp_path / "eval_cpu_a.json").write_text(json.dumps({"rows": gemma["rows"]}))  # older files: SmolLM2
+    sweep = {"description": "", "script": "", "runs": {"a": {"rows": gemma["rows"]}}}  # several runs: no frontier
+    (tmp_path / "eval_cpu_2k_int2_sweep.json").write_text(json.dumps(sweep))
     monkeypatch.setattr(plots, "RESULTS", tmp_path)
     figures = []
     monkeypatch.setattr(plots.plt, "close", figures.append)

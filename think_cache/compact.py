@@ -238,8 +238,8 @@ def compact_probs(
     """The attention weights of `compact_attention`: one float32 softmax over the compact part (``store``, None for
     none) then the recent part, ``(batch, kv_heads, group, q_len, n_compact + n_recent)``; ``view(batch, q_heads,
     q_len, -1)`` gives them per query head. ``thinned`` (`thinned_views`): how the rows that see some of the
-    oldest recent tokens thinned see them; ``restored``: compact tokens
-    some rows see at full width (`Restored`). Else as in `compact_attention`."""
+    oldest recent tokens thinned see them; ``restored``: thinned tokens some rows see at full width (`Restored`).
+    Else as in `compact_attention`."""
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads = keys.shape[1]
     n_compact = 0 if store is None else store.tokens

@@ -100,7 +100,9 @@ DEFAULT_BLOCK = 32
 #: fold quantizes whole blocks). Four levels per channel over 32 tokens leave too little of a key's shape: on
 #: SmolLM2 (2k pass key, 48 prompts, ThinK 0.4, 2-bit keys and values) 32-token key blocks found 33 pass keys,
 #: 16-token blocks 38 (full-precision keys with 2-bit values: 44). A scale and a zero point per 16 tokens cost, in
-#: bfloat16, 2 bits per key element, as much as its code; at 4 and 8 bits 32-token blocks, half that, suffice.
+#: bfloat16, 2 bits per key element, as much as its code; at 4 and 8 bits 32-token blocks, half that, suffice. (At
+#: 4 bits, 16-token key blocks paid for by 64-channel value groups, the same bytes, lost more: 2k pass key 43 of 48
+#: instead of 48, key-value 11 instead of 9; `eval_cpu_2k_int4_kv_sweep.json`.)
 KEY_BLOCKS = {2: 16, 4: DEFAULT_BLOCK, 8: DEFAULT_BLOCK}
 assert all(DEFAULT_BLOCK % b == 0 for b in KEY_BLOCKS.values()), "a fold must quantize whole key blocks"
 #: Value channels per scale / zero point (KIVI's default); the last group takes the remainder.
