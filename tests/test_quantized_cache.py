@@ -579,3 +579,46 @@ def test_a_later_prompt_sees_a_question_waiting_thinned_whole():
     _, full_precision = second_turn(None)
     # 3e-4 apart; with the question seen thinned by the later prompt's rows, 1.1e-3
     torch.testing.assert_close(logits, full_precision, atol=6e-4, rtol=0)
+
+
+def _thinned_until(cache):
+    return [layer.full_from + getattr(layer, "thinned_full", 0) for layer in cache.layers]
+
+
+def test_a_short_later_turn_stays_whole():
+    """The tokens a quantized layer holds thinned (compact, or thinned in place) are those a full-precision layer
+    holds compact, after the prompt and after a later turn shorter than `window` (whose last `window` tokens wait
+    whole). Regression: that turn's fold point lies behind the oldest full-width token, which gave `_fold` a
+    negative count, and the whole full-width part, the new question included, was thinned."""
+    model = make_model("llama")
+    caches = [ThinKCache(key_ratio=0.5, window=32, bits=bits) for bits in (4, None)]
+    ids, _ = make_batch([100], seed=7)
+    outs = [generate(model, ids, torch.ones_like(ids), cache, 8) for cache in caches]
+    assert _thinned_until(caches[0]) == _thinned_until(caches[1]) == [100, 100]
+    sequence = torch.cat([outs[1].sequences, torch.randint(3, 200, (1, 10))], dim=-1)
+    for cache in caches:
+        generate(model, sequence, torch.ones_like(sequence), cache, 6)
+    assert _thinned_until(caches[0]) == _thinned_until(caches[1])
+    assert caches[0].layers[0].keys[:, :, -16:-6].abs().amin() > 0  # the turn, whole
+
+
+def test_a_sliding_window_past_the_fold_point_thins_nothing_more():
+    """A sliding window of 16 drops tokens past the fold point while decoding: no token at or after it is thinned
+    (the same negative count thinned one more token a step)."""
+    model = make_model("phi3")
+    cache = ThinKCache(key_ratio=0.5, window=32, bits=4)
+    ids, _ = make_batch([70], seed=7)
+    generate(model, ids, torch.ones_like(ids), cache, 25)  # the fold point stays at 70 until position 102
+    for layer in cache.layers:
+        assert layer.full_from > layer.fold_point(layer.seen_tokens - 1) and layer.thinned_full == 0
+
+
+def test_crop_refuses_tokens_thinned_in_place():
+    model = make_model("llama")
+    cache = ThinKCache(key_ratio=0.5, window=8, bits=4)
+    ids, _ = make_batch([70], seed=8)
+    generate(model, ids, torch.ones_like(ids), cache, 4)
+    layer = cache.layers[0]
+    assert layer.thinned_full == 6 and layer.keys.shape[-2] == 6 + 3  # the prompt's 6 short of a block, 3 generated
+    with pytest.raises(ValueError, match="cannot crop 4 tokens: only the newest 3 tokens are stored at full width"):
+        cache.crop(-4)

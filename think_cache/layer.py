@@ -314,8 +314,8 @@ class ThinKLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the newest ``-tokens_to_remove`` tokens (a non-positive count, as in transformers 5.x).
 
-        Exact for the tokens still at full width, which always include the newest forward's: pruned channels and
-        evicted tokens cannot be restored.
+        Exact for the tokens still whole at full width, which always include the newest forward's: pruned channels
+        (also those of the tokens thinned in place, `_thin_oldest`) and evicted tokens cannot be restored.
         """
         count = -tokens_to_remove
         if count <= 0 or not self.is_initialized:
@@ -326,9 +326,10 @@ class ThinKLayer(CacheLayerMixin):
                 "step, and evicted tokens cannot be restored, so assisted decoding and other rollbacks would not "
                 "be exact. Use no policy or SnapKV for assisted decoding."
             )
-        if count > self.keys.shape[-2]:
+        whole = self.keys.shape[-2] - self.thinned_full  # the oldest full-width tokens may be thinned in place
+        if count > whole:
             raise ValueError(
-                f"ThinKCache cannot crop {count} tokens: only the newest {self.keys.shape[-2]} tokens are stored at "
+                f"ThinKCache cannot crop {count} tokens: only the newest {whole} tokens are stored at "
                 f"full width and older ones were pruned to {self.key_channels.shape[-1]} of {self.head_dim} key "
                 "channels. Crop at most the tokens of the newest forward."
             )
@@ -340,7 +341,6 @@ class ThinKLayer(CacheLayerMixin):
             keep = max(self.window_queries.shape[3] - count, 0)
             self.window_queries = self.window_queries[:, :, :, :keep].clone()
         self.seen_tokens -= count
-        self.thinned_full = min(self.thinned_full, self.keys.shape[-2])
         self.forward_tokens = max(self.forward_tokens - count, 0)
         self._retain_spare([p < self.seen_tokens for p in self.spare_positions])  # forget questions cut off
 
@@ -745,7 +745,7 @@ class ThinKLayer(CacheLayerMixin):
     def _fold(self, n: int) -> None:
         """Move the oldest ``n`` full-width tokens into the compact part: whole blocks of the store's, the rest of
         the ``n`` thinned where they are (`_thin_oldest`)."""
-        due = min(n, self.keys.shape[-2])
+        due = max(min(n, self.keys.shape[-2]), 0)  # negative when a later prompt holds tokens before its fold point
         n = self.store.whole_blocks(due)
         if n > 0:
             self.store.append(self.keys[:, :, :n], self.values[:, :, :n])
