@@ -123,9 +123,11 @@ def test_8_bit_storage_is_nearly_lossless_on_the_real_model(smollm2):
 
     full, _ = logits("think-0.4")
     int8, cache = logits("think-0.4+int8")
-    assert (int8 - full).abs().max() < 0.25 and kl(full, int8) < 1e-3
+    # measured 0.10 and 1.06e-3 (CI of 04e5cef): both now thin the prompt's last partial block
+    assert (int8 - full).abs().max() < 0.25 and kl(full, int8) < 2e-3
     dense, _ = logits("dynamic")
     assert (full - dense).abs().max() > 0.5  # the pruning is what moves the logits
+    assert kl(dense, full) > 10 * kl(full, int8)
 
     alone, cache = logits("int8")
     assert all(layer.compact_tokens >= 2048 and layer.store.bits == 8 for layer in cache.layers)
