@@ -210,7 +210,7 @@ def thinned_views(
         return None
     device = keys.device
     counts = torch.tensor(thinned_rows, device=device).repeat(group)[:, None]
-    whole = counts - counts % store.block
+    whole = store.whole_blocks(counts)
     n_thin = max(thinned_rows)
     n_stored = store.whole_blocks(n_thin)
     columns = torch.arange(n_thin, device=device)[None, :]

@@ -476,7 +476,7 @@ class ThinKLayer(CacheLayerMixin):
             in_place = torch.arange(self.full_from, self.full_from + self.thinned_full, device=device)
             held = torch.cat([self.compact_positions, in_place.to(torch.int32).expand(batch, kv_heads, -1)], -1)
             wanted = positions.to(held.dtype).expand(batch, kv_heads, n).contiguous()
-            columns = torch.searchsorted(held.contiguous(), wanted)
+            columns = torch.searchsorted(held, wanted)
             present = (columns < n_thinned) & (held.gather(-1, columns.clamp(max=n_thinned - 1)) == wanted)
         rows = (torch.arange(q_len, device=device) < n_rows).repeat(group)
         return Restored(
@@ -589,7 +589,6 @@ class ThinKLayer(CacheLayerMixin):
         # clone: a slice would keep the whole old buffer alive
         self.keys = torch.cat([keys[:, :, n:], after_k], dim=-2)
         self.values = torch.cat([values[:, :, n:], after_v], dim=-2)
-        self.thinned_full = 0
         self._thin_oldest(due - n)
         self._trim(end)  # what a sliding window hides from every query after the prompt
 

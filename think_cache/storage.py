@@ -73,21 +73,22 @@ class CompactStore:
     def preview(self, keys: torch.Tensor, values: torch.Tensor) -> CompactStore:
         """A new store with these channels holding only ``keys``/``values`` (full width), as `append` would hold
         them: what a query sees of tokens that one-at-a-time decoding would already have folded."""
-        store = self.fresh()
-        store.start(self.key_channels, self.value_channels)
-        store.append(keys, values)
-        return store
+        return self._holding(self.fresh(), keys, values)
 
     def preview_exact(self, keys: torch.Tensor, values: torch.Tensor) -> FullStore:
         """A `FullStore` with these channels holding only ``keys``/``values`` (full width): the tokens thinned in full
         precision, as a layer holds those the schedule thinned before their block folds (`whole_blocks`)."""
-        store = FullStore()
+        return self._holding(FullStore(), keys, values)
+
+    def _holding(self, store: CompactStore, keys: torch.Tensor, values: torch.Tensor) -> CompactStore:
+        """``store``, empty, given these channels and then ``keys``/``values``."""
         store.start(self.key_channels, self.value_channels)
         store.append(keys, values)
         return store
 
     def whole_blocks(self, n: int) -> int:
-        """The largest multiple of `block` not above ``n``: how many of ``n`` tokens may be appended by a fold."""
+        """The largest multiple of `block` not above ``n``: how many of ``n`` tokens may be appended by a fold
+        (elementwise for a tensor of counts)."""
         return n - n % self.block
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
