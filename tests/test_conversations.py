@@ -32,14 +32,15 @@ def _repetitive_prompt(n: int, seed: int = 0) -> torch.Tensor:
     [
         dict(key_ratio=0.5),
         dict(key_ratio=0.5, value_ratio=0.25),
-        dict(key_ratio=0.5, policy=SnapKV(budget=24, window=8)),
-        dict(key_ratio=0.5, policy=H2O(budget=24, recent=4)),
-        dict(key_ratio=0.5, policy=StreamingLLM(sink=2, recent=22)),
+        dict(key_ratio=0.5, policy=SnapKV(budget=30, window=8)),
+        dict(key_ratio=0.5, policy=H2O(budget=30, recent=4)),
+        dict(key_ratio=0.5, policy=StreamingLLM(sink=2, recent=28)),
     ],
     ids=["think", "think+values", "snapkv", "h2o", "streaming"],
 )
 def test_chunked_prefill_equals_one_prefill(arch, chunk, settings):
-    """Channels (and SnapKV's tokens) are chosen at the prompt's real end, not on the first chunk."""
+    """Channels (and SnapKV's tokens) are chosen at the prompt's real end, not on the first chunk. (With a policy:
+    for a prompt within CHUNKED_PROMPT_HOLD times the budget, 60 tokens here; a longer one is bounded, below.)"""
     model = make_model(arch)
     ids, mask = make_batch([60], seed=3)
     whole = ThinKCache(**settings)
@@ -66,6 +67,73 @@ def test_chunked_prefill_keeps_snapkv_budget():
             prompt_tokens = (layer.compact_positions < 200).sum(-1)
             assert int(prompt_tokens.max()) <= 32, chunk
             assert layer.stored_tokens <= 32 + 3, chunk
+
+
+def _held_after_each_update(monkeypatch) -> dict[int, list[tuple[int, int, int]]]:
+    """Per layer (by id), right after each `update`: its full-width tokens, its tokens waiting as codes, and the
+    bytes of those codes (with their scales and zero points)."""
+    from think_cache.layer import ThinKLayer
+
+    held: dict[int, list[int]] = {}
+    update = ThinKLayer.update
+
+    def counted(self, *args, **kwargs):
+        out = update(self, *args, **kwargs)
+        held.setdefault(id(self), []).append(
+            (
+                self.keys.shape[-2],
+                self.waiting_tokens,
+                sum(t.nbytes for t in self.waiting.tensors()) if self.waiting else 0,
+            )
+        )
+        return out
+
+    monkeypatch.setattr(ThinKLayer, "update", counted)
+    return held
+
+
+@pytest.mark.parametrize(
+    "policy", [SnapKV(budget=32, window=8), H2O(budget=32, recent=4), StreamingLLM(sink=2, recent=30)]
+)
+@pytest.mark.parametrize("chunk", [16, 50])
+def test_a_long_chunked_prompt_waits_as_codes(policy, chunk, monkeypatch):
+    """Regression: under a budget, a prompt fed in chunks waited whole at full width until its end (SnapKV(512) on
+    SmolLM2 at 2k: 113 MiB peak in generate with chunks of 32, 80 MiB in one prefill). Past CHUNKED_PROMPT_HOLD
+    times the budget its earlier chunks wait as 8-bit codes; the answer stays that of one prefill."""
+    from think_cache.layer import CHUNKED_PROMPT_HOLD
+
+    model = make_model("llama")
+    ids, mask = make_batch([200, 170], seed=4)  # left padding too
+    whole = generate(model, ids, mask, ThinKCache(key_ratio=0.5, policy=policy), 8)
+    cache = ThinKCache(key_ratio=0.5, policy=policy)
+    held = _held_after_each_update(monkeypatch)
+    chunked = generate(model, ids, mask, cache, 8, prefill_chunk_size=chunk)
+    hold = CHUNKED_PROMPT_HOLD * 32
+    n_chunks = -(-200 // chunk)
+    assert len(held) == len(cache.layers)
+    for during in held.values():
+        full, waiting, nbytes = zip(*during[:n_chunks], strict=True)
+        assert max(full) <= hold + chunk  # at full width: at most the hold and the chunk arriving
+        assert waiting[-1] >= 200 - hold - chunk  # the rest as codes
+        dense = 2 * 2 * 2 * 16 * 4 * waiting[-1]  # k and v, 2 rows, 2 KV heads of 16 float32 channels
+        assert nbytes[-1] <= 0.375 * dense  # 8-bit codes, a float32 scale and zero point per 16 channels
+    for layer in cache.layers:  # the policy's budget after the prompt, per head
+        assert layer.waiting is None and int((layer.compact_positions < 200).sum(-1).max()) <= 32
+    assert torch.equal(whole.sequences, chunked.sequences)
+    for x, y in zip(whole.logits, chunked.logits, strict=True):
+        torch.testing.assert_close(x, y, atol=0.05, rtol=0)
+
+
+def test_a_long_chunked_prompt_keeps_the_tokens_streaming_keeps():
+    """Position-based choices do not depend on the codes: StreamingLLM keeps the same tokens as in one prefill."""
+    model = make_model("llama")
+    ids, mask = make_batch([120], seed=6)
+    caches = [ThinKCache(key_ratio=0.5, policy=StreamingLLM(sink=4, recent=20)) for _ in range(2)]
+    generate(model, ids, mask, caches[0], 2)
+    generate(model, ids, mask, caches[1], 2, prefill_chunk_size=10)
+    for whole, chunked in zip(caches[0].layers, caches[1].layers, strict=True):
+        assert torch.equal(whole.compact_positions, chunked.compact_positions)
+        assert chunked.compact_positions[0, 0, :4].tolist() == [0, 1, 2, 3]
 
 
 def test_prompt_tokens_attend_each_other_at_full_width():

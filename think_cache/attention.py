@@ -161,9 +161,11 @@ def think_attention(
             weights = None
         else:
             out, weights = _full_attention(module, query, key, value, mask, 0.0, scaling, wants_attention, kwargs)
-        layer.observe(query, mask, scale, token_weights=token_weights, softcap=softcap)
+        layer.observe(query, mask, scale, token_weights=token_weights, softcap=softcap, keys=key)
         if layer.prompt_end == layer.seen_tokens:  # the prompt ends with this forward
             layer.compact()
+        else:
+            layer.wait_coded()  # a chunk of a longer prompt
         return out, weights
 
     # the prompt ends after `rows` of this forward's queries
@@ -175,7 +177,7 @@ def think_attention(
     out_head, w_head = _full_attention(
         module, head, key[:, :, :cols], value[:, :, :cols], head_mask, 0.0, scaling, wants_attention, kwargs
     )
-    layer.observe(head, head_mask, scale, upto=layer.prompt_end, softcap=softcap)
+    layer.observe(head, head_mask, scale, upto=layer.prompt_end, softcap=softcap, keys=key)
     layer.compact(layer.prompt_end)
     tail_mask = None if attention_mask is None else attention_mask[:, :, rows:]
     out_tail, w_tail = _attend_compacted(layer, query[:, :, rows:], tail_mask, scale, wants_attention, softcap)

@@ -25,6 +25,7 @@ __all__ = [
     "key_padding",
     "causal_mask",
     "gather_channels",
+    "kept_channel_mask",
     "pruned_channels",
     "gather_tokens",
     "Restored",
@@ -91,10 +92,16 @@ def gather_channels(x: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, -1, index)
 
 
-def pruned_channels(kept: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """The channels not in ``kept`` ``(batch, kv_heads, n_kept)``, ascending: ``(batch, kv_heads, head_dim - n)``."""
+def kept_channel_mask(kept: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``(batch, kv_heads, head_dim)`` bool, True at the channels ``kept`` ``(batch, kv_heads, n_kept)``."""
     keep = torch.zeros(*kept.shape[:-1], head_dim, dtype=torch.bool, device=kept.device)
-    keep.scatter_(-1, kept.long(), True)
+    return keep.scatter_(-1, kept.long(), True)
+
+
+def pruned_channels(kept: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The channels not in ``kept`` ``(batch, kv_heads, n_kept)``, ascending: ``(batch, kv_heads, head_dim - n)``
+    (boolean indexing: a device sync on CUDA; `kept_channel_mask` has none)."""
+    keep = kept_channel_mask(kept, head_dim)
     channels = torch.arange(head_dim, device=kept.device, dtype=kept.dtype).expand_as(keep)
     return channels[~keep].view(*kept.shape[:-1], head_dim - kept.shape[-1])
 

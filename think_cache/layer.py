@@ -64,6 +64,7 @@ from .compact import (
     causal_mask,
     gather_channels,
     gather_tokens,
+    kept_channel_mask,
     key_padding,
     pruned_channels,
 )
@@ -75,7 +76,7 @@ from .scoring import (
     select_channels,
     value_channel_scores,
 )
-from .storage import CompactStore, FullStore
+from .storage import CompactStore, FullStore, WaitingPrompt
 
 __all__ = [
     "ThinKLayer",
@@ -103,6 +104,11 @@ _ROW_TENSORS = (
 #: DynamicCache copies its whole cache every step). Between forwards the full-width part holds between ``recent``
 #: and ``recent + FOLD_BLOCK - 1`` generated tokens.
 FOLD_BLOCK = 32
+
+#: A prompt fed in chunks (``generate(..., prefill_chunk_size=C)``) under a policy with a budget waits at full width
+#: while it holds at most this many times the budget; past that, its earlier chunks wait as 8-bit codes
+#: (`ThinKLayer.wait_coded`), so that chunking takes less memory than one prefill, not more.
+CHUNKED_PROMPT_HOLD = 2
 
 #: A layer keeps the pruned key channels of the last ``window`` tokens of this many prompts, the newest ones
 #: (`ThinKLayer.restored`): a chat's later turns see the recent questions whole, and a long agent loop stays bounded.
@@ -159,6 +165,8 @@ class ThinKLayer(CacheLayerMixin):
     is_sliding = False
     #: Whether the layer keeps the pruned channels of each prompt's question aside for later prompts (`restored`).
     keeps_spare = True
+    #: Whether a long prompt fed in chunks under a budget waits as 8-bit codes (`wait_coded`).
+    codes_chunked_prompt = True
 
     def __init__(
         self,
@@ -207,6 +215,7 @@ class ThinKLayer(CacheLayerMixin):
         self.spare_positions: list[int] = []  # logical positions of the tokens in `spare_keys`
         self.folded = False  # tokens were folded since the policy last evicted
         self.thinned_full = 0  # the oldest full-width tokens seen thinned in place (`_thin_oldest`)
+        self.waiting: WaitingPrompt | None = None  # a chunked prompt's earlier chunks, before compaction
         self.is_initialized = False
 
     @property
@@ -244,13 +253,17 @@ class ThinKLayer(CacheLayerMixin):
         return self.store.tokens
 
     @property
+    def waiting_tokens(self) -> int:
+        return 0 if self.waiting is None else self.waiting.tokens
+
+    @property
     def stored_tokens(self) -> int:
-        return self.compact_tokens + (0 if self.keys is None else self.keys.shape[-2])
+        return self.compact_tokens + self.waiting_tokens + (0 if self.keys is None else self.keys.shape[-2])
 
     @property
     def full_from(self) -> int:
-        """Logical position of the oldest full-width token."""
-        return self.seen_tokens - self.keys.shape[-2]
+        """Logical position of the oldest full-width token (or of the oldest token waiting as codes)."""
+        return self.seen_tokens - self.keys.shape[-2] - self.waiting_tokens
 
     def tensors(self) -> Iterator[torch.Tensor]:
         """Every tensor the layer holds, its store's included."""
@@ -259,6 +272,8 @@ class ThinKLayer(CacheLayerMixin):
             if t is not None:
                 yield t
         yield from self.store.tensors()
+        if self.waiting is not None:
+            yield from self.waiting.tensors()
 
     def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for name in _ROW_TENSORS:
@@ -266,6 +281,8 @@ class ThinKLayer(CacheLayerMixin):
             if t is not None:
                 setattr(self, name, fn(t))
         self.store.map(fn)
+        if self.waiting is not None:
+            self.waiting.map(fn)
 
     # ---------------------------------------------------------------------------------------- cache API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
@@ -283,6 +300,7 @@ class ThinKLayer(CacheLayerMixin):
         """Do what the schedule says is due before this forward, then append its tokens at full width.
 
         Returns the full-width part's keys and values: the ThinK attention reads the compact part from the layer.
+        Before compaction, the tokens of a chunked prompt waiting as codes come first, dequantized (`wait_coded`).
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -295,6 +313,9 @@ class ThinKLayer(CacheLayerMixin):
         if self.token_scores is not None:
             new = self.token_scores.new_zeros(*key_states.shape[:3])
             self.token_scores = torch.cat([self.token_scores, new], dim=-1)
+        if self.waiting is not None:
+            keys, values = self.waiting.dequantized(self.dtype)
+            return torch.cat([keys, self.keys], dim=-2), torch.cat([values, self.values], dim=-2)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -408,6 +429,41 @@ class ThinKLayer(CacheLayerMixin):
     def _trim(self, t0: int) -> None:
         """Drop tokens that no query from ``t0`` on can see (sliding-window layers)."""
 
+    def wait_coded(self) -> None:
+        """Called by the ThinK attention after a prompt forward's attention, while the prompt goes on after it (a
+        chunk; ``generate`` tells the layer where the prompt ends). Under a policy with a budget, once the layer
+        holds more than `CHUNKED_PROMPT_HOLD` times the budget, its full-width tokens join the earlier chunks
+        waiting as 8-bit codes (`storage.WaitingPrompt`): only the chunk in flight is at full width, in the layer
+        it is in.
+
+        Why: in one prefill the policy keeps its budget as soon as each layer has seen the prompt; fed in chunks, it
+        can choose only at the prompt's end, from every token. Held whole at full width until then, the prompt made
+        chunking cost memory instead of saving it (SnapKV(512) on SmolLM2 at 2k: 113 MiB peak in ``generate`` with
+        chunks of 32, 80 MiB in one prefill). The later chunks attend to the codes dequantized, and the end of the
+        prompt chooses from them (`compact`): close to one prefill (8 bits a number), not equal to it, once the
+        codes start; a prompt within the hold gives exactly what one prefill gives."""
+        policy = self.policy
+        if not self.codes_chunked_prompt or policy is None or policy.budget is None or not self.prunes:
+            return
+        if self.prompt_end is None or self.seen_tokens >= self.prompt_end:
+            return
+        if self.stored_tokens <= CHUNKED_PROMPT_HOLD * policy.budget or self.keys.shape[-2] == 0:
+            return
+        if self.waiting is None:
+            self.waiting = WaitingPrompt()
+        self.waiting.append(self.keys, self.values)
+        self.keys = self.keys[:, :, :0].clone()  # clone: a slice would keep the whole old buffer alive
+        self.values = self.values[:, :, :0].clone()
+
+    def _restore_waiting(self) -> None:
+        """Put the tokens waiting as codes back before the full-width ones, dequantized (the end of the prompt)."""
+        if self.waiting is None:
+            return
+        keys, values = self.waiting.dequantized(self.dtype)
+        self.keys = torch.cat([keys, self.keys], dim=-2)
+        self.values = torch.cat([values, self.values], dim=-2)
+        self.waiting = None
+
     def thinned_rows(self, q_len: int) -> list[int] | None:
         """For the current forward's query rows: how many of the oldest full-width tokens each row must see thinned
         (the view it would have had decoding one token at a time, `think_cache.compact.thinned_views`), 0 for a
@@ -501,6 +557,7 @@ class ThinKLayer(CacheLayerMixin):
         upto: int | None = None,
         token_weights: torch.Tensor | None = None,
         softcap: float | None = None,
+        keys: torch.Tensor | None = None,
     ) -> None:
         """Remember what the end of the prompt will need from an uncompacted forward.
 
@@ -510,20 +567,22 @@ class ThinKLayer(CacheLayerMixin):
         products into its attention logits. Keeps the last ``query_rows`` queries (padded rows zeroed) and, for a
         policy that accumulates attention (H2O), adds each stored token's attention weight: ``token_weights`` when
         the attention already summed them (`policies.attention_and_token_weights`), else
-        `policies.window_attention` computes them.
+        `policies.window_attention` computes them over ``keys``, the stored keys `update` returned (default: the
+        full-width part).
         """
         if not self.prunes:
             return
         batch, q_heads, rows, head_dim = query.shape
-        kv_heads = self.keys.shape[1]
-        stored = self.keys.shape[-2] if upto is None else upto - self.full_from
+        keys = self.keys if keys is None else keys
+        kv_heads = keys.shape[1]
+        stored = keys.shape[-2] - (0 if upto is None else self.seen_tokens - upto)
         real_keys = key_padding(mask, batch, stored, query.device)
         real_rows = real_keys[:, stored - rows :]  # query i is stored token stored - rows + i
         if self.accumulates_prompt_attention:
             if self.token_scores is None:
-                self.token_scores = query.new_zeros(batch, kv_heads, self.keys.shape[-2], dtype=torch.float32)
+                self.token_scores = query.new_zeros(batch, kv_heads, keys.shape[-2], dtype=torch.float32)
             if token_weights is None:
-                token_weights = window_attention(query, self.keys[:, :, :stored], real_keys, scaling, softcap=softcap)
+                token_weights = window_attention(query, keys[:, :, :stored], real_keys, scaling, softcap=softcap)
             self.token_scores[..., :stored] += token_weights
         w = min(self.query_rows, rows)
         q = query[:, :, rows - w :] * real_rows[:, None, rows - w :, None].to(query.dtype)
@@ -547,6 +606,7 @@ class ThinKLayer(CacheLayerMixin):
             raise RuntimeError(
                 "think_cache: a layer was asked to compact before it saw any query; this is a bug, please report it"
             )
+        self._restore_waiting()
         end = self.seen_tokens if end is None else end
         first = self.full_from
         n_prompt = end - first  # stored prompt tokens
@@ -776,9 +836,7 @@ class ThinKLayer(CacheLayerMixin):
         for part, kept in ((self.keys, self.key_channels), (self.values, self.value_channels)):
             if kept is None or kept.shape[-1] == part.shape[-1]:
                 continue
-            pruned = pruned_channels(kept, part.shape[-1]).long()
-            tokens = part[:, :, start:n]
-            tokens.scatter_(-1, pruned[:, :, None, :].expand(*tokens.shape[:3], -1), 0)
+            part[:, :, start:n] *= kept_channel_mask(kept, part.shape[-1])[:, :, None, :]
 
     def _drop_oldest(self, n: int) -> None:
         """Forget the oldest ``n`` stored tokens, compact part first (the same tokens for every head)."""
@@ -842,6 +900,7 @@ class ThinKSlidingLayer(ThinKLayer):
     # the previous turn's question soon leaves a window, which holds few tokens: keeping it aside would cost a
     # sliding layer a large share of its bytes for little
     keeps_spare = False
+    codes_chunked_prompt = False  # `_trim` drops full-width tokens; the window bounds what it holds anyway
 
     def __init__(self, sliding_window: int, **kwargs):
         self.sliding_window = sliding_window

@@ -28,6 +28,9 @@ Interface (all shapes ``(batch, kv_heads, ...)``, batch first):
 ``preview_exact(keys, values)``         the same in full precision (a `FullStore`)
 ``block``                               the layer folds whole multiples of this many tokens (1: any count)
 =====================================  ======================================================================
+
+`WaitingPrompt` is not a compact part: it holds the earlier chunks of a prompt fed in chunks, every channel, as
+8-bit codes, until the prompt ends and the layer chooses its tokens and channels (`ThinKLayer.wait_coded`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import torch
 from . import quant
 from .compact import gather_channels, gather_tokens
 
-__all__ = ["CompactStore", "FullStore", "QuantizedStore"]
+__all__ = ["CompactStore", "FullStore", "QuantizedStore", "WaitingPrompt"]
 
 
 class CompactStore:
@@ -280,3 +283,46 @@ class QuantizedStore(CompactStore):
 
     def output(self, weights: torch.Tensor) -> torch.Tensor:
         return quant.quantized_attention_output(weights, self.values).to(self.values.dtype)
+
+
+class WaitingPrompt:
+    """The earlier chunks of a prompt that arrives in chunks, waiting for its end as 8-bit codes of every channel.
+
+    A policy with a budget chooses a prompt's tokens only at its end, from every token; held at full width until
+    then, a long prompt fed in chunks would take more memory than in one prefill, which stores only what the
+    policy keeps. Here each token's keys and values are codes per token in groups of `GROUP` channels (8 bits: a
+    quarter of float32's bytes, half of bfloat16's, plus a scale and zero point per group); the later chunks attend
+    to them dequantized, one layer at a time, and the end of the prompt chooses from them dequantized.
+    """
+
+    BITS = 8
+    GROUP = 32
+
+    def __init__(self) -> None:
+        self.keys: quant.QuantValues | None = None
+        self.values: quant.QuantValues | None = None
+
+    @property
+    def tokens(self) -> int:
+        return 0 if self.keys is None else self.keys.tokens
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Quantize full-width ``keys``/``values`` ``(batch, kv_heads, n, dim)`` after the tokens held."""
+        k = quant.quantize_values(keys, self.BITS, self.GROUP)
+        v = quant.quantize_values(values, self.BITS, self.GROUP)
+        if self.keys is not None:
+            k, v = quant.cat_values(self.keys, k), quant.cat_values(self.values, v)
+        self.keys, self.values = k, v
+
+    def dequantized(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens held, ``(batch, kv_heads, tokens, dim)`` keys and values in ``dtype``."""
+        return quant.dequantize_values(self.keys, dtype), quant.dequantize_values(self.values, dtype)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.keys is not None:
+            self.keys, self.values = self.keys.map(fn), self.values.map(fn)
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        for part in (self.keys, self.values):
+            if part is not None:
+                yield from part.tensors()
