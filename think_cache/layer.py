@@ -349,10 +349,14 @@ class ThinKLayer(CacheLayerMixin):
             )
         whole = self.keys.shape[-2] - self.thinned_full  # the oldest full-width tokens may be thinned in place
         if count > whole:
+            older = (
+                f"older ones were pruned to {self.key_channels.shape[-1]} of {self.head_dim} key channels"
+                if self.is_compacted
+                else "older ones of this prompt wait as 8-bit codes for its end"
+            )
             raise ValueError(
-                f"ThinKCache cannot crop {count} tokens: only the newest {whole} tokens are stored at "
-                f"full width and older ones were pruned to {self.key_channels.shape[-1]} of {self.head_dim} key "
-                "channels. Crop at most the tokens of the newest forward."
+                f"ThinKCache cannot crop {count} tokens: only the newest {whole} tokens are stored at full width "
+                f"and {older}. Crop at most the tokens of the newest forward."
             )
         self.keys = self.keys[:, :, :-count].clone()
         self.values = self.values[:, :, :-count].clone()
@@ -413,7 +417,7 @@ class ThinKLayer(CacheLayerMixin):
         end = self._ended_prompt(t0, n)
         if not self.is_compacted:
             self._trim(t0)
-            if end is not None and self.prunes and self.keys.shape[-2] > 0:
+            if end is not None and self.prunes and self.keys.shape[-2] + self.waiting_tokens > 0:
                 self.compact(end)
         elif end is not None and end > self.origin:
             self.origin = end  # a new prompt (a chat's next turn) restarts the schedule at its end
@@ -836,7 +840,7 @@ class ThinKLayer(CacheLayerMixin):
         for part, kept in ((self.keys, self.key_channels), (self.values, self.value_channels)):
             if kept is None or kept.shape[-1] == part.shape[-1]:
                 continue
-            part[:, :, start:n] *= kept_channel_mask(kept, part.shape[-1])[:, :, None, :]
+            part[:, :, start:n].masked_fill_(~kept_channel_mask(kept, part.shape[-1])[:, :, None, :], 0)
 
     def _drop_oldest(self, n: int) -> None:
         """Forget the oldest ``n`` stored tokens, compact part first (the same tokens for every head)."""

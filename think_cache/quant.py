@@ -547,6 +547,10 @@ def dequantize_values(qv: QuantValues, dtype: torch.dtype | None = None) -> torc
     Materialises the whole tensor: for tests, references and bounded-chunk paths, not for attention.
     """
     codes = unpack_codes(qv.codes, qv.bits, qv.channels).float()
+    if qv.channels % qv.group_size == 0:  # scales broadcast over each group: no per-channel copies of them
+        grouped = codes.reshape(*codes.shape[:-1], qv.n_groups, qv.group_size)
+        out = torch.addcmul(qv.zero.float()[..., None], grouped, qv.scale.float()[..., None])
+        return out.flatten(-2).to(dtype or qv.dtype)
     group = _group_of_channel(qv.channels, qv.group_size, qv.device)
     scale = qv.scale.float()[..., group]
     zero = qv.zero.float()[..., group]
