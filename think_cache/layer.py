@@ -313,10 +313,7 @@ class ThinKLayer(CacheLayerMixin):
         if self.token_scores is not None:
             new = self.token_scores.new_zeros(*key_states.shape[:3])
             self.token_scores = torch.cat([self.token_scores, new], dim=-1)
-        if self.waiting is not None:
-            keys, values = self.waiting.dequantized(self.dtype)
-            return torch.cat([keys, self.keys], dim=-2), torch.cat([values, self.values], dim=-2)
-        return self.keys, self.values
+        return self._with_waiting()
 
     def get_seq_length(self) -> int:
         """Tokens seen (the logical length), which is what position ids and masks are built from."""
@@ -459,13 +456,17 @@ class ThinKLayer(CacheLayerMixin):
         self.keys = self.keys[:, :, :0].clone()  # clone: a slice would keep the whole old buffer alive
         self.values = self.values[:, :, :0].clone()
 
+    def _with_waiting(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the tokens waiting as codes, dequantized, then of the full-width ones (just the
+        full-width ones when none wait)."""
+        if self.waiting is None:
+            return self.keys, self.values
+        keys, values = self.waiting.dequantized(self.dtype)
+        return torch.cat([keys, self.keys], dim=-2), torch.cat([values, self.values], dim=-2)
+
     def _restore_waiting(self) -> None:
         """Put the tokens waiting as codes back before the full-width ones, dequantized (the end of the prompt)."""
-        if self.waiting is None:
-            return
-        keys, values = self.waiting.dequantized(self.dtype)
-        self.keys = torch.cat([keys, self.keys], dim=-2)
-        self.values = torch.cat([values, self.values], dim=-2)
+        self.keys, self.values = self._with_waiting()
         self.waiting = None
 
     def thinned_rows(self, q_len: int) -> list[int] | None:
