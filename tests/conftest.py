@@ -279,18 +279,13 @@ def _attention_modules(model):
 
 # ------------------------------------------------------------------------------- quantized storage reference
 def fake_quant(
-    x: torch.Tensor,
-    bits: int,
-    dtype: torch.dtype,
-    valid: torch.Tensor | None = None,
-    keys: bool = False,
-    grid: bool = False,
-):
+    x: torch.Tensor, bits: int, dtype: torch.dtype, valid: torch.Tensor | None = None, keys: bool = False
+) -> torch.Tensor:
     """The reference quantizer: quantize then dequantize float32 ``x`` over its last axis, written apart from
     think_cache.quant. Each group's range is its min/max (over ``valid`` elements only when given) narrowed about its
     middle by each fraction of ``quant.CLIP_RATIOS[bits]`` (``KEY_CLIP_RATIOS`` for ``keys``) in turn, scale and
     zero point rounded to ``dtype`` as stored; the range with the least squared error (over valid elements; the
-    first on a tie) is kept. With ``grid``: ``(dequantized, scale, zero)``, scale and zero ``(..., 1)``."""
+    first on a tie) is kept."""
     from think_cache import quant
 
     qmax = 2**bits - 1
@@ -300,7 +295,7 @@ def fake_quant(
         lo = torch.where(valid, x, torch.inf).amin(-1, keepdim=True)
         hi = torch.where(valid, x, -torch.inf).amax(-1, keepdim=True)
         lo, hi = torch.nan_to_num(lo, posinf=0.0), torch.nan_to_num(hi, neginf=0.0)
-    best, best_error, best_scale, best_zero = None, None, None, None
+    best, best_error = None, None
     for ratio in (quant.KEY_CLIP_RATIOS if keys else quant.CLIP_RATIOS)[bits]:
         margin = (1.0 - ratio) / 2 * (hi - lo)
         scale = ((hi - margin - (lo + margin)) / qmax).to(dtype).float()
@@ -310,35 +305,8 @@ def fake_quant(
         error = (approx - x).square()
         error = (error if valid is None else torch.where(valid, error, 0.0)).sum(-1, keepdim=True)
         if best is None:
-            best, best_error, best_scale, best_zero = approx, error, scale, zero
+            best, best_error = approx, error
         else:
-            better = error < best_error
-            best = torch.where(better, approx, best)
-            best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+            best = torch.where(error < best_error, approx, best)
             best_error = torch.minimum(error, best_error)
-    return (best, best_scale, best_zero) if grid else best
-
-
-def round_for_queries(
-    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, queries: torch.Tensor, bits: int
-) -> torch.Tensor:
-    """The reference of query-aware key rounding, written apart from think_cache.quant (float64, the optimal brain
-    surgeon form instead of a Cholesky factor): keys ``x (tokens, channels)`` on per-channel grids ``scale``/``zero``
-    ``(channels,)``, queries ``(rows, channels)``. Channels are rounded by the queries' energy, largest first;
-    after each, the channels left move by the least-squares correction under ``H = Q^T Q + 0.01 * mean(diag) I``
-    restricted to them: ``-error * inv(H_left)[:, 0] / inv(H_left)[0, 0]``. Returns the dequantized keys."""
-    q = queries.double()
-    h = q.T @ q
-    energy = h.diagonal().clone()
-    h = h + (0.01 * energy.mean() + torch.finfo(torch.float32).tiny ** 0.5) * torch.eye(h.shape[0], dtype=h.dtype)
-    order = energy.argsort(descending=True, stable=True).tolist()
-    work = x.double().clone()
-    codes = torch.empty_like(work)
-    s, z = scale.double(), zero.double()
-    step = torch.where(s == 0, 1.0, s)
-    for i, c in enumerate(order):
-        codes[:, c] = ((work[:, c] - z[c]) / step[c]).round().clamp(0, 2**bits - 1)
-        left = order[i:]
-        inv = torch.linalg.inv(h[left][:, left])
-        work[:, left] -= (work[:, c] - codes[:, c] * s[c] - z[c])[:, None] * (inv[:, 0] / inv[0, 0])[None, :]
-    return codes.to(x.dtype) * scale + zero
+    return best

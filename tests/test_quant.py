@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fake_quant, round_for_queries
+from conftest import fake_quant
 from torch.profiler import ProfilerActivity, profile
 
 from think_cache import quant
@@ -236,89 +236,6 @@ def test_quantize_validation():
         quant.quantize_keys(keys.long(), 4)
     with pytest.raises(ValueError, match="4 dimensions"):
         quant.quantize_keys(keys[0], 4)
-
-
-# ----------------------------------------------------------------------------------- query-aware rounding
-def _skewed(batch: int, heads: int, tokens: int, channels: int, rows: int, seed: int, draw: int = 0):
-    """Keys with channels of unequal ranges and window queries concentrated on a few directions (``draw``: another
-    sample of queries from the same distribution)."""
-    g = torch.Generator().manual_seed(seed)
-    keys = torch.randn(batch, heads, tokens, channels, generator=g) * (0.2 + 3 * torch.rand(channels, generator=g))
-    mix = torch.randn(channels, channels, generator=g) * torch.rand(channels, 1, generator=g) ** 2
-    queries = torch.randn(batch, heads, rows, channels, generator=g.manual_seed(seed + 1000 * (draw + 1))) @ mix
-    return keys, queries
-
-
-def _window_error(queries: torch.Tensor, keys: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
-    """Squared error of the window's logits ``queries @ keys^T``, per (batch, head)."""
-    return (queries @ (keys - approx).transpose(-1, -2)).square().sum((-1, -2))
-
-
-@pytest.mark.parametrize("bits", BITS)
-def test_query_rounding_equals_the_reference(bits):
-    keys, queries = _skewed(2, 2, 70, 13, 48, seed=bits)
-    qk = quant.quantize_keys(keys, bits, block=32, queries=queries)
-    plain = quant.quantize_keys(keys, bits, block=32)
-    assert torch.equal(qk.scale, plain.scale) and torch.equal(qk.zero, plain.zero), "the grids are the same"
-    deq = quant.dequantize_keys(qk, torch.float32)
-    for b in range(2):
-        for h in range(2):
-            for start in range(0, 70, 32):
-                x = keys[b, h, start : start + 32]
-                near, scale, zero = fake_quant(x.T, bits, torch.float32, keys=True, grid=True)
-                ref = round_for_queries(x, scale[:, 0], zero[:, 0], queries[b, h], bits)
-                torch.testing.assert_close(deq[b, h, start : start + 32], ref, atol=1e-5, rtol=0)
-    assert not torch.equal(deq, quant.dequantize_keys(plain, torch.float32)), "the codes moved"
-
-
-@pytest.mark.parametrize("bits", BITS)
-def test_query_rounding_moves_the_window_logits_less(bits):
-    keys, queries = _skewed(1, 3, 256, 39, 96, seed=10 + bits)
-    near = quant.dequantize_keys(quant.quantize_keys(keys, bits), torch.float32)
-    aware = quant.dequantize_keys(quant.quantize_keys(keys, bits, queries=queries), torch.float32)
-    ratio = _window_error(queries, keys, aware) / _window_error(queries, keys, near)
-    assert (ratio < 0.6).all(), ratio  # measured 0.17-0.43
-    # queries drawn anew from the same distribution gain too (decoding queries resemble the window's)
-    _, later = _skewed(1, 3, 256, 39, 96, seed=10 + bits, draw=1)
-    assert (_window_error(later, keys, aware) < 0.8 * _window_error(later, keys, near)).all()
-
-
-def test_query_rounding_without_window_is_nearest():
-    keys, _ = _skewed(1, 2, 40, 8, 4, seed=3)
-    plain = quant.quantize_keys(keys, 4)
-    zero_window = quant.quantize_keys(keys, 4, queries=torch.zeros(1, 2, 4, 8))  # all rows padding
-    assert torch.equal(plain.codes, zero_window.codes)
-    order, feedback = quant.key_rounding(torch.zeros(1, 2, 4, 8))
-    assert torch.equal(feedback, torch.zeros_like(feedback))
-    assert torch.equal(order, torch.arange(8).expand(1, 2, 8))
-
-
-def test_query_rounding_order_and_padding():
-    keys, queries = _skewed(1, 1, 64, 10, 32, seed=4)
-    queries[..., 7] *= 50  # the channel the window weighs most is rounded first, taking up no one's error
-    order, feedback = quant.key_rounding(queries)
-    assert order[0, 0, 0] == 7
-    assert torch.equal(feedback, feedback.triu(1))
-    real = torch.ones(1, 1, 64, dtype=torch.bool)
-    real[..., :5] = False  # padding keys still get codes; the ranges ignore them as with nearest rounding
-    qk = quant.quantize_keys(keys, 4, real=real, queries=queries)
-    plain = quant.quantize_keys(keys, 4, real=real)
-    assert torch.equal(qk.scale, plain.scale) and torch.equal(qk.zero, plain.zero)
-    near = quant.dequantize_keys(plain, torch.float32)
-    aware = quant.dequantize_keys(qk, torch.float32)
-    assert torch.equal(aware[..., 7], near[..., 7])
-
-
-def test_query_rounding_validation():
-    keys = torch.randn(1, 2, 8, 6)
-    with pytest.raises(ValueError, match=r"queries must be \(1, 2, rows, 6\)"):
-        quant.quantize_keys(keys, 4, queries=torch.randn(1, 2, 5, 7))
-    with pytest.raises(ValueError, match=r"queries must be \(1, 2, rows, 6\)"):
-        quant.quantize_keys(keys, 4, queries=torch.randn(1, 1, 5, 6))
-    with pytest.raises(TypeError, match="queries must be a floating-point"):
-        quant.quantize_keys(keys, 4, queries=torch.ones(1, 2, 5, 6, dtype=torch.long))
-    with pytest.raises(ValueError, match="queries must have 4 dimensions"):
-        quant.key_rounding(torch.randn(2, 5, 6))
 
 
 def test_group_size_larger_than_the_width_is_one_group():

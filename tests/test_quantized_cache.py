@@ -8,9 +8,7 @@ tokens only; values per token in groups of ``group_size`` kept channels. Each co
 dequantized in float, its kept channels written into a zero-filled full-size key (and value) row, and torch's sdpa
 runs on that. Which tokens a query sees thinned it computes from the schedule (everything before ``P - recent + 32 *
 ((t - P) // 32)`` for a query at ``t`` after a prompt of ``P``): those the store has not taken yet (short of a
-whole block) it writes thinned in full precision. The keys compacted at the end of the prompt are rounded for the
-prompt's last ``window`` queries (`conftest.round_for_queries`, written apart from `think_cache.quant.key_rounding`),
-the keys folded later to the nearest level.
+whole block) it writes thinned in full precision.
 """
 
 from __future__ import annotations
@@ -22,16 +20,7 @@ from collections import defaultdict
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
-    fake_quant,
-    generate,
-    held_bytes,
-    make_batch,
-    make_model,
-    named_tensors,
-    prefill,
-    round_for_queries,
-)
+from conftest import fake_quant, generate, held_bytes, make_batch, make_model, named_tensors, prefill
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AttentionInterface, DynamicCache
 
@@ -67,10 +56,8 @@ def key_blocks(compact: torch.Tensor, prompt: torch.Tensor, full_from: int, size
     return torch.where(in_prompt | later, block, -1)
 
 
-def fake_quant_keys(keys, block, real, bits, queries=None, prompt=None):
-    """Keys ``(B, H, T, C)`` float32 quantized per channel over the tokens of each block (ranges over real ones).
-    The tokens of ``prompt`` ``(B, H, T)`` (those compacted at the end of the prompt) are rounded for ``queries``
-    ``(B, H, rows, C)``, the window's, with `round_for_queries`; the others to the nearest level."""
+def fake_quant_keys(keys, block, real, bits):
+    """Keys ``(B, H, T, C)`` float32 quantized per channel over the tokens of each block (ranges over real ones)."""
     batch, heads, tokens, channels = keys.shape
     n = int(block.max()) + 1
     out = keys.clone()
@@ -81,10 +68,7 @@ def fake_quant_keys(keys, block, real, bits, queries=None, prompt=None):
                 if members.any():
                     x = keys[b, h, members].T  # (C, members)
                     valid = real[b, members][None].expand_as(x)
-                    near, scale, zero = fake_quant(x, bits, torch.float32, valid, keys=True, grid=True)
-                    out[b, h, members] = near.T
-                    if prompt is not None and prompt[b, h, members].all():
-                        out[b, h, members] = round_for_queries(x.T, scale[:, 0], zero[:, 0], queries[b, h], bits)
+                    out[b, h, members] = fake_quant(x, bits, torch.float32, valid, keys=True).T
     return out
 
 
@@ -132,7 +116,6 @@ def run_with_reference(model, ids, mask, steps, bits, group_size, generate_kwarg
 
     calls = defaultdict(int)
     prompt_length, recent = ids.shape[1], settings.get("recent", 0)
-    windows = {}  # layer -> the prompt's last `window` queries, (B, kv_heads, group * window, D), padding zero
 
     def reference(module, query, key, value, attention_mask, scaling=None, **kwargs):
         i = module.layer_idx
@@ -143,11 +126,7 @@ def run_with_reference(model, ids, mask, steps, bits, group_size, generate_kwarg
         real = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool)
         if allowed_mask is not None:
             real = allowed_mask.any(-2).any(1).expand(k.shape[0], -1)
-        if seen["key_channels"] is None:  # the prompt: remember the window's queries
-            w = min(cache.window, query.shape[2])
-            q = query[:, :, -w:] * real[:, None, -w:, None].to(query.dtype)
-            windows[i] = q.reshape(q.shape[0], k.shape[1], -1, q.shape[-1])
-        else:
+        if seen["key_channels"] is not None:
             compact = seen["compact"]
             assert query.shape[2] == 1, "the reference replays one token at a time after the prompt"
             t = k.shape[2] - 1
@@ -159,11 +138,7 @@ def run_with_reference(model, ids, mask, steps, bits, group_size, generate_kwarg
             block = key_blocks(compact, *prompt_sets[i], KEY_BLOCK[bits])
             kc = seen["key_channels"].long()[:, :, None, :].expand(-1, -1, k.shape[2], -1)
             kept_k = k.gather(-1, kc)  # compact tokens quantized, the others thinned in full precision
-            prompt = torch.zeros_like(compact)
-            prompt[..., : prompt_sets[i][0].shape[-1]] = prompt_sets[i][0]
-            window = windows[i].gather(-1, seen["key_channels"].long()[:, :, None, :].expand(*windows[i].shape[:3], -1))
-            fq = fake_quant_keys(kept_k, block, real, bits, window, prompt)
-            q_keys = torch.where(compact[..., None], fq, kept_k)
+            q_keys = torch.where(compact[..., None], fake_quant_keys(kept_k, block, real, bits), kept_k)
             thinned_k = torch.zeros_like(k).scatter_(-1, kc, q_keys)
             k = torch.where(thinned[..., None], thinned_k, k)
             vc = seen["value_channels"]

@@ -648,7 +648,7 @@ class ThinKLayer(CacheLayerMixin):
         if positions is None:  # the same tokens for every head: a partial block can wait, thinned (`_thin_oldest`)
             n = self.store.whole_blocks(due)
             real = real[:, None]
-        self.store.append(keys[:, :, :n], values[:, :, :n], real=real[..., :n], queries=queries)
+        self.store.append(keys[:, :, :n], values[:, :, :n], real=real[..., :n])
         if positions is not None:
             self.compact_positions = positions[:, :, :n].to(torch.int32)
         # clone: a slice would keep the whole old buffer alive

@@ -56,7 +56,6 @@ __all__ = [
     "DEFAULT_GROUP_SIZE",
     "GROUP_SIZES",
     "DEFAULT_CHUNK_TOKENS",
-    "KEY_ROUNDING_DAMP",
     "QuantKeys",
     "QuantValues",
     "codes_per_byte",
@@ -66,7 +65,6 @@ __all__ = [
     "pack_codes",
     "unpack_codes",
     "value_groups",
-    "key_rounding",
     "quantize_keys",
     "quantize_values",
     "dequantize_keys",
@@ -114,9 +112,6 @@ DEFAULT_GROUP_SIZE = 32
 #: head, 0.14x of DynamicCache's 256), and 2-bit values cost little accuracy where keys cost much (SmolLM2, 2k
 #: pass key, 48 prompts: full-precision values with 2-bit keys found 30, full-precision keys with 2-bit values 44).
 GROUP_SIZES = {2: 64, 4: DEFAULT_GROUP_SIZE, 8: DEFAULT_GROUP_SIZE}
-#: Damping of the window queries' second moment in query-aware key rounding (`key_rounding`), as a fraction of its
-#: mean diagonal: keeps the factorisation well conditioned where the window hardly uses a channel.
-KEY_ROUNDING_DAMP = 0.01
 #: Tokens per attention chunk. On a 2-core AVX2 CPU at 4k-8k tokens larger chunks are faster (every op has a
 #: fixed cost): 4-bit logits at 8k take 1.6x as long with 1024-token chunks as with 4096. 2048 bounds one chunk's
 #: float32 buffer to 256 KiB per (batch, head) for 32 channels, 512 KiB for 64, at about 1.2x the 4096 time.
@@ -424,73 +419,8 @@ def _minmax_quantize(
     return codes.view(x.shape), scale.view(x.shape[:-1]), zero.view(x.shape[:-1])
 
 
-def key_rounding(queries: torch.Tensor, damp: float = KEY_ROUNDING_DAMP) -> tuple[torch.Tensor, torch.Tensor]:
-    """The order and error feedback of query-aware key rounding (`quantize_keys` with ``queries``).
-
-    Rounding a key's channels to their grids one at a time, each rounding error can be taken up by the channels
-    not yet rounded, so that the error of the logits ``q . k`` stays small for queries like ``queries`` rather than
-    the error of each channel alone (the sequential rounding of GPTQ, arXiv 2210.17323, with the window's queries
-    in place of a layer's inputs). With ``H = Q^T Q + damp * mean(diag) * I`` and ``U`` the upper Cholesky factor
-    of ``H^-1`` (channels in rounding order), rounding channel ``i`` with error ``e`` moves every later channel
-    ``j`` by ``-e * U[i, j] / U[i, i]``. Channels are rounded in order of the queries' energy at them, largest
-    first: the channels that weigh most are rounded before they have taken up anyone's error.
-
-    Parameters
-    ----------
-    queries:
-        ``(batch, kv_heads, rows, channels)`` at the kept key channels, rows of padded positions zero.
-    damp:
-        The damping, as a fraction of the mean diagonal of ``Q^T Q``.
-
-    Returns
-    -------
-    ``(order, feedback)``: ``order (batch, kv_heads, channels)`` int64, the rounding order; ``feedback (batch,
-    kv_heads, channels, channels)`` float32 in that order, strictly upper triangular: row ``i`` is what an error
-    of one on the ``i``-th channel rounded takes off each later one.
-    """
-    _check_float("queries", queries, 4)
-    q = queries.float()
-    h = q.transpose(-1, -2) @ q
-    energy = h.diagonal(dim1=-2, dim2=-1)
-    order = energy.argsort(dim=-1, descending=True, stable=True)
-    channels = h.shape[-1]
-    h = h.gather(-1, order[..., None, :].expand_as(h)).gather(-2, order[..., :, None].expand_as(h))
-    # an absolute floor keeps a head whose window queries are all zero (padding) factorable: no feedback there
-    floor = damp * energy.mean(-1) + torch.finfo(torch.float32).tiny ** 0.5
-    h = h + floor[..., None, None] * torch.eye(channels, device=h.device)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    feedback = (u / u.diagonal(dim1=-2, dim2=-1)[..., None]).triu(1)
-    return order, feedback
-
-
-def _round_with_feedback(
-    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int, order: torch.Tensor, feedback: torch.Tensor
-) -> torch.Tensor:
-    """Codes of keys ``x (batch, kv_heads, n_blocks, block, channels)`` float32 on the grids ``scale``/``zero``
-    ``(batch, kv_heads, n_blocks, channels)`` (as stored), rounded channel by channel in ``order`` with
-    ``feedback`` (`key_rounding`). Returns float codes in ``x``'s shape."""
-    index = order[:, :, None, None, :].expand_as(x)
-    x = x.gather(-1, index)  # a copy, in rounding order: later channels take up the errors in place
-    s = scale.float().gather(-1, order[:, :, None, :].expand_as(scale))[:, :, :, None, :]
-    z = zero.float().gather(-1, order[:, :, None, :].expand_as(zero))[:, :, :, None, :]
-    step = torch.where(s == 0, torch.ones_like(s), s)
-    codes = torch.empty_like(x)
-    channels = x.shape[-1]
-    for i in range(channels):
-        code = ((x[..., i] - z[..., i]) / step[..., i]).round_().clamp_(0, qmax)
-        codes[..., i] = code
-        if i + 1 < channels:
-            error = x[..., i] - (code * s[..., i] + z[..., i])
-            x[..., i + 1 :].sub_(error[..., None] * feedback[:, :, None, None, i, i + 1 :])
-    return torch.empty_like(codes).scatter_(-1, index, codes)
-
-
 def quantize_keys(
-    keys: torch.Tensor,
-    bits: int,
-    block: int = DEFAULT_BLOCK,
-    real: torch.Tensor | None = None,
-    queries: torch.Tensor | None = None,
+    keys: torch.Tensor, bits: int, block: int = DEFAULT_BLOCK, real: torch.Tensor | None = None
 ) -> QuantKeys:
     """Quantize keys per channel over blocks of ``block`` tokens, the last block holding the remainder.
 
@@ -507,11 +437,6 @@ def quantize_keys(
         Optional ``(batch, kv_heads or 1, tokens)`` bool: the tokens that set each block's range (padding does
         not: its keys are arbitrary and would only widen the range of the real tokens beside it). The others are
         clamped into that range; a block with no real token gets scale and zero point 0.
-    queries:
-        Optional ``(batch, kv_heads, rows, channels)``: queries at the same channels (the observation window's,
-        padded rows zero). The grids stay the same; each token's codes are rounded channel by channel so that its
-        logits for such queries move least (`key_rounding`) instead of each code to its nearest level. A 2k
-        key-value retrieval on SmolLM2 at 4 bits (48 prompts) found 8 of 30 where nearest rounding found 4.
 
     Returns
     -------
@@ -541,17 +466,7 @@ def quantize_keys(
     if valid is not None:
         valid = valid.reshape(batch, heads, n_blocks, 1, block)
     codes, scale, zero = _minmax_quantize(x, bits, keys.dtype, valid, KEY_CLIP_RATIOS[bits])
-    codes = codes.transpose(-1, -2)
-    if queries is not None:
-        _check_float("queries", queries, 4)
-        if queries.shape[:2] != (batch, heads) or queries.shape[-1] != channels:
-            raise ValueError(
-                f"queries must be ({batch}, {heads}, rows, {channels}) to round these keys, got {tuple(queries.shape)}"
-            )
-        order, feedback = key_rounding(queries)
-        codes = _round_with_feedback(x.transpose(-1, -2), scale, zero, (1 << bits) - 1, order, feedback)
-        codes = codes.to(torch.uint8)
-    codes = codes.reshape(batch, heads, n_blocks * block, channels)[:, :, :tokens]
+    codes = codes.transpose(-1, -2).reshape(batch, heads, n_blocks * block, channels)[:, :, :tokens]
     return QuantKeys(_pack(codes, bits), scale, zero, None, bits, block, channels)
 
 

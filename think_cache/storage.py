@@ -17,8 +17,7 @@ Interface (all shapes ``(batch, kv_heads, ...)``, batch first):
 
 =====================================  ======================================================================
 ``start(key_channels, value_channels)``  the channels chosen at the end of the prompt; the store is empty
-``append(keys, values, real, queries)``  full-width tokens: the store gathers the kept channels (and quantizes;
-                                        a prompt's keys rounded for the window's ``queries``)
+``append(keys, values, real=None)``      full-width tokens: the store gathers the kept channels (and quantizes)
 ``gather(index)``                       keep tokens ``index (batch, kv_heads, kept)`` per head (eviction)
 ``drop_oldest(n)``                      forget the oldest ``n`` tokens of every head (sliding windows)
 ``map(fn)``                             apply ``fn`` to every tensor (beam reorder, batch select, offload)
@@ -39,7 +38,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-from torch import Tensor
 
 from . import quant
 from .compact import gather_channels, gather_tokens
@@ -121,25 +119,12 @@ class CompactStore:
     def _clear_tokens(self) -> None:
         raise NotImplementedError
 
-    def append(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        real: torch.Tensor | None = None,
-        queries: torch.Tensor | None = None,
-    ) -> None:
+    def append(self, keys: torch.Tensor, values: torch.Tensor, real: torch.Tensor | None = None) -> None:
         """Append full-width tokens ``keys``/``values`` ``(batch, kv_heads, n, head_dim)`` after the stored ones.
 
         ``real`` (``(batch, kv_heads or 1, n)`` bool, optional) tells padding from real tokens; a kind may use it
-        (quantization ranges ignore padding), attention masks padding anyway. ``queries`` (``(batch, kv_heads,
-        rows, head_dim)``, optional): the observation window's queries, which the compaction of a prompt passes; a
-        kind that rounds may round for them (`QuantizedStore`).
+        (quantization ranges ignore padding), attention masks padding anyway.
         """
-        kept_queries = None if queries is None else gather_channels(queries, self.key_channels)
-        self._add(gather_channels(keys, self.key_channels), self._kept_values(values), real, kept_queries)
-
-    def _add(self, keys: Tensor, values: Tensor, real: Tensor | None, queries: Tensor | None) -> None:
-        """`append` once the kept channels are gathered: ``keys``/``values`` and ``queries`` at the kept channels."""
         raise NotImplementedError
 
     def gather(self, index: torch.Tensor) -> None:
@@ -184,9 +169,9 @@ class FullStore(CompactStore):
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
 
-    def _add(self, keys: Tensor, values: Tensor, real: Tensor | None, queries: Tensor | None) -> None:
-        # clone: values that keep every channel may be a slice, which would keep the whole old buffer alive
-        k, v = keys, values.clone() if self.value_channels is None else values
+    def append(self, keys: torch.Tensor, values: torch.Tensor, real: torch.Tensor | None = None) -> None:
+        k = gather_channels(keys, self.key_channels)
+        v = values.clone() if self.value_channels is None else gather_channels(values, self.value_channels)
         if self.keys is None:
             self.keys, self.values = k, v
         else:
@@ -228,10 +213,6 @@ class QuantizedStore(CompactStore):
     start a block: the keys then carry a ``block_index`` (int32 per token), and every token keeps the scale and
     zero point it was quantized with.
 
-    A prompt's keys are rounded for the observation window's queries (`think_cache.quant.key_rounding`): the grids
-    are the same, the codes chosen so that the window's logits move least. Tokens folded later (generated tokens,
-    later turns) round to the nearest level: no query statistics are kept, and a decoding step stays as cheap.
-
     Attention reads the codes in chunks of `think_cache.quant.DEFAULT_CHUNK_TOKENS` tokens: the largest temporary
     is one chunk's codes in float32, ``batch * kv_heads * 2048 * channels * 4`` bytes whatever the context
     (`think_cache.quant.attention_transient_bytes`), besides the ``(batch, kv_heads, rows, tokens)`` logits.
@@ -271,9 +252,9 @@ class QuantizedStore(CompactStore):
         self.keys: quant.QuantKeys | None = None
         self.values: quant.QuantValues | None = None
 
-    def _add(self, keys: Tensor, values: Tensor, real: Tensor | None, queries: Tensor | None) -> None:
-        k = quant.quantize_keys(keys, self.bits, self.key_block, real=real, queries=queries)
-        v = quant.quantize_values(values, self.bits, self.group_size)
+    def append(self, keys: torch.Tensor, values: torch.Tensor, real: torch.Tensor | None = None) -> None:
+        k = quant.quantize_keys(gather_channels(keys, self.key_channels), self.bits, self.key_block, real=real)
+        v = quant.quantize_values(self._kept_values(values), self.bits, self.group_size)
         if self.keys is None:
             self.keys, self.values = k, v
         else:
