@@ -404,6 +404,23 @@ def greedy_decode(model, cache, first_token: torch.Tensor, max_new_tokens: int, 
     return tokens
 
 
+def answer_log_probs(model, cache, tokens: list[int]) -> torch.Tensor:
+    """``(len(tokens) - 1, vocab)`` float32 log-probabilities of each next token of an answer ``tokens`` (its first
+    token predicted by the prefill), teacher-forced in one forward over ``cache``, which holds the prompt."""
+    if len(tokens) < 2:
+        return torch.zeros(0, model.config.vocab_size)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor([tokens[:-1]]), use_cache=True, **{think_cache._compat.CACHE_ARGUMENT: cache}
+        )
+    return out.logits[0].float().log_softmax(-1)
+
+
+def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """``KL(reference || other)`` of log-probabilities ``(positions, vocab)``, summed over the positions (nats)."""
+    return float((reference.exp() * (reference - other)).sum())
+
+
 def eos_ids(model, tokenizer) -> set[int]:
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])

@@ -10,7 +10,9 @@ completion ("... What is the pass key? The pass key is"); ``--prompt-style`` cho
 benchmarks/results/eval_<tag>.json: one row per (prompt, method) with the answer, whether it is right, the bytes
 the cache held after the prompt and the seconds of prefill and decoding. Prints accuracy per method, task and
 length, then each thinned method against the cache it thins on the same prompts (prompts gained and lost, with
-a 95% interval). ``--summarize results/eval_<tag>.json`` prints those tables again without running anything.
+a 95% interval). ``--kl`` adds to each such row its KL divergence from the cache it thins, that cache's answer
+teacher-forced into both (a finer measure than right or wrong on a dozen prompts; `divergences`).
+``--summarize results/eval_<tag>.json`` prints those tables again without running anything.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from think_cache.models import MODELS, load_model
 from .common import (
     RESULTS,
     TASKS,
+    answer_log_probs,
     available_methods,
+    baseline_of,
     baselines_of,
     cache_from_prefill,
     depths,
@@ -41,6 +45,7 @@ from .common import (
     greedy_decode,
     group_mean,
     is_correct,
+    kl_divergence,
     machine,
     needs_patch,
     paired,
@@ -65,11 +70,14 @@ def run(
     model_name: str = "smollm2",
     style: str | None = None,
     done: list[dict] | None = None,
+    kl: bool = False,
 ) -> dict:
     """Every method on ``samples`` prompts per task and length, on the model ``model_name`` (see
     `think_cache.models.MODELS`), prompts in ``style`` (None: the model's own, see `prompt_style`). ``on_prompt``
     gets the partial result after each prompt. ``done``: rows of an earlier, interrupted run with the same
-    settings; a prompt every method already answered there is kept, not run again."""
+    settings; a prompt every method already answered there is kept, not run again. ``kl``: each row of a method
+    built on another one also gets ``kl``, its divergence from that method on that method's answer
+    (`divergences`)."""
     model, tokenizer = load_model(model_name)
     if any(needs_patch(m) for m in methods):  # transformers' caches alone run on the model as it comes
         think_cache.patch(model)
@@ -91,6 +99,7 @@ def run(
         ids = sample.inputs["input_ids"]
         prefill = record_prefill(model, ids, keep_queries)
         first = prefill.logits.argmax(-1)
+        answers, new_rows = {}, {}
         for method in methods:
             if (length, task, sample.seed, method) in finished:
                 continue
@@ -99,6 +108,7 @@ def run(
             start = time.perf_counter()
             tokens = greedy_decode(model, cache, first, MAX_NEW_TOKENS[task], eos)
             answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            answers[method] = tokens
             rows.append(
                 {
                     "task": task,
@@ -115,10 +125,47 @@ def run(
                     "decode_seconds": time.perf_counter() - start,
                 }
             )
+            new_rows[method] = rows[-1]
+        if kl:
+            divergences(model, prefill, answers, new_rows)
         del prefill
         if on_prompt is not None:
             on_prompt({**header, "rows": rows})
     return {**header, "rows": rows}
+
+
+def divergences(model, prefill, answers: dict[str, list[int]], rows: dict[str, dict]) -> None:
+    """Add ``kl`` and ``kl_vs`` to the row of every method whose `baseline_of` also answered this prompt: the
+    baseline's answer teacher-forced into both caches (rebuilt from ``prefill``), ``KL(baseline || method)`` of the
+    next-token distributions summed over the answer. A right/wrong answer flips on near-chance prompts; the
+    divergence measures how far a method moved the model on every prompt (a dozen prompts separate variants that a
+    hundred barely do by answers; `eval_cpu_2k_int4_rounding_probes.json`)."""
+    reference: dict[str, torch.Tensor] = {}
+    for method, row in rows.items():
+        base = baseline_of(method)
+        if base not in answers:
+            continue
+        if base not in reference:
+            reference[base] = answer_log_probs(model, cache_from_prefill(model, base, prefill), answers[base])
+        own = answer_log_probs(model, cache_from_prefill(model, method, prefill), answers[base])
+        row["kl"], row["kl_vs"] = kl_divergence(reference[base], own), base
+
+
+def kl_summary(result: dict) -> str:
+    """A markdown table of the ``kl`` rows (`divergences`): per method, baseline, task and length, the prompts and
+    the mean, median and largest divergence (nats summed over the answer)."""
+    groups: dict[tuple, list[float]] = {}
+    for row in result["rows"]:
+        if "kl" in row:
+            groups.setdefault((row["method"], row["kl_vs"], row["task"], row["length"]), []).append(row["kl"])
+    lines = ["| method | vs | task | length | prompts | mean KL | median | max |", "|" + "---|" * 8]
+    for (method, base, task, length), values in groups.items():
+        v = torch.tensor(values)
+        lines.append(
+            f"| {method} | {base} | {task} | {length} | {len(values)} | {v.mean():.4f} | {v.median():.4f} | "
+            f"{v.max():.4f} |"
+        )
+    return "\n".join(lines)
 
 
 def summary(result: dict) -> str:
@@ -173,10 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resume", action="store_true", help="keep the prompts already in results/eval_<tag>.json, run the rest"
     )
+    parser.add_argument(
+        "--kl",
+        action="store_true",
+        help="also each method's KL divergence from the cache it is built on, on that cache's answer",
+    )
     args = parser.parse_args(argv)
     if args.summarize:
         result = json.loads(Path(args.summarize).read_text())
         print(summary(result) + "\n\n" + paired_summary(result))
+        if any("kl" in row for row in result["rows"]):
+            print("\n" + kl_summary(result))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -198,11 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         model_name=args.model,
         style=args.prompt_style,
         done=done,
+        kl=args.kl,
     )
     save_json(result, path)
     print(summary(result))
     print()
     print(paired_summary(result))
+    if args.kl:
+        print("\n" + kl_summary(result))
     print(f"\nwrote {path}")
     return 0
 

@@ -8,6 +8,7 @@ from conftest import VOCAB, make_batch, make_model
 
 from benchmarks.common import (
     Paired,
+    answer_log_probs,
     available_methods,
     baseline_of,
     baselines_of,
@@ -16,6 +17,7 @@ from benchmarks.common import (
     fact_document,
     greedy_decode,
     is_correct,
+    kl_divergence,
     kv_retrieval,
     make_cache,
     paired,
@@ -280,6 +282,42 @@ def test_frontier_per_model(tmp_path, monkeypatch):
     ]
     gemma_figure = next(f for f in figures if f._suptitle.get_text().startswith("Gemma"))
     assert len([ax for ax in gemma_figure.axes if ax.get_visible()]) == 1  # the baseline-only file has no panel
+
+
+def test_answer_divergence_is_zero_for_the_same_cache_and_grows_with_thinning():
+    model = make_model("llama")
+    ids, _ = make_batch([90], seed=5)
+    prefill = record_prefill(model, ids)
+    answer = greedy_decode(model, cache_from_prefill(model, "dynamic", prefill), prefill.logits.argmax(-1), 10, set())
+    reference = answer_log_probs(model, cache_from_prefill(model, "dynamic", prefill), answer)
+    assert reference.shape == (9, VOCAB)
+    # teacher forcing in one forward gives the answer its own greedy tokens (the answer was decoded one at a time)
+    assert reference.argmax(-1).tolist() == answer[1:]
+    same = answer_log_probs(model, cache_from_prefill(model, "think-0", prefill), answer)
+    thinned = answer_log_probs(model, cache_from_prefill(model, "think-0.75", prefill), answer)
+    assert kl_divergence(reference, reference) == 0.0
+    assert abs(kl_divergence(reference, same)) < 1e-9  # key_ratio 0 is DynamicCache
+    # a random tiny model predicts nearly uniformly: small divergences, but far above key_ratio 0's rounding
+    assert kl_divergence(reference, thinned) > max(1e-7, 100 * abs(kl_divergence(reference, same)))
+    assert answer_log_probs(model, cache_from_prefill(model, "dynamic", prefill), answer[:1]).shape == (0, VOCAB)
+
+
+def test_eval_with_kl_adds_the_divergence_from_each_baseline(monkeypatch):
+    from benchmarks import eval as evaluation
+
+    model = make_model("llama")
+    monkeypatch.setattr(evaluation, "load_model", lambda name: (model, ByteTokenizer()))
+    monkeypatch.setattr(evaluation, "MAX_NEW_TOKENS", {"passkey": 6, "kv": 6})
+    result = evaluation.run(["dynamic", "think-0.5", "think-0.5+int4"], [300], ["passkey"], 2, kl=True)
+    rows = {(r["seed"], r["method"]): r for r in result["rows"]}
+    assert len(rows) == 6
+    for seed in (300_000, 300_001):
+        assert "kl" not in rows[seed, "dynamic"]
+        assert rows[seed, "think-0.5"]["kl_vs"] == "dynamic" and rows[seed, "think-0.5+int4"]["kl_vs"] == "think-0.5"
+        assert rows[seed, "think-0.5"]["kl"] >= 0 and rows[seed, "think-0.5+int4"]["kl"] >= 0
+    table = evaluation.kl_summary(result)
+    assert "| think-0.5+int4 | think-0.5 | passkey | 300 | 2 |" in table
+    assert "kl" not in evaluation.run(["dynamic", "think-0.5"], [300], ["passkey"], 1)["rows"][1]
 
 
 def test_describe_records_each_methods_settings():
