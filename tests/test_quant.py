@@ -462,7 +462,7 @@ def test_largest_temporary_does_not_grow_with_context(bits):
     assert expected * 8 == batch * heads * 4096 * channels * 4
 
 
-def test_keys_are_clipped_less_than_values():
+def test_keys_are_clipped_less_than_values_at_two_bits():
     """At 2 bits a key block's range keeps at least 0.8 of its min/max range (`KEY_CLIP_RATIOS`), where a value
     group may narrow to half of it: clipping keys hard flattens the extreme keys that make the largest logits."""
     x = torch.randn(1, 1, 32, 64, generator=torch.Generator().manual_seed(5))
@@ -474,11 +474,6 @@ def test_keys_are_clipped_less_than_values():
     value_range = qv.scale.float() * 3
     full = x.transpose(-1, -2).amax(-1) - x.transpose(-1, -2).amin(-1)
     assert (value_range < 0.75 * full[..., None]).any()
-    # at 4 bits keys keep their min/max range (values are still clipped): the extreme keys make the largest logits
-    qk4 = quant.quantize_keys(x, 4, block=32)
-    torch.testing.assert_close(qk4.scale[0, 0, 0].float() * 15, x[0, 0].amax(0) - x[0, 0].amin(0), atol=1e-5, rtol=1e-5)
-    qv4 = quant.quantize_values(x.transpose(-1, -2), 4, group_size=32)
-    assert (qv4.scale.float() * 15 < 0.99 * full[..., None]).any()
 
 
 def test_two_bit_storage_defaults():

@@ -86,13 +86,10 @@ BITS = (2, 4, 8)
 #: middle; the one with the least squared error is kept). Measured on SmolLM2 (2k pass key, 12 prompts, ThinK 0.4,
 #: 2-bit keys alone): 4 of 12 found with min/max ranges, 10 of 12 clipped; values alone 7 -> 9 of 12.
 CLIP_RATIOS = {2: (1.0, 0.9, 0.8, 0.7, 0.6, 0.5), 4: (1.0, 0.95, 0.9, 0.85, 0.8), 8: (1.0,)}
-#: The fractions tried for key blocks. Clipping trades the error of a block's extreme keys, which make the largest
-#: logits, for that of the others: at 2 bits keys are clipped to 0.8 of a range at most, where the values go to 0.5
-#: (SmolLM2, 2k pass key, 48 prompts, 16-token key blocks: 39 found, 38 with `CLIP_RATIOS`, 37 with min/max ranges;
-#: over 32-token blocks min/max ranges found 16); at 4 bits, sixteen levels are enough and keys keep their min/max
-#: range: the KL divergence from ThinK 0.4 over the answers of 6 pass-key and 6 key-value prompts fell from 0.248
-#: to 0.068 and from 0.406 to 0.299 (`eval_cpu_2k_int4_rounding_probes.json`, run 'key_clipping').
-KEY_CLIP_RATIOS = {2: CLIP_RATIOS[4], 4: (1.0,), 8: CLIP_RATIOS[8]}
+#: The fractions tried for key blocks: keys are clipped less at 2 bits (to 0.8 of a range, as at 4), where the values'
+#: 0.5 would flatten the extreme keys that make the largest logits (SmolLM2, 2k pass key, 48 prompts, 16-token key
+#: blocks: 39 found, 38 with `CLIP_RATIOS`, 37 with min/max ranges; over 32-token blocks min/max ranges found 16).
+KEY_CLIP_RATIOS = {2: CLIP_RATIOS[4], 4: CLIP_RATIOS[4], 8: CLIP_RATIOS[8]}
 #: The most float32 elements the clipping search of `_minmax_quantize` builds at once (64 MiB), counted over the
 #: ratios tried, the groups and their elements: a prompt's tokens are searched a slice of groups at a time.
 CLIP_SEARCH_ELEMENTS = 2**24
