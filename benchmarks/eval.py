@@ -11,7 +11,7 @@ benchmarks/results/eval_<tag>.json: one row per (prompt, method) with the answer
 the cache held after the prompt and the seconds of prefill and decoding. Prints accuracy per method, task and
 length, then each thinned method against the cache it thins on the same prompts (prompts gained and lost, with
 a 95% interval). ``--kl`` adds to each such row its KL divergence from the cache it thins, that cache's answer
-teacher-forced into both (a finer measure than right or wrong on a dozen prompts; `divergences`).
+teacher-forced into both (an average over the answer: rank variants with it, confirm by answers; `divergences`).
 ``--summarize results/eval_<tag>.json`` prints those tables again without running anything.
 """
 
@@ -138,8 +138,9 @@ def divergences(model, prefill, answers: dict[str, list[int]], rows: dict[str, d
     """Add ``kl`` and ``kl_vs`` to the row of every method whose `baseline_of` also answered this prompt: the
     baseline's answer teacher-forced into both caches (rebuilt from ``prefill``), ``KL(baseline || method)`` of the
     next-token distributions summed over the answer. A right/wrong answer flips on near-chance prompts; the
-    divergence measures how far a method moved the model on every prompt (a dozen prompts separate variants that a
-    hundred barely do by answers; `eval_cpu_2k_int4_rounding_probes.json`)."""
+    divergence measures how far a method moved the model on every prompt. It is an average: it does not weigh the
+    one token that decides a retrieval (4-bit keys at min/max ranges had a quarter of the KL and lost 5 of 38 pass
+    keys; `eval_cpu_2k_int4_rounding_probes.json`), so rank variants with it and confirm them by answers."""
     reference: dict[str, torch.Tensor] = {}
     for method, row in rows.items():
         base = baseline_of(method)
