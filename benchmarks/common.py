@@ -406,14 +406,22 @@ def greedy_decode(model, cache, first_token: torch.Tensor, max_new_tokens: int, 
 
 def answer_log_probs(model, cache, tokens: list[int]) -> torch.Tensor:
     """``(len(tokens) - 1, vocab)`` float32 log-probabilities of each next token of an answer ``tokens`` (its first
-    token predicted by the prefill), teacher-forced in one forward over ``cache``, which holds the prompt."""
+    token predicted by the prefill), teacher-forced over ``cache``, which holds the prompt.
+
+    The tokens go in one a step, as greedy decoding feeds them: a ThinK cache folds waiting tokens into its compact
+    part per forward, so one forward over the whole answer would thin its first tokens before the later ones
+    attend to them, which decoding does not (the same cache's own greedy answer then lost its argmax). Fed this way
+    the argmax is the cache's greedy token wherever the answer so far is its own."""
     if len(tokens) < 2:
         return torch.zeros(0, model.config.vocab_size)
+    steps = []
     with torch.no_grad():
-        out = model(
-            input_ids=torch.tensor([tokens[:-1]]), use_cache=True, **{think_cache._compat.CACHE_ARGUMENT: cache}
-        )
-    return out.logits[0].float().log_softmax(-1)
+        for token in tokens[:-1]:
+            out = model(
+                input_ids=torch.tensor([[token]]), use_cache=True, **{think_cache._compat.CACHE_ARGUMENT: cache}
+            )
+            steps.append(out.logits[0, -1])
+    return torch.stack(steps).float().log_softmax(-1)
 
 
 def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> float:

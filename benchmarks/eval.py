@@ -136,8 +136,8 @@ def run(
 
 def divergences(model, prefill, answers: dict[str, list[int]], rows: dict[str, dict]) -> None:
     """Add ``kl`` and ``kl_vs`` to the row of every method whose `baseline_of` also answered this prompt: the
-    baseline's answer teacher-forced into both caches (rebuilt from ``prefill``), ``KL(baseline || method)`` of the
-    next-token distributions summed over the answer. A right/wrong answer flips on near-chance prompts; the
+    baseline's answer teacher-forced into both caches (rebuilt from ``prefill``; a token a step, as decoding feeds
+    it: `answer_log_probs`), ``KL(baseline || method)`` of the next-token distributions summed over the answer. A right/wrong answer flips on near-chance prompts; the
     divergence measures how far a method moved the model on every prompt. It is an average: it does not weigh the
     one token that decides a retrieval (4-bit keys at min/max ranges had a quarter of the KL and lost 5 of 38 pass
     keys; `eval_cpu_2k_int4_rounding_probes.json`), so rank variants with it and confirm them by answers."""

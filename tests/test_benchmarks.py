@@ -25,6 +25,7 @@ from benchmarks.common import (
     record_prefill,
 )
 from think_cache import H2O, SnapKV, StreamingLLM, ThinKCache, held_bytes
+from think_cache._compat import CACHE_ARGUMENT
 
 
 class ByteTokenizer:
@@ -300,6 +301,26 @@ def test_answer_divergence_is_zero_for_the_same_cache_and_grows_with_thinning():
     # a random tiny model predicts nearly uniformly: small divergences, but far above key_ratio 0's rounding
     assert kl_divergence(reference, thinned) > max(1e-7, 100 * abs(kl_divergence(reference, same)))
     assert answer_log_probs(model, cache_from_prefill(model, "dynamic", prefill), answer[:1]).shape == (0, VOCAB)
+
+
+def test_answer_log_probs_are_those_decoding_sees():
+    """The answer goes in a token a step, as decoding feeds it. One forward over the whole answer is a new turn to
+    a ThinK cache (the question's pruned channels come back, waiting tokens fold first): its logits differed from
+    decoding's by about 2e-3 from the first position on, here as on SmolLM2, where they flipped answers."""
+    model = make_model("llama")
+    ids, _ = make_batch([40], seed=7)  # 8 prompt tokens wait; with 30 answer tokens a block folds mid-answer
+    prefill = record_prefill(model, ids)
+    for method in ("think-0.5", "think-0.5+int4"):
+        cache = cache_from_prefill(model, method, prefill)
+        answer, decoded = [int(prefill.logits.argmax())], []
+        with torch.no_grad():
+            for _ in range(30):
+                logits = model(input_ids=torch.tensor([answer[-1:]]), use_cache=True, **{CACHE_ARGUMENT: cache}).logits
+                decoded.append(logits[0, -1].float().log_softmax(-1))
+                answer.append(int(logits[0, -1].argmax()))
+        forced = answer_log_probs(model, cache_from_prefill(model, method, prefill), answer)
+        torch.testing.assert_close(forced, torch.stack(decoded)[: len(answer) - 1], rtol=0, atol=1e-6)
+        assert forced.argmax(-1).tolist() == answer[1:], method
 
 
 def test_eval_with_kl_adds_the_divergence_from_each_baseline(monkeypatch):
