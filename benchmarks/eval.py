@@ -137,10 +137,11 @@ def run(
 def divergences(model, prefill, answers: dict[str, list[int]], rows: dict[str, dict]) -> None:
     """Add ``kl`` and ``kl_vs`` to the row of every method whose `baseline_of` also answered this prompt: the
     baseline's answer teacher-forced into both caches (rebuilt from ``prefill``; a token a step, as decoding feeds
-    it: `answer_log_probs`), ``KL(baseline || method)`` of the next-token distributions summed over the answer. A right/wrong answer flips on near-chance prompts; the
-    divergence measures how far a method moved the model on every prompt. It is an average: it does not weigh the
-    one token that decides a retrieval (4-bit keys at min/max ranges had a quarter of the KL and lost 5 of 38 pass
-    keys; `eval_cpu_2k_int4_rounding_probes.json`), so rank variants with it and confirm them by answers."""
+    it: `answer_log_probs`), ``KL(baseline || method)`` of the next-token distributions summed over the answer. A
+    right/wrong answer flips on near-chance prompts; the divergence measures how far a method moved the model on
+    every prompt. It is an average: it does not weigh the one token that decides a retrieval (4-bit keys at min/max
+    ranges had a quarter of the KL and lost 5 of 38 pass keys; `eval_cpu_2k_int4_rounding_probes.json`), so rank
+    variants with it and confirm them by answers."""
     reference: dict[str, torch.Tensor] = {}
     for method, row in rows.items():
         base = baseline_of(method)
@@ -205,6 +206,15 @@ def paired_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def report(result: dict) -> str:
+    """Every table of a result: accuracy and memory (`summary`), each method against the cache it thins
+    (`paired_summary`), and the divergences (`kl_summary`) when its rows carry them."""
+    tables = [summary(result), paired_summary(result)]
+    if any("kl" in row for row in result["rows"]):
+        tables.append(kl_summary(result))
+    return "\n\n".join(tables)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", choices=list(MODELS), help="which model (default smollm2)")
@@ -229,9 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.summarize:
         result = json.loads(Path(args.summarize).read_text())
-        print(summary(result) + "\n\n" + paired_summary(result))
-        if any("kl" in row for row in result["rows"]):
-            print("\n" + kl_summary(result))
+        print(report(result))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -256,11 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         kl=args.kl,
     )
     save_json(result, path)
-    print(summary(result))
-    print()
-    print(paired_summary(result))
-    if args.kl:
-        print("\n" + kl_summary(result))
+    print(report(result))
     print(f"\nwrote {path}")
     return 0
 

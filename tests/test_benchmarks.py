@@ -338,7 +338,10 @@ def test_eval_with_kl_adds_the_divergence_from_each_baseline(monkeypatch):
         assert rows[seed, "think-0.5"]["kl"] >= 0 and rows[seed, "think-0.5+int4"]["kl"] >= 0
     table = evaluation.kl_summary(result)
     assert "| think-0.5+int4 | think-0.5 | passkey | 300 | 2 |" in table
-    assert "kl" not in evaluation.run(["dynamic", "think-0.5"], [300], ["passkey"], 1)["rows"][1]
+    assert table in evaluation.report(result)  # printed after a run and by --summarize
+    plain = evaluation.run(["dynamic", "think-0.5"], [300], ["passkey"], 1)
+    assert "kl" not in plain["rows"][1]
+    assert "mean KL" not in evaluation.report(plain) and evaluation.paired_summary(plain) in evaluation.report(plain)
 
 
 def test_describe_records_each_methods_settings():
