@@ -295,13 +295,23 @@ def fake_quant(
         lo = torch.where(valid, x, torch.inf).amin(-1, keepdim=True)
         hi = torch.where(valid, x, -torch.inf).amax(-1, keepdim=True)
         lo, hi = torch.nan_to_num(lo, posinf=0.0), torch.nan_to_num(hi, neginf=0.0)
+
+    def approximations():
+        for ratio in (quant.KEY_CLIP_RATIOS if keys else quant.CLIP_RATIOS)[bits]:
+            margin = (1.0 - ratio) / 2 * (hi - lo)
+            scale = ((hi - margin - (lo + margin)) / qmax).to(dtype).float()
+            zero = (lo + margin).to(dtype).float()
+            codes = torch.clamp(torch.round((x - zero) / torch.where(scale == 0, 1.0, scale)), 0, qmax)
+            yield codes * scale + zero
+
+    return _least_error(approximations(), x, valid)
+
+
+def _least_error(approximations, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Per group (the last axis), the first of ``approximations`` of ``x`` with the least squared error (over
+    ``valid`` elements when given)."""
     best, best_error = None, None
-    for ratio in (quant.KEY_CLIP_RATIOS if keys else quant.CLIP_RATIOS)[bits]:
-        margin = (1.0 - ratio) / 2 * (hi - lo)
-        scale = ((hi - margin - (lo + margin)) / qmax).to(dtype).float()
-        zero = (lo + margin).to(dtype).float()
-        codes = torch.clamp(torch.round((x - zero) / torch.where(scale == 0, 1.0, scale)), 0, qmax)
-        approx = codes * scale + zero
+    for approx in approximations:
         error = (approx - x).square()
         error = (error if valid is None else torch.where(valid, error, 0.0)).sum(-1, keepdim=True)
         if best is None:
@@ -310,3 +320,34 @@ def fake_quant(
             best = torch.where(error < best_error, approx, best)
             best_error = torch.minimum(error, best_error)
     return best
+
+
+#: Code widths whose values the store quantizes symmetric (no zero point), as the reference writes them.
+SYMMETRIC_VALUE_BITS = (4,)
+
+
+def fake_quant_symmetric(x: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The reference symmetric quantizer, apart from think_cache.quant: over the last axis, levels ``(c - m) * s``
+    for codes ``c`` in ``0 .. 2**bits - 1`` and ``m = (2**bits - 1) / 2``, ``s = ratio * max|x| / m`` rounded to
+    ``dtype``, for each fraction of ``quant.CLIP_RATIOS[bits]``; the one with the least squared error (the first on
+    a tie) is kept."""
+    from think_cache import quant
+
+    qmax = 2**bits - 1
+    mid = qmax / 2
+    peak = x.abs().amax(-1, keepdim=True)
+
+    def approximations():
+        for ratio in quant.CLIP_RATIOS[bits]:
+            scale = (ratio * peak / mid).to(dtype).float()
+            codes = torch.clamp(torch.round(x / torch.where(scale == 0, 1.0, scale) + mid), 0, qmax)
+            yield (codes - mid) * scale
+
+    return _least_error(approximations(), x)
+
+
+def fake_quant_value_group(x: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """One group of values as the store quantizes it at ``bits``: symmetric or min/max."""
+    if bits in SYMMETRIC_VALUE_BITS:
+        return fake_quant_symmetric(x, bits, dtype)
+    return fake_quant(x, bits, dtype)

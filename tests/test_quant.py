@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fake_quant
+from conftest import fake_quant, fake_quant_symmetric
 from torch.profiler import ProfilerActivity, profile
 
 from think_cache import quant
@@ -138,6 +138,67 @@ def test_values_error_within_half_a_step(bits):
     for g, part in enumerate(values.split(32, dim=-1)):
         plain = (_minmax_fake_quant(part, bits) - part).square().sum(-1)
         assert (error[..., group == g].sum(-1) <= plain * (1 + 1e-5) + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_symmetric_values_store_no_zero_point_and_match_the_reference(bits):
+    """Symmetric values: a scale per group, codes standing for ``(code - (2**bits - 1) / 2) * scale``; every
+    element within half a step of itself clamped to the clipped range; equal to the reference quantizer (written
+    apart in conftest) in float32 and bfloat16; and what attention reads is what dequantizing gives."""
+    g = torch.Generator().manual_seed(bits)
+    values = torch.randn(2, 3, 9, 45, generator=g) * 3 + 0.5
+    qv = quant.quantize_values(values, bits, group_size=32, symmetric=True)
+    assert qv.symmetric and qv.zero is None and [t.shape for t in qv.tensors()] == [qv.codes.shape, qv.scale.shape]
+    assert qv.nbytes == qv.codes.nbytes + qv.scale.nbytes
+    offset = quant.symmetric_offset(bits)
+    assert offset == (2**bits - 1) / 2
+    out = quant.dequantize_values(qv)
+    group = torch.arange(45) // 32
+    step = qv.scale[..., group]
+    top = offset * step
+    clamped = torch.maximum(torch.minimum(values, top), -top)
+    assert ((out - clamped).abs() <= step / 2 * (1 + 1e-5) + 1e-6).all()
+    torch.testing.assert_close(qv.zero_points(), -offset * qv.scale)
+    reference = torch.cat([fake_quant_symmetric(p, bits, torch.float32) for p in values.split(32, dim=-1)], -1)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-6)
+    half = quant.quantize_values(values.bfloat16(), bits, group_size=32, symmetric=True)
+    reference = torch.cat(
+        [fake_quant_symmetric(p, bits, torch.bfloat16) for p in values.bfloat16().float().split(32, -1)], -1
+    )
+    torch.testing.assert_close(quant.dequantize_values(half, torch.float32), reference, atol=1e-5, rtol=1e-6)
+    weights = torch.softmax(torch.randn(2, 3, 4, 9, generator=g), -1)
+    torch.testing.assert_close(
+        quant.quantized_attention_output(weights, qv, chunk_tokens=4), weights @ out, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_symmetric_values_keep_their_layout_through_token_operations():
+    """cat, gather and narrow keep symmetric values symmetric (no zero points appear); mixing refuses."""
+    g = torch.Generator().manual_seed(0)
+    a = quant.quantize_values(torch.randn(1, 2, 5, 16, generator=g), 4, 8, symmetric=True)
+    b = quant.quantize_values(torch.randn(1, 2, 3, 16, generator=g), 4, 8, symmetric=True)
+    both = quant.cat_values(a, b)
+    assert both.symmetric and both.tokens == 8
+    dense = torch.cat([quant.dequantize_values(a), quant.dequantize_values(b)], dim=2)
+    torch.testing.assert_close(quant.dequantize_values(both), dense)
+    index = torch.tensor([[[0, 6, 7], [1, 2, 5]]])
+    kept = quant.gather_values(both, index)
+    assert kept.symmetric
+    torch.testing.assert_close(quant.dequantize_values(kept), dense.gather(2, index[..., None].expand(-1, -1, -1, 16)))
+    assert quant.narrow_values(both, 2, 4).symmetric
+    with pytest.raises(ValueError, match="symmetric differs"):
+        quant.cat_values(a, quant.quantize_values(torch.randn(1, 2, 3, 16), 4, 8))
+
+
+def test_symmetric_values_clip_an_outlier():
+    """One large element per group: the clipped symmetric range beats ``max |x|`` on the others."""
+    values = torch.randn(1, 1, 200, 32, generator=torch.Generator().manual_seed(3))
+    values[..., 5] *= 8
+    qv = quant.quantize_values(values, 4, group_size=32, symmetric=True)
+    error = (quant.dequantize_values(qv) - values).square().sum()
+    peak = values.abs().amax(-1, keepdim=True) / 7.5
+    plain = ((values / peak + 7.5).round().clamp(0, 15) - 7.5) * peak
+    assert error < 0.95 * (plain - values).square().sum()
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -482,7 +543,7 @@ def test_two_bit_storage_defaults():
     from think_cache import ThinKCache
     from think_cache.storage import QuantizedStore
 
-    assert [quant.key_block(b) for b in (2, 4, 8)] == [16, 32, 32]
+    assert [quant.key_block(b) for b in (2, 4, 8)] == [16, 16, 32]
     assert [ThinKCache(key_ratio=0.5, bits=b).group_size for b in (2, 4, 8)] == [64, 32, 32]
     assert ThinKCache(key_ratio=0.5, bits=2, group_size=16).group_size == 16
     store = QuantizedStore(2)

@@ -1,14 +1,14 @@
 """ThinKCache(bits=2/4/8): the compact part as KIVI-style codes (issue 13).
 
-The reference replays a ThinK run on a full-size stock cache with stock attention. It takes from the run only what
-the other references take (which tokens each head saw at full width and which thinned, the chosen channels) and
-writes the quantization itself: key blocks are runs of 32 tokens, 16 at 2 bits (a head's prompt tokens in order,
-then every 32 or 16 positions from where the full-width part began at the end of the prompt), ranges over real
-tokens only; values per token in groups of ``group_size`` kept channels. Each compact token is quantized and
-dequantized in float, its kept channels written into a zero-filled full-size key (and value) row, and torch's sdpa
-runs on that. Which tokens a query sees thinned it computes from the schedule (everything before ``P - recent + 32 *
-((t - P) // 32)`` for a query at ``t`` after a prompt of ``P``): those the store has not taken yet (short of a
-whole block) it writes thinned in full precision.
+The reference replays a ThinK run on a full-size stock cache with stock attention. It takes from the run only what the
+other references take (which tokens each head saw at full width and which thinned, the chosen channels) and writes the
+quantization itself: key blocks are runs of 16 tokens, 32 at 8 bits (a head's prompt tokens in order, then every 16 or
+32 positions from where the full-width part began at the end of the prompt), ranges over real tokens only; values per
+token in groups of ``group_size`` kept channels, symmetric at 4 bits. Each compact token is quantized and dequantized in
+float, its kept channels written into a zero-filled full-size key (and value) row, and torch's sdpa runs on that. Which
+tokens a query sees thinned it computes from the schedule (everything before ``P - recent + 32 * ((t - P) // 32)`` for a
+query at ``t`` after a prompt of ``P``): those the store has not taken yet (short of a whole block) it writes thinned in
+full precision.
 """
 
 from __future__ import annotations
@@ -20,7 +20,16 @@ from collections import defaultdict
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fake_quant, generate, held_bytes, make_batch, make_model, named_tensors, prefill
+from conftest import (
+    fake_quant,
+    fake_quant_value_group,
+    generate,
+    held_bytes,
+    make_batch,
+    make_model,
+    named_tensors,
+    prefill,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AttentionInterface, DynamicCache
 
@@ -33,7 +42,7 @@ from think_cache.storage import FullStore, QuantizedStore
 
 ATOL = 1e-4
 BLOCK = 32  # the fold block
-KEY_BLOCK = {2: 16, 4: 32, 8: 32}  # tokens per key scale and zero point, by bits
+KEY_BLOCK = {2: 16, 4: 16, 8: 32}  # tokens per key scale and zero point, by bits
 
 
 # ------------------------------------------------------------------------------------------ the reference
@@ -74,7 +83,8 @@ def fake_quant_keys(keys, block, real, bits):
 
 def fake_quant_values(values, bits, group_size):
     """Values ``(..., C)`` quantized per token in consecutive groups of ``group_size`` channels."""
-    return torch.cat([fake_quant(g, bits, torch.float32) for g in values.split(group_size, dim=-1)], dim=-1)
+    groups = values.split(group_size, dim=-1)
+    return torch.cat([fake_quant_value_group(g, bits, torch.float32) for g in groups], dim=-1)
 
 
 def _record(layer):

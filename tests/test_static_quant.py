@@ -86,7 +86,7 @@ def test_eager_static_equals_eager_quantized(model, batch, name):
 @pytest.mark.parametrize("name", ["4bit-values", "2bit"])
 def test_the_same_codes_as_the_eager_store(model, batch, name):
     """Without a policy the slots hold the eager store's codes, scales and zero points: the prompt's block copied at
-    compaction bit for bit (one key block, two at 2 bits); the block decoded from 50 to 81, quantized by the static
+    compaction bit for bit (two 16-token key blocks); the block decoded from 50 to 81, quantized by the static
     step at 82, with the same codes and scales within float rounding (its keys come out of a static decode, whose
     attention sums in another order)."""
     settings = {"key_ratio": 0.5, **SETTINGS[name]}
@@ -100,9 +100,12 @@ def test_the_same_codes_as_the_eager_store(model, batch, name):
         assert keys.is_regular and keys.tokens == 64  # the prompt's block and the one folded at 82
         for ours, eager, per_block in ((mine.compact_keys, keys, True), (mine.compact_values, values, False)):
             assert ours.codes[:, :, :64].equal(eager.codes)
-            for field in ("scale", "zero"):
+            assert (getattr(ours, "symmetric", False), getattr(eager, "symmetric", False)) == (
+                (False, False) if per_block else (settings["bits"] == 4,) * 2  # 4-bit values: no zero points
+            )
+            for field in ("scale",) if getattr(eager, "symmetric", False) else ("scale", "zero"):
                 got, expected = getattr(ours, field), getattr(eager, field)
-                prompt = 32 // ours.block if per_block else 32  # the prompt's key blocks (16 tokens at 2 bits)
+                prompt = 32 // ours.block if per_block else 32  # the prompt's key blocks (16 tokens at 4 and 2 bits)
                 assert got[:, :, :prompt].equal(expected[:, :, :prompt])
                 torch.testing.assert_close(got[:, :, prompt : 2 * prompt], expected[:, :, prompt:], atol=1e-6, rtol=0)
 
@@ -199,7 +202,8 @@ def test_bytes_against_static_cache(dtype, bits, at_most):
     keys, values = layer.compact_keys, layer.compact_values
     assert keys.codes.dtype == values.codes.dtype == torch.uint8
     assert keys.codes.shape[-1] == 32 * bits // 8 and values.codes.shape[-1] == 64 * bits // 8  # really packed
-    assert keys.scale.dtype == values.zero.dtype == dtype
+    assert keys.scale.dtype == keys.zero.dtype == values.scale.dtype == dtype
+    assert values.zero is None  # 4-bit values are symmetric: no zero points held
     assert keys.scale.shape[2] == keys.codes.shape[2] // keys.block  # a scale per key block of slots, not per token
 
 

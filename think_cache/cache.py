@@ -215,11 +215,11 @@ class ThinKCache(Cache):
     policy:
         A token eviction `Policy`, or None to keep every token.
     bits:
-        None (the default) keeps the compact part in the model's dtype; 2, 4 or 8 stores it as packed codes,
-        KIVI-style: keys per channel with a scale and zero point per block of 32 tokens (16 at 2 bits), values per
-        token with a scale and zero point per ``group_size`` channels (scales and zero points in the model's
-        dtype). Tokens are quantized once, when they fold; the full-width part (the newest tokens) stays in full
-        precision. Key ratio 0.5 with 4 bits holds 0.24x of DynamicCache's bytes, with 2 bits 0.15x (head_dim 64,
+        None (the default) keeps the compact part in the model's dtype; 2, 4 or 8 stores it as packed codes, KIVI-style:
+        keys per channel with a scale and zero point per block of 16 tokens (32 at 8 bits), values per token with a
+        scale and zero point per ``group_size`` channels (a scale alone at 4 bits, symmetric; scales and zero points in
+        the model's dtype). Tokens are quantized once, when they fold; the full-width part (the newest tokens) stays in
+        full precision. Key ratio 0.5 with 4 bits holds 0.24x of DynamicCache's bytes, with 2 bits 0.15x (head_dim 64,
         bfloat16, counting the question's pruned key channels kept for a later turn).
     group_size:
         Value channels per scale and zero point when ``bits`` is set (default 32, 64 at 2 bits; the last group of

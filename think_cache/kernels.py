@@ -178,11 +178,13 @@ def _keys_tile_body(
 def _values_tile_body(
     base, cols, col_ok, cv, cv_ok, s_t, s_c, vs_base, vz_base, v_groups, v_width,
     QUANT: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KV: tl.constexpr, V_GROUP: tl.constexpr,
+    V_SYMMETRIC: tl.constexpr,
 ):  # fmt: skip
     """A tile of compact values, ``(tokens, kept channels)``: loaded, or, under ``QUANT``, unpacked from the
     tokens' codes times the scale plus the zero point of the channel's group (``c // V_GROUP``), rounded to the
     scales' dtype (the model's) as a stored value would be. The scales are loaded once per token and group, a
-    ``(tokens, groups)`` tile, and broadcast over each group's channels (``V_GROUP`` divides ``BLOCK_KV``)."""
+    ``(tokens, groups)`` tile, and broadcast over each group's channels (``V_GROUP`` divides ``BLOCK_KV``).
+    ``V_SYMMETRIC``: no zero points are stored; a group's is ``-(2**BITS - 1) / 2`` times its scale."""
     tile_ok = col_ok[:, None] & cv_ok[None, :]
     if QUANT:
         byte = tl.load(base + cols[:, None] * s_t + (cv % v_width)[None, :] * s_c, mask=tile_ok, other=0)
@@ -192,7 +194,10 @@ def _values_tile_body(
         at = cols[:, None] * v_groups + g[None, :]
         at_ok = col_ok[:, None] & (g < v_groups)[None, :]
         scale = tl.load(vs_base + at, mask=at_ok, other=0.0).to(tl.float32)
-        zero = tl.load(vz_base + at, mask=at_ok, other=0.0).to(tl.float32)
+        if V_SYMMETRIC:
+            zero = scale * (-((1 << BITS) - 1) / 2)
+        else:
+            zero = tl.load(vz_base + at, mask=at_ok, other=0.0).to(tl.float32)
         code = tl.reshape(code, (BLOCK_N, BLOCK_KV // V_GROUP, V_GROUP))
         values = tl.reshape(code * scale[:, :, None] + zero[:, :, None], (BLOCK_N, BLOCK_KV))
         values = values.to(vs_base.dtype.element_ty)
@@ -225,6 +230,7 @@ def _split_pass(
     BLOCK_KV: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRUNED_V: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     QUANT: tl.constexpr, BITS: tl.constexpr, IRREGULAR: tl.constexpr, V_GROUP: tl.constexpr, SCORES: tl.constexpr,
+    V_SYMMETRIC: tl.constexpr,
 ):  # fmt: skip
     """One (batch row, KV head, row block) x one span of tokens: see the module docstring. ``UPCAST``: do the
     products in float32 (Triton's interpreter multiplies bfloat16 operands as raw bits). ``QUANT``: the compact
@@ -298,7 +304,7 @@ def _split_pass(
             tl.store(lg_rows[:, None] + cols[None, :], s, mask=row_ok[:, None] & col_ok[None, :])
         v = _values_tile(
             cv_base, cols, col_ok, cv, cv_ok, scv_t, scv_c, vs_base, vz_base, v_groups, v_width, QUANT, BITS,
-            BLOCK_N, BLOCK_KV, V_GROUP,
+            BLOCK_N, BLOCK_KV, V_GROUP, V_SYMMETRIC,
         )  # fmt: skip
         p_v = p.to(v.dtype)  # probabilities at the values' precision, as the torch path multiplies them
         if UPCAST:
@@ -552,15 +558,24 @@ def quantized_decode_attention(
 
 def _quantized_args(quantized: tuple[QuantKeys, QuantValues] | None, anything: torch.Tensor):
     """The kernel's quantized-store arguments: (key scales, key zero points, key block index, value scales, value
-    zero points), then (key bytes per token, key blocks, tokens per key block, value bytes per token, value
-    groups), bits, irregular, channels per value group. A `FullStore` passes ``anything`` (never read)."""
+    zero points, or ``anything`` for symmetric values), then (key bytes per token, key blocks, tokens per key
+    block, value bytes per token, value groups), bits, irregular, channels per value group, symmetric values. A
+    `FullStore` passes ``anything`` (never read)."""
     if quantized is None:
-        return (anything,) * 5, (1, 1, 1, 1, 1), 8, False, None
+        return (anything,) * 5, (1, 1, 1, 1, 1), 8, False, None, False
     qk, qv = quantized
     block_index = qk.block_index
-    tensors = (qk.scale, qk.zero, anything if block_index is None else block_index, qv.scale, qv.zero)
+    value_zero = anything if qv.symmetric else qv.zero
+    tensors = (qk.scale, qk.zero, anything if block_index is None else block_index, qv.scale, value_zero)
     sizes = (qk.codes.shape[-1], qk.n_blocks, qk.block, qv.codes.shape[-1], qv.n_groups)
-    return tuple(t.contiguous() for t in tensors), sizes, qk.bits, block_index is not None, qv.group_size
+    return (
+        tuple(t.contiguous() for t in tensors),
+        sizes,
+        qk.bits,
+        block_index is not None,
+        qv.group_size,
+        qv.symmetric,
+    )
 
 
 def kernel_reads(store: CompactStore) -> bool:
@@ -621,7 +636,7 @@ def _attention(
         raise ValueError(f"compact values hold {kept_v} channels of {head_dim}: pass their value_channels")
     if n_compact == 0:  # nothing is read from the compact tensors: any valid pointer will do
         compact_keys, compact_values, quantized = recent_keys, recent_values, None
-    store_tensors, store_sizes, bits, irregular, v_group = _quantized_args(quantized, query)
+    store_tensors, store_sizes, bits, irregular, v_group, v_symmetric = _quantized_args(quantized, query)
     if not pruned_v:
         value_channels = key_channels
 
@@ -689,7 +704,7 @@ def _attention(
                 PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
                 UPCAST=interpreting and query.dtype == torch.bfloat16,
                 QUANT=quantized is not None, BITS=bits, IRREGULAR=irregular, V_GROUP=v_group, SCORES=token_weights,
-                num_warps=config.num_warps,
+                V_SYMMETRIC=v_symmetric, num_warps=config.num_warps,
                 **({} if config.num_stages is None else {"num_stages": config.num_stages}),
             )  # fmt: skip
         except BaseException:  # a launch that stopped part way may leave counts behind: the next one starts afresh

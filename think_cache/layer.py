@@ -29,8 +29,8 @@ When things happen (the schedule), in logical positions, whatever the way tokens
   then each be compacted at the end of their own question (prefix caching).
 * **Generated tokens fold in blocks.** A query at position ``t >= P`` sees every token before ``P - recent +
   FOLD_BLOCK * ((t - P) // FOLD_BLOCK)`` thinned and the later ones at full width: generated tokens wait full-width
-  and fold ``FOLD_BLOCK`` at a time. A store with a ``block`` (quantized keys: 32 tokens make whole key blocks of 32,
-  or 16 at 2 bits) takes whole blocks only: without a policy the prompt's last ``< block`` tokens stay in the
+  and fold ``FOLD_BLOCK`` at a time. A store with a ``block`` (quantized keys: 32 tokens make whole key blocks of 16,
+  or 32 at 8 bits) takes whole blocks only: without a policy the prompt's last ``< block`` tokens stay in the
   full-width part at compaction, and folds take whole blocks; the tokens the schedule thins short of a block wait
   there *thinned*, their pruned channels zeroed in place (`_thin_oldest`), and are quantized when their block
   folds, so every query sees exactly the tokens before its fold point thinned, whatever the store. A policy that

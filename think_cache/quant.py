@@ -1,12 +1,14 @@
 """Quantized storage for the compact part, KIVI-style: the math as pure tensor functions.
 
 Keys are quantized **per channel** over a block of tokens (every kept channel has a scale and a zero point per
-block: the 32-token fold block, or half of it at 2 bits, `KEY_BLOCKS`): key outliers live in a few channels, so a
-per-channel range keeps them from flattening the other channels. Values are quantized **per token** in groups of
-``group_size`` channels. Quantization is asymmetric: ``x ~ code * scale + zero`` with ``zero = min`` and
-``scale = (max - min) / (2**bits - 1)`` over a range that, at 2 and 4 bits, is the group's min/max range clipped
-by the factor (of `CLIP_RATIOS`; `KEY_CLIP_RATIOS` for keys) with the least squared error; a group whose values
-are all equal gets ``scale = 0`` and is stored exactly.
+block: 16 tokens, half the fold block, at 2 and 4 bits; the 32-token fold block at 8; `KEY_BLOCKS`): key outliers
+live in a few channels, so a per-channel range keeps them from flattening the other channels. Values are quantized
+**per token** in groups of ``group_size`` channels. Quantization is asymmetric: ``x ~ code * scale + zero`` with
+``zero = min`` and ``scale = (max - min) / (2**bits - 1)`` over a range that, at 2 and 4 bits, is the group's
+min/max range clipped by the factor (of `CLIP_RATIOS`; `KEY_CLIP_RATIOS` for keys) with the least squared error; a
+group whose values are all equal gets ``scale = 0`` and is stored exactly. Values at 4 bits are symmetric instead
+(`SYMMETRIC_VALUES`): no zero point is stored, ``x ~ (code - (2**bits - 1) / 2) * scale`` over ``max |x|`` (clipped
+the same way), which pays for 16-token key blocks.
 
 Layout and packing
 ------------------
@@ -55,6 +57,7 @@ __all__ = [
     "KEY_BLOCKS",
     "DEFAULT_GROUP_SIZE",
     "GROUP_SIZES",
+    "SYMMETRIC_VALUES",
     "DEFAULT_CHUNK_TOKENS",
     "QuantKeys",
     "QuantValues",
@@ -67,6 +70,7 @@ __all__ = [
     "value_groups",
     "quantize_keys",
     "quantize_values",
+    "symmetric_offset",
     "dequantize_keys",
     "dequantize_values",
     "cat_keys",
@@ -100,10 +104,12 @@ DEFAULT_BLOCK = 32
 #: fold quantizes whole blocks). Four levels per channel over 32 tokens leave too little of a key's shape: on
 #: SmolLM2 (2k pass key, 48 prompts, ThinK 0.4, 2-bit keys and values) 32-token key blocks found 33 pass keys,
 #: 16-token blocks 38 (full-precision keys with 2-bit values: 44). A scale and a zero point per 16 tokens cost, in
-#: bfloat16, 2 bits per key element, as much as its code; at 4 and 8 bits 32-token blocks, half that, suffice. (At
-#: 4 bits, 16-token key blocks paid for by 64-channel value groups, the same bytes, lost more: 2k pass key 43 of 48
-#: instead of 48, key-value 11 instead of 9; `eval_cpu_2k_int4_kv_sweep.json`.)
-KEY_BLOCKS = {2: 16, 4: DEFAULT_BLOCK, 8: DEFAULT_BLOCK}
+#: bfloat16, 2 bits per key element, as much as its code. At 4 bits key-value retrieval needs every kept channel
+#: precise: 16-token blocks halve the block-range share of the window's logit error and gave ThinK 0.4's answers
+#: on more prompts (`eval_cpu_2k_int4_layout_probes.json`); symmetric values pay for them (`SYMMETRIC_VALUES`;
+#: 64-channel value groups, the other way to pay, lost 5 of 48 pass keys, `eval_cpu_2k_int4_kv_sweep.json`).
+#: At 8 bits 32-token blocks suffice.
+KEY_BLOCKS = {2: 16, 4: 16, 8: DEFAULT_BLOCK}
 assert all(DEFAULT_BLOCK % b == 0 for b in KEY_BLOCKS.values()), "a fold must quantize whole key blocks"
 #: Value channels per scale / zero point (KIVI's default); the last group takes the remainder.
 DEFAULT_GROUP_SIZE = 32
@@ -112,6 +118,12 @@ DEFAULT_GROUP_SIZE = 32
 #: head, 0.14x of DynamicCache's 256), and 2-bit values cost little accuracy where keys cost much (SmolLM2, 2k
 #: pass key, 48 prompts: full-precision values with 2-bit keys found 30, full-precision keys with 2-bit values 44).
 GROUP_SIZES = {2: 64, 4: DEFAULT_GROUP_SIZE, 8: DEFAULT_GROUP_SIZE}
+#: Code widths whose values a `think_cache.storage.QuantizedStore` stores symmetric (a scale per group, no zero
+#: point): at 4 bits a value group's range is nearly symmetric about 0 (16 levels over ``[-max|x|, max|x|]`` lose
+#: little against 16 over ``[min, max]``), and the 2 bytes of a bfloat16 zero point per 32-channel group (4 a token
+#: and KV head) pay for the 16-token key blocks of `KEY_BLOCKS`: 60 bytes a token and KV head at key ratio 0.5 and
+#: head_dim 64, as 32-token blocks with asymmetric values took.
+SYMMETRIC_VALUES = {2: False, 4: True, 8: False}
 #: Tokens per attention chunk. On a 2-core AVX2 CPU at 4k-8k tokens larger chunks are faster (every op has a
 #: fixed cost): 4-bit logits at 8k take 1.6x as long with 1024-token chunks as with 4096. 2048 bounds one chunk's
 #: float32 buffer to 256 KiB per (batch, head) for 32 channels, 512 KiB for 64, at about 1.2x the 4096 time.
@@ -326,21 +338,23 @@ class QuantKeys(_PackedTensors):
 class QuantValues(_PackedTensors):
     """Values quantized per token in groups of ``group_size`` channels.
 
-    Channel ``c`` of token ``t`` dequantizes to ``code[..., t, c] * scale[..., t, c // group_size] + zero[...]``.
+    Channel ``c`` of token ``t`` dequantizes to ``code[..., t, c] * scale[..., t, c // group_size] + zero[...]``;
+    symmetric values (``zero`` None) to ``(code - symmetric_offset(bits)) * scale[...]``.
 
     Attributes
     ----------
     codes:
         ``(batch, kv_heads, tokens, packed_width(channels, bits))`` uint8, packed along channels.
     scale, zero:
-        ``(batch, kv_heads, tokens, ceil(channels / group_size))`` in the values' dtype.
+        ``(batch, kv_heads, tokens, ceil(channels / group_size))`` in the values' dtype; ``zero`` None when the
+        values are symmetric (none stored).
     bits, group_size, channels:
         Code width, channels per group (the last group holds the remainder), unpacked channels.
     """
 
     codes: torch.Tensor
     scale: torch.Tensor
-    zero: torch.Tensor
+    zero: torch.Tensor | None
     bits: int
     group_size: int
     channels: int
@@ -348,6 +362,17 @@ class QuantValues(_PackedTensors):
     @property
     def n_groups(self) -> int:
         return self.scale.shape[-1]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero is None
+
+    def zero_points(self) -> torch.Tensor:
+        """``(batch, kv_heads, tokens, groups)`` float32 zero points: the stored ones, or ``-offset * scale`` of
+        symmetric values (a tensor the size of the scales, never of the codes)."""
+        if self.zero is None:
+            return self.scale.float() * -symmetric_offset(self.bits)
+        return self.zero.float()
 
 
 # ------------------------------------------------------------------------------------------- quantization
@@ -419,6 +444,44 @@ def _minmax_quantize(
     return codes.view(x.shape), scale.view(x.shape[:-1]), zero.view(x.shape[:-1])
 
 
+def symmetric_offset(bits: int) -> float:
+    """The code that stands for 0 in a symmetric group, ``(2**bits - 1) / 2``: codes ``0 .. 2**bits - 1`` stand
+    for ``(code - offset) * scale``, evenly over ``[-offset * scale, offset * scale]`` (no level is exactly 0)."""
+    return ((1 << _check_bits(bits)) - 1) / 2
+
+
+def _symmetric_quantize(
+    x: torch.Tensor, bits: int, dtype: torch.dtype, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric over the last axis of float32 ``x (..., g)``: ``(codes uint8, scale)``, ``scale`` rounded to
+    ``dtype`` first and the codes computed from it. The range ``max |x|`` (over ``valid`` elements, broadcast to
+    ``x``) is narrowed by each factor of `CLIP_RATIOS` and the one with the least squared error kept, as
+    `_minmax_quantize` does; an all-zero group gets scale 0."""
+    qmax, offset = (1 << bits) - 1, symmetric_offset(bits)
+    size = x.shape[-1]
+    rows = x.reshape(-1, size)
+    row_valid = None if valid is None else valid.expand(x.shape).reshape(-1, size)
+    peak = (rows if row_valid is None else rows.masked_fill(~row_valid, 0.0)).abs().amax(dim=-1)
+    ratios = CLIP_RATIOS[bits]
+    codes = torch.empty(rows.shape, dtype=torch.uint8, device=x.device)
+    scale = torch.empty(peak.shape, dtype=dtype, device=x.device)
+    factors = torch.tensor(ratios, dtype=torch.float32, device=x.device)[:, None] / offset
+    step = max(1, CLIP_SEARCH_ELEMENTS // (len(ratios) * size))
+    for start in range(0, rows.shape[0], step):
+        part = slice(start, start + step)
+        s = (factors * peak[part]).to(dtype)  # (ratios, groups)
+        sf = s.float()
+        sf = torch.where(sf == 0, torch.ones_like(sf), sf)[..., None]
+        c = (rows[part] / sf + offset).round_().clamp_(0, qmax)
+        error = ((c - offset) * sf - rows[part]).square_()
+        if row_valid is not None:
+            error.masked_fill_(~row_valid[part], 0.0)
+        best = error.sum(dim=-1).argmin(dim=0)
+        codes[part] = c.gather(0, best[None, :, None].expand(1, *c.shape[1:]))[0]
+        scale[part] = s.gather(0, best[None])[0]
+    return codes.view(x.shape), scale.view(x.shape[:-1])
+
+
 def quantize_keys(
     keys: torch.Tensor, bits: int, block: int = DEFAULT_BLOCK, real: torch.Tensor | None = None
 ) -> QuantKeys:
@@ -482,7 +545,9 @@ def value_groups(channels: int, group_size: int) -> int:
     return -(-channels // group_size)
 
 
-def quantize_values(values: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> QuantValues:
+def quantize_values(
+    values: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE, symmetric: bool = False
+) -> QuantValues:
     """Quantize values per token, in groups of ``group_size`` channels (see `value_groups`).
 
     Parameters
@@ -493,11 +558,14 @@ def quantize_values(values: torch.Tensor, bits: int, group_size: int = DEFAULT_G
         2, 4 or 8.
     group_size:
         Channels per scale and zero point; larger than ``channels`` means one group per token.
+    symmetric:
+        A scale per group and no zero point (`symmetric_offset`); `SYMMETRIC_VALUES` says which widths a store
+        quantizes so.
 
     Returns
     -------
     `QuantValues` with ``scale``/``zero`` ``(batch, kv_heads, tokens, ceil(channels / group_size))`` in
-    ``values.dtype`` and ``group_size`` clipped to ``channels``.
+    ``values.dtype`` (``zero`` None when symmetric) and ``group_size`` clipped to ``channels``.
     """
     _check_float("values", values, 4)
     bits = _check_bits(bits)
@@ -512,7 +580,11 @@ def quantize_values(values: torch.Tensor, bits: int, group_size: int = DEFAULT_G
         x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], n_groups * group_size - channels)], dim=-1)
         valid = (torch.arange(n_groups * group_size, device=x.device) < channels).view(n_groups, group_size)
     x = x.view(*x.shape[:-1], n_groups, group_size)
-    codes, scale, zero = _minmax_quantize(x, bits, values.dtype, valid)
+    if symmetric:
+        codes, scale = _symmetric_quantize(x, bits, values.dtype, valid)
+        zero = None
+    else:
+        codes, scale, zero = _minmax_quantize(x, bits, values.dtype, valid)
     codes = codes.flatten(-2)[..., :channels]
     return QuantValues(_pack(codes, bits), scale, zero, bits, group_size, channels)
 
@@ -549,11 +621,11 @@ def dequantize_values(qv: QuantValues, dtype: torch.dtype | None = None) -> torc
     codes = unpack_codes(qv.codes, qv.bits, qv.channels).float()
     if qv.channels % qv.group_size == 0:  # scales broadcast over each group: no per-channel copies of them
         grouped = codes.reshape(*codes.shape[:-1], qv.n_groups, qv.group_size)
-        out = torch.addcmul(qv.zero.float()[..., None], grouped, qv.scale.float()[..., None])
+        out = torch.addcmul(qv.zero_points()[..., None], grouped, qv.scale.float()[..., None])
         return out.flatten(-2).to(dtype or qv.dtype)
     group = _group_of_channel(qv.channels, qv.group_size, qv.device)
     scale = qv.scale.float()[..., group]
-    zero = qv.zero.float()[..., group]
+    zero = qv.zero_points()[..., group]
     return (codes * scale + zero).to(dtype or qv.dtype)
 
 
@@ -590,11 +662,11 @@ def cat_keys(a: QuantKeys, b: QuantKeys) -> QuantKeys:
 
 def cat_values(a: QuantValues, b: QuantValues) -> QuantValues:
     """``a`` then ``b`` along the tokens."""
-    _check_same(a, b, ("bits", "group_size", "channels", "dtype"))
+    _check_same(a, b, ("bits", "group_size", "channels", "dtype", "symmetric"))
     return QuantValues(
         torch.cat([a.codes, b.codes], dim=2),
         torch.cat([a.scale, b.scale], dim=2),
-        torch.cat([a.zero, b.zero], dim=2),
+        None if a.symmetric else torch.cat([a.zero, b.zero], dim=2),
         a.bits,
         a.group_size,
         a.channels,
@@ -644,14 +716,7 @@ def gather_keys(qk: QuantKeys, index: torch.Tensor, compact_blocks: bool = True)
 def gather_values(qv: QuantValues, index: torch.Tensor) -> QuantValues:
     """Keep tokens ``index`` ``(batch, kv_heads, kept)`` per head, with their scales and zero points."""
     index = _check_index(index, *qv.codes.shape[:2])
-    return QuantValues(
-        _gather_rows(qv.codes, index),
-        _gather_rows(qv.scale, index),
-        _gather_rows(qv.zero, index),
-        qv.bits,
-        qv.group_size,
-        qv.channels,
-    )
+    return qv.map(lambda t: _gather_rows(t, index))
 
 
 def _check_range(start: int, length: int, tokens: int) -> None:
@@ -812,7 +877,7 @@ def quantized_attention_output(
     The value scales are folded into the weights: with ``G`` channel groups the weights become ``G`` rows per
     query, ``weights * scale[..., g]`` (a matmul costs the same for 3 or 6 rows on CPU), multiplied by each
     chunk's unpacked codes, one matmul per plane; each channel then reads the rows of its group. The zero points
-    add ``weights @ zero``. Everything is computed in float32.
+    add ``weights @ zero`` (symmetric values: ``-offset * weights @ scale``). Everything is computed in float32.
 
     Parameters
     ----------
@@ -839,7 +904,7 @@ def quantized_attention_output(
     channels, groups = qv.channels, qv.n_groups
     w = weights.float()
     group = _group_of_channel(channels, qv.group_size, w.device)
-    out = torch.matmul(w, qv.zero.float())[..., group]  # (B, H, rows, channels): the zero points' share
+    out = torch.matmul(w, qv.zero_points())[..., group]  # (B, H, rows, channels): the zero points' share
     if tokens == 0:
         return out
     per, width = 8 // qv.bits, qv.codes.shape[-1]

@@ -6,9 +6,10 @@ shapes after the prompt. Its buffers, allocated at the prompt's end:
 
 * ``compact_keys``, a regular `think_cache.quant.QuantKeys` over ``capacity`` slots: ``codes`` ``(batch, kv_heads,
   capacity, packed_width(kept_k, bits))`` uint8 and per-block ``scale``/``zero`` ``(batch, kv_heads, capacity //
-  key_block, kept_k)`` in the model's dtype (``key_block`` 32, or 16 at 2 bits); slot ``s`` is in key block ``s //
+  key_block, kept_k)`` in the model's dtype (``key_block`` 16, or 32 at 8 bits); slot ``s`` is in key block ``s //
   key_block``. ``compact_values``, a `QuantValues`:
-  ``codes`` ``(..., capacity, packed_width(kept_v, bits))``, ``scale``/``zero`` ``(..., capacity, groups)``.
+  ``codes`` ``(..., capacity, packed_width(kept_v, bits))``, ``scale``/``zero`` ``(..., capacity, groups)`` (no
+  ``zero`` at 4 bits: symmetric values).
 * ``ring_keys`` ``(batch, kv_heads, recent + 2 * FOLD_BLOCK - 1, head_dim)`` and ``ring_values`` ``(..., v_dim)``:
   the newest tokens at **full width and full precision** (entry = logical position mod its size). Unlike the
   full-precision static layer's ring, which holds only the pruned channels (the kept ones are in the slots from
@@ -94,11 +95,12 @@ def zero_keys(like: torch.Tensor, tokens: int, channels: int, bits: int, block: 
 
 def zero_values(like: torch.Tensor, tokens: int, channels: int, bits: int, group_size: int) -> quant.QuantValues:
     """`QuantValues` of ``tokens`` all-zero tokens, as `zero_keys` (``group_size`` clipped to ``channels``, as
-    `think_cache.quant.quantize_values` clips it)."""
+    `think_cache.quant.quantize_values` clips it; no zero points where ``bits`` stores values symmetric)."""
     batch, heads = like.shape[:2]
     codes = torch.zeros(batch, heads, tokens, quant.packed_width(channels, bits), dtype=torch.uint8, device=like.device)
     scale = like.new_zeros(batch, heads, tokens, quant.value_groups(channels, group_size))
-    return quant.QuantValues(codes, scale, torch.zeros_like(scale), bits, min(group_size, channels), channels)
+    zero = None if quant.SYMMETRIC_VALUES[bits] else torch.zeros_like(scale)
+    return quant.QuantValues(codes, scale, zero, bits, min(group_size, channels), channels)
 
 
 class QuantizedStaticThinKLayer(StaticThinKLayer):
@@ -178,8 +180,8 @@ class QuantizedStaticThinKLayer(StaticThinKLayer):
             self.compact_keys.codes[:, :, :n_prompt] = prompt_keys.codes
             self.compact_keys.scale[:, :, : prompt_keys.n_blocks] = prompt_keys.scale
             self.compact_keys.zero[:, :, : prompt_keys.n_blocks] = prompt_keys.zero
-            for name in ("codes", "scale", "zero"):
-                getattr(self.compact_values, name)[:, :, :n_prompt] = getattr(prompt_values, name)
+            for slot, prompt in zip(self.compact_values.tensors(), prompt_values.tensors(), strict=True):
+                slot[:, :, :n_prompt] = prompt
 
         origin = self.origin
         # tensors and a ring of a size that do not depend on the prompt's length: no recompile per prompt
@@ -265,7 +267,7 @@ class QuantizedStaticThinKLayer(StaticThinKLayer):
         block_index = slots[::key_block] // key_block
         keys, values = self.compact_keys, self.compact_values
         return [(keys.codes, slots), (keys.scale, block_index), (keys.zero, block_index)] + [
-            (t, slots) for t in (values.codes, values.scale, values.zero)
+            (t, slots) for t in values.tensors()
         ]
 
     def _quantized_rows(self, fold: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -279,8 +281,9 @@ class QuantizedStaticThinKLayer(StaticThinKLayer):
         if self.value_channels is not None:
             values = gather_channels(values, self.value_channels)
         qk = quant.quantize_keys(keys, self.compact_keys.bits, self.compact_keys.block)
-        qv = quant.quantize_values(values, self.compact_values.bits, self.compact_values.group_size)
-        return qk.codes, qk.scale, qk.zero, qv.codes, qv.scale, qv.zero
+        qv = self.compact_values
+        qv = quant.quantize_values(values, qv.bits, qv.group_size, symmetric=qv.symmetric)
+        return qk.codes, qk.scale, qk.zero, *qv.tensors()
 
     def attend(
         self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None = None

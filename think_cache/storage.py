@@ -6,9 +6,9 @@ are pruned). A `ThinKLayer` decides *which* tokens go there and when (the schedu
 
 * `FullStore`: in the model's dtype, ``keys (batch, kv_heads, tokens, kept_k)`` and ``values (..., kept_v)``.
 * `QuantizedStore`: KIVI-style codes of 2, 4 or 8 bits (see `think_cache.quant`): keys per channel over blocks of
-  32 tokens (16 at 2 bits), values per token in groups of ``group_size`` channels, scales and zero points in the
-  model's dtype. Tokens are quantized once, when they are appended, and attended without a dense copy of the
-  context.
+  16 tokens (32 at 8 bits), values per token in groups of ``group_size`` channels (symmetric at 4 bits: a scale,
+  no zero point), scales and zero points in the model's dtype. Tokens are quantized once, when they are
+  appended, and attended without a dense copy of the context.
 
 Every store also holds the kept channels, ``key_channels`` ``(batch, kv_heads, kept_k)`` and ``value_channels``
 (or None when values keep every channel), set by `start` when the layer is compacted.
@@ -204,8 +204,9 @@ class FullStore(CompactStore):
 
 class QuantizedStore(CompactStore):
     """The compact part as KIVI-style codes (`think_cache.quant`): ``keys`` a `QuantKeys` (per channel, over
-    blocks of ``key_block`` tokens: 32, or 16 at 2 bits, `think_cache.quant.KEY_BLOCKS`), ``values`` a
-    `QuantValues` (per token, in groups of ``group_size`` channels).
+    blocks of ``key_block`` tokens: 16, or 32 at 8 bits, `think_cache.quant.KEY_BLOCKS`), ``values`` a
+    `QuantValues` (per token, in groups of ``group_size`` channels; symmetric, without zero points, at 4 bits:
+    `think_cache.quant.SYMMETRIC_VALUES`).
 
     The layer appends whole 32-token blocks where it can (folds; a prompt without a token policy), so the keys
     stay *regular*: a token's block is its index // ``key_block``, no per-token block index is stored. A policy's prompt
@@ -254,7 +255,9 @@ class QuantizedStore(CompactStore):
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, real: torch.Tensor | None = None) -> None:
         k = quant.quantize_keys(gather_channels(keys, self.key_channels), self.bits, self.key_block, real=real)
-        v = quant.quantize_values(self._kept_values(values), self.bits, self.group_size)
+        v = quant.quantize_values(
+            self._kept_values(values), self.bits, self.group_size, symmetric=quant.SYMMETRIC_VALUES[self.bits]
+        )
         if self.keys is None:
             self.keys, self.values = k, v
         else:
