@@ -106,7 +106,10 @@ def variants(tokens: int, layers: int, chunks: list[int], alternatives: bool) ->
     }
     for bits in (2, 4, 8):
         qk = [quant.quantize_keys(x, bits, quant.key_block(bits)) for x in k32]  # the store's layout
-        qv = [quant.quantize_values(x, bits, quant.default_group_size(bits)) for x in v64]
+        qv = [
+            quant.quantize_values(x, bits, quant.default_group_size(bits), symmetric=quant.SYMMETRIC_VALUES[bits])
+            for x in v64
+        ]
         for c in chunks:
             fns[f"logits {bits}b chunk {c}"] = cycle(
                 lambda i, qk=qk, c=c: quant.quantized_attention_logits(q32, qk[i], scaling, c)
