@@ -119,9 +119,10 @@ def test_reorder_and_select_move_every_row_tensor(bits):
     held = "store.key_channels store.value_channels compact_positions token_scores".split()
     if bits is None:
         held += ["store.keys", "store.values"]
-    else:  # codes, scales, zero points, and the block index eviction made
-        held += [f"store.{part}.{name}" for part in ("keys", "values") for name in ("codes", "scale", "zero")]
-        held += ["store.keys.block_index"]
+    else:  # codes, scales, key zero points (4-bit values are symmetric: none), the block index eviction made
+        held += [f"store.keys.{name}" for name in ("codes", "scale", "zero", "block_index")]
+        held += ["store.values.codes", "store.values.scale"]
+        assert "store.values.zero" not in before
     assert set(held) <= set(before)
 
     def now():
