@@ -342,6 +342,7 @@ def compile_for(arch: int, variants=VARIANTS) -> list[dict]:
             BLOCK_KV=block_kv, HAS_MASK=mask, CAUSAL=causal, PRUNED_V=pruned, SPLIT=split, BLOCK_S=64,
             PRECISION="tf32", UPCAST=False, QUANT=quant, BITS=bits or 8, IRREGULAR=irregular,
             V_GROUP=quant_layout.default_group_size(bits) if quant else block_kv, SCORES=scores,
+            V_SYMMETRIC=quant and quant_layout.SYMMETRIC_VALUES[bits],
         )  # fmt: skip
         # as a launch on a GPU specializes them: the innermost strides are 1 (constants), pointers and the other
         # strides of the keys and values multiples of 16 (aligned rows), what grows with the tokens unspecialized

@@ -8,7 +8,8 @@ live in a few channels, so a per-channel range keeps them from flattening the ot
 min/max range clipped by the factor (of `CLIP_RATIOS`; `KEY_CLIP_RATIOS` for keys) with the least squared error; a
 group whose values are all equal gets ``scale = 0`` and is stored exactly. Values at 4 bits are symmetric instead
 (`SYMMETRIC_VALUES`): no zero point is stored, ``x ~ (code - (2**bits - 1) / 2) * scale`` over ``max |x|`` (clipped
-the same way), which pays for 16-token key blocks.
+the same way), which pays for 16-token key blocks. No symmetric code stands for exactly 0 (the levels are odd
+multiples of ``scale / 2``); only an all-zero group gets ``scale = 0`` and is stored exactly.
 
 Layout and packing
 ------------------
