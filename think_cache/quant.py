@@ -419,30 +419,53 @@ def _minmax_quantize(
     if len(ratios) == 1:  # 8 bits: the min/max range
         codes, scale, zero = _rounded(x, lo, hi, qmax, dtype)
         return codes.to(torch.uint8), scale, zero
-    # every ratio at once (one launch per op instead of one per op and ratio: a decoding step that folds a block
-    # launched about 6 ms of small kernels a layer on an H100), a bounded number of groups at a time
-    size = x.shape[-1]
-    rows = x.reshape(-1, size)
-    row_valid = None if valid is None else valid.expand(x.shape).reshape(-1, size)
     lo, hi = lo.reshape(-1), hi.reshape(-1)
-    codes = torch.empty(rows.shape, dtype=torch.uint8, device=x.device)
-    scale = torch.empty(lo.shape, dtype=dtype, device=x.device)
-    zero = torch.empty(lo.shape, dtype=dtype, device=x.device)
     # float32 as the scalar (1 - ratio) / 2 would be: the margins of a loop over the ratios, bit for bit
     factors = torch.tensor([(1.0 - r) / 2 for r in ratios], dtype=torch.float32, device=x.device)[:, None]
-    step = max(1, CLIP_SEARCH_ELEMENTS // (len(ratios) * size))
-    for start in range(0, rows.shape[0], step):
-        part = slice(start, start + step)
+
+    def candidates(rows: torch.Tensor, part: slice):
         margin = factors * (hi[part] - lo[part])  # (ratios, groups)
-        c, s, z = _rounded(rows[part], lo[part] + margin, hi[part] - margin, qmax, dtype)
-        error = (c * s.float()[..., None] + z.float()[..., None] - rows[part]).square_()
-        if row_valid is not None:
-            error.masked_fill_(~row_valid[part], 0.0)
-        best = error.sum(dim=-1).argmin(dim=0)  # the first of equal errors: the widest range, as a loop would keep
+        c, s, z = _rounded(rows, lo[part] + margin, hi[part] - margin, qmax, dtype)
+        return c, c * s.float()[..., None] + z.float()[..., None], (s, z)
+
+    codes, (scale, zero) = _least_error_search(x, valid, len(ratios), candidates, dtype, 2)
+    return codes, scale, zero
+
+
+def _least_error_search(
+    x: torch.Tensor,
+    valid: torch.Tensor | None,
+    n_candidates: int,
+    candidates: Callable[[torch.Tensor, slice], tuple],
+    dtype: torch.dtype,
+    n_params: int,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per group (the last axis of float32 ``x (..., g)``), the candidate quantization with the least squared error
+    over the group's (``valid``) elements: ``(codes uint8 (..., g), [each parameter (...)])``.
+
+    ``candidates(rows, part)`` gets the groups ``rows (n, g)`` (groups ``part`` of ``x`` flattened) and returns float
+    codes and their dequantized values ``(n_candidates, n, g)`` and its ``n_params`` parameters (scales, zero points)
+    ``(n_candidates, n)`` in ``dtype``. Every candidate is built at once (one launch per op instead of one per op and
+    candidate: a decoding step that folds a block launched about 6 ms of small kernels a layer on an H100), a bounded
+    number of groups at a time (`CLIP_SEARCH_ELEMENTS`). Of equal errors the first candidate is kept (the widest range,
+    as a loop would keep)."""
+    size = x.shape[-1]
+    flat = x.reshape(-1, size)
+    flat_valid = None if valid is None else valid.expand(x.shape).reshape(-1, size)
+    codes = torch.empty(flat.shape, dtype=torch.uint8, device=x.device)
+    params = [torch.empty(flat.shape[0], dtype=dtype, device=x.device) for _ in range(n_params)]
+    step = max(1, CLIP_SEARCH_ELEMENTS // (n_candidates * size))
+    for start in range(0, flat.shape[0], step):
+        part = slice(start, start + step)
+        c, approx, found = candidates(flat[part], part)
+        error = (approx - flat[part]).square_()
+        if flat_valid is not None:
+            error.masked_fill_(~flat_valid[part], 0.0)
+        best = error.sum(dim=-1).argmin(dim=0)
         codes[part] = c.gather(0, best[None, :, None].expand(1, *c.shape[1:]))[0]
-        scale[part] = s.gather(0, best[None])[0]
-        zero[part] = z.gather(0, best[None])[0]
-    return codes.view(x.shape), scale.view(x.shape[:-1]), zero.view(x.shape[:-1])
+        for out, p in zip(params, found, strict=True):
+            out[part] = p.gather(0, best[None])[0]
+    return codes.view(x.shape), [p.view(x.shape[:-1]) for p in params]
 
 
 def symmetric_offset(bits: int) -> float:
@@ -459,28 +482,19 @@ def _symmetric_quantize(
     ``x``) is narrowed by each factor of `CLIP_RATIOS` and the one with the least squared error kept, as
     `_minmax_quantize` does; an all-zero group gets scale 0."""
     qmax, offset = (1 << bits) - 1, symmetric_offset(bits)
-    size = x.shape[-1]
-    rows = x.reshape(-1, size)
-    row_valid = None if valid is None else valid.expand(x.shape).reshape(-1, size)
-    peak = (rows if row_valid is None else rows.masked_fill(~row_valid, 0.0)).abs().amax(dim=-1)
+    peak = (x if valid is None else x.masked_fill(~valid, 0.0)).abs().amax(dim=-1).reshape(-1)
     ratios = CLIP_RATIOS[bits]
-    codes = torch.empty(rows.shape, dtype=torch.uint8, device=x.device)
-    scale = torch.empty(peak.shape, dtype=dtype, device=x.device)
     factors = torch.tensor(ratios, dtype=torch.float32, device=x.device)[:, None] / offset
-    step = max(1, CLIP_SEARCH_ELEMENTS // (len(ratios) * size))
-    for start in range(0, rows.shape[0], step):
-        part = slice(start, start + step)
+
+    def candidates(rows: torch.Tensor, part: slice):
         s = (factors * peak[part]).to(dtype)  # (ratios, groups)
         sf = s.float()
         sf = torch.where(sf == 0, torch.ones_like(sf), sf)[..., None]
-        c = (rows[part] / sf + offset).round_().clamp_(0, qmax)
-        error = ((c - offset) * sf - rows[part]).square_()
-        if row_valid is not None:
-            error.masked_fill_(~row_valid[part], 0.0)
-        best = error.sum(dim=-1).argmin(dim=0)
-        codes[part] = c.gather(0, best[None, :, None].expand(1, *c.shape[1:]))[0]
-        scale[part] = s.gather(0, best[None])[0]
-    return codes.view(x.shape), scale.view(x.shape[:-1])
+        c = (rows / sf + offset).round_().clamp_(0, qmax)
+        return c, (c - offset) * sf, (s,)
+
+    codes, (scale,) = _least_error_search(x, valid, len(ratios), candidates, dtype, 1)
+    return codes, scale
 
 
 def quantize_keys(
