@@ -22,13 +22,12 @@ length (the last partial block of a prompt) packs like any other.
 Packing is **planar**: with ``per = 8 // bits`` codes to a byte and ``m = ceil(n / per)`` bytes, byte ``j``
 holds codes ``j, j + m, ..., j + (per - 1) m`` (code ``j + i m`` in bits ``[i * bits, (i + 1) * bits)``). Unpacking
 plane ``i`` is then one shift-and-mask over the contiguous packed rows that yields channels ``[i m, (i + 1) m)``
-of every token as a contiguous ``(tokens, m)`` matrix, which the attention matmuls consume directly as one
-batch entry per plane. With the interleaved packing (byte ``j`` holding codes ``per j .. per j + per - 1``) the
-planes would have to be interleaved back, a strided write of every element (measured about twice the planar
-unpack on CPU). Packing along the token axis instead (KIVI's choice for keys; ``per`` consecutive tokens of a
-channel in one byte) gives one matmul over all channels instead of one per plane, measured 20-40% faster for
-the logits on CPU, but then tokens share bytes: appending to a part whose length is not a multiple of ``per``,
-dropping the oldest tokens and gathering tokens per head would all unpack and re-pack.
+of every token: the key logits write it into those columns of a ``(tokens, per * m)`` buffer (the channels' own
+order, one matmul), the value output keeps it as a contiguous ``(tokens, m)`` matrix, one batch entry per plane.
+With the interleaved packing (byte ``j`` holding codes ``per j .. per j + per - 1``) a plane would be every
+``per``-th channel instead of consecutive ones. Packing along the token axis (KIVI's choice for keys; ``per``
+consecutive tokens of a channel in one byte) would make tokens share bytes: appending to a part whose length is not
+a multiple of ``per``, dropping the oldest tokens and gathering tokens per head would all unpack and re-pack.
 
 Attention without a dense copy
 ------------------------------
@@ -800,14 +799,14 @@ def attention_transient_bytes(
     return batch * kv_heads * chunk * per * -(-channels // per) * 4
 
 
-def _sum_planes(products: torch.Tensor, logits: torch.Tensor) -> None:
-    """``logits[...] = products.sum(0)``: straight into ``logits`` when it is one block of memory (the only chunk);
-    a later chunk's columns are not, and dynamo refuses a non-contiguous ``out=`` (a graph break under
-    ``fullgraph``: a static quantized cache over more than one chunk failed to compile)."""
-    if logits.is_contiguous():
-        torch.sum(products, dim=0, out=logits)
+def _matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[...] = a @ b``: straight into ``out`` when it is one block of memory (the only chunk); a later chunk's
+    columns are not, and dynamo refuses a non-contiguous ``out=`` (a graph break under ``fullgraph``: a static
+    quantized cache over more than one chunk failed to compile)."""
+    if out.is_contiguous():
+        torch.matmul(a, b, out=out)
     else:
-        logits.copy_(products.sum(dim=0))
+        out.copy_(torch.matmul(a, b))
 
 
 def quantized_attention_logits(
@@ -815,9 +814,10 @@ def quantized_attention_logits(
 ) -> torch.Tensor:
     """Scaled attention logits ``scaling * query @ dequant(keys)^T`` without dequantizing the whole context.
 
-    Per chunk of ``chunk_tokens`` tokens, each plane of packed codes is unpacked straight into a float32 buffer,
-    multiplied in place by its block's scales, and multiplied by that plane's query channels; the zero points
-    add ``scaling * query . zero`` per block to the logits. Everything is computed in float32.
+    Per chunk of ``chunk_tokens`` tokens, each plane of packed codes is unpacked straight into its channels of a
+    float32 buffer (channel ``i * width + j`` of the codes' planar order is column ``i * width + j``: the channels'
+    own order), the buffer is multiplied in place by its blocks' scales and by the query in one matmul; the zero
+    points add ``scaling * query . zero`` per block to the logits. Everything is computed in float32.
 
     Parameters
     ----------
@@ -855,25 +855,24 @@ def quantized_attention_logits(
     if padded != channels:  # codes past the channels are zero; pad query and scales to match
         q = torch.nn.functional.pad(q, (0, padded - channels))
         scale = torch.nn.functional.pad(scale, (0, padded - channels))
-    q_planes = q.view(batch, heads, rows, per, width).permute(3, 0, 1, 2, 4).contiguous()
-    s_planes = scale.view(batch, heads, qk.n_blocks, per, width).permute(3, 0, 1, 2, 4)  # (per, B, H, nb, width)
     block = qk.block
     chunk = _chunk_tokens(chunk_tokens, block, tokens)
     # uninitialised: a last partial block scales a few rows past the tokens, which no matmul reads
-    buffer = torch.empty(per, batch, heads, chunk, width, dtype=torch.float32, device=query.device)
+    buffer = torch.empty(batch, heads, chunk, per, width, dtype=torch.float32, device=query.device)
     for start in range(0, tokens, chunk):
         n = min(chunk, tokens - start)
-        k = _unpack_planes(qk.codes[:, :, start : start + n], qk.bits, buffer[:, :, :, :n])
-        logits = out[..., start : start + n]
+        _unpack_planes(qk.codes[:, :, start : start + n], qk.bits, buffer[:, :, :n].movedim(-2, 0))
+        k = buffer[:, :, :n].view(batch, heads, n, padded)
         if qk.block_index is None:  # regular blocks: the scales broadcast over each block's tokens
             first, blocks = start // block, -(-n // block)
-            tiles = buffer[:, :, :, : blocks * block].view(per, batch, heads, blocks, block, width)
-            tiles.mul_(s_planes[:, :, :, first : first + blocks, None])
-            _sum_planes(torch.matmul(q_planes, k.transpose(-1, -2)), logits)
+            tiles = buffer[:, :, : blocks * block].view(batch, heads, blocks, block, padded)
+            tiles.mul_(scale[:, :, first : first + blocks, None])
+            _matmul_into(q, k.transpose(-1, -2), out[..., start : start + n])
         else:  # each token's block through the index
             index = qk.block_index[:, :, start : start + n].long()
-            k.mul_(s_planes.gather(3, index[None, :, :, :, None].expand(per, batch, heads, n, width)))
-            _sum_planes(torch.matmul(q_planes, k.transpose(-1, -2)), logits)
+            k.mul_(scale.gather(2, index[..., None].expand(batch, heads, n, padded)))
+            logits = out[..., start : start + n]
+            _matmul_into(q, k.transpose(-1, -2), logits)
             logits.add_(bias.gather(-1, index[:, :, None].expand(batch, heads, rows, n)))
     if qk.block_index is None:  # the zero points' bias, block by block
         full = tokens // block * block
