@@ -51,22 +51,22 @@ def model_of(result: dict) -> str:
 
 def frontier(eval_files: list, path, model: str = "smollm2") -> None:
     """One panel per eval file and context length, so that every point in a panel comes from the same prompts."""
-    panels = []
+    panels = []  # (file name, rows of one context length)
     for f in eval_files:
         rows = json.loads(f.read_text())["rows"]
-        panels += [[r for r in rows if r["length"] == n] for n in sorted({r["length"] for r in rows})]
+        panels += [(f.name, [r for r in rows if r["length"] == n]) for n in sorted({r["length"] for r in rows})]
     # memory is drawn against DynamicCache's: files without it (a sensitivity run), or with it alone, have no panel
-    panels = [rows for rows in panels if any(r["method"] == "dynamic" for r in rows)]
-    panels = [rows for rows in panels if len({r["method"] for r in rows}) > 1]
+    panels = [(name, rows) for name, rows in panels if any(r["method"] == "dynamic" for r in rows)]
+    panels = [(name, rows) for name, rows in panels if len({r["method"] for r in rows}) > 1]
     ncols = min(len(panels), 2 if len(panels) == 4 else 3)
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4 * nrows), squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     # one colour per line name across every panel, so that the shared legend reads the same everywhere
-    names = sorted({family(r["method"]) for rows in panels for r in rows})
+    names = sorted({family(r["method"]) for _, rows in panels for r in rows})
     colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
-    for ax, rows in zip(axes.flat, panels, strict=False):
+    for ax, (file_name, rows) in zip(axes.flat, panels, strict=False):
         acc = group_mean(rows, ("method",), "correct")
         mem = group_mean(rows, ("method",), "held_bytes")
         lines = defaultdict(list)
@@ -84,7 +84,7 @@ def frontier(eval_files: list, path, model: str = "smollm2") -> None:
             )
         tasks = sorted({r["task"] for r in rows})
         n_prompts = len({(r["task"], r["seed"]) for r in rows})
-        ax.set_title(f"{rows[0]['length']} tokens ({', '.join(tasks)}; {n_prompts} prompts)")
+        ax.set_title(f"{rows[0]['length']} tokens ({', '.join(tasks)}; {n_prompts} prompts)\n{file_name}", fontsize=10)
         ax.set_xlabel("KV cache bytes / DynamicCache")
         ax.set_ylabel("accuracy (%)")
         ax.set_xlim(0, 1.05)
@@ -100,7 +100,8 @@ def frontier(eval_files: list, path, model: str = "smollm2") -> None:
     from think_cache.models import MODELS
 
     fig.suptitle(f"{MODELS[model][0]}: accuracy against KV memory")
-    fig.tight_layout(rect=(0, (0.02 + 0.05 * legend_rows) / nrows, 1, 1))
+    # the top margin keeps the suptitle (about 0.4 inch) clear of the first row's two-line titles
+    fig.tight_layout(rect=(0, (0.02 + 0.05 * legend_rows) / nrows, 1, 1 - 0.4 / fig.get_figheight()))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
