@@ -22,10 +22,11 @@ length (the last partial block of a prompt) packs like any other.
 Packing is **planar**: with ``per = 8 // bits`` codes to a byte and ``m = ceil(n / per)`` bytes, byte ``j``
 holds codes ``j, j + m, ..., j + (per - 1) m`` (code ``j + i m`` in bits ``[i * bits, (i + 1) * bits)``). Unpacking
 plane ``i`` is then one shift-and-mask over the contiguous packed rows that yields channels ``[i m, (i + 1) m)``
-of every token: the key logits write it into those columns of a ``(tokens, per * m)`` buffer (the channels' own
-order, one matmul), the value output keeps it as a contiguous ``(tokens, m)`` matrix, one batch entry per plane.
-With the interleaved packing (byte ``j`` holding codes ``per j .. per j + per - 1``) a plane would be every
-``per``-th channel instead of consecutive ones. Packing along the token axis (KIVI's choice for keys; ``per``
+of every token, a run of ``m`` consecutive channels: the key logits write it into those columns of one
+``(tokens, per * m)`` buffer (the channels' own order; one matmul), the value output into a ``(tokens, m)`` matrix
+of its own (one matmul per plane). With the interleaved packing (byte ``j`` holding codes
+``per j .. per j + per - 1``) a plane would be every ``per``-th channel: a write with a stride at every element
+(measured about twice the planar unpack on CPU). Packing along the token axis (KIVI's choice for keys; ``per``
 consecutive tokens of a channel in one byte) would make tokens share bytes: appending to a part whose length is not
 a multiple of ``per``, dropping the oldest tokens and gathering tokens per head would all unpack and re-pack.
 
@@ -800,9 +801,9 @@ def attention_transient_bytes(
 
 
 def _matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """``out[...] = a @ b``: straight into ``out`` when it is one block of memory (the only chunk); a later chunk's
-    columns are not, and dynamo refuses a non-contiguous ``out=`` (a graph break under ``fullgraph``: a static
-    quantized cache over more than one chunk failed to compile)."""
+    """``out[...] = a @ b``: straight into ``out`` when it is one block of memory (the only chunk, or any chunk of a
+    single row); a chunk's columns of several rows are not, and dynamo refuses a non-contiguous ``out=`` (a graph
+    break under ``fullgraph``: a static quantized cache over more than one chunk failed to compile)."""
     if out.is_contiguous():
         torch.matmul(a, b, out=out)
     else:
@@ -814,10 +815,10 @@ def quantized_attention_logits(
 ) -> torch.Tensor:
     """Scaled attention logits ``scaling * query @ dequant(keys)^T`` without dequantizing the whole context.
 
-    Per chunk of ``chunk_tokens`` tokens, each plane of packed codes is unpacked straight into its channels of a
-    float32 buffer (channel ``i * width + j`` of the codes' planar order is column ``i * width + j``: the channels'
-    own order), the buffer is multiplied in place by its blocks' scales and by the query in one matmul; the zero
-    points add ``scaling * query . zero`` per block to the logits. Everything is computed in float32.
+    Per chunk of ``chunk_tokens`` tokens, each plane of packed codes is unpacked straight into its columns of a
+    float32 buffer (plane ``i``, byte ``j`` -> column ``i * width + j``: the channels' own order), the buffer is
+    multiplied in place by its blocks' scales, then by the query in one matmul; the zero points add
+    ``scaling * query . zero`` per block to the logits. Everything is computed in float32.
 
     Parameters
     ----------
