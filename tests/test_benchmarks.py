@@ -242,10 +242,10 @@ def test_frontier_draws_one_panel_per_file_and_length(tmp_path, monkeypatch):
     plots.frontier([a, b], out)
     assert out.stat().st_size > 0
     axes = [ax for ax in figures[0].axes if ax.get_visible()]
-    assert [ax.get_title() for ax in axes] == [
-        "1024 tokens (passkey; 4 prompts)",
-        "2048 tokens (passkey; 4 prompts)",
-        "2048 tokens (passkey; 6 prompts)",
+    assert [ax.get_title() for ax in axes] == [  # each panel names its file: two runs at one length look alike
+        "1024 tokens (passkey; 4 prompts)\neval_a.json",
+        "2048 tokens (passkey; 4 prompts)\neval_a.json",
+        "2048 tokens (passkey; 6 prompts)\neval_b.json",
     ]
     think = next(line for line in axes[0].get_lines() if line.get_label() == "ThinK (key_ratio)")
     assert list(think.get_xdata()) == [0.76, 0.88]  # memory ratios to DynamicCache, sorted
