@@ -864,15 +864,15 @@ def quantized_attention_logits(
         n = min(chunk, tokens - start)
         _unpack_planes(qk.codes[:, :, start : start + n], qk.bits, buffer[:, :, :n].movedim(-2, 0))
         k = buffer[:, :, :n].view(batch, heads, n, padded)
+        logits = out[..., start : start + n]
         if qk.block_index is None:  # regular blocks: the scales broadcast over each block's tokens
             first, blocks = start // block, -(-n // block)
             tiles = buffer[:, :, : blocks * block].view(batch, heads, blocks, block, padded)
             tiles.mul_(scale[:, :, first : first + blocks, None])
-            _matmul_into(q, k.transpose(-1, -2), out[..., start : start + n])
-        else:  # each token's block through the index
+            _matmul_into(q, k.transpose(-1, -2), logits)
+        else:  # each token's block through the index, its zero point's bias too
             index = qk.block_index[:, :, start : start + n].long()
             k.mul_(scale.gather(2, index[..., None].expand(batch, heads, n, padded)))
-            logits = out[..., start : start + n]
             _matmul_into(q, k.transpose(-1, -2), logits)
             logits.add_(bias.gather(-1, index[:, :, None].expand(batch, heads, rows, n)))
     if qk.block_index is None:  # the zero points' bias, block by block
