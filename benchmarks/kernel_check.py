@@ -329,20 +329,25 @@ def compile_for(arch: int, variants=VARIANTS) -> list[dict]:
     for bits, irregular, pruned, mask, causal, split, scores in variants:
         quant = bits is not None
         codes = "*u8" if quant else "*bf16"
+        log_scales = quant and quant_layout.LOG_SCALES[bits]
+        scales = "*u8" if log_scales else "*bf16"
         types = dict(
             q_ptr="*bf16", kch_ptr="*i16", ck_ptr=codes, cv_ptr=codes, vch_ptr="*i16", rk_ptr="*bf16",
-            rv_ptr="*bf16", mask_ptr="*u8", out_ptr="*bf16", part_ptr="*fp32", count_ptr="*i32", ks_ptr="*bf16",
+            rv_ptr="*bf16", mask_ptr="*u8", out_ptr="*bf16", part_ptr="*fp32", count_ptr="*i32", ks_ptr=scales,
             lg_ptr="*fp32", st_ptr="*fp32",
-            kz_ptr="*bf16", kb_ptr="*i32" if irregular else "*bf16", vs_ptr="*bf16", vz_ptr="*bf16", scale_log2="fp32",
+            kz_ptr="*bf16", kb_ptr="*i32" if irregular else "*bf16", vs_ptr=scales, vz_ptr="*bf16", scale_log2="fp32",
         )  # fmt: skip
         block_kv = 64 if pruned else 128
+        # a quantized launch's tile is the store's key block (16 tokens of shorter ones), its value group the
+        # store's default
+        block_n = max(16, quant_layout.key_block(bits)) if quant else 32
         constexprs = dict(
-            # a quantized launch's tile is the store's key block and its value group the store's default
-            BLOCK_R=16, BLOCK_N=quant_layout.key_block(bits) if quant else 32, BLOCK_D=128, BLOCK_KK=64,
+            BLOCK_R=16, BLOCK_N=block_n, BLOCK_D=128, BLOCK_KK=64,
             BLOCK_KV=block_kv, HAS_MASK=mask, CAUSAL=causal, PRUNED_V=pruned, SPLIT=split, BLOCK_S=64,
             PRECISION="tf32", UPCAST=False, QUANT=quant, BITS=bits or 8, IRREGULAR=irregular,
             V_GROUP=quant_layout.default_group_size(bits) if quant else block_kv, SCORES=scores,
             V_SYMMETRIC=quant and quant_layout.SYMMETRIC_VALUES[bits],
+            TOKEN_BLOCKS=quant and not irregular and quant_layout.key_block(bits) < block_n, LOG_SCALES=log_scales,
         )  # fmt: skip
         # as a launch on a GPU specializes them: the innermost strides are 1 (constants), pointers and the other
         # strides of the keys and values multiples of 16 (aligned rows), what grows with the tokens unspecialized

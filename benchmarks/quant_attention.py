@@ -42,7 +42,7 @@ def logits_dequant_chunks(q, qk: quant.QuantKeys, scaling, chunk=1024):
     per, width = 8 // qk.bits, qk.codes.shape[-1]
     b, h, rows, c = q.shape
     q = q.float() * scaling
-    s, z = qk.scale.float(), qk.zero.float()
+    s, z = qk.scales(), qk.zero.float()
     out = torch.empty(b, h, rows, qk.tokens)
     planes = torch.empty(per, b, h, chunk, width)
     keys = torch.empty(b, h, chunk, per * width)
@@ -62,7 +62,7 @@ def logits_fold_bmm(q, qk: quant.QuantKeys, scaling, chunk=1024):
     """Fold each block's scales into the query: per block ``(q * scale_b) @ codes_b^T``, one bmm over blocks."""
     per, width = 8 // qk.bits, qk.codes.shape[-1]
     b, h, rows, c = q.shape
-    qs = (q.float() * scaling)[:, :, None] * qk.scale.float()[:, :, :, None]  # (B, H, nb, rows, C)
+    qs = (q.float() * scaling)[:, :, None] * qk.scales()[:, :, :, None]  # (B, H, nb, rows, C)
     qs = qs.view(b, h, qk.n_blocks, rows, per, width).permute(4, 0, 1, 2, 3, 5)  # (per, B, H, nb, rows, w)
     bias = torch.matmul(q.float() * scaling, qk.zero.float().transpose(-1, -2))
     out = torch.empty(b, h, rows, qk.tokens)
@@ -105,9 +105,12 @@ def variants(tokens: int, layers: int, chunks: list[int], alternatives: bool) ->
         "attention plain, keys C=32": cycle(lambda i: plain_attention(k32[i], v64[i], q32)),
     }
     for bits in (2, 4, 8):
-        qk = [quant.quantize_keys(x, bits, quant.key_block(bits)) for x in k32]  # the store's layout
+        log_scales = quant.LOG_SCALES[bits]
+        qk = [quant.quantize_keys(x, bits, quant.key_block(bits), log_scales=log_scales) for x in k32]  # the store's
         qv = [
-            quant.quantize_values(x, bits, quant.default_group_size(bits), symmetric=quant.SYMMETRIC_VALUES[bits])
+            quant.quantize_values(
+                x, bits, quant.default_group_size(bits), symmetric=quant.SYMMETRIC_VALUES[bits], log_scales=log_scales
+            )
             for x in v64
         ]
         for c in chunks:

@@ -278,13 +278,30 @@ def _attention_modules(model):
 
 
 # ------------------------------------------------------------------------------- quantized storage reference
+#: Code widths whose scales a store keeps as one-byte codes, as the reference writes them.
+LOG_SCALE_BITS = (4,)
+
+
+def log_scale(scale: torch.Tensor) -> torch.Tensor:
+    """A one-byte scale as stored, written apart from think_cache.quant: ``2 ** (k / 12)`` for the least integer
+    ``k >= 12 log2(scale)`` (rounded up), ``k`` within [-143, 111]; 0 stays 0."""
+    k = torch.ceil(torch.log2(scale) * 12).clamp(-143, 111)
+    return torch.where(scale > 0, torch.exp2(k / 12), 0.0)
+
+
 def fake_quant(
-    x: torch.Tensor, bits: int, dtype: torch.dtype, valid: torch.Tensor | None = None, keys: bool = False
+    x: torch.Tensor,
+    bits: int,
+    dtype: torch.dtype,
+    valid: torch.Tensor | None = None,
+    keys: bool = False,
+    log_scales: bool = False,
 ) -> torch.Tensor:
     """The reference quantizer: quantize then dequantize float32 ``x`` over its last axis, written apart from
     think_cache.quant. Each group's range is its min/max (over ``valid`` elements only when given) narrowed about its
     middle by each fraction of ``quant.CLIP_RATIOS[bits]`` (``KEY_CLIP_RATIOS`` for ``keys``) in turn, scale and
-    zero point rounded to ``dtype`` as stored; the range with the least squared error (over valid elements; the
+    zero point rounded to ``dtype`` as stored (``log_scales``: the scale to a one-byte code, `log_scale`, and the
+    zero point centring the range in the levels); the range with the least squared error (over valid elements; the
     first on a tie) is kept."""
     from think_cache import quant
 
@@ -299,8 +316,13 @@ def fake_quant(
     def approximations():
         for ratio in (quant.KEY_CLIP_RATIOS if keys else quant.CLIP_RATIOS)[bits]:
             margin = (1.0 - ratio) / 2 * (hi - lo)
-            scale = ((hi - margin - (lo + margin)) / qmax).to(dtype).float()
-            zero = (lo + margin).to(dtype).float()
+            low, high = lo + margin, hi - margin
+            if log_scales:
+                scale = log_scale((high - low) / qmax)
+                zero = ((low + high) / 2 - scale * (qmax / 2)).to(dtype).float()
+            else:
+                scale = ((high - low) / qmax).to(dtype).float()
+                zero = low.to(dtype).float()
             codes = torch.clamp(torch.round((x - zero) / torch.where(scale == 0, 1.0, scale)), 0, qmax)
             yield codes * scale + zero
 
@@ -326,11 +348,11 @@ def _least_error(approximations, x: torch.Tensor, valid: torch.Tensor | None = N
 SYMMETRIC_VALUE_BITS = (4,)
 
 
-def fake_quant_symmetric(x: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+def fake_quant_symmetric(x: torch.Tensor, bits: int, dtype: torch.dtype, log_scales: bool = False) -> torch.Tensor:
     """The reference symmetric quantizer, apart from think_cache.quant: over the last axis, levels ``(c - m) * s``
     for codes ``c`` in ``0 .. 2**bits - 1`` and ``m = (2**bits - 1) / 2``, ``s = ratio * max|x| / m`` rounded to
-    ``dtype``, for each fraction of ``quant.CLIP_RATIOS[bits]``; the one with the least squared error (the first on
-    a tie) is kept."""
+    ``dtype`` (``log_scales``: to a one-byte code, `log_scale`), for each fraction of ``quant.CLIP_RATIOS[bits]``;
+    the one with the least squared error (the first on a tie) is kept."""
     from think_cache import quant
 
     qmax = 2**bits - 1
@@ -339,7 +361,7 @@ def fake_quant_symmetric(x: torch.Tensor, bits: int, dtype: torch.dtype) -> torc
 
     def approximations():
         for ratio in quant.CLIP_RATIOS[bits]:
-            scale = (ratio * peak / mid).to(dtype).float()
+            scale = log_scale(ratio * peak / mid) if log_scales else (ratio * peak / mid).to(dtype).float()
             codes = torch.clamp(torch.round(x / torch.where(scale == 0, 1.0, scale) + mid), 0, qmax)
             yield (codes - mid) * scale
 
@@ -347,7 +369,9 @@ def fake_quant_symmetric(x: torch.Tensor, bits: int, dtype: torch.dtype) -> torc
 
 
 def fake_quant_value_group(x: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """One group of values as the store quantizes it at ``bits``: symmetric or min/max."""
+    """One group of values as the store quantizes it at ``bits``: symmetric or min/max, its scale as one byte at
+    `LOG_SCALE_BITS`."""
+    log_scales = bits in LOG_SCALE_BITS
     if bits in SYMMETRIC_VALUE_BITS:
-        return fake_quant_symmetric(x, bits, dtype)
-    return fake_quant(x, bits, dtype)
+        return fake_quant_symmetric(x, bits, dtype, log_scales)
+    return fake_quant(x, bits, dtype, log_scales=log_scales)

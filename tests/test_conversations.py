@@ -222,7 +222,7 @@ def test_a_later_prompt_sees_the_earlier_questions_whole(policy):
         else:
             assert layer.spare_positions == questions
         n = len(layer.spare_positions)
-        assert layer.spare_keys.shape[-2:] == (n, layer.head_dim - layer.key_channels.shape[-1])
+        assert layer.spare.keys(layer.dtype).shape[-2:] == (n, layer.head_dim - layer.key_channels.shape[-1])
         assert layer.restored(1, 2) is None  # a decoding row sees them thinned
         layer.prompt_end = layer.seen_tokens + 5  # as if a third turn's forward of 5 tokens had just been fed
         restored = layer.restored(5, 2)
@@ -250,11 +250,11 @@ def test_spare_keys_are_bounded():
         user = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(turn))
         sequence = torch.cat([out.sequences, user], dim=-1)
     layer = cache.layers[0]
-    assert len(layer.spare_positions) == layer.spare_keys.shape[-2] == SPARE_PROMPTS * 8
+    assert len(layer.spare_positions) == layer.spare.tokens == SPARE_PROMPTS * 8
     sliding = make_model("mistral", sliding_window=40)
     cache = ThinKCache(key_ratio=0.5, window=8)
     _two_turns(sliding, cache)
-    assert all(layer.is_sliding and layer.spare_keys is None for layer in cache.layers)
+    assert all(layer.is_sliding and layer.spare is None for layer in cache.layers)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
@@ -461,7 +461,7 @@ def test_evicted_questions_are_not_kept_aside(policy):
         positions = torch.tensor(layer.spare_positions, dtype=torch.long)
         held = torch.isin(positions, layer.compact_positions) | (positions >= layer.full_from)
         assert bool(held.all())
-        assert layer.spare_keys is None or layer.spare_keys.shape[-2] == len(layer.spare_positions)
+        assert layer.spare is None or layer.spare.tokens == len(layer.spare_positions)
         assert min(layer.spare_positions, default=50) >= 50  # the first question went 40 tokens later: forgotten
 
 

@@ -268,7 +268,7 @@ def test_quantized_store_must_match_its_channels():
     other.start(store.key_channels, store.value_channels)
     other.append(torch.randn(2, 2, 100, 64), torch.randn(2, 2, 100, 64))
     store.values = other.values
-    with pytest.raises(ValueError, match="expected the same code width and tokens"):
+    with pytest.raises(ValueError, match="expected the same code width, tokens and kind of scales"):
         kernels.quantized_decode_attention(query, store, rk, rv, None, 0.125)
 
 

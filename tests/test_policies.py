@@ -233,7 +233,7 @@ def test_memory_on_top_of_snapkv():
         prefill(model, cache, ids)
         assert all(layer.stored_tokens == 256 for layer in cache.layers)
         assert cache.stats().stored_bytes == held_bytes(cache)
-        spare = sum(layer.spare_keys.nbytes for layer in cache.layers if layer.spare_keys is not None)
+        spare = sum(layer.spare.nbytes for layer in cache.layers if layer.spare is not None)
         return held_bytes(cache), spare
 
     snapkv, none = held(key_ratio=0)

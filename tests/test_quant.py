@@ -172,6 +172,99 @@ def test_symmetric_values_store_no_zero_point_and_match_the_reference(bits):
     )
 
 
+# ------------------------------------------------------------------------------------------ one-byte scales
+def test_scale_codes_round_up_within_a_step():
+    """A one-byte scale stands for ``2 ** ((code - SCALE_BIAS) / SCALE_STEPS)``: every scale in range is rounded up
+    to at most one step (2**(1/12), 6%) above itself, 0 stays 0 (code 0), and scales out of range clip to the ends;
+    decoding is monotone and every code decodes to a distinct scale."""
+    from conftest import log_scale
+
+    s = torch.cat([torch.exp2(torch.linspace(-11.5, 9, 5001)), torch.tensor([0.0, 1.0, 0.5, 2.0**-20, 1e4])])
+    codes = quant.encode_scales(s)
+    assert codes.dtype == torch.uint8
+    back = quant.scale_values(codes)
+    torch.testing.assert_close(back, log_scale(s), atol=0, rtol=0)  # the reference, written apart
+    inside = (s > 2.0**-11.9) & (s < 600)
+    assert (back[inside] >= s[inside]).all() and (back[inside] <= s[inside] * 2 ** (1 / 12) * (1 + 1e-6)).all()
+    assert codes[-5] == 0 and back[-5] == 0 and codes[-4] == quant.SCALE_BIAS  # 0 exact, 1.0 a code of its own
+    assert codes[-2] == 1 and codes[-1] == 255 and back[-1] < 1e4  # clipped to the ends
+    every = quant.scale_values(torch.arange(256, dtype=torch.uint8))
+    assert every[0] == 0 and (every[1:] > every[:-1]).all()
+    assert 2.5e-4 < every[1] < 2.7e-4 and 600 < every[255] < 620
+    bf16 = torch.tensor([0.3, 7.0], dtype=torch.bfloat16)
+    torch.testing.assert_close(quant.scale_values(bf16), bf16.float())  # stored in a dtype: upcast only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_log_scaled_keys_and_values_match_the_reference(dtype):
+    """Keys and values with one-byte scales: a byte per scale, each block's range centred in its levels, every
+    element within half a step of itself (clipped ranges aside: min/max at 8 bits), equal to the reference
+    quantizer written apart (conftest), and a constant block or an all-zero group stored exactly."""
+    g = torch.Generator().manual_seed(7)
+    keys = (torch.randn(2, 3, 40, 38, generator=g) * torch.linspace(0.05, 6, 38) + 1).to(dtype)
+    keys[0, 1, :, 5] = 2.5  # a constant channel: scale 0, exact
+    qk = quant.quantize_keys(keys, 4, block=8, log_scales=True)
+    assert qk.log_scales and qk.scale.dtype == torch.uint8 and qk.zero.dtype == dtype and qk.dtype == dtype
+    assert qk.nbytes == qk.codes.numel() + qk.scale.numel() * (1 + keys.element_size())
+    out = quant.dequantize_keys(qk, torch.float32)
+    assert out.dtype == torch.float32 and quant.dequantize_keys(qk).dtype == dtype
+    assert (out[0, 1, :, 5] == 2.5).all() and (qk.scale[0, 1, :, 5] == 0).all()
+    x = keys.float().view(2, 3, 5, 8, 38).transpose(-1, -2)  # (B, H, blocks, C, tokens)
+    expected = fake_quant(x, 4, dtype, keys=True, log_scales=True).transpose(-1, -2).reshape(2, 3, 40, 38)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-6)
+    step = qk.scales().repeat_interleave(8, dim=2)
+    eight = quant.quantize_keys(keys, 8, block=8, log_scales=True)  # min/max ranges: nothing clipped
+    step8 = eight.scales().repeat_interleave(8, dim=2)
+    zero_error = 2e-2 * keys.float().abs() if dtype == torch.bfloat16 else 1e-5  # zero points rounded to dtype
+    assert ((quant.dequantize_keys(eight, torch.float32) - keys.float()).abs() <= step8 / 2 + zero_error).all()
+    assert step.max() > 0
+
+    values = (torch.randn(2, 3, 9, 45, generator=g) * 3).to(dtype)
+    values[1, 2, 4, :32] = 0  # an all-zero group: scale 0, exact
+    qv = quant.quantize_values(values, 4, 32, symmetric=True, log_scales=True)
+    assert qv.log_scales and qv.scale.dtype == torch.uint8 and qv.dtype == dtype and qv.zero is None
+    assert qv.nbytes == qv.codes.nbytes + qv.scale.numel()
+    got = quant.dequantize_values(qv, torch.float32)
+    assert (got[1, 2, 4, :32] == 0).all()
+    reference = torch.cat(
+        [fake_quant_symmetric(p, 4, dtype, log_scales=True) for p in values.float().split(32, -1)], -1
+    )
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-6)
+    weights = torch.softmax(torch.randn(2, 3, 4, 9, generator=g), -1)
+    torch.testing.assert_close(
+        quant.quantized_attention_output(weights, qv, chunk_tokens=4), weights @ got, atol=1e-5, rtol=1e-5
+    )
+    query = torch.randn(2, 3, 5, 38, generator=g)
+    torch.testing.assert_close(
+        quant.quantized_attention_logits(query, qk, 0.5, chunk_tokens=16),
+        query @ out.transpose(-1, -2) * 0.5,
+        atol=1e-4,
+        rtol=1e-5,
+    )
+
+
+def test_log_scaled_parts_keep_their_scales_through_token_operations():
+    """Appending, gathering per head and narrowing keep one-byte scales as bytes (nothing re-quantized), and parts
+    with different kinds of scales refuse to be joined."""
+    g = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(2, 2, 50, 20, generator=g), torch.randn(2, 2, 50, 32, generator=g)
+    qk = quant.quantize_keys(keys[:, :, :21], 4, 8, log_scales=True)
+    qk = quant.cat_keys(qk, quant.quantize_keys(keys[:, :, 21:], 4, 8, log_scales=True))
+    dense = quant.dequantize_keys(qk)
+    index = torch.stack([torch.stack([torch.randperm(50, generator=g)[:30].sort().values for _ in "hh"]) for _ in "bb"])
+    gathered = quant.gather_keys(qk, index)
+    assert gathered.scale.dtype == torch.uint8 and gathered.log_scales
+    torch.testing.assert_close(
+        quant.dequantize_keys(gathered), dense.gather(2, index[..., None].expand(-1, -1, -1, 20))
+    )
+    torch.testing.assert_close(quant.dequantize_keys(quant.narrow_keys(qk, 8, 30)), dense[:, :, 8:38])
+    with pytest.raises(ValueError, match="log_scales differs"):
+        quant.cat_keys(qk, quant.quantize_keys(keys[:, :, :8], 4, 8))
+    qv = quant.quantize_values(values, 4, 32, symmetric=True, log_scales=True)
+    with pytest.raises(ValueError, match="log_scales differs"):
+        quant.cat_values(qv, quant.quantize_values(values, 4, 32, symmetric=True))
+
+
 def test_symmetric_values_keep_their_layout_through_token_operations():
     """cat, gather and narrow keep symmetric values symmetric (no zero points appear); mixing refuses."""
     g = torch.Generator().manual_seed(0)
@@ -231,7 +324,7 @@ def test_clipping_search_in_slices_equals_one_pass(bits, monkeypatch):
     best_error, best_codes = torch.full((50,), float("inf")), torch.zeros(50, 32)
     for ratio in quant.CLIP_RATIOS[bits]:
         margin = (1.0 - ratio) / 2 * (hi - lo)
-        codes, scale, zero = quant._rounded(x, lo + margin, hi - margin, qmax, torch.float32)
+        codes, scale, zero, _ = quant._rounded(x, lo + margin, hi - margin, qmax, torch.float32)
         error = (codes * scale[:, None] + zero[:, None] - x).square().sum(-1)
         better = error < best_error  # strictly: the earlier (wider) ratio keeps a tie
         best_error = torch.where(better, error, best_error)
@@ -537,13 +630,15 @@ def test_keys_are_clipped_less_than_values_at_two_bits():
     assert (value_range < 0.75 * full[..., None]).any()
 
 
-def test_two_bit_storage_defaults():
+def test_storage_defaults():
     """2 bits take 16-token key blocks and 64-channel value groups (0.15x of DynamicCache's bytes at key ratio 0.5,
-    head_dim 64, bfloat16, measured in test_quantized_cache); 4 and 8 bits 32 and 32."""
+    head_dim 64, bfloat16, measured in test_quantized_cache); 4 bits 8-token blocks, 32-channel groups and one-byte
+    scales; 8 bits 32 and 32."""
     from think_cache import ThinKCache
     from think_cache.storage import QuantizedStore
 
-    assert [quant.key_block(b) for b in (2, 4, 8)] == [16, 16, 32]
+    assert [quant.key_block(b) for b in (2, 4, 8)] == [16, 8, 32]
+    assert [quant.LOG_SCALES[b] for b in (2, 4, 8)] == [False, True, False]
     assert [ThinKCache(key_ratio=0.5, bits=b).group_size for b in (2, 4, 8)] == [64, 32, 32]
     assert ThinKCache(key_ratio=0.5, bits=2, group_size=16).group_size == 16
     store = QuantizedStore(2)

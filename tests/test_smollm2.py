@@ -71,7 +71,7 @@ def test_half_the_key_channels_on_the_real_model(smollm2):
         answers.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :]))
     assert code in answers[0] and code in answers[1]
     # half the key channels; the question's 32 tokens keep their other half aside for a later prompt (0.7% here)
-    spare = sum(layer.spare_keys.nbytes for layer in think.layers)
+    spare = sum(layer.spare.nbytes for layer in think.layers)
     assert (held_bytes(think) - spare) / held_bytes(dense) <= 0.76
     assert 0 < spare / held_bytes(dense) <= 0.01 and held_bytes(think) / held_bytes(dense) <= 0.77
     assert len(think.layers) == 30 and think.layers[0].key_channels.shape == (1, 3, 32)

@@ -202,7 +202,8 @@ def test_bytes_against_static_cache(dtype, bits, at_most):
     keys, values = layer.compact_keys, layer.compact_values
     assert keys.codes.dtype == values.codes.dtype == torch.uint8
     assert keys.codes.shape[-1] == 32 * bits // 8 and values.codes.shape[-1] == 64 * bits // 8  # really packed
-    assert keys.scale.dtype == keys.zero.dtype == values.scale.dtype == dtype
+    assert keys.zero.dtype == keys.dtype == values.dtype == dtype
+    assert keys.scale.dtype == values.scale.dtype == (torch.uint8 if bits == 4 else dtype)  # one-byte scales at 4
     assert values.zero is None  # 4-bit values are symmetric: no zero points held
     assert keys.scale.shape[2] == keys.codes.shape[2] // keys.block  # a scale per key block of slots, not per token
 

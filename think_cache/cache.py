@@ -216,11 +216,12 @@ class ThinKCache(Cache):
         A token eviction `Policy`, or None to keep every token.
     bits:
         None (the default) keeps the compact part in the model's dtype; 2, 4 or 8 stores it as packed codes, KIVI-style:
-        keys per channel with a scale and zero point per block of 16 tokens (32 at 8 bits), values per token with a
-        scale and zero point per ``group_size`` channels (a scale alone at 4 bits, symmetric; scales and zero points in
-        the model's dtype). Tokens are quantized once, when they fold; the full-width part (the newest tokens) stays in
-        full precision. Key ratio 0.5 with 4 bits holds 0.24x of DynamicCache's bytes, with 2 bits 0.15x (head_dim 64,
-        bfloat16, counting the question's pruned key channels kept for a later turn).
+        keys per channel with a scale and zero point per block of 16 tokens (8 at 4 bits, 32 at 8), values per token
+        with a scale and zero point per ``group_size`` channels (a scale alone at 4 bits, symmetric); zero points in
+        the model's dtype, scales too except at 4 bits (one byte each). Tokens are quantized once, when they fold;
+        the full-width part (the newest tokens) stays in full precision. Key ratio 0.5 with 4 bits holds 0.25x of
+        DynamicCache's bytes, with 2 bits 0.15x (head_dim 64, bfloat16, counting the question's pruned key channels
+        kept as 8-bit codes for a later turn).
     group_size:
         Value channels per scale and zero point when ``bits`` is set (default 32, 64 at 2 bits; the last group of
         a pruned value width holds the remainder). Smaller groups are more accurate and cost more scales.

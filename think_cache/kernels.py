@@ -52,6 +52,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .compact import as_bool_mask
+from . import quant
 from .quant import QuantKeys, QuantValues
 from .storage import CompactStore, FullStore, QuantizedStore
 
@@ -144,30 +145,45 @@ def _softmax_step_body(
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1), s
 
 
+def _scales_body(raw, LOG_SCALES: tl.constexpr):
+    """Stored scales as float32: one-byte codes decoded (``LOG_SCALES``, `think_cache.quant.scale_values`: code 0
+    is a scale of 0, code ``c`` is ``2 ** ((c - SCALE_BIAS) / SCALE_STEPS)``), else upcast."""
+    s = raw.to(tl.float32)
+    if LOG_SCALES:
+        s = tl.where(s == 0.0, 0.0, tl.exp2((s - _SCALE_BIAS) / _SCALE_STEPS))
+    return s
+
+
 def _keys_tile_body(
     base, cols, col_ok, ck, ck_ok, s_t, s_c, ks_base, kz_base, kb_base, kept_k, k_width, k_block,
-    QUANT: tl.constexpr, BITS: tl.constexpr, IRREGULAR: tl.constexpr,
+    QUANT: tl.constexpr, BITS: tl.constexpr, IRREGULAR: tl.constexpr, TOKEN_BLOCKS: tl.constexpr,
+    LOG_SCALES: tl.constexpr,
 ):  # fmt: skip
     """A tile of compact keys, ``(kept channels, tokens)``: loaded (a `FullStore`), or, under ``QUANT``, the
     tokens' packed codes unpacked in registers (planar: channel ``c`` is byte ``c % k_width``, bits
     ``(c // k_width) * BITS`` on) times their block's scale plus its zero point, in float32. Regular keys: the
     tile is one whole block (the launch makes tiles ``k_block`` tokens, aligned), so its scales and zero points are
-    one vector over the channels; ``IRREGULAR``: each token's block is read from its ``block_index``."""
+    one vector over the channels; ``TOKEN_BLOCKS``: blocks shorter than a tile (8 tokens at 4 bits, tiles of 16),
+    each token's block is ``token // k_block``; ``IRREGULAR``: each token's block is read from its
+    ``block_index``. ``LOG_SCALES``: the scales are one-byte codes (`_scales`)."""
     tile_ok = ck_ok[:, None] & col_ok[None, :]
     if QUANT:
         byte = tl.load(base + cols[None, :] * s_t + (ck % k_width)[:, None] * s_c, mask=tile_ok, other=0)
         # the plane of each channel; padding lanes past the channels (never kept) stay within the byte's planes
         shift = (((ck // k_width) % (8 // BITS)) * BITS).to(tl.uint8)
         code = ((byte >> shift[:, None]) & ((1 << BITS) - 1)).to(tl.float32)
-        if IRREGULAR:
-            block = tl.load(kb_base + cols, mask=col_ok, other=0)
+        if IRREGULAR or TOKEN_BLOCKS:
+            if IRREGULAR:
+                block = tl.load(kb_base + cols, mask=col_ok, other=0)
+            else:
+                block = cols // k_block
             at = block[None, :] * kept_k + ck[:, None]
-            scale = tl.load(ks_base + at, mask=tile_ok, other=0.0).to(tl.float32)
+            scale = _scales(tl.load(ks_base + at, mask=tile_ok, other=0), LOG_SCALES)
             zero = tl.load(kz_base + at, mask=tile_ok, other=0.0).to(tl.float32)
             keys = code * scale + zero
         else:
             at = (tl.min(cols, 0) // k_block) * kept_k + ck  # the tile's block: its first token's
-            scale = tl.load(ks_base + at, mask=ck_ok, other=0.0).to(tl.float32)
+            scale = _scales(tl.load(ks_base + at, mask=ck_ok, other=0), LOG_SCALES)
             zero = tl.load(kz_base + at, mask=ck_ok, other=0.0).to(tl.float32)
             keys = code * scale[:, None] + zero[:, None]
     else:  # one return: Triton types every return statement, even those a constexpr branch leaves out
@@ -176,15 +192,16 @@ def _keys_tile_body(
 
 
 def _values_tile_body(
-    base, cols, col_ok, cv, cv_ok, s_t, s_c, vs_base, vz_base, v_groups, v_width,
+    base, cols, col_ok, cv, cv_ok, s_t, s_c, vs_base, vz_base, v_groups, v_width, like,
     QUANT: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KV: tl.constexpr, V_GROUP: tl.constexpr,
-    V_SYMMETRIC: tl.constexpr,
+    V_SYMMETRIC: tl.constexpr, LOG_SCALES: tl.constexpr,
 ):  # fmt: skip
     """A tile of compact values, ``(tokens, kept channels)``: loaded, or, under ``QUANT``, unpacked from the
     tokens' codes times the scale plus the zero point of the channel's group (``c // V_GROUP``), rounded to the
-    scales' dtype (the model's) as a stored value would be. The scales are loaded once per token and group, a
+    dtype of ``like`` (a pointer to the query: the model's dtype) as a stored value would be. The scales are loaded once per token and group, a
     ``(tokens, groups)`` tile, and broadcast over each group's channels (``V_GROUP`` divides ``BLOCK_KV``).
-    ``V_SYMMETRIC``: no zero points are stored; a group's is ``-(2**BITS - 1) / 2`` times its scale."""
+    ``V_SYMMETRIC``: no zero points are stored; a group's is ``-(2**BITS - 1) / 2`` times its scale.
+    ``LOG_SCALES``: the scales are one-byte codes (`_scales`)."""
     tile_ok = col_ok[:, None] & cv_ok[None, :]
     if QUANT:
         byte = tl.load(base + cols[:, None] * s_t + (cv % v_width)[None, :] * s_c, mask=tile_ok, other=0)
@@ -193,14 +210,14 @@ def _values_tile_body(
         g = tl.arange(0, BLOCK_KV // V_GROUP)
         at = cols[:, None] * v_groups + g[None, :]
         at_ok = col_ok[:, None] & (g < v_groups)[None, :]
-        scale = tl.load(vs_base + at, mask=at_ok, other=0.0).to(tl.float32)
+        scale = _scales(tl.load(vs_base + at, mask=at_ok, other=0), LOG_SCALES)
         if V_SYMMETRIC:
             zero = scale * (-((1 << BITS) - 1) / 2)
         else:
             zero = tl.load(vz_base + at, mask=at_ok, other=0.0).to(tl.float32)
         code = tl.reshape(code, (BLOCK_N, BLOCK_KV // V_GROUP, V_GROUP))
         values = tl.reshape(code * scale[:, :, None] + zero[:, :, None], (BLOCK_N, BLOCK_KV))
-        values = values.to(vs_base.dtype.element_ty)
+        values = values.to(like.dtype.element_ty)
     else:
         values = tl.load(base + cols[:, None] * s_t + cv[None, :] * s_c, mask=tile_ok, other=0.0)
     return values
@@ -208,8 +225,11 @@ def _values_tile_body(
 
 # bound to the jitted bodies above by _kernels(): the kernel calls them under these names
 _softmax_step = None
+_scales = None
 _keys_tile = None
 _values_tile = None
+_SCALE_BIAS = None  # tl.constexpr of think_cache.quant.SCALE_BIAS / SCALE_STEPS, also bound by _kernels()
+_SCALE_STEPS = None
 
 
 def _split_pass(
@@ -230,13 +250,14 @@ def _split_pass(
     BLOCK_KV: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, PRUNED_V: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     QUANT: tl.constexpr, BITS: tl.constexpr, IRREGULAR: tl.constexpr, V_GROUP: tl.constexpr, SCORES: tl.constexpr,
-    V_SYMMETRIC: tl.constexpr,
+    V_SYMMETRIC: tl.constexpr, TOKEN_BLOCKS: tl.constexpr, LOG_SCALES: tl.constexpr,
 ):  # fmt: skip
     """One (batch row, KV head, row block) x one span of tokens: see the module docstring. ``UPCAST``: do the
     products in float32 (Triton's interpreter multiplies bfloat16 operands as raw bits). ``QUANT``: the compact
     part is a `QuantizedStore`'s codes (``ck_ptr``/``cv_ptr``) with their scales and zero points (``ks``/``kz``
-    per key block and channel, ``vs``/``vz`` per token and value group) and, ``IRREGULAR``, each token's key block
-    (``kb``); those tensors are contiguous. ``SCORES``: also write every row's masked logits (``lg``, ``(batch,
+    per key block and channel, ``vs``/``vz`` per token and value group; ``LOG_SCALES``: the scales as one-byte
+    codes) and, ``IRREGULAR``, each token's key block (``kb``; ``TOKEN_BLOCKS``: blocks shorter than a tile, each
+    token's block computed); those tensors are contiguous. ``SCORES``: also write every row's masked logits (``lg``, ``(batch,
     kv_heads, rows, tokens)`` float32, base-2 scaled) and its softmax's final max and sum (``st``, ``(..., rows,
     2)``), from which `_token_weights` gives each token's attention weight (what H2O accumulates)."""
     pid = tl.program_id(0)
@@ -293,7 +314,7 @@ def _split_pass(
         col_ok = cols < compact_end
         k = _keys_tile(
             ck_base, cols, col_ok, ck, ck_ok, sck_t, sck_c, ks_base, kz_base, kb_base, kept_k, k_width, k_block,
-            QUANT, BITS, IRREGULAR,
+            QUANT, BITS, IRREGULAR, TOKEN_BLOCKS, LOG_SCALES,
         )  # fmt: skip
         k = k.to(tl.float32) if UPCAST else k.to(q_kept.dtype)
         s = tl.dot(q_kept, k, input_precision=PRECISION) * scale_log2
@@ -303,8 +324,8 @@ def _split_pass(
         if SCORES:
             tl.store(lg_rows[:, None] + cols[None, :], s, mask=row_ok[:, None] & col_ok[None, :])
         v = _values_tile(
-            cv_base, cols, col_ok, cv, cv_ok, scv_t, scv_c, vs_base, vz_base, v_groups, v_width, QUANT, BITS,
-            BLOCK_N, BLOCK_KV, V_GROUP, V_SYMMETRIC,
+            cv_base, cols, col_ok, cv, cv_ok, scv_t, scv_c, vs_base, vz_base, v_groups, v_width, q_ptr, QUANT, BITS,
+            BLOCK_N, BLOCK_KV, V_GROUP, V_SYMMETRIC, LOG_SCALES,
         )  # fmt: skip
         p_v = p.to(v.dtype)  # probabilities at the values' precision, as the torch path multiplies them
         if UPCAST:
@@ -392,11 +413,13 @@ def _split_pass(
 @functools.lru_cache(maxsize=2)
 def _kernels(interpret: bool):
     """The two kernels, jitted (or wrapped for the interpreter) for the current Triton mode."""
-    global triton, tl, _softmax_step, _keys_tile, _values_tile
+    global triton, tl, _softmax_step, _scales, _keys_tile, _values_tile, _SCALE_BIAS, _SCALE_STEPS
     import triton
     import triton.language as tl
 
+    _SCALE_BIAS, _SCALE_STEPS = tl.constexpr(float(quant.SCALE_BIAS)), tl.constexpr(float(quant.SCALE_STEPS))
     _softmax_step = triton.jit(_softmax_step_body)
+    _scales = triton.jit(_scales_body)
     _keys_tile = triton.jit(_keys_tile_body)
     _values_tile = triton.jit(_values_tile_body)
     # what changes with every step (counts, the mask's strides, the key blocks) is not specialized on (== 1,
@@ -538,10 +561,11 @@ def quantized_decode_attention(
     products in the query's dtype) to `think_cache.compact.compact_attention` over that store; the other arguments
     are `compact_decode_attention`'s."""
     keys, values = store.keys, store.values
-    if keys.bits != values.bits or keys.tokens != values.tokens:
+    if keys.bits != values.bits or keys.tokens != values.tokens or keys.log_scales != values.log_scales:
         raise ValueError(
-            f"quantized_decode_attention: keys of {keys.bits} bits over {keys.tokens} tokens with values of "
-            f"{values.bits} bits over {values.tokens}: expected the same code width and tokens"
+            f"quantized_decode_attention: keys of {keys.bits} bits over {keys.tokens} tokens (one-byte scales: "
+            f"{keys.log_scales}) with values of {values.bits} bits over {values.tokens} (one-byte scales: "
+            f"{values.log_scales}): expected the same code width, tokens and kind of scales"
         )
     key_channels, value_channels = store.key_channels, store.value_channels
     kept_v = query.shape[-1] if value_channels is None else value_channels.shape[-1]
@@ -559,10 +583,10 @@ def quantized_decode_attention(
 def _quantized_args(quantized: tuple[QuantKeys, QuantValues] | None, anything: torch.Tensor):
     """The kernel's quantized-store arguments: (key scales, key zero points, key block index, value scales, value
     zero points, or ``anything`` for symmetric values), then (key bytes per token, key blocks, tokens per key
-    block, value bytes per token, value groups), bits, irregular, channels per value group, symmetric values. A
-    `FullStore` passes ``anything`` (never read)."""
+    block, value bytes per token, value groups), bits, irregular, channels per value group, symmetric values,
+    one-byte scales. A `FullStore` passes ``anything`` (never read)."""
     if quantized is None:
-        return (anything,) * 5, (1, 1, 1, 1, 1), 8, False, None, False
+        return (anything,) * 5, (1, 1, 1, 1, 1), 8, False, None, False, False
     qk, qv = quantized
     block_index = qk.block_index
     value_zero = anything if qv.symmetric else qv.zero
@@ -575,18 +599,19 @@ def _quantized_args(quantized: tuple[QuantKeys, QuantValues] | None, anything: t
         block_index is not None,
         qv.group_size,
         qv.symmetric,
+        qk.log_scales,
     )
 
 
 def kernel_reads(store: CompactStore) -> bool:
     """Whether the kernel can read ``store``'s layout: any `FullStore`; a `QuantizedStore` whose key blocks are a
-    power of two of at least 16 tokens (a tile is one block) and whose value groups, when a row has several, are a
-    power of two of channels (the kernel broadcasts a group's scale by reshaping the tile)."""
+    power of two of tokens (a tile is one block, or 16 tokens of shorter blocks) and whose value groups, when a row
+    has several, are a power of two of channels (the kernel broadcasts a group's scale by reshaping the tile)."""
     if not isinstance(store, QuantizedStore):
         return True
     block, group = store.key_block, store.group_size
     one_group = store.values is not None and store.values.n_groups == 1
-    return block >= 16 and _pow2(block) == block and (_pow2(group, 1) == group or one_group)
+    return _pow2(block, 1) == block and (_pow2(group, 1) == group or one_group)
 
 
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
@@ -636,7 +661,7 @@ def _attention(
         raise ValueError(f"compact values hold {kept_v} channels of {head_dim}: pass their value_channels")
     if n_compact == 0:  # nothing is read from the compact tensors: any valid pointer will do
         compact_keys, compact_values, quantized = recent_keys, recent_values, None
-    store_tensors, store_sizes, bits, irregular, v_group, v_symmetric = _quantized_args(quantized, query)
+    store_tensors, store_sizes, bits, irregular, v_group, v_symmetric, log_scales = _quantized_args(quantized, query)
     if not pruned_v:
         value_channels = key_channels
 
@@ -661,8 +686,9 @@ def _attention(
     block_kk, block_kv = _pow2(kept_k), _pow2(kept_v)
     block_r = min(_pow2(group * q_len), 32 if head_dim > 128 else 64)
     config = LAUNCH.get(block_d, LaunchConfig())
-    if quantized is not None:  # a tile is one key block: one vector of scales per tile (`_keys_tile_body`)
-        config = replace(config, block_n=quantized[0].block)
+    if quantized is not None:  # a tile is one key block (one vector of scales per tile), or 16 tokens of shorter ones
+        config = replace(config, block_n=max(16, quantized[0].block))
+    token_blocks = quantized is not None and not irregular and quantized[0].block < config.block_n
     # channels per value scale as the tile sees them: one group over all lanes when a row has one group
     v_group = block_kv if v_group is None or v_group >= kept_v else v_group
     if block_kv % v_group or config.block_n < 16 or _pow2(config.block_n) != config.block_n:
@@ -704,7 +730,7 @@ def _attention(
                 PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
                 UPCAST=interpreting and query.dtype == torch.bfloat16,
                 QUANT=quantized is not None, BITS=bits, IRREGULAR=irregular, V_GROUP=v_group, SCORES=token_weights,
-                V_SYMMETRIC=v_symmetric, num_warps=config.num_warps,
+                V_SYMMETRIC=v_symmetric, TOKEN_BLOCKS=token_blocks, LOG_SCALES=log_scales, num_warps=config.num_warps,
                 **({} if config.num_stages is None else {"num_stages": config.num_stages}),
             )  # fmt: skip
         except BaseException:  # a launch that stopped part way may leave counts behind: the next one starts afresh

@@ -41,7 +41,7 @@ When things happen (the schedule), in logical positions, whatever the way tokens
   turn) restarts the schedule at its own end and keeps at least its last ``window`` tokens at full width
   (`held_tokens`): its question did not choose the channels.
 * **A later prompt sees the earlier prompts' questions whole.** When a prompt ends, the pruned key channels of its
-  last ``window`` tokens (its question, where the channels were chosen from) are kept aside (``spare_keys``, a
+  last ``window`` tokens (its question, where the channels were chosen from) are kept aside (``spare``, a
   few KiB per full-attention layer, for the newest `SPARE_PROMPTS` prompts). The query rows of a later prompt (a
   chat's next turn) see those tokens at full width (`restored`); generated tokens see them thinned, as before.
   Prefilled in one piece with the whole conversation, a later turn's tokens would see every earlier token whole;
@@ -76,7 +76,7 @@ from .scoring import (
     select_channels,
     value_channel_scores,
 )
-from .storage import CompactStore, FullStore, WaitingPrompt
+from .storage import CompactStore, FullStore, SpareKeys, WaitingPrompt
 
 __all__ = [
     "ThinKLayer",
@@ -96,7 +96,6 @@ _ROW_TENSORS = (
     "token_scores",
     "window_queries",
     "real_keys",
-    "spare_keys",
 )
 
 #: Generated tokens fold into the compact part this many at a time. Appending to the compact part copies it, so
@@ -212,7 +211,8 @@ class ThinKLayer(CacheLayerMixin):
         self.scaling = 1.0
         self.softcap: float | None = None  # the model's attention logit cap (Gemma 2), None for none
         self.forward_tokens = 0  # tokens of the last forward
-        self.spare_positions: list[int] = []  # logical positions of the tokens in `spare_keys`
+        self.spare: SpareKeys | None = None  # the questions' pruned key channels (`_keep_spare`)
+        self.spare_positions: list[int] = []  # logical positions of the tokens in `spare`
         self.folded = False  # tokens were folded since the policy last evicted
         self.thinned_full = 0  # the oldest full-width tokens seen thinned in place (`_thin_oldest`)
         self.waiting: WaitingPrompt | None = None  # a chunked prompt's earlier chunks, before compaction
@@ -272,8 +272,9 @@ class ThinKLayer(CacheLayerMixin):
             if t is not None:
                 yield t
         yield from self.store.tensors()
-        if self.waiting is not None:
-            yield from self.waiting.tensors()
+        for part in (self.waiting, self.spare):
+            if part is not None:
+                yield from part.tensors()
 
     def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         for name in _ROW_TENSORS:
@@ -281,8 +282,9 @@ class ThinKLayer(CacheLayerMixin):
             if t is not None:
                 setattr(self, name, fn(t))
         self.store.map(fn)
-        if self.waiting is not None:
-            self.waiting.map(fn)
+        for part in (self.waiting, self.spare):
+            if part is not None:
+                part.map(fn)
 
     # ---------------------------------------------------------------------------------------- cache API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
@@ -504,11 +506,12 @@ class ThinKLayer(CacheLayerMixin):
         if n == 0 or pruned == 0:
             return
         spare = gather_channels(keys, pruned_channels(self.key_channels, self.head_dim))
-        positions = self.spare_positions + list(range(first, first + n))
-        if self.spare_keys is not None:
-            spare = torch.cat([self.spare_keys, spare], dim=-2)
         bound = SPARE_PROMPTS * self.window
-        self.spare_keys, self.spare_positions = spare[:, :, -bound:].contiguous(), positions[-bound:]
+        if self.spare is None:
+            self.spare = SpareKeys(spare[:, :, -bound:], coded=self.store.codes_spare)
+        else:
+            self.spare.append(spare, bound)
+        self.spare_positions = (self.spare_positions + list(range(first, first + n)))[-bound:]
 
     def restored(self, q_len: int, group: int) -> Restored | None:
         """For the current forward's ``q_len`` query rows (of each of a KV head's ``group`` query heads): the thinned
@@ -517,7 +520,7 @@ class ThinKLayer(CacheLayerMixin):
         is a later prompt's when it comes before the prompt end ``generate`` declared; without a declared end, every
         row of a multi-token forward is."""
         n_thinned = self.compact_tokens + self.thinned_full  # tokens held thinned: compact, then thinned in place
-        if self.spare_keys is None or n_thinned == 0:
+        if self.spare is None or n_thinned == 0:
             return None
         t0 = self.seen_tokens - q_len
         if self.prompt_end is not None:
@@ -526,8 +529,9 @@ class ThinKLayer(CacheLayerMixin):
             n_rows = q_len if q_len > 1 else 0
         if n_rows == 0:
             return None
-        device = self.spare_keys.device
-        batch, kv_heads, n, _ = self.spare_keys.shape
+        spare_keys = self.spare.keys(self.dtype)
+        device = spare_keys.device
+        batch, kv_heads, n, _ = spare_keys.shape
         positions = torch.tensor(self.spare_positions, device=device)
         if self.compact_positions is None:  # the compact part holds consecutive positions, the oldest dropped
             columns = positions - (self.full_from - self.compact_tokens)
@@ -541,7 +545,7 @@ class ThinKLayer(CacheLayerMixin):
             present = (columns < n_thinned) & (held.gather(-1, columns.clamp(max=n_thinned - 1)) == wanted)
         rows = (torch.arange(q_len, device=device) < n_rows).repeat(group)
         return Restored(
-            keys=self.spare_keys,
+            keys=spare_keys,
             channels=pruned_channels(self.key_channels, self.head_dim),
             columns=columns.clamp(0, n_thinned - 1),
             present=present,
@@ -758,8 +762,10 @@ class ThinKLayer(CacheLayerMixin):
         if all(keep):
             return
         self.spare_positions = [p for p, k in zip(self.spare_positions, keep, strict=True) if k]
-        index = torch.tensor(keep, device=self.spare_keys.device)
-        self.spare_keys = self.spare_keys[:, :, index].contiguous() if self.spare_positions else None
+        if self.spare_positions:
+            self.spare.select(keep)
+        else:
+            self.spare = None
 
     def _keep_compact(self, index: torch.Tensor) -> None:
         """Keep the compact tokens at ``index`` ``(B, H, K)`` per head (ascending)."""

@@ -1,15 +1,17 @@
 """Quantized storage for the compact part, KIVI-style: the math as pure tensor functions.
 
 Keys are quantized **per channel** over a block of tokens (every kept channel has a scale and a zero point per
-block: 16 tokens, half the fold block, at 2 and 4 bits; the 32-token fold block at 8; `KEY_BLOCKS`): key outliers
+block: 16 tokens at 2 bits, 8 at 4, the 32-token fold block at 8; `KEY_BLOCKS`): key outliers
 live in a few channels, so a per-channel range keeps them from flattening the other channels. Values are quantized
 **per token** in groups of ``group_size`` channels. Quantization is asymmetric: ``x ~ code * scale + zero`` with
 ``zero = min`` and ``scale = (max - min) / (2**bits - 1)`` over a range that, at 2 and 4 bits, is the group's
 min/max range clipped by the factor (of `CLIP_RATIOS`; `KEY_CLIP_RATIOS` for keys) with the least squared error; a
 group whose values are all equal gets ``scale = 0`` and is stored exactly. Values at 4 bits are symmetric instead
 (`SYMMETRIC_VALUES`): no zero point is stored, ``x ~ (code - (2**bits - 1) / 2) * scale`` over ``max |x|`` (clipped
-the same way), which pays for 16-token key blocks. No symmetric code stands for exactly 0 (the levels are odd
-multiples of ``scale / 2``); only an all-zero group gets ``scale = 0`` and is stored exactly.
+the same way), which pays for short key blocks. No symmetric code stands for exactly 0 (the levels are odd
+multiples of ``scale / 2``); only an all-zero group gets ``scale = 0`` and is stored exactly. At 4 bits every
+scale is one byte (`LOG_SCALES`, `encode_scales`): a power of ``2 ** (1 / 12)`` rounded up, and a key block's zero
+point centres its range in the levels that scale spans.
 
 Layout and packing
 ------------------
@@ -59,6 +61,9 @@ __all__ = [
     "DEFAULT_GROUP_SIZE",
     "GROUP_SIZES",
     "SYMMETRIC_VALUES",
+    "LOG_SCALES",
+    "SCALE_STEPS",
+    "SCALE_BIAS",
     "DEFAULT_CHUNK_TOKENS",
     "QuantKeys",
     "QuantValues",
@@ -72,6 +77,8 @@ __all__ = [
     "quantize_keys",
     "quantize_values",
     "symmetric_offset",
+    "encode_scales",
+    "scale_values",
     "dequantize_keys",
     "dequantize_values",
     "cat_keys",
@@ -106,12 +113,26 @@ DEFAULT_BLOCK = 32
 #: SmolLM2 (2k pass key, 48 prompts, ThinK 0.4, 2-bit keys and values) 32-token key blocks found 33 pass keys,
 #: 16-token blocks 38 (full-precision keys with 2-bit values: 44). A scale and a zero point per 16 tokens cost, in
 #: bfloat16, 2 bits per key element, as much as its code. At 4 bits key-value retrieval needs every kept channel
-#: precise: 16-token blocks halve the block-range share of the window's logit error and gave ThinK 0.4's answers
-#: on more prompts (`eval_cpu_2k_int4_layout_probes.json`); symmetric values pay for them (`SYMMETRIC_VALUES`;
-#: 64-channel value groups, the other way to pay, lost 5 of 48 pass keys, `eval_cpu_2k_int4_kv_sweep.json`).
-#: At 8 bits 32-token blocks suffice.
-KEY_BLOCKS = {2: 16, 4: 16, 8: DEFAULT_BLOCK}
+#: precise: 16-token blocks halved the block-range share of the window's logit error and gave ThinK 0.4's answers
+#: on more prompts than 32 (`eval_cpu_2k_int4_layout_probes.json`), 8-token blocks with one-byte scales
+#: (`LOG_SCALES`) on more again (`eval_cpu_2k_int4_probes_v2.json`); symmetric values pay for the blocks
+#: (`SYMMETRIC_VALUES`; 64-channel value groups, the other way to pay, lost 5 of 48 pass keys,
+#: `eval_cpu_2k_int4_kv_sweep.json`). At 8 bits 32-token blocks suffice.
+KEY_BLOCKS = {2: 16, 4: 8, 8: DEFAULT_BLOCK}
 assert all(DEFAULT_BLOCK % b == 0 for b in KEY_BLOCKS.values()), "a fold must quantize whole key blocks"
+#: Code widths whose stores hold every scale as one byte, a code of `encode_scales` (the scale rounded up to a
+#: step of 1/12 of an octave; the zero points stay in the model's dtype): at 4 bits a bfloat16 scale per 8 tokens
+#: would cost 2 bits a key element, a one-byte scale 1. The byte pays for the 8-token key blocks of `KEY_BLOCKS`,
+#: which at 4 bits key-value retrieval needs (SmolLM2, 2k, 96 prompts, ThinK 0.4's greedy answers fed a token a step:
+#: -1.0 points against ThinK 0.4 with these scales and 8-token blocks, -4.2 with bfloat16 scales and 16-token blocks,
+#: `eval_cpu_2k_int4_probes_v2.json`). A scale is at most 6% above the one asked for (the range of a block's 16
+#: levels up to 6% wider); on random-walk keys the squared error grew 2% (8-token blocks, 0.00271 -> 0.00277).
+LOG_SCALES = {2: False, 4: True, 8: False}
+#: One-byte scale codes: code ``c`` in 1..255 stands for ``2 ** ((c - SCALE_BIAS) / SCALE_STEPS)``, about 2.6e-4 to
+#: 609, and code 0 for a scale of 0 (a constant group, stored exactly). A scale above 609 (a 4-bit key block whose
+#: range passes 9,000, a symmetric 4-bit value group whose largest passes 4,500) is clipped to 609.
+SCALE_STEPS = 12
+SCALE_BIAS = 144
 #: Value channels per scale / zero point (KIVI's default); the last group takes the remainder.
 DEFAULT_GROUP_SIZE = 32
 #: The default value group of a `think_cache.ThinKCache` by code width: at 2 bits the 16-token key blocks
@@ -122,8 +143,9 @@ GROUP_SIZES = {2: 64, 4: DEFAULT_GROUP_SIZE, 8: DEFAULT_GROUP_SIZE}
 #: Code widths whose values a `think_cache.storage.QuantizedStore` stores symmetric (a scale per group, no zero
 #: point): at 4 bits a value group's range is nearly symmetric about 0 (16 levels over ``[-max|x|, max|x|]`` lose
 #: little against 16 over ``[min, max]``), and the 2 bytes of a bfloat16 zero point per 32-channel group (4 a token
-#: and KV head) pay for the 16-token key blocks of `KEY_BLOCKS`: 60 bytes a token and KV head at key ratio 0.5 and
-#: head_dim 64, as 32-token blocks with asymmetric values took.
+#: and KV head) pay for the short key blocks of `KEY_BLOCKS`: with one-byte scales (`LOG_SCALES`) 62 bytes a token
+#: and KV head at key ratio 0.5 and head_dim 64 (keys 16 + 12, values 32 + 2), about what 32-token blocks with
+#: asymmetric bfloat16 values took (60).
 SYMMETRIC_VALUES = {2: False, 4: True, 8: False}
 #: Tokens per attention chunk. On a 2-core AVX2 CPU at 4k-8k tokens larger chunks are faster (every op has a
 #: fixed cost): 4-bit logits at 8k take 1.6x as long with 1024-token chunks as with 4096. 2048 bounds one chunk's
@@ -254,14 +276,30 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return out.movedim(0, -2).reshape(*packed.shape[:-1], per * m)[..., :n]
 
 
+# ------------------------------------------------------------------------------------------- scale codes
+def encode_scales(scale: torch.Tensor) -> torch.Tensor:
+    """One-byte codes of float scales ``>= 0``, each rounded **up** to the next code (`SCALE_STEPS`, `SCALE_BIAS`),
+    so a range quantized with the decoded scale stays covered: 0 for a scale of 0, else 1..255 (clipped)."""
+    code = torch.ceil(torch.log2(scale.float()) * SCALE_STEPS) + SCALE_BIAS
+    return torch.where(scale > 0, code.clamp(1, 255), 0.0).to(torch.uint8)
+
+
+def scale_values(scale: torch.Tensor) -> torch.Tensor:
+    """Float32 scales from stored ones: one-byte codes (uint8, `encode_scales`) decoded, else upcast."""
+    if scale.dtype != torch.uint8:
+        return scale.float()
+    code = scale.float()
+    return torch.exp2((code - SCALE_BIAS) / SCALE_STEPS).masked_fill_(code == 0, 0.0)
+
+
 # -------------------------------------------------------------------------------------- quantized tensors
 def _map_fields(obj, fn: Callable[[torch.Tensor], torch.Tensor], names: tuple[str, ...]):
     return replace(obj, **{name: fn(getattr(obj, name)) for name in names if getattr(obj, name) is not None})
 
 
 class _PackedTensors:
-    """What `QuantKeys` and `QuantValues` share: packed ``codes`` with ``scale``/``zero``, batch first.
-    ``_FIELDS`` names the tensor attributes (None-valued ones are skipped)."""
+    """What `QuantKeys` and `QuantValues` share: packed ``codes`` with ``scale``/``zero``, batch first, and the
+    ``dtype`` they stand for. ``_FIELDS`` names the tensor attributes (None-valued ones are skipped)."""
 
     _FIELDS: tuple[str, ...] = ("codes", "scale", "zero")
 
@@ -270,12 +308,17 @@ class _PackedTensors:
         return self.codes.shape[-2]
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.scale.dtype
-
-    @property
     def device(self) -> torch.device:
         return self.codes.device
+
+    @property
+    def log_scales(self) -> bool:
+        """Whether the scales are one-byte codes (`encode_scales`) rather than values in ``dtype``."""
+        return self.scale.dtype == torch.uint8
+
+    def scales(self) -> torch.Tensor:
+        """The scales in float32 (`scale_values`), the shape of ``scale``."""
+        return scale_values(self.scale)
 
     def tensors(self) -> Iterator[torch.Tensor]:
         """Every tensor held (codes, scale, zero, and a block index where there is one)."""
@@ -308,12 +351,15 @@ class QuantKeys(_PackedTensors):
     codes:
         ``(batch, kv_heads, tokens, packed_width(channels, bits))`` uint8, packed along channels.
     scale, zero:
-        ``(batch, kv_heads, n_blocks, channels)`` in the keys' dtype.
+        ``(batch, kv_heads, n_blocks, channels)``: zero points in ``dtype``, scales in ``dtype`` or as one-byte
+        codes (uint8, `encode_scales`).
     block_index:
         None (regular), or ``(batch, kv_heads, tokens)`` int32 once blocks are irregular: after appending to a
         partial block, dropping tokens that do not start a block, or gathering tokens per head.
     bits, block, channels:
         Code width, nominal tokens per block, and unpacked channels.
+    dtype:
+        The dtype of the keys (what `dequantize_keys` returns).
     """
 
     codes: torch.Tensor
@@ -323,6 +369,7 @@ class QuantKeys(_PackedTensors):
     bits: int
     block: int
     channels: int
+    dtype: torch.dtype
 
     _FIELDS = ("codes", "scale", "zero", "block_index")
 
@@ -347,10 +394,12 @@ class QuantValues(_PackedTensors):
     codes:
         ``(batch, kv_heads, tokens, packed_width(channels, bits))`` uint8, packed along channels.
     scale, zero:
-        ``(batch, kv_heads, tokens, ceil(channels / group_size))`` in the values' dtype; ``zero`` None when the
-        values are symmetric (none stored).
+        ``(batch, kv_heads, tokens, ceil(channels / group_size))``: zero points in ``dtype``, None when the values
+        are symmetric (none stored); scales in ``dtype`` or as one-byte codes (uint8, `encode_scales`).
     bits, group_size, channels:
         Code width, channels per group (the last group holds the remainder), unpacked channels.
+    dtype:
+        The dtype of the values (what `dequantize_values` returns).
     """
 
     codes: torch.Tensor
@@ -359,6 +408,7 @@ class QuantValues(_PackedTensors):
     bits: int
     group_size: int
     channels: int
+    dtype: torch.dtype
 
     @property
     def n_groups(self) -> int:
@@ -372,20 +422,29 @@ class QuantValues(_PackedTensors):
         """``(batch, kv_heads, tokens, groups)`` float32 zero points: the stored ones, or ``-offset * scale`` of
         symmetric values (a tensor the size of the scales, never of the codes)."""
         if self.zero is None:
-            return self.scale.float() * -symmetric_offset(self.bits)
+            return self.scales() * -symmetric_offset(self.bits)
         return self.zero.float()
 
 
 # ------------------------------------------------------------------------------------------- quantization
-def _rounded(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmax: int, dtype: torch.dtype):
+def _rounded(
+    x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmax: int, dtype: torch.dtype, log_scales: bool = False
+):
     """Codes of ``x (..., g)`` (float, not yet uint8) for the range ``[lo, hi] (...)``, with the scale and zero point
-    rounded to ``dtype`` first: ``(codes, scale, zero)``."""
-    scale = ((hi - lo) / qmax).to(dtype)
-    zero = lo.to(dtype)
-    s = scale.float()
-    s = torch.where(s == 0, torch.ones_like(s), s)
-    codes = ((x - zero.float()[..., None]) / s[..., None]).round_().clamp_(0, qmax)
-    return codes, scale, zero
+    rounded first as stored: ``(codes, scale, zero, float32 scale)``. The scale in ``dtype``, the zero point ``lo``
+    in ``dtype``; ``log_scales``: the scale as a one-byte code (`encode_scales`, rounded up) and the zero point
+    centring the range in the levels the code spans (in ``dtype``)."""
+    if log_scales:
+        scale = encode_scales((hi - lo) / qmax)
+        s = scale_values(scale)
+        zero = ((lo + hi) / 2 - s * (qmax / 2)).to(dtype)
+    else:
+        scale = ((hi - lo) / qmax).to(dtype)
+        zero = lo.to(dtype)
+        s = scale.float()
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    codes = ((x - zero.float()[..., None]) / safe[..., None]).round_().clamp_(0, qmax)
+    return codes, scale, zero, s
 
 
 def _minmax_quantize(
@@ -394,10 +453,12 @@ def _minmax_quantize(
     dtype: torch.dtype,
     valid: torch.Tensor | None = None,
     ratios: tuple[float, ...] | None = None,
+    log_scales: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Asymmetric min/max over the last axis of float32 ``x (..., g)``: ``(codes uint8, scale, zero)``.
 
-    ``scale``/``zero`` ``(...)`` are rounded to ``dtype`` first and the codes computed from the rounded values, so
+    ``scale``/``zero`` ``(...)`` are rounded to ``dtype`` first (``log_scales``: the scale to a one-byte code, the
+    zero point centring the range, see `_rounded`) and the codes computed from the rounded values, so
     dequantizing with the stored scale and zero reproduces what was quantized. A constant group gets scale 0.
     With ``valid`` (bool, broadcast to ``x``) only valid elements set the range; the others are clamped into it,
     and a group with no valid element gets scale 0 and zero point 0.
@@ -417,7 +478,7 @@ def _minmax_quantize(
         lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
     ratios = CLIP_RATIOS[bits] if ratios is None else ratios
     if len(ratios) == 1:  # 8 bits: the min/max range
-        codes, scale, zero = _rounded(x, lo, hi, qmax, dtype)
+        codes, scale, zero, _ = _rounded(x, lo, hi, qmax, dtype, log_scales)
         return codes.to(torch.uint8), scale, zero
     lo, hi = lo.reshape(-1), hi.reshape(-1)
     # float32 as the scalar (1 - ratio) / 2 would be: the margins of a loop over the ratios, bit for bit
@@ -425,10 +486,10 @@ def _minmax_quantize(
 
     def candidates(rows: torch.Tensor, part: slice):
         margin = factors * (hi[part] - lo[part])  # (ratios, groups)
-        c, s, z = _rounded(rows, lo[part] + margin, hi[part] - margin, qmax, dtype)
-        return c, c * s.float()[..., None] + z.float()[..., None], (s, z)
+        c, s, z, sf = _rounded(rows, lo[part] + margin, hi[part] - margin, qmax, dtype, log_scales)
+        return c, c * sf[..., None] + z.float()[..., None], (s, z)
 
-    codes, (scale, zero) = _least_error_search(x, valid, len(ratios), candidates, dtype, 2)
+    codes, (scale, zero) = _least_error_search(x, valid, len(ratios), candidates)
     return codes, scale, zero
 
 
@@ -437,15 +498,13 @@ def _least_error_search(
     valid: torch.Tensor | None,
     n_candidates: int,
     candidates: Callable[[torch.Tensor, slice], tuple],
-    dtype: torch.dtype,
-    n_params: int,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Per group (the last axis of float32 ``x (..., g)``), the candidate quantization with the least squared error
     over the group's (``valid``) elements: ``(codes uint8 (..., g), [each parameter (...)])``.
 
     ``candidates(rows, part)`` gets the groups ``rows (n, g)`` (groups ``part`` of ``x`` flattened) and returns float
-    codes and their dequantized values ``(n_candidates, n, g)`` and its ``n_params`` parameters (scales, zero points)
-    ``(n_candidates, n)`` in ``dtype``. Every candidate is built at once (one launch per op instead of one per op and
+    codes and their dequantized values ``(n_candidates, n, g)`` and its parameters (scales, zero points)
+    ``(n_candidates, n)`` as stored. Every candidate is built at once (one launch per op instead of one per op and
     candidate: a decoding step that folds a block launched about 6 ms of small kernels a layer on an H100), a bounded
     number of groups at a time (`CLIP_SEARCH_ELEMENTS`). Of equal errors the first candidate is kept (the widest range,
     as a loop would keep)."""
@@ -453,9 +512,9 @@ def _least_error_search(
     flat = x.reshape(-1, size)
     flat_valid = None if valid is None else valid.expand(x.shape).reshape(-1, size)
     codes = torch.empty(flat.shape, dtype=torch.uint8, device=x.device)
-    params = [torch.empty(flat.shape[0], dtype=dtype, device=x.device) for _ in range(n_params)]
+    params: list[torch.Tensor] = []
     step = max(1, CLIP_SEARCH_ELEMENTS // (n_candidates * size))
-    for start in range(0, flat.shape[0], step):
+    for start in range(0, max(flat.shape[0], 1), step):  # once when empty: the parameters' dtypes
         part = slice(start, start + step)
         c, approx, found = candidates(flat[part], part)
         error = (approx - flat[part]).square_()
@@ -463,6 +522,8 @@ def _least_error_search(
             error.masked_fill_(~flat_valid[part], 0.0)
         best = error.sum(dim=-1).argmin(dim=0)
         codes[part] = c.gather(0, best[None, :, None].expand(1, *c.shape[1:]))[0]
+        if not params:
+            params = [torch.empty(flat.shape[0], dtype=p.dtype, device=x.device) for p in found]
         for out, p in zip(params, found, strict=True):
             out[part] = p.gather(0, best[None])[0]
     return codes.view(x.shape), [p.view(x.shape[:-1]) for p in params]
@@ -475,10 +536,10 @@ def symmetric_offset(bits: int) -> float:
 
 
 def _symmetric_quantize(
-    x: torch.Tensor, bits: int, dtype: torch.dtype, valid: torch.Tensor | None = None
+    x: torch.Tensor, bits: int, dtype: torch.dtype, valid: torch.Tensor | None = None, log_scales: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric over the last axis of float32 ``x (..., g)``: ``(codes uint8, scale)``, ``scale`` rounded to
-    ``dtype`` first and the codes computed from it. The range ``max |x|`` (over ``valid`` elements, broadcast to
+    ``dtype`` (``log_scales``: up, to a one-byte code, `encode_scales`) first and the codes computed from it. The range ``max |x|`` (over ``valid`` elements, broadcast to
     ``x``) is narrowed by each factor of `CLIP_RATIOS` and the one with the least squared error kept, as
     `_minmax_quantize` does; an all-zero group gets scale 0."""
     qmax, offset = (1 << bits) - 1, symmetric_offset(bits)
@@ -487,18 +548,23 @@ def _symmetric_quantize(
     factors = torch.tensor(ratios, dtype=torch.float32, device=x.device)[:, None] / offset
 
     def candidates(rows: torch.Tensor, part: slice):
-        s = (factors * peak[part]).to(dtype)  # (ratios, groups)
-        sf = s.float()
+        s = factors * peak[part]  # (ratios, groups)
+        s = encode_scales(s) if log_scales else s.to(dtype)
+        sf = scale_values(s)
         sf = torch.where(sf == 0, torch.ones_like(sf), sf)[..., None]
         c = (rows / sf + offset).round_().clamp_(0, qmax)
         return c, (c - offset) * sf, (s,)
 
-    codes, (scale,) = _least_error_search(x, valid, len(ratios), candidates, dtype, 1)
+    codes, (scale,) = _least_error_search(x, valid, len(ratios), candidates)
     return codes, scale
 
 
 def quantize_keys(
-    keys: torch.Tensor, bits: int, block: int = DEFAULT_BLOCK, real: torch.Tensor | None = None
+    keys: torch.Tensor,
+    bits: int,
+    block: int = DEFAULT_BLOCK,
+    real: torch.Tensor | None = None,
+    log_scales: bool = False,
 ) -> QuantKeys:
     """Quantize keys per channel over blocks of ``block`` tokens, the last block holding the remainder.
 
@@ -515,12 +581,15 @@ def quantize_keys(
         Optional ``(batch, kv_heads or 1, tokens)`` bool: the tokens that set each block's range (padding does
         not: its keys are arbitrary and would only widen the range of the real tokens beside it). The others are
         clamped into that range; a block with no real token gets scale and zero point 0.
+    log_scales:
+        Store each scale as a one-byte code (`encode_scales`, rounded up; `LOG_SCALES` says which widths a store
+        stores so) and centre each block's range in its levels.
 
     Returns
     -------
     A regular `QuantKeys`; ``scale``/``zero`` ``(batch, kv_heads, ceil(tokens / block), channels)`` in
-    ``keys.dtype``. Every element dequantizes within ``scale / 2`` of its value (up to the rounding of scale and
-    zero to ``keys.dtype``).
+    ``keys.dtype`` (``log_scales``: scales uint8). Every element dequantizes within ``scale / 2`` of its value (up
+    to the rounding of the zero point to ``keys.dtype``; clipped ranges aside).
     """
     _check_float("keys", keys, 4)
     bits = _check_bits(bits)
@@ -543,9 +612,9 @@ def quantize_keys(
     x = x.view(batch, heads, n_blocks, block, channels).transpose(-1, -2)  # ranges over the block's tokens
     if valid is not None:
         valid = valid.reshape(batch, heads, n_blocks, 1, block)
-    codes, scale, zero = _minmax_quantize(x, bits, keys.dtype, valid, KEY_CLIP_RATIOS[bits])
+    codes, scale, zero = _minmax_quantize(x, bits, keys.dtype, valid, KEY_CLIP_RATIOS[bits], log_scales)
     codes = codes.transpose(-1, -2).reshape(batch, heads, n_blocks * block, channels)[:, :, :tokens]
-    return QuantKeys(_pack(codes, bits), scale, zero, None, bits, block, channels)
+    return QuantKeys(_pack(codes, bits), scale, zero, None, bits, block, channels, keys.dtype)
 
 
 def value_groups(channels: int, group_size: int) -> int:
@@ -561,7 +630,11 @@ def value_groups(channels: int, group_size: int) -> int:
 
 
 def quantize_values(
-    values: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE, symmetric: bool = False
+    values: torch.Tensor,
+    bits: int,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    symmetric: bool = False,
+    log_scales: bool = False,
 ) -> QuantValues:
     """Quantize values per token, in groups of ``group_size`` channels (see `value_groups`).
 
@@ -576,11 +649,14 @@ def quantize_values(
     symmetric:
         A scale per group and no zero point (`symmetric_offset`); `SYMMETRIC_VALUES` says which widths a store
         quantizes so.
+    log_scales:
+        Store each scale as a one-byte code (`encode_scales`, rounded up; `LOG_SCALES`).
 
     Returns
     -------
     `QuantValues` with ``scale``/``zero`` ``(batch, kv_heads, tokens, ceil(channels / group_size))`` in
-    ``values.dtype`` (``zero`` None when symmetric) and ``group_size`` clipped to ``channels``.
+    ``values.dtype`` (``zero`` None when symmetric; ``log_scales``: scales uint8) and ``group_size`` clipped to
+    ``channels``.
     """
     _check_float("values", values, 4)
     bits = _check_bits(bits)
@@ -596,12 +672,12 @@ def quantize_values(
         valid = (torch.arange(n_groups * group_size, device=x.device) < channels).view(n_groups, group_size)
     x = x.view(*x.shape[:-1], n_groups, group_size)
     if symmetric:
-        codes, scale = _symmetric_quantize(x, bits, values.dtype, valid)
+        codes, scale = _symmetric_quantize(x, bits, values.dtype, valid, log_scales)
         zero = None
     else:
-        codes, scale, zero = _minmax_quantize(x, bits, values.dtype, valid)
+        codes, scale, zero = _minmax_quantize(x, bits, values.dtype, valid, log_scales=log_scales)
     codes = codes.flatten(-2)[..., :channels]
-    return QuantValues(_pack(codes, bits), scale, zero, bits, group_size, channels)
+    return QuantValues(_pack(codes, bits), scale, zero, bits, group_size, channels, values.dtype)
 
 
 def _key_block_index(qk: QuantKeys) -> torch.Tensor:
@@ -613,13 +689,13 @@ def _key_block_index(qk: QuantKeys) -> torch.Tensor:
 
 
 def dequantize_keys(qk: QuantKeys, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``(batch, kv_heads, tokens, channels)``: the keys ``qk`` stands for, in ``dtype`` (default: the scales').
+    """``(batch, kv_heads, tokens, channels)``: the keys ``qk`` stands for, in ``dtype`` (default: ``qk.dtype``).
 
     Materialises the whole tensor: for tests, references and bounded-chunk paths, not for attention.
     """
     codes = unpack_codes(qk.codes, qk.bits, qk.channels).float()
     index = _key_block_index(qk)[..., None].expand_as(codes)
-    scale = qk.scale.float().gather(2, index)
+    scale = qk.scales().gather(2, index)
     zero = qk.zero.float().gather(2, index)
     return (codes * scale + zero).to(dtype or qk.dtype)
 
@@ -629,17 +705,17 @@ def _group_of_channel(channels: int, group_size: int, device: torch.device) -> t
 
 
 def dequantize_values(qv: QuantValues, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``(batch, kv_heads, tokens, channels)``: the values ``qv`` stands for, in ``dtype`` (default: the scales').
+    """``(batch, kv_heads, tokens, channels)``: the values ``qv`` stands for, in ``dtype`` (default: ``qv.dtype``).
 
     Materialises the whole tensor: for tests, references and bounded-chunk paths, not for attention.
     """
     codes = unpack_codes(qv.codes, qv.bits, qv.channels).float()
     if qv.channels % qv.group_size == 0:  # scales broadcast over each group: no per-channel copies of them
         grouped = codes.reshape(*codes.shape[:-1], qv.n_groups, qv.group_size)
-        out = torch.addcmul(qv.zero_points()[..., None], grouped, qv.scale.float()[..., None])
+        out = torch.addcmul(qv.zero_points()[..., None], grouped, qv.scales()[..., None])
         return out.flatten(-2).to(dtype or qv.dtype)
     group = _group_of_channel(qv.channels, qv.group_size, qv.device)
-    scale = qv.scale.float()[..., group]
+    scale = qv.scales()[..., group]
     zero = qv.zero_points()[..., group]
     return (codes * scale + zero).to(dtype or qv.dtype)
 
@@ -661,7 +737,7 @@ def cat_keys(a: QuantKeys, b: QuantKeys) -> QuantKeys:
     The result is regular when both are and every block of ``a`` is full; otherwise it carries a ``block_index``
     (``b``'s blocks numbered after ``a``'s). Each token keeps the scale it was quantized with.
     """
-    _check_same(a, b, ("bits", "block", "channels", "dtype"))
+    _check_same(a, b, ("bits", "block", "channels", "dtype", "log_scales"))
     if a.tokens == 0:
         return b
     if b.tokens == 0:
@@ -672,19 +748,17 @@ def cat_keys(a: QuantKeys, b: QuantKeys) -> QuantKeys:
     block_index = None
     if not (a.is_regular and b.is_regular and a.tokens % a.block == 0):
         block_index = torch.cat([_key_block_index(a), _key_block_index(b) + a.n_blocks], dim=2).to(torch.int32)
-    return QuantKeys(codes, scale, zero, block_index, a.bits, a.block, a.channels)
+    return QuantKeys(codes, scale, zero, block_index, a.bits, a.block, a.channels, a.dtype)
 
 
 def cat_values(a: QuantValues, b: QuantValues) -> QuantValues:
     """``a`` then ``b`` along the tokens."""
-    _check_same(a, b, ("bits", "group_size", "channels", "dtype", "symmetric"))
-    return QuantValues(
-        torch.cat([a.codes, b.codes], dim=2),
-        torch.cat([a.scale, b.scale], dim=2),
-        None if a.symmetric else torch.cat([a.zero, b.zero], dim=2),
-        a.bits,
-        a.group_size,
-        a.channels,
+    _check_same(a, b, ("bits", "group_size", "channels", "dtype", "symmetric", "log_scales"))
+    return replace(
+        a,
+        codes=torch.cat([a.codes, b.codes], dim=2),
+        scale=torch.cat([a.scale, b.scale], dim=2),
+        zero=None if a.symmetric else torch.cat([a.zero, b.zero], dim=2),
     )
 
 
@@ -725,7 +799,7 @@ def gather_keys(qk: QuantKeys, index: torch.Tensor, compact_blocks: bool = True)
             zero = zero.new_zeros(batch, heads, kept + 1, qk.channels).scatter_(2, dest, zero)[:, :, :kept]
             scale, zero = scale.clone(), zero.clone()  # do not keep the extra slot's storage alive
             block_index = new_id.gather(2, block_index)
-    return QuantKeys(codes, scale, zero, block_index.to(torch.int32), qk.bits, qk.block, qk.channels)
+    return replace(qk, codes=codes, scale=scale, zero=zero, block_index=block_index.to(torch.int32))
 
 
 def gather_values(qv: QuantValues, index: torch.Tensor) -> QuantValues:
@@ -749,14 +823,11 @@ def narrow_keys(qk: QuantKeys, start: int, length: int) -> QuantKeys:
     _check_range(start, length, qk.tokens)
     if qk.is_regular and start % qk.block == 0:
         first, stop = start // qk.block, -(-(start + length) // qk.block)
-        return QuantKeys(
-            qk.codes[:, :, start : start + length].clone(),
-            qk.scale[:, :, first:stop].clone(),
-            qk.zero[:, :, first:stop].clone(),
-            None,
-            qk.bits,
-            qk.block,
-            qk.channels,
+        return replace(
+            qk,
+            codes=qk.codes[:, :, start : start + length].clone(),
+            scale=qk.scale[:, :, first:stop].clone(),
+            zero=qk.zero[:, :, first:stop].clone(),
         )
     batch, heads = qk.codes.shape[:2]
     index = torch.arange(start, start + length, device=qk.device).expand(batch, heads, length)
@@ -852,7 +923,7 @@ def quantized_attention_logits(
     padded = per * width
     q = query.float() * scaling
     bias = torch.matmul(q, qk.zero.float().transpose(-1, -2))  # (B, H, rows, n_blocks)
-    scale = qk.scale.float()
+    scale = qk.scales()
     if padded != channels:  # codes past the channels are zero; pad query and scales to match
         q = torch.nn.functional.pad(q, (0, padded - channels))
         scale = torch.nn.functional.pad(scale, (0, padded - channels))
@@ -925,7 +996,7 @@ def quantized_attention_output(
     per, width = 8 // qv.bits, qv.codes.shape[-1]
     # (B, H, G, rows, tokens): the weights times each group's scales, G rows per query. With the scales made
     # contiguous the product is laid out contiguously, so the reshape is a view (an `out=` buffer failed inductor)
-    scale = qv.scale.float().transpose(-1, -2).contiguous()
+    scale = qv.scales().transpose(-1, -2).contiguous()
     scaled = torch.mul(w[:, :, None], scale[:, :, :, None]).reshape(batch * heads, groups * rows, tokens)
     chunk = _chunk_tokens(chunk_tokens, 1, tokens)
     buffer = torch.empty(per, batch, heads, chunk, width, dtype=torch.float32, device=w.device)

@@ -6,8 +6,8 @@ shapes after the prompt. Its buffers, allocated at the prompt's end:
 
 * ``compact_keys``, a regular `think_cache.quant.QuantKeys` over ``capacity`` slots: ``codes`` ``(batch, kv_heads,
   capacity, packed_width(kept_k, bits))`` uint8 and per-block ``scale``/``zero`` ``(batch, kv_heads, capacity //
-  key_block, kept_k)`` in the model's dtype (``key_block`` 16, or 32 at 8 bits); slot ``s`` is in key block ``s //
-  key_block``. ``compact_values``, a `QuantValues`:
+  key_block, kept_k)`` in the model's dtype, the scales one byte each at 4 bits (``key_block`` 16 at 2 bits, 8 at 4,
+  32 at 8); slot ``s`` is in key block ``s // key_block``. ``compact_values``, a `QuantValues`:
   ``codes`` ``(..., capacity, packed_width(kept_v, bits))``, ``scale``/``zero`` ``(..., capacity, groups)`` (no
   ``zero`` at 4 bits: symmetric values).
 * ``ring_keys`` ``(batch, kv_heads, recent + 2 * FOLD_BLOCK - 1, head_dim)`` and ``ring_values`` ``(..., v_dim)``:
@@ -89,8 +89,9 @@ def zero_keys(like: torch.Tensor, tokens: int, channels: int, bits: int, block: 
     those of ``like`` ``(batch, kv_heads, ...)``: the buffers of a static layer, written in place."""
     batch, heads = like.shape[:2]
     codes = torch.zeros(batch, heads, tokens, quant.packed_width(channels, bits), dtype=torch.uint8, device=like.device)
-    scale = like.new_zeros(batch, heads, tokens // block, channels)
-    return quant.QuantKeys(codes, scale, torch.zeros_like(scale), None, bits, block, channels)
+    zero = like.new_zeros(batch, heads, tokens // block, channels)
+    scale = _zero_scales(zero, bits)
+    return quant.QuantKeys(codes, scale, zero, None, bits, block, channels, like.dtype)
 
 
 def zero_values(like: torch.Tensor, tokens: int, channels: int, bits: int, group_size: int) -> quant.QuantValues:
@@ -98,9 +99,16 @@ def zero_values(like: torch.Tensor, tokens: int, channels: int, bits: int, group
     `think_cache.quant.quantize_values` clips it; no zero points where ``bits`` stores values symmetric)."""
     batch, heads = like.shape[:2]
     codes = torch.zeros(batch, heads, tokens, quant.packed_width(channels, bits), dtype=torch.uint8, device=like.device)
-    scale = like.new_zeros(batch, heads, tokens, quant.value_groups(channels, group_size))
-    zero = None if quant.SYMMETRIC_VALUES[bits] else torch.zeros_like(scale)
-    return quant.QuantValues(codes, scale, zero, bits, min(group_size, channels), channels)
+    zero = like.new_zeros(batch, heads, tokens, quant.value_groups(channels, group_size))
+    scale = _zero_scales(zero, bits)
+    zero = None if quant.SYMMETRIC_VALUES[bits] else zero
+    return quant.QuantValues(codes, scale, zero, bits, min(group_size, channels), channels, like.dtype)
+
+
+def _zero_scales(like: torch.Tensor, bits: int) -> torch.Tensor:
+    """Zero scales shaped as ``like``, as a store of ``bits`` holds them: one-byte codes (`quant.LOG_SCALES`) or
+    ``like``'s dtype."""
+    return torch.zeros_like(like, dtype=torch.uint8) if quant.LOG_SCALES[bits] else torch.zeros_like(like)
 
 
 class QuantizedStaticThinKLayer(StaticThinKLayer):
@@ -280,9 +288,10 @@ class QuantizedStaticThinKLayer(StaticThinKLayer):
         values = self.ring_values.index_select(2, entries)
         if self.value_channels is not None:
             values = gather_channels(values, self.value_channels)
-        qk = quant.quantize_keys(keys, self.compact_keys.bits, self.compact_keys.block)
+        qk = self.compact_keys
+        qk = quant.quantize_keys(keys, qk.bits, qk.block, log_scales=qk.log_scales)
         qv = self.compact_values
-        qv = quant.quantize_values(values, qv.bits, qv.group_size, symmetric=qv.symmetric)
+        qv = quant.quantize_values(values, qv.bits, qv.group_size, symmetric=qv.symmetric, log_scales=qv.log_scales)
         return qk.codes, qk.scale, qk.zero, *qv.tensors()
 
     def attend(

@@ -6,9 +6,9 @@ are pruned). A `ThinKLayer` decides *which* tokens go there and when (the schedu
 
 * `FullStore`: in the model's dtype, ``keys (batch, kv_heads, tokens, kept_k)`` and ``values (..., kept_v)``.
 * `QuantizedStore`: KIVI-style codes of 2, 4 or 8 bits (see `think_cache.quant`): keys per channel over blocks of
-  16 tokens (32 at 8 bits), values per token in groups of ``group_size`` channels (symmetric at 4 bits: a scale,
-  no zero point), scales and zero points in the model's dtype. Tokens are quantized once, when they are
-  appended, and attended without a dense copy of the context.
+  16 tokens (8 at 4 bits, 32 at 8), values per token in groups of ``group_size`` channels (symmetric at 4 bits: a
+  scale, no zero point), zero points in the model's dtype, scales too or (4 bits) one byte each. Tokens are
+  quantized once, when they are appended, and attended without a dense copy of the context.
 
 Every store also holds the kept channels, ``key_channels`` ``(batch, kv_heads, kept_k)`` and ``value_channels``
 (or None when values keep every channel), set by `start` when the layer is compacted.
@@ -31,6 +31,8 @@ Interface (all shapes ``(batch, kv_heads, ...)``, batch first):
 
 `WaitingPrompt` is not a compact part: it holds the earlier chunks of a prompt fed in chunks, every channel, as
 8-bit codes, until the prompt ends and the layer chooses its tokens and channels (`ThinKLayer.wait_coded`).
+`SpareKeys` holds the pruned key channels of the recent prompts' questions (`ThinKLayer.restored`): exact beside a
+`FullStore`, as 8-bit codes beside a `QuantizedStore` (``codes_spare``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class CompactStore:
     block: int = 1
     #: Code width of the stored tokens (None: the model's dtype).
     bits: int | None = None
+    #: Whether the layer keeps its questions' pruned key channels as 8-bit codes (`SpareKeys`).
+    codes_spare: bool = False
 
     def __init__(self) -> None:
         self.clear()
@@ -204,9 +208,9 @@ class FullStore(CompactStore):
 
 class QuantizedStore(CompactStore):
     """The compact part as KIVI-style codes (`think_cache.quant`): ``keys`` a `QuantKeys` (per channel, over
-    blocks of ``key_block`` tokens: 16, or 32 at 8 bits, `think_cache.quant.KEY_BLOCKS`), ``values`` a
+    blocks of ``key_block`` tokens: 16 at 2 bits, 8 at 4, 32 at 8, `think_cache.quant.KEY_BLOCKS`), ``values`` a
     `QuantValues` (per token, in groups of ``group_size`` channels; symmetric, without zero points, at 4 bits:
-    `think_cache.quant.SYMMETRIC_VALUES`).
+    `think_cache.quant.SYMMETRIC_VALUES`). At 4 bits every scale is one byte (`think_cache.quant.LOG_SCALES`).
 
     The layer appends whole 32-token blocks where it can (folds; a prompt without a token policy), so the keys
     stay *regular*: a token's block is its index // ``key_block``, no per-token block index is stored. A policy's prompt
@@ -227,6 +231,10 @@ class QuantizedStore(CompactStore):
     """
 
     block = quant.DEFAULT_BLOCK
+    #: Beside 60 bytes a token and KV head (4 bits, key ratio 0.5, head_dim 64), the questions' pruned key channels
+    #: in bfloat16 (32 tokens of 32 channels, 8 prompts at most) would add 2 bytes a token at a 1k prompt; as 8-bit
+    #: codes they add 1.1.
+    codes_spare = True
 
     def __init__(self, bits: int, group_size: int | None = None):
         self.bits = bits
@@ -254,9 +262,16 @@ class QuantizedStore(CompactStore):
         self.values: quant.QuantValues | None = None
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, real: torch.Tensor | None = None) -> None:
-        k = quant.quantize_keys(gather_channels(keys, self.key_channels), self.bits, self.key_block, real=real)
+        log_scales = quant.LOG_SCALES[self.bits]
+        k = quant.quantize_keys(
+            gather_channels(keys, self.key_channels), self.bits, self.key_block, real=real, log_scales=log_scales
+        )
         v = quant.quantize_values(
-            self._kept_values(values), self.bits, self.group_size, symmetric=quant.SYMMETRIC_VALUES[self.bits]
+            self._kept_values(values),
+            self.bits,
+            self.group_size,
+            symmetric=quant.SYMMETRIC_VALUES[self.bits],
+            log_scales=log_scales,
         )
         if self.keys is None:
             self.keys, self.values = k, v
@@ -329,3 +344,60 @@ class WaitingPrompt:
         for part in (self.keys, self.values):
             if part is not None:
                 yield from part.tensors()
+
+
+class SpareKeys:
+    """The pruned key channels of the newest prompts' questions, ``(batch, kv_heads, tokens, pruned)`` (kept aside
+    by `ThinKLayer._keep_spare`, seen whole by a later prompt's rows: `ThinKLayer.restored`): exact, or, ``coded``,
+    as 8-bit codes per token in groups of `GROUP` channels (`WaitingPrompt`'s; a little over half of bfloat16's
+    bytes), so that they do not undo a quantized compact part's saving.
+    """
+
+    BITS = 8
+    GROUP = 32
+
+    def __init__(self, keys: torch.Tensor, coded: bool) -> None:
+        self.coded = coded
+        self.rows: torch.Tensor | quant.QuantValues = self._held(keys)
+
+    def _held(self, keys: torch.Tensor) -> torch.Tensor | quant.QuantValues:
+        return quant.quantize_values(keys, self.BITS, self.GROUP) if self.coded else keys.contiguous()
+
+    def __repr__(self) -> str:
+        return f"SpareKeys(tokens={self.tokens}, coded={self.coded})"
+
+    @property
+    def tokens(self) -> int:
+        return self.rows.tokens if self.coded else self.rows.shape[-2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes
+
+    def append(self, keys: torch.Tensor, bound: int) -> None:
+        """Add ``keys`` ``(batch, kv_heads, n, pruned)`` after the tokens held, then keep the newest ``bound``."""
+        new = self._held(keys)
+        if self.coded:
+            rows = quant.cat_values(self.rows, new)
+            self.rows = quant.narrow_values(rows, max(rows.tokens - bound, 0), min(rows.tokens, bound))
+        else:
+            self.rows = torch.cat([self.rows, new], dim=-2)[:, :, -bound:].contiguous()
+
+    def select(self, keep: list[bool]) -> None:
+        """Keep the tokens whose flag in ``keep`` (one per token held) is set."""
+        device = next(self.tensors()).device
+        index = torch.tensor(keep, device=device).nonzero().flatten()
+        self.map(lambda t: t.index_select(2, index))
+
+    def keys(self, dtype: torch.dtype) -> torch.Tensor:
+        """The tokens held, ``(batch, kv_heads, tokens, pruned)`` in ``dtype``."""
+        return quant.dequantize_values(self.rows, dtype) if self.coded else self.rows.to(dtype)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.rows = self.rows.map(fn) if self.coded else fn(self.rows)
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        if self.coded:
+            yield from self.rows.tensors()
+        else:
+            yield self.rows
