@@ -51,8 +51,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .compact import as_bool_mask
 from . import quant
+from .compact import as_bool_mask
 from .quant import QuantKeys, QuantValues
 from .storage import CompactStore, FullStore, QuantizedStore
 
@@ -198,8 +198,9 @@ def _values_tile_body(
 ):  # fmt: skip
     """A tile of compact values, ``(tokens, kept channels)``: loaded, or, under ``QUANT``, unpacked from the
     tokens' codes times the scale plus the zero point of the channel's group (``c // V_GROUP``), rounded to the
-    dtype of ``like`` (a pointer to the query: the model's dtype) as a stored value would be. The scales are loaded once per token and group, a
-    ``(tokens, groups)`` tile, and broadcast over each group's channels (``V_GROUP`` divides ``BLOCK_KV``).
+    dtype of ``like`` (a pointer to the query: the model's dtype) as a stored value would be. The scales are
+    loaded once per token and group, a ``(tokens, groups)`` tile, and broadcast over each group's channels
+    (``V_GROUP`` divides ``BLOCK_KV``).
     ``V_SYMMETRIC``: no zero points are stored; a group's is ``-(2**BITS - 1) / 2`` times its scale.
     ``LOG_SCALES``: the scales are one-byte codes (`_scales`)."""
     tile_ok = col_ok[:, None] & cv_ok[None, :]
@@ -257,9 +258,9 @@ def _split_pass(
     part is a `QuantizedStore`'s codes (``ck_ptr``/``cv_ptr``) with their scales and zero points (``ks``/``kz``
     per key block and channel, ``vs``/``vz`` per token and value group; ``LOG_SCALES``: the scales as one-byte
     codes) and, ``IRREGULAR``, each token's key block (``kb``; ``TOKEN_BLOCKS``: blocks shorter than a tile, each
-    token's block computed); those tensors are contiguous. ``SCORES``: also write every row's masked logits (``lg``, ``(batch,
-    kv_heads, rows, tokens)`` float32, base-2 scaled) and its softmax's final max and sum (``st``, ``(..., rows,
-    2)``), from which `_token_weights` gives each token's attention weight (what H2O accumulates)."""
+    token's block computed); those tensors are contiguous. ``SCORES``: also write every row's masked logits
+    (``lg``, ``(batch, kv_heads, rows, tokens)`` float32, base-2 scaled) and its softmax's final max and sum
+    (``st``, ``(..., rows, 2)``), from which `_token_weights` gives each token's attention weight (what H2O accumulates)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     row_block = pid % row_blocks
