@@ -260,7 +260,8 @@ def _split_pass(
     codes) and, ``IRREGULAR``, each token's key block (``kb``; ``TOKEN_BLOCKS``: blocks shorter than a tile, each
     token's block computed); those tensors are contiguous. ``SCORES``: also write every row's masked logits
     (``lg``, ``(batch, kv_heads, rows, tokens)`` float32, base-2 scaled) and its softmax's final max and sum
-    (``st``, ``(..., rows, 2)``), from which `_token_weights` gives each token's attention weight (what H2O accumulates)."""
+    (``st``, ``(..., rows, 2)``), from which `_token_weights` gives each token's attention weight (what H2O
+    accumulates)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     row_block = pid % row_blocks

@@ -540,8 +540,8 @@ def _symmetric_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric over the last axis of float32 ``x (..., g)``: ``(codes uint8, scale)``, ``scale`` rounded to
     ``dtype`` (``log_scales``: up, to a one-byte code, `encode_scales`) first and the codes computed from it. The
-    range ``max |x|`` (over ``valid`` elements, broadcast to ``x``) is narrowed by each factor of `CLIP_RATIOS` and the one with the least squared error kept, as
-    `_minmax_quantize` does; an all-zero group gets scale 0."""
+    range ``max |x|`` (over ``valid`` elements, broadcast to ``x``) is narrowed by each factor of `CLIP_RATIOS` and
+    the one with the least squared error kept, as `_minmax_quantize` does; an all-zero group gets scale 0."""
     qmax, offset = (1 << bits) - 1, symmetric_offset(bits)
     peak = (x if valid is None else x.masked_fill(~valid, 0.0)).abs().amax(dim=-1).reshape(-1)
     ratios = CLIP_RATIOS[bits]
