@@ -593,6 +593,29 @@ def test_a_later_prompt_sees_a_question_waiting_thinned_whole():
     torch.testing.assert_close(logits, full_precision, atol=6e-4, rtol=0)
 
 
+def test_spare_key_channels_are_codes_beside_a_quantized_store():
+    """Beside a quantized compact part the question's pruned key channels wait as 8-bit codes (a byte a channel, a
+    scale and zero point per 32 channels and token); beside a full-precision one, exact. Both
+    hold the same tokens, and the codes stand for the exact keys within half an 8-bit step; beam reordering
+    reorders them with the rest."""
+    model = make_model("llama")
+    ids, mask = make_batch([70, 58], seed=4)
+    caches = [ThinKCache(key_ratio=0.5, window=8, bits=bits) for bits in (4, None)]
+    for cache in caches:
+        prefill(model, cache, ids, mask)
+    coded, exact = caches[0].layers[0].spare, caches[1].layers[0].spare
+    assert coded.coded and not exact.coded and coded.tokens == exact.tokens == 8
+    assert isinstance(exact.rows, torch.Tensor) and coded.rows.codes.dtype == torch.uint8 and coded.rows.bits == 8
+    # float32 here, 8 pruned channels (head_dim 16): a byte a code plus a float32 scale and zero point per 8
+    assert coded.nbytes == exact.nbytes / 2 and coded.rows.channels == coded.rows.group_size == 8
+    assert torch.equal(caches[0].layers[0].key_channels, caches[1].layers[0].key_channels)  # the same prompt
+    keys, dense = coded.keys(torch.float32), exact.keys(torch.float32)
+    step = coded.rows.scales().repeat_interleave(32, -1)[..., : keys.shape[-1]]
+    assert ((keys - dense).abs() <= step / 2 + 1e-6).all() and not torch.equal(keys, dense)
+    caches[0].reorder_cache(torch.tensor([1, 0]))
+    torch.testing.assert_close(caches[0].layers[0].spare.keys(torch.float32), keys.flip(0))
+
+
 def _thinned_until(cache):
     return [layer.full_from + getattr(layer, "thinned_full", 0) for layer in cache.layers]
 
