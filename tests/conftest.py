@@ -284,8 +284,9 @@ LOG_SCALE_BITS = (4,)
 
 def log_scale(scale: torch.Tensor) -> torch.Tensor:
     """A one-byte scale as stored, written apart from think_cache.quant: ``2 ** (k / 12)`` for the least integer
-    ``k >= 12 log2(scale)`` (rounded up), ``k`` within [-143, 111]; 0 stays 0."""
-    k = torch.ceil(torch.log2(scale) * 12).clamp(-143, 111)
+    ``k`` in [-143, 111] with ``2 ** (k / 12) >= scale`` (rounded up; clipped at the ends); 0 stays 0."""
+    k = torch.ceil(torch.log2(scale) * 12)
+    k = torch.where(torch.exp2((k - 1) / 12) >= scale, k - 1, k).clamp(-143, 111)
     return torch.where(scale > 0, torch.exp2(k / 12), 0.0)
 
 

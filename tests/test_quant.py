@@ -189,6 +189,7 @@ def test_scale_codes_round_up_within_a_step():
     assert codes[-5] == 0 and back[-5] == 0 and codes[-4] == quant.SCALE_BIAS  # 0 exact, 1.0 a code of its own
     assert codes[-2] == 1 and codes[-1] == 255 and back[-1] < 1e4  # clipped to the ends
     every = quant.scale_values(torch.arange(256, dtype=torch.uint8))
+    assert torch.equal(quant.encode_scales(every[1:]), torch.arange(1, 256, dtype=torch.uint8))  # a code's own
     assert every[0] == 0 and (every[1:] > every[:-1]).all()
     assert 2.5e-4 < every[1] < 2.7e-4 and 600 < every[255] < 620
     bf16 = torch.tensor([0.3, 7.0], dtype=torch.bfloat16)

@@ -86,9 +86,10 @@ def test_eager_static_equals_eager_quantized(model, batch, name):
 @pytest.mark.parametrize("name", ["4bit-values", "2bit"])
 def test_the_same_codes_as_the_eager_store(model, batch, name):
     """Without a policy the slots hold the eager store's codes, scales and zero points: the prompt's block copied at
-    compaction bit for bit (two 16-token key blocks); the block decoded from 50 to 81, quantized by the static
-    step at 82, with the same codes and scales within float rounding (its keys come out of a static decode, whose
-    attention sums in another order)."""
+    compaction bit for bit (two 16-token key blocks at 2 bits, four of 8 at 4); the block decoded from 50 to 81,
+    quantized by the static step at 82, with the same codes and scales within float rounding (its keys come out of a
+    static decode, whose attention sums in another order; one-byte scales, at 4 bits, compare exactly: a rounding
+    that crossed a code boundary would fail this)."""
     settings = {"key_ratio": 0.5, **SETTINGS[name]}
     ids, mask = batch
     cache = ThinKCache(**settings, max_cache_len=96)
@@ -105,7 +106,7 @@ def test_the_same_codes_as_the_eager_store(model, batch, name):
             )
             for field in ("scale",) if getattr(eager, "symmetric", False) else ("scale", "zero"):
                 got, expected = getattr(ours, field), getattr(eager, field)
-                prompt = 32 // ours.block if per_block else 32  # the prompt's key blocks (16 tokens at 4 and 2 bits)
+                prompt = 32 // ours.block if per_block else 32  # the prompt's key blocks (16 tokens at 2 bits, 8 at 4)
                 assert got[:, :, :prompt].equal(expected[:, :, :prompt])
                 torch.testing.assert_close(got[:, :, prompt : 2 * prompt], expected[:, :, prompt:], atol=1e-6, rtol=0)
 
@@ -187,8 +188,8 @@ def test_prompts_of_other_lengths_reuse_the_compiled_graphs(model):
 # ------------------------------------------------------------------------------------------------ bytes
 @pytest.mark.parametrize(("dtype", "bits", "at_most"), [(torch.float32, 4, 0.22), (torch.bfloat16, 4, 0.32)])
 def test_bytes_against_static_cache(dtype, bits, at_most):
-    """Key ratio 0.5, head_dim 64, N = 1024: measured 0.206x (float32) and 0.304x (bfloat16) of ``StaticCache``,
-    the eager 4-bit cache's 0.141x / 0.235x of ``DynamicCache`` plus the full-precision ring of 63 tokens; the
+    """Key ratio 0.5, head_dim 64, N = 1024: measured 0.202x (float32) and 0.312x (bfloat16) of ``StaticCache``
+    (8-token key blocks with one-byte scales), the eager 4-bit cache's share of ``DynamicCache`` plus the full-precision ring of 63 tokens; the
     full-precision static ThinK cache holds 0.76x."""
     model = make_model("llama", head_dim=64).to(dtype)
     ids, mask = make_batch([40])

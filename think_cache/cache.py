@@ -233,7 +233,7 @@ class ThinKCache(Cache):
         its whole capacity from the prompt's end on; under `StreamingLLM` or `H2O` its buffers hold the budget plus
         a fold block, whatever ``N``. With ``bits`` (no policy or `SnapKV`) its slots hold packed codes and each
         block of 32 is quantized in the step that folds it, as in the dynamic cache (`think_cache.static_quant`):
-        0.30x the bytes of ``StaticCache`` at key ratio 0.5, 4 bits, head_dim 64, bfloat16, N = 1024. Not yet with
+        0.31x the bytes of ``StaticCache`` at key ratio 0.5, 4 bits, head_dim 64, bfloat16, N = 1024. Not yet with
         ``bits`` under `StreamingLLM` or `H2O`, nor with sliding-window layers.
     """
 

@@ -278,17 +278,26 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- scale codes
 def encode_scales(scale: torch.Tensor) -> torch.Tensor:
-    """One-byte codes of float scales ``>= 0``, each rounded **up** to the next code (`SCALE_STEPS`, `SCALE_BIAS`),
-    so a range quantized with the decoded scale stays covered: 0 for a scale of 0, else 1..255 (clipped)."""
-    code = torch.ceil(torch.log2(scale.float()) * SCALE_STEPS) + SCALE_BIAS
-    return torch.where(scale > 0, code.clamp(1, 255), 0.0).to(torch.uint8)
+    """One-byte codes of float scales ``>= 0``: the least code whose scale (`scale_values`) is at least ``scale``
+    (`SCALE_STEPS`, `SCALE_BIAS`), so a range quantized with the decoded scale stays covered; 0 for a scale of 0,
+    else 1..255, clipped at both ends (a scale past the top code, about 609, does not cover its range; one below
+    the lowest, about 2.6e-4, is widened to it). NaN gives code 0 (a scale of 0): the caller's numbers are broken."""
+    s = scale.float()
+    code = (torch.ceil(torch.log2(s) * SCALE_STEPS) + SCALE_BIAS).clamp(1, 255)
+    # log2 rounds: a scale a code stands for exactly may come out one step above its code
+    code = torch.where((code > 1) & (_decoded(code - 1) >= s), code - 1, code)
+    return torch.where(s > 0, code, 0.0).to(torch.uint8)
 
 
 def scale_values(scale: torch.Tensor) -> torch.Tensor:
     """Float32 scales from stored ones: one-byte codes (uint8, `encode_scales`) decoded, else upcast."""
     if scale.dtype != torch.uint8:
         return scale.float()
-    code = scale.float()
+    return _decoded(scale.float())
+
+
+def _decoded(code: torch.Tensor) -> torch.Tensor:
+    """The scales float32 ``code`` (integers in 0..255) stand for."""
     return torch.exp2((code - SCALE_BIAS) / SCALE_STEPS).masked_fill_(code == 0, 0.0)
 
 

@@ -41,9 +41,9 @@ context: the largest transient is one chunk's codes in float32, ``batch * kv_hea
 channels * 4`` bytes (`think_cache.quant.attention_transient_bytes`), besides the ``(batch, kv_heads, rows,
 capacity)`` logits; the fold's own transient is one 32-token block in float32.
 
-**Bytes.** The codes of ``capacity`` tokens, the ring at full precision and the slot positions: 0.30x of
-transformers' ``StaticCache`` at key ratio 0.5, 4 bits, head_dim 64, bfloat16 and 1k tokens (0.21x in float32): the
-eager 4-bit cache's 0.23x (0.14x) of ``DynamicCache``, plus the ring's 63 tokens (0.06x of 1k, less for a larger
+**Bytes.** The codes of ``capacity`` tokens, the ring at full precision and the slot positions: 0.31x of
+transformers' ``StaticCache`` at key ratio 0.5, 4 bits, head_dim 64, bfloat16 and 1k tokens (0.20x in float32): the
+eager 4-bit cache's 0.25x of ``DynamicCache``, plus the ring's 63 tokens (0.06x of 1k, less for a larger
 ``N``) and the slot positions.
 
 **Not supported** (refused when the cache is built): `StreamingLLM` and `H2O`, which free and reuse slots one token

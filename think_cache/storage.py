@@ -44,7 +44,7 @@ import torch
 from . import quant
 from .compact import gather_channels, gather_tokens
 
-__all__ = ["CompactStore", "FullStore", "QuantizedStore", "WaitingPrompt"]
+__all__ = ["CompactStore", "FullStore", "QuantizedStore", "WaitingPrompt", "SpareKeys"]
 
 
 class CompactStore:
@@ -231,9 +231,10 @@ class QuantizedStore(CompactStore):
     """
 
     block = quant.DEFAULT_BLOCK
-    #: Beside 60 bytes a token and KV head (4 bits, key ratio 0.5, head_dim 64), the questions' pruned key channels
+    #: Beside 62 bytes a token and KV head (4 bits, key ratio 0.5, head_dim 64), the questions' pruned key channels
     #: in bfloat16 (32 tokens of 32 channels, 8 prompts at most) would add 2 bytes a token at a 1k prompt; as 8-bit
-    #: codes they add 1.1.
+    #: codes they add 1.1. (With 3 or fewer pruned channels the codes' scale and zero point cost more than they
+    #: save; such a layer saves next to nothing either way.)
     codes_spare = True
 
     def __init__(self, bits: int, group_size: int | None = None):
