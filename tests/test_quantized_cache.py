@@ -2,13 +2,13 @@
 
 The reference replays a ThinK run on a full-size stock cache with stock attention. It takes from the run only what the
 other references take (which tokens each head saw at full width and which thinned, the chosen channels) and writes the
-quantization itself: key blocks are runs of 16 tokens, 8 at 4 bits, 32 at 8 (a head's prompt tokens in order, then
-every block's length of positions from where the full-width part began at the end of the prompt), ranges over real tokens only; values per
-token in groups of ``group_size`` kept channels, symmetric at 4 bits, scales one byte at 4 bits. Each compact token is quantized and dequantized in
-float, its kept channels written into a zero-filled full-size key (and value) row, and torch's sdpa runs on that. Which
-tokens a query sees thinned it computes from the schedule (everything before ``P - recent + 32 * ((t - P) // 32)`` for a
-query at ``t`` after a prompt of ``P``): those the store has not taken yet (short of a whole block) it writes thinned in
-full precision.
+quantization itself: key blocks are runs of 16 tokens, 8 at 4 bits, 32 at 8 (a head's prompt tokens in order, then every
+block's length of positions from where the full-width part began at the end of the prompt), ranges over real tokens
+only; values per token in groups of ``group_size`` kept channels, symmetric at 4 bits, scales one byte at 4 bits. Each
+compact token is quantized and dequantized in float, its kept channels written into a zero-filled full-size key (and
+value) row, and torch's sdpa runs on that. Which tokens a query sees thinned it computes from the schedule
+(everything before ``P - recent + 32 * ((t - P) // 32)`` for a query at ``t`` after a prompt of ``P``): those the store
+has not taken yet (short of a whole block) it writes thinned in full precision.
 """
 
 from __future__ import annotations

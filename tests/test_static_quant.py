@@ -189,8 +189,8 @@ def test_prompts_of_other_lengths_reuse_the_compiled_graphs(model):
 @pytest.mark.parametrize(("dtype", "bits", "at_most"), [(torch.float32, 4, 0.22), (torch.bfloat16, 4, 0.32)])
 def test_bytes_against_static_cache(dtype, bits, at_most):
     """Key ratio 0.5, head_dim 64, N = 1024: measured 0.202x (float32) and 0.312x (bfloat16) of ``StaticCache``
-    (8-token key blocks with one-byte scales), the eager 4-bit cache's share of ``DynamicCache`` plus the full-precision ring of 63 tokens; the
-    full-precision static ThinK cache holds 0.76x."""
+    (8-token key blocks with one-byte scales), the eager 4-bit cache's share of ``DynamicCache`` plus the
+    full-precision ring of 63 tokens; the full-precision static ThinK cache holds 0.76x."""
     model = make_model("llama", head_dim=64).to(dtype)
     ids, mask = make_batch([40])
     n = 1024
