@@ -133,6 +133,27 @@ def prefill(model, cache, ids, mask=None):
     return cache
 
 
+@pytest.fixture(params=["loops", "torch"])
+def attention_path(request, monkeypatch) -> str:
+    """Runs a test of attention over quantized parts through both CPU paths: the C loops of
+    `think_cache.cpu_kernels` (the default where they build) and the torch path (``THINK_CACHE_KERNEL=torch``)."""
+    from think_cache import cpu_kernels, kernels
+
+    if request.param == "torch":
+        monkeypatch.setenv(kernels.KERNEL_ENV, "torch")
+    elif not cpu_kernels.available():
+        pytest.skip("the CPU loops cannot be built here (no C compiler)")
+    return request.param
+
+
+@pytest.fixture
+def torch_path(monkeypatch) -> None:
+    """Attention over quantized parts through the torch path only (``THINK_CACHE_KERNEL=torch``)."""
+    from think_cache import kernels
+
+    monkeypatch.setenv(kernels.KERNEL_ENV, "torch")
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param

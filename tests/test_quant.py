@@ -402,7 +402,7 @@ def test_group_size_larger_than_the_width_is_one_group():
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("pieces", [[77], [64, 32], [17, 32, 5, 32], [3]])
 @pytest.mark.parametrize("chunk", [32, quant.DEFAULT_CHUNK_TOKENS])
-def test_attention_equals_fake_quant_reference(bits, pieces, chunk):
+def test_attention_equals_fake_quant_reference(bits, pieces, chunk, attention_path):
     """Logits, outputs and the whole attention equal stock attention over a zero-filled fake-quant cache."""
     torch.manual_seed(bits * 100 + len(pieces) + chunk)
     batch, kv_heads, group, q_len, head_dim, kept = 2, 2, 3, 2, 16, 7
@@ -456,7 +456,7 @@ def test_attention_over_several_chunks_traces_whole(regular):
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_bf16_scales_and_float32_accumulation(bits):
+def test_bf16_scales_and_float32_accumulation(bits, attention_path):
     torch.manual_seed(bits)
     keys = (torch.randn(1, 2, 70, 8) * 3).bfloat16()
     values = torch.randn(1, 2, 70, 12).bfloat16()
@@ -482,7 +482,7 @@ def test_bf16_scales_and_float32_accumulation(bits):
     )
 
 
-def test_empty_context():
+def test_empty_context(attention_path):
     qk = quant.quantize_keys(torch.randn(1, 2, 0, 4), 4)
     qv = quant.quantize_values(torch.randn(1, 2, 0, 6), 4)
     assert quant.quantized_attention_logits(torch.randn(1, 2, 3, 4), qk, 0.5).shape == (1, 2, 3, 0)
@@ -595,8 +595,9 @@ def largest_allocation(*fns) -> int:
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_largest_temporary_does_not_grow_with_context(bits):
-    """At 1k and 4k tokens the largest allocation is one chunk's float buffer, 1/8 of the dense keys at 4k."""
+def test_largest_temporary_does_not_grow_with_context(bits, torch_path):
+    """At 1k and 4k tokens the torch path's largest allocation is one chunk's float buffer, 1/8 of the dense keys at
+    4k (the CPU loops: `test_cpu_kernels.py`)."""
     batch, heads, channels, chunk = 1, 2, 64, 512
     expected = quant.attention_transient_bytes(batch, heads, channels, bits, 4096, chunk)
     assert expected == quant.attention_transient_bytes(batch, heads, channels, bits, 1024, chunk)

@@ -61,13 +61,15 @@ __all__ = [
     "quantized_decode_attention",
     "kernel_available",
     "use_kernel",
+    "kernel_choice",
     "store_attention",
     "KERNEL_ENV",
 ]
 
-#: Environment variable choosing the attention path of a compacted layer: ``torch`` (always the torch path),
-#: ``triton`` (always the kernel where the store allows it; raises if Triton cannot run), unset or ``auto`` (the
-#: kernel on CUDA devices where Triton is installed).
+#: Environment variable choosing the attention path of a compacted layer: ``torch`` (always the torch path, also
+#: instead of the CPU loops of `think_cache.cpu_kernels`), ``triton`` (always the kernel where the store allows it;
+#: raises if Triton cannot run), unset or ``auto`` (the kernel on CUDA devices where Triton is installed; on the CPU,
+#: the loops over quantized parts).
 KERNEL_ENV = "THINK_CACHE_KERNEL"
 
 _LOG2E = math.log2(math.e)
@@ -99,6 +101,14 @@ def _device_type(device: torch.device | str) -> str:
     return device.type if isinstance(device, torch.device) else torch.device(device).type
 
 
+def kernel_choice() -> str:
+    """`KERNEL_ENV`, checked: ``auto`` (also when unset or empty), ``torch`` or ``triton``."""
+    choice = os.environ.get(KERNEL_ENV, "auto").lower() or "auto"
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"{KERNEL_ENV}={choice!r}: expected 'auto', 'torch' or 'triton'")
+    return choice
+
+
 def use_kernel(store: CompactStore, device: torch.device | str, softcap: float | None = None) -> bool:
     """Whether a compacted layer with ``store`` should attend through the kernel, by `KERNEL_ENV`.
 
@@ -107,9 +117,7 @@ def use_kernel(store: CompactStore, device: torch.device | str, softcap: float |
     layouts the kernel cannot read, `kernel_reads`), and models that cap their attention logits (a ``softcap``,
     Gemma 2: the kernel has no cap), always take the torch path, even under ``triton``.
     """
-    choice = os.environ.get(KERNEL_ENV, "auto").lower() or "auto"
-    if choice not in ("auto", "torch", "triton"):
-        raise ValueError(f"{KERNEL_ENV}={choice!r}: expected 'auto', 'torch' or 'triton'")
+    choice = kernel_choice()
     if choice == "torch" or not isinstance(store, FullStore | QuantizedStore) or softcap is not None:
         return False
     if not kernel_reads(store):

@@ -47,6 +47,7 @@ flattened into the query axis: ``(batch, kv_heads, group * q_len, channels)``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -79,6 +80,7 @@ __all__ = [
     "symmetric_offset",
     "encode_scales",
     "scale_values",
+    "scale_table",
     "dequantize_keys",
     "dequantize_values",
     "cat_keys",
@@ -299,6 +301,12 @@ def scale_values(scale: torch.Tensor) -> torch.Tensor:
 def _decoded(code: torch.Tensor) -> torch.Tensor:
     """The scales float32 ``code`` (integers in 0..255) stand for."""
     return torch.exp2((code - SCALE_BIAS) / SCALE_STEPS).masked_fill_(code == 0, 0.0)
+
+
+@functools.cache
+def scale_table() -> torch.Tensor:
+    """The 256 float32 scales the one-byte codes stand for, on the CPU (``scale_table()[c] == scale_values(c)``)."""
+    return _decoded(torch.arange(256, dtype=torch.float32))
 
 
 # -------------------------------------------------------------------------------------- quantized tensors
@@ -880,6 +888,17 @@ def attention_transient_bytes(
     return batch * kv_heads * chunk * per * -(-channels // per) * 4
 
 
+def _cpu_module():
+    """`think_cache.cpu_kernels` (imported on first use: it imports this module)."""
+    from . import cpu_kernels as module
+
+    return module
+
+
+def _cpu_loops_serve(x: torch.Tensor, rows: int) -> bool:
+    return x.device.type == "cpu" and _cpu_module().serves(x, rows)
+
+
 def _matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """``out[...] = a @ b``: straight into ``out`` when it is one block of memory (the only chunk, or any chunk of a
     single row); a chunk's columns of several rows are not, and dynamo refuses a non-contiguous ``out=`` (a graph
@@ -924,6 +943,9 @@ def quantized_attention_logits(
             f"query (batch, kv_heads, channels) = {(batch, heads, channels)} does not match the keys' "
             f"{(qk.codes.shape[0], qk.codes.shape[1], qk.channels)}"
         )
+    _check_int("chunk_tokens", chunk_tokens, 1)
+    if _cpu_loops_serve(query, rows):
+        return _cpu_module().keys_logits(query, qk, scaling)
     tokens = qk.tokens
     out = torch.empty(batch, heads, rows, tokens, dtype=torch.float32, device=query.device)
     if tokens == 0:
@@ -996,6 +1018,9 @@ def quantized_attention_output(
             f"weights (batch, kv_heads, tokens) = {(batch, heads, tokens)} does not match the values' "
             f"{tuple(qv.codes.shape[:3])}"
         )
+    _check_int("chunk_tokens", chunk_tokens, 1)
+    if _cpu_loops_serve(weights, rows):
+        return _cpu_module().values_output(weights, qv)
     channels, groups = qv.channels, qv.n_groups
     w = weights.float()
     group = _group_of_channel(channels, qv.group_size, w.device)

@@ -1,0 +1,212 @@
+"""The CPU loops of think_cache.cpu_kernels: what the torch path computes, for every layout; when they serve; how
+they are built and what happens when they cannot be."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import generate, make_batch, make_model
+from test_quant import fake_quant_keys, fake_quant_values, quantize_pieces
+from test_quantized_cache import _LargestTensor
+
+from think_cache import ThinKCache, cpu_kernels, kernels, quant
+from think_cache.compact import compact_attention
+from think_cache.storage import QuantizedStore
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU loops cannot be built here")
+
+
+def both_paths(fn, monkeypatch):
+    """``fn()`` through the loops, then through the torch path."""
+    loops = fn()
+    with monkeypatch.context() as m:
+        m.setenv(kernels.KERNEL_ENV, "torch")
+        reference = fn()
+    return loops, reference
+
+
+def pieces_of(keys: torch.Tensor, bits: int, pieces: list[int], log_scales: bool) -> quant.QuantKeys:
+    qk, start = None, 0
+    for n in pieces:
+        part = quant.quantize_keys(keys[:, :, start : start + n], bits, quant.key_block(bits), log_scales=log_scales)
+        qk = part if qk is None else quant.cat_keys(qk, part)
+        start += n
+    return qk
+
+
+# (bits, log scales, key channels, value channels, value group, symmetric values, pieces, rows)
+CASES = [
+    (4, True, 32, 64, 32, True, [4096], 3),  # SmolLM2's 4-bit decode step at key ratio 0.5
+    (4, True, 39, 51, 32, True, [64, 40], 9),  # key ratio 0.4, value ratio 0.2: planes not a multiple of 8 lanes
+    (2, False, 32, 64, 64, False, [100], 1),
+    (2, False, 13, 20, 6, False, [17, 32, 5], 5),  # ragged blocks (a block index), groups across lane vectors
+    (8, False, 32, 64, 32, False, [96, 1], 4),
+    (8, True, 7, 12, 5, True, [33], 8),
+    (4, False, 64, 128, 32, False, [31], 2),
+    (4, True, 16, 64, 64, True, [1], 64),  # one token; the most rows the loops serve
+]
+
+
+@pytest.mark.parametrize("bits, log_scales, kept_k, kept_v, group, symmetric, pieces, rows", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_loops_equal_the_torch_path(
+    bits, log_scales, kept_k, kept_v, group, symmetric, pieces, rows, dtype, monkeypatch
+):
+    g = torch.Generator().manual_seed(bits * 1000 + kept_k + rows)
+    batch, heads, tokens = 2, 2, sum(pieces)
+    keys = (torch.randn(batch, heads, tokens, kept_k, generator=g) * 2).to(dtype)
+    values = torch.randn(batch, heads, tokens, kept_v, generator=g).to(dtype)
+    qk = pieces_of(keys, bits, pieces, log_scales)
+    qv = quant.quantize_values(values, bits, group, symmetric=symmetric, log_scales=log_scales)
+    assert qk.log_scales == qv.log_scales == log_scales
+    query = torch.randn(batch, heads, rows, kept_k, generator=g).to(dtype)
+    weights = torch.softmax(torch.randn(batch, heads, rows, tokens, generator=g), -1)
+
+    logits, ref_logits = both_paths(lambda: quant.quantized_attention_logits(query, qk, 0.125), monkeypatch)
+    assert logits.dtype == torch.float32 and logits.shape == (batch, heads, rows, tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-5)
+    out, ref_out = both_paths(lambda: quant.quantized_attention_output(weights, qv), monkeypatch)
+    assert out.dtype == torch.float32 and out.shape == (batch, heads, rows, kept_v)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_loops_equal_the_fake_quant_reference(bits):
+    """Not only the torch path: the loops' logits and outputs equal float math on fake-quantized keys and values."""
+    g = torch.Generator().manual_seed(bits)
+    keys, values = torch.randn(1, 3, 77, 24, generator=g), torch.randn(1, 3, 77, 40, generator=g)
+    query, pieces = torch.randn(1, 3, 3, 24, generator=g), [64, 13]
+    qk = quantize_pieces(keys, bits, pieces)  # 32-token blocks, as the fake-quant reference's
+    qv = quant.quantize_values(values, bits, 16)
+    assert cpu_kernels.serves(query, 3)
+    logits = quant.quantized_attention_logits(query, qk, 0.2)
+    torch.testing.assert_close(logits, query @ fake_quant_keys(keys, bits, pieces).transpose(-1, -2) * 0.2)
+    weights = torch.softmax(logits, -1)
+    torch.testing.assert_close(
+        quant.quantized_attention_output(weights, qv), weights @ fake_quant_values(values, bits, 16)
+    )
+
+
+def test_tokens_gathered_per_head(monkeypatch):
+    """A policy's gather leaves each head its own tokens and irregular blocks (a block index per head)."""
+    g = torch.Generator().manual_seed(7)
+    qk = quant.quantize_keys(torch.randn(2, 3, 96, 20, generator=g), 4, 8, log_scales=True)
+    qv = quant.quantize_values(torch.randn(2, 3, 96, 64, generator=g), 4, 32, symmetric=True, log_scales=True)
+    index = torch.stack([torch.randperm(96, generator=g)[:41].sort().values for _ in range(6)]).view(2, 3, 41)
+    qk, qv = quant.gather_keys(qk, index), quant.gather_values(qv, index)
+    assert not qk.is_regular
+    query, weights = torch.randn(2, 3, 4, 20, generator=g), torch.softmax(torch.randn(2, 3, 4, 41, generator=g), -1)
+    for fn in (
+        lambda: quant.quantized_attention_logits(query, qk, 0.3),
+        lambda: quant.quantized_attention_output(weights, qv),
+    ):
+        loops, reference = both_paths(fn, monkeypatch)
+        torch.testing.assert_close(loops, reference, atol=2e-5, rtol=1e-5)
+
+
+def test_empty_context_through_the_loops():
+    qk = quant.quantize_keys(torch.randn(1, 2, 0, 4), 4)
+    qv = quant.quantize_values(torch.randn(1, 2, 0, 6), 4)
+    query = torch.randn(1, 2, 3, 4)
+    assert cpu_kernels.serves(query, 3)
+    assert quant.quantized_attention_logits(query, qk, 0.5).shape == (1, 2, 3, 0)
+    assert quant.quantized_attention_output(torch.randn(1, 2, 3, 0), qv).eq(0).all()
+
+
+# --------------------------------------------------------------------------------------------------- dispatch
+def test_which_calls_the_loops_serve(monkeypatch):
+    x = torch.randn(1, 2, 3, 8)
+    assert cpu_kernels.serves(x, 3)
+    assert cpu_kernels.serves(x, cpu_kernels.MAX_ROWS) and not cpu_kernels.serves(x, cpu_kernels.MAX_ROWS + 1)
+    assert not cpu_kernels.serves(torch.randn(1, 2, 3, 8, device="meta"), 3)
+    wants_grad = x.clone().requires_grad_()
+    assert not cpu_kernels.serves(wants_grad, 3)
+    with torch.no_grad():
+        assert cpu_kernels.serves(wants_grad, 3)
+    monkeypatch.setenv(kernels.KERNEL_ENV, "torch")
+    assert not cpu_kernels.serves(x, 3)
+    monkeypatch.setenv(kernels.KERNEL_ENV, "cpu")
+    with pytest.raises(ValueError, match="expected 'auto', 'torch' or 'triton'"):
+        cpu_kernels.serves(x, 3)
+
+
+def test_many_rows_take_the_torch_path(monkeypatch):
+    """A later prompt's many rows get the torch path, whose matmuls block for the cache."""
+    calls = []
+    original = cpu_kernels.keys_logits
+    monkeypatch.setattr(cpu_kernels, "keys_logits", lambda *a: calls.append(1) or original(*a))
+    qk = quant.quantize_keys(torch.randn(1, 2, 40, 8), 4, 8)
+    quant.quantized_attention_logits(torch.randn(1, 2, 3, 8), qk, 0.5)
+    assert calls == [1]
+    quant.quantized_attention_logits(torch.randn(1, 2, cpu_kernels.MAX_ROWS + 1, 8), qk, 0.5)
+    assert calls == [1]
+
+
+def test_a_decoding_step_allocates_no_context_sized_copy():
+    """Through the loops, a decode step's largest tensor is a row of logits per query (rows x tokens floats, as
+    stock attention's weights): nothing of tokens x channels, and the loops' own buffer does not depend on tokens."""
+    batch, heads, group, head_dim = 1, 2, 2, 64
+    g = torch.Generator().manual_seed(0)
+    channels = torch.arange(0, head_dim, 2).expand(batch, heads, head_dim // 2)
+    for tokens in (2048, 8192):
+        store = QuantizedStore(4)
+        store.start(channels, None)
+        for _ in range(0, tokens, 1024):
+            k = torch.randn(batch, heads, 1024, head_dim, generator=g, dtype=torch.bfloat16)
+            store.append(k, torch.randn(batch, heads, 1024, head_dim, generator=g, dtype=torch.bfloat16))
+        query = torch.randn(batch, heads * group, 1, head_dim, generator=g, dtype=torch.bfloat16)
+        recent = torch.randn(batch, heads, 5, head_dim, generator=g, dtype=torch.bfloat16)
+        with _LargestTensor() as seen:
+            compact_attention(query, store, recent, recent, None, head_dim**-0.5)
+        assert seen.largest <= batch * heads * group * (tokens + 5) * 4
+        assert seen.largest < batch * heads * tokens * head_dim * 4 / 16
+    assert cpu_kernels.work_bytes(group, head_dim) == (cpu_kernels.TILE + group + 2) * head_dim * 4  # 9.2 KiB
+
+
+def test_generation_equals_the_torch_path(monkeypatch):
+    """A 4-bit cache's greedy generation, left-padded batch, gives the torch path's logits."""
+    model = make_model("llama")
+    ids, mask = make_batch([50, 37], seed=3)
+
+    def run():
+        out = generate(model, ids, mask, ThinKCache(key_ratio=0.5, value_ratio=0.25, bits=4, window=8), 70)
+        return torch.stack(out.logits), out.sequences
+
+    (logits, tokens), (ref_logits, ref_tokens) = both_paths(run, monkeypatch)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------ build
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """A build folder of its own and no library loaded yet (restored for the other tests afterwards)."""
+    monkeypatch.setenv(cpu_kernels.BUILD_DIR_ENV, str(tmp_path))
+    cpu_kernels.library.cache_clear()
+    yield tmp_path
+    cpu_kernels.library.cache_clear()
+
+
+def test_the_build_is_reused(fresh_build, monkeypatch):
+    assert cpu_kernels.available()
+    built = list(fresh_build.glob("quant_attention-*.so"))
+    assert len(built) == 1 and not list(fresh_build.glob("*.tmp"))
+    cpu_kernels.library.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "_compile", lambda *a: pytest.fail("compiled again"))
+    assert cpu_kernels.available()
+
+
+def test_without_a_compiler_a_warning_and_the_torch_path(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", str(fresh_build / "no-such-cc"))
+    monkeypatch.setattr(cpu_kernels, "_library_path", lambda c, f, folder: fresh_build / f"{len(f)}.so")
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert not cpu_kernels.available()
+    qk = quant.quantize_keys(torch.randn(1, 2, 40, 8), 4, 8)
+    query = torch.randn(1, 2, 3, 8)
+    assert not cpu_kernels.serves(query, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the torch path, and no second warning
+        logits = quant.quantized_attention_logits(query, qk, 0.5)
+    torch.testing.assert_close(logits, query @ quant.dequantize_keys(qk, torch.float32).transpose(-1, -2) * 0.5)

@@ -1,0 +1,258 @@
+"""Decode attention over a quantized compact part on the CPU: two small C loops, built on first use.
+
+`quant.quantized_attention_logits` and `quant.quantized_attention_output` unpack a chunk of codes into a float32
+buffer, scale it, then multiply: on a CPU each of those is a pass over memory, and a 4-bit cache decoded slower
+than DynamicCache's dense keys. The loops of ``csrc/quant_attention.c`` do the same arithmetic reading every
+token's packed codes once: a tile of `TILE` tokens is dequantized into a few KiB of 8-lane float vectors (in the L1
+cache) and used against every query row at once. What they compute is what the torch path computes (float32, the
+sums in another order: equal within float32 rounding); the torch path stays the reference, the path under
+``torch.compile``, with gradients, and for many query rows (`MAX_ROWS`: a matmul serves a later prompt better).
+
+Build: the first call compiles the source with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``;
+``-O3 -march=native``, about a second) into `build_dir` under a name that hashes the source, the flags and the
+CPU, and loads it with `ctypes`; later processes load the built file. Without a compiler, or when the build fails,
+a warning says why once and every call takes the torch path. ``THINK_CACHE_KERNEL=torch`` (`kernels.KERNEL_ENV`)
+turns the loops off.
+
+Memory: besides their results (``(batch, kv_heads, rows, tokens)`` logits, ``(batch, kv_heads, rows, channels)``
+outputs, as the torch path returns) the loops allocate `work_bytes`: a tile and a few vectors per row, whatever
+the context length.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import quant
+from .quant import QuantKeys, QuantValues
+
+__all__ = ["SOURCE", "BUILD_DIR_ENV", "MAX_ROWS", "TILE", "available", "serves", "keys_logits", "values_output"]
+
+#: The C source of the loops.
+SOURCE = Path(__file__).with_name("csrc") / "quant_attention.c"
+#: Environment variable naming the folder of built libraries (default: ``$XDG_CACHE_HOME/think_cache`` or
+#: ``~/.cache/think_cache``; a temporary folder when that cannot be written).
+BUILD_DIR_ENV = "THINK_CACHE_BUILD_DIR"
+#: The most query rows (``group * q_len``) the loops serve: a decoding step has a KV head's group (3 to 8 rows for
+#: most models), a few more with assisted or speculative decoding; a later prompt's thousands of rows take the
+#: torch path, whose matmuls block for the cache.
+MAX_ROWS = 64
+#: Tokens the loops dequantize at a time (``TILE`` in the source).
+TILE = 32
+
+# -O3 vectorizes the loops; reassociating float sums (without -ffast-math's other assumptions) lets the dot
+# products and row sums use vector registers
+_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros")
+_NATIVE = ("-march=native",)
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_C = ctypes.c_int
+_KEYS_ARGS = [_P, _P, _P, _C, _P, _P, _C, _P, _I, _I, _I, _I, _I, _C, _I, _I, ctypes.c_float, _P]
+_VALUES_ARGS = [_P, _P, _P, _C, _P, _P, _C, ctypes.c_float, _I, _I, _I, _I, _I, _C, _I, _I, _P]
+
+
+# ------------------------------------------------------------------------------------------------------ build
+def build_dir() -> Path:
+    """Where built libraries go: `BUILD_DIR_ENV`, else the user's cache folder."""
+    named = os.environ.get(BUILD_DIR_ENV)
+    if named:
+        return Path(named)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "think_cache"
+
+
+def _compiler() -> str | None:
+    named = os.environ.get("CC")
+    if named:
+        return shutil.which(named) or named
+    return next((path for path in map(shutil.which, ("cc", "gcc", "clang")) if path), None)
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags (``/proc/cpuinfo`` where there is one)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keep = [line for line in lines if line.startswith(("flags", "Features", "model name"))]
+    return "\n".join(dict.fromkeys(keep))
+
+
+def _library_path(compiler: str, flags: tuple[str, ...], folder: Path) -> Path:
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(flags).encode(), platform.machine().encode()):
+        key.update(part + b"\0")
+    key.update(_cpu_signature().encode())
+    return folder / f"quant_attention-{key.hexdigest()[:16]}.so"
+
+
+def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> str | None:
+    """Build ``target``; None on success, else the compiler's complaint. Raises OSError when its folder cannot be
+    written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(target.parent, os.W_OK):
+        raise PermissionError(f"cannot write to {target.parent}")
+    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        done = subprocess.run(
+            [compiler, *flags, str(SOURCE), "-o", str(partial)], capture_output=True, text=True, timeout=120
+        )
+    except (OSError, subprocess.SubprocessError) as error:
+        return str(error)
+    if done.returncode:
+        partial.unlink(missing_ok=True)
+        return done.stderr.strip() or f"exit status {done.returncode}"
+    os.replace(partial, target)  # atomic: a process running beside never loads half a file
+    return None
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.think_keys_logits.argtypes, lib.think_keys_logits.restype = _KEYS_ARGS, ctypes.c_int
+    lib.think_values_output.argtypes, lib.think_values_output.restype = _VALUES_ARGS, ctypes.c_int
+    return lib
+
+
+def _build() -> ctypes.CDLL:
+    """The library, built where needed (native flags first, then portable ones); raises with the reasons."""
+    if sys.platform == "win32":
+        raise RuntimeError("building the loops is not supported on Windows")
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC, or install cc, gcc or clang)")
+    folders = [build_dir(), Path(tempfile.gettempdir()) / f"think_cache-{os.getuid()}"]
+    complaints = []
+    for flags in (_FLAGS + _NATIVE, _FLAGS):
+        for folder in folders:
+            target = _library_path(compiler, flags, folder)
+            if not target.exists():
+                try:
+                    complaint = _compile(compiler, flags, target)
+                except OSError as error:  # the folder cannot be written: try the next
+                    complaints.append(f"{folder}: {error}")
+                    continue
+                if complaint is not None:
+                    complaints.append(f"{compiler} {' '.join(flags)}: {complaint}")
+                    break  # the flags, not the folder: try the portable ones
+            try:
+                return _load(target)
+            except OSError as error:
+                complaints.append(f"{target}: {error}")
+    raise RuntimeError("; ".join(complaints))
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built loops, or None (with one warning saying why) when they cannot be built here."""
+    try:
+        return _build()
+    except RuntimeError as error:
+        warnings.warn(
+            f"think-cache: the CPU attention loops could not be built ({error}); quantized caches attend through "
+            "the slower torch path",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+def available() -> bool:
+    """Whether the loops are built (building them now if need be)."""
+    return library() is not None
+
+
+# ---------------------------------------------------------------------------------------------------- dispatch
+def serves(x: torch.Tensor, rows: int) -> bool:
+    """Whether the loops compute attention of ``rows`` query rows with ``x`` (the query or the weights): on the
+    CPU, at most `MAX_ROWS` rows, no gradient wanted, not while torch.compile traces, not turned off by
+    ``THINK_CACHE_KERNEL=torch``, and built."""
+    from .kernels import kernel_choice
+
+    if x.device.type != "cpu" or rows > MAX_ROWS or (x.requires_grad and torch.is_grad_enabled()):
+        return False
+    if torch.compiler.is_compiling() or kernel_choice() == "torch":
+        return False
+    return library() is not None
+
+
+def work_bytes(rows: int, lanes: int) -> int:
+    """Bytes the loops allocate for one call, besides its result: a tile of `TILE` tokens, the query rows (keys)
+    or their sums (values), and a few vectors, over ``lanes`` float32 lanes (the channels rounded up per plane to
+    8): no term grows with the context."""
+    return (TILE + rows + 2) * lanes * 4
+
+
+#: The loops' codes for how scales and zero points are stored (``*_kind`` in the source).
+_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.uint8: 3}
+
+
+def _stored(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Scales or zero points as the loops read them, in place (no float32 copy of a context-sized array): the tensor
+    (contiguous; upcast only from a dtype the loops do not read) and its kind."""
+    if t.dtype not in _KINDS:
+        t = t.float()
+    return t.contiguous(), _KINDS[t.dtype]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(status: int, what: str) -> None:
+    if status == 1:
+        raise MemoryError(f"think-cache: the CPU {what} loop could not allocate its work buffer")
+    if status:
+        raise RuntimeError(f"think-cache: the CPU {what} loop failed (status {status})")
+
+
+def keys_logits(query: torch.Tensor, qk: QuantKeys, scaling: float) -> torch.Tensor:
+    """`quant.quantized_attention_logits` through the loops: ``(batch, kv_heads, rows, tokens)`` float32.
+    ``query`` is ``(batch, kv_heads, rows, channels)``, already checked against ``qk``."""
+    batch, heads, rows, channels = query.shape
+    out = torch.empty(batch, heads, rows, qk.tokens, dtype=torch.float32)
+    (scale, scale_kind), (zero, zero_kind) = _stored(qk.scale), _stored(qk.zero)
+    q = query.float().contiguous()
+    keys = qk.codes.contiguous()
+    index = None if qk.block_index is None else qk.block_index.to(torch.int32).contiguous()
+    table = quant.scale_table()
+    status = library().think_keys_logits(
+        q.data_ptr(), keys.data_ptr(), scale.data_ptr(), scale_kind, table.data_ptr(), zero.data_ptr(), zero_kind,
+        _ptr(index),
+        batch * heads, rows, qk.tokens, channels, keys.shape[-1], qk.bits, qk.block, qk.n_blocks, scaling,
+        out.data_ptr(),
+    )  # fmt: skip
+    _check(status, "key logits")
+    return out
+
+
+def values_output(weights: torch.Tensor, qv: QuantValues) -> torch.Tensor:
+    """`quant.quantized_attention_output` through the loops: ``(batch, kv_heads, rows, channels)`` float32.
+    ``weights`` is ``(batch, kv_heads, rows, tokens)``, already checked against ``qv``."""
+    batch, heads, rows, tokens = weights.shape
+    out = torch.empty(batch, heads, rows, qv.channels, dtype=torch.float32)
+    scale, scale_kind = _stored(qv.scale)
+    zero, zero_kind = (None, 0) if qv.zero is None else _stored(qv.zero)
+    w = weights.float().contiguous()
+    values = qv.codes.contiguous()
+    offset = quant.symmetric_offset(qv.bits) if qv.zero is None else 0.0
+    table = quant.scale_table()
+    status = library().think_values_output(
+        w.data_ptr(), values.data_ptr(), scale.data_ptr(), scale_kind, table.data_ptr(), _ptr(zero), zero_kind,
+        offset,
+        batch * heads, rows, tokens, qv.channels, values.shape[-1], qv.bits, qv.group_size, qv.n_groups,
+        out.data_ptr(),
+    )  # fmt: skip
+    _check(status, "value output")
+    return out
