@@ -2,8 +2,10 @@
 
     python -m benchmarks.quant_attention --tokens 4096,8192 --threads 2
 
-Shapes are SmolLM2-135M's decode step: batch 1, 3 KV heads, a group of 3 query heads flattened into 3 query rows,
-head_dim 64, ThinK keeping 32 key channels. Variants run interleaved, round after round, each timed as the mean of
+Each quantized variant runs through the CPU loops of `think_cache.cpu_kernels` ("loops") and through the torch
+path ("chunk N": ``THINK_CACHE_KERNEL=torch``, N tokens unpacked at a time). Shapes are SmolLM2-135M's decode
+step: batch 1, 3 KV heads, a group of 3 query heads flattened into 3 query rows, head_dim 64, ThinK keeping 32 key
+channels. Variants run interleaved, round after round, each timed as the mean of
 ``--inner`` calls; the table gives the minimum and the median over rounds (the minimum is the least disturbed by
 other processes on a shared machine). ``--layers N`` cycles through N layers' worth of distinct tensors, so that
 the plain baseline reads its keys from memory as a real decode step does, not from a warm cache.
@@ -18,9 +20,22 @@ import time
 
 import torch
 
-from think_cache import quant
+from think_cache import cpu_kernels, kernels, quant
 
 B, H, ROWS, HEAD_DIM, KEPT = 1, 3, 3, 64, 32
+
+
+def torch_path(fn):
+    """``fn`` through the torch path of `quant` (``THINK_CACHE_KERNEL=torch``), not the CPU loops."""
+
+    def run():
+        os.environ[kernels.KERNEL_ENV] = "torch"
+        try:
+            return fn()
+        finally:
+            del os.environ[kernels.KERNEL_ENV]
+
+    return run
 
 
 def compare(fns: dict, rounds: int, inner: int, clock=time.perf_counter) -> dict:
@@ -113,14 +128,20 @@ def variants(tokens: int, layers: int, chunks: list[int], alternatives: bool) ->
             )
             for x in v64
         ]
-        for c in chunks:
-            fns[f"logits {bits}b chunk {c}"] = cycle(
-                lambda i, qk=qk, c=c: quant.quantized_attention_logits(q32, qk[i], scaling, c)
+        if cpu_kernels.available():  # the CPU loops (chunks do not apply)
+            fns[f"logits {bits}b loops"] = cycle(lambda i, qk=qk: quant.quantized_attention_logits(q32, qk[i], scaling))
+            fns[f"output {bits}b loops"] = cycle(lambda i, qv=qv: quant.quantized_attention_output(w, qv[i]))
+            fns[f"attention {bits}b loops"] = cycle(lambda i, qk=qk, qv=qv: quant_attention(qk[i], qv[i], 1))
+        for c in chunks:  # the torch path
+            fns[f"logits {bits}b chunk {c}"] = torch_path(
+                cycle(lambda i, qk=qk, c=c: quant.quantized_attention_logits(q32, qk[i], scaling, c))
             )
-            fns[f"output {bits}b chunk {c}"] = cycle(
-                lambda i, qv=qv, c=c: quant.quantized_attention_output(w, qv[i], c)
+            fns[f"output {bits}b chunk {c}"] = torch_path(
+                cycle(lambda i, qv=qv, c=c: quant.quantized_attention_output(w, qv[i], c))
             )
-            fns[f"attention {bits}b chunk {c}"] = cycle(lambda i, qk=qk, qv=qv, c=c: quant_attention(qk[i], qv[i], c))
+            fns[f"attention {bits}b chunk {c}"] = torch_path(
+                cycle(lambda i, qk=qk, qv=qv, c=c: quant_attention(qk[i], qv[i], c))
+            )
             if alternatives:
                 fns[f"logits {bits}b fold-bmm chunk {c}"] = cycle(
                     lambda i, qk=qk, c=c: logits_fold_bmm(q32, qk[i], scaling, c)

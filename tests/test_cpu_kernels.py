@@ -210,3 +210,14 @@ def test_without_a_compiler_a_warning_and_the_torch_path(fresh_build, monkeypatc
         warnings.simplefilter("error")  # the torch path, and no second warning
         logits = quant.quantized_attention_logits(query, qk, 0.5)
     torch.testing.assert_close(logits, query @ quant.dequantize_keys(qk, torch.float32).transpose(-1, -2) * 0.5)
+
+
+def test_a_folder_others_can_write_is_not_used(fresh_build, monkeypatch):
+    """A library loaded from a folder anyone can write to could be anyone's: such a folder is passed over (for the
+    private temporary one)."""
+    shared = fresh_build / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv(cpu_kernels.BUILD_DIR_ENV, str(shared))
+    assert cpu_kernels.available()
+    assert not list(shared.iterdir())

@@ -101,7 +101,6 @@ def _library_path(compiler: str, flags: tuple[str, ...], folder: Path) -> Path:
 def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> str | None:
     """Build ``target``; None on success, else the compiler's complaint. Raises OSError when its folder cannot be
     written."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(target.parent, os.W_OK):
         raise PermissionError(f"cannot write to {target.parent}")
     partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
@@ -116,6 +115,15 @@ def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> str | None:
         return done.stderr.strip() or f"exit status {done.returncode}"
     os.replace(partial, target)  # atomic: a process running beside never loads half a file
     return None
+
+
+def _own_folder(folder: Path) -> None:
+    """Create ``folder`` (private) where missing, and refuse one that someone else could have written a library
+    into (another user's, or writable by others: the shared temporary folder)."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise PermissionError(f"{folder} is not this user's alone")
 
 
 def _load(path: Path) -> ctypes.CDLL:
@@ -137,6 +145,11 @@ def _build() -> ctypes.CDLL:
     for flags in (_FLAGS + _NATIVE, _FLAGS):
         for folder in folders:
             target = _library_path(compiler, flags, folder)
+            try:
+                _own_folder(folder)
+            except OSError as error:
+                complaints.append(str(error))
+                continue
             if not target.exists():
                 try:
                     complaint = _compile(compiler, flags, target)

@@ -41,6 +41,11 @@ whatever the context length; see `attention_transient_bytes`. Key scales multipl
 key zero points become a per-block bias ``q . zero`` added to the logits; value scales are folded into the
 attention weights (one row of weights per channel group) and value zero points into ``weights @ zero``.
 
+On the CPU, for the few query rows of a decoding step (at most `think_cache.cpu_kernels.MAX_ROWS`), both
+functions hand the work to `think_cache.cpu_kernels`: C loops that dequantize a tile of 32 tokens into registers
+and the L1 cache and use it at once (the same numbers; about 4x faster than these torch ops on a 2-core AVX2 host).
+The torch code below stays the reference and serves CUDA without Triton, torch.compile and long forwards.
+
 Shapes follow transformers: ``(batch, kv_heads, tokens, channels)``; queries of a KV head's whole group are
 flattened into the query axis: ``(batch, kv_heads, group * q_len, channels)``.
 """
@@ -917,7 +922,8 @@ def quantized_attention_logits(
     Per chunk of ``chunk_tokens`` tokens, each plane of packed codes is unpacked straight into its columns of a
     float32 buffer (plane ``i``, byte ``j`` -> column ``i * width + j``: the channels' own order), the buffer is
     multiplied in place by its blocks' scales, then by the query in one matmul; the zero points add
-    ``scaling * query . zero`` per block to the logits. Everything is computed in float32.
+    ``scaling * query . zero`` per block to the logits. Everything is computed in float32. A decoding step on the
+    CPU goes through `think_cache.cpu_kernels.keys_logits` instead (`cpu_kernels.serves`).
 
     Parameters
     ----------
@@ -995,6 +1001,7 @@ def quantized_attention_output(
     query, ``weights * scale[..., g]`` (a matmul costs the same for 3 or 6 rows on CPU), multiplied by each
     chunk's unpacked codes, one matmul per plane; each channel then reads the rows of its group. The zero points
     add ``weights @ zero`` (symmetric values: ``-offset * weights @ scale``). Everything is computed in float32.
+    A decoding step on the CPU goes through `think_cache.cpu_kernels.values_output` instead (`cpu_kernels.serves`).
 
     Parameters
     ----------
