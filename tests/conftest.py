@@ -143,6 +143,8 @@ def attention_path(request, monkeypatch) -> str:
         monkeypatch.setenv(kernels.KERNEL_ENV, "torch")
     elif not cpu_kernels.available():
         pytest.skip("the CPU loops cannot be built here (no C compiler)")
+    else:
+        monkeypatch.delenv(kernels.KERNEL_ENV, raising=False)
     return request.param
 
 

@@ -3,6 +3,9 @@ they are built and what happens when they cannot be."""
 
 from __future__ import annotations
 
+import dataclasses
+import platform
+import threading
 import warnings
 
 import pytest
@@ -16,6 +19,12 @@ from think_cache.compact import compact_attention
 from think_cache.storage import QuantizedStore
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the CPU loops cannot be built here")
+
+
+@pytest.fixture(autouse=True)
+def loops_on(monkeypatch):
+    """Whatever the environment says, these tests run the loops (a test that wants the torch path sets it)."""
+    monkeypatch.delenv(kernels.KERNEL_ENV, raising=False)
 
 
 def both_paths(fn, monkeypatch):
@@ -63,6 +72,7 @@ def test_loops_equal_the_torch_path(
     assert qk.log_scales == qv.log_scales == log_scales
     query = torch.randn(batch, heads, rows, kept_k, generator=g).to(dtype)
     weights = torch.softmax(torch.randn(batch, heads, rows, tokens, generator=g), -1)
+    assert cpu_kernels.serves(query, rows) and cpu_kernels.serves(weights, rows)
 
     logits, ref_logits = both_paths(lambda: quant.quantized_attention_logits(query, qk, 0.125), monkeypatch)
     assert logits.dtype == torch.float32 and logits.shape == (batch, heads, rows, tokens)
@@ -115,6 +125,78 @@ def test_empty_context_through_the_loops():
     assert quant.quantized_attention_output(torch.randn(1, 2, 3, 0), qv).eq(0).all()
 
 
+def test_half_precision_edge_values(monkeypatch):
+    """float16 scales and zero points read in place: subnormals, zeros, the largest finite, infinity (the loops
+    decode them as torch does; an infinite zero point gives the torch path's inf / nan logits)."""
+    g = torch.Generator().manual_seed(11)
+    qk = quant.quantize_keys(torch.randn(1, 2, 40, 9, generator=g).half(), 4, 8)
+    special = torch.tensor([6e-8, 3e-5, 6.1e-5, 0.0, -0.0, 65504.0, -2e-7, 1.0], dtype=torch.float16)
+    scale = qk.scale.clone().view(-1)
+    scale[: special.numel()] = special.abs()
+    zero = qk.zero.clone().view(-1)
+    zero[: special.numel()] = special
+    zero[-1] = float("inf")
+    qk = quant.QuantKeys(qk.codes, scale.view_as(qk.scale), zero.view_as(qk.zero), None, 4, 8, 9, torch.float16)
+    query = torch.randn(1, 2, 3, 9, generator=g)
+    loops, reference = both_paths(lambda: quant.quantized_attention_logits(query, qk, 0.3), monkeypatch)
+    assert torch.isinf(reference).any() or torch.isnan(reference).any()
+    torch.testing.assert_close(loops, reference, atol=2e-5, rtol=1e-5, equal_nan=True)
+
+
+def test_keys_of_no_channels_give_zero_logits():
+    qk = quant.quantize_keys(torch.randn(1, 2, 40, 0), 4, 8)
+    logits = quant.quantized_attention_logits(torch.randn(1, 2, 3, 0), qk, 0.5)
+    assert logits.shape == (1, 2, 3, 40) and logits.eq(0).all()
+
+
+def test_layouts_the_loops_would_misread_are_refused():
+    """Where the torch path would fail on a broken layout, the loops raise before reading past an array."""
+    qk = quant.quantize_keys(torch.randn(1, 2, 40, 8), 4, 8)
+    query = torch.randn(1, 2, 3, 8)
+    index = torch.zeros(1, 2, 40, dtype=torch.int32)
+    index[0, 1, 7] = qk.n_blocks  # one past the last block
+    with pytest.raises(ValueError, match="block index past the stored blocks"):
+        cpu_kernels.keys_logits(query, dataclasses.replace(qk, block_index=index), 0.5)
+    with pytest.raises(ValueError, match="do not cover"):
+        cpu_kernels.keys_logits(query, dataclasses.replace(qk, scale=qk.scale[:, :, :2], zero=qk.zero[:, :, :2]), 0.5)
+    with pytest.raises(ValueError, match="pack into 4 bytes"):
+        cpu_kernels.keys_logits(query, dataclasses.replace(qk, codes=qk.codes[..., :3]), 0.5)
+    qv = quant.quantize_values(torch.randn(1, 2, 40, 12), 4, 8)
+    weights = torch.softmax(torch.randn(1, 2, 3, 40), -1)
+    with pytest.raises(ValueError, match="does not fit codes"):
+        cpu_kernels.values_output(weights, dataclasses.replace(qv, scale=qv.scale[..., :1]))
+
+
+def test_results_on_the_cpu_under_another_default_device():
+    """The loops write into tensors they allocate on the CPU, whatever the default device (under a meta default
+    an allocation without a device would be meta: no memory to write)."""
+    qk = quant.quantize_keys(torch.randn(1, 2, 40, 8), 4, 8)
+    qv = quant.quantize_values(torch.randn(1, 2, 40, 12), 4, 8)
+    query, weights = torch.randn(1, 2, 3, 8), torch.softmax(torch.randn(1, 2, 3, 40), -1)
+    expected = quant.quantized_attention_logits(query, qk, 0.5), quant.quantized_attention_output(weights, qv)
+    with torch.device("meta"):
+        got = quant.quantized_attention_logits(query, qk, 0.5), quant.quantized_attention_output(weights, qv)
+    for a, b in zip(got, expected, strict=True):
+        assert a.device.type == "cpu"
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("flags", [(), ("-mavx", "-mno-avx2")], ids=["portable", "avx-only"])
+def test_other_builds_compute_the_same(flags, tmp_path, monkeypatch):
+    """The portable build (the fallback where -march=native fails) and an AVX-without-AVX2 build: each code path
+    of the source compiles and gives the torch path's numbers."""
+    if flags and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 flags")
+    compiler = cpu_kernels._compiler()
+    target = tmp_path / "loops.so"
+    complaint = cpu_kernels._compile(compiler, cpu_kernels._FLAGS + flags, target)
+    assert complaint is None, complaint
+    lib = cpu_kernels._load(target)
+    monkeypatch.setattr(cpu_kernels, "library", lambda: lib)
+    test_loops_equal_the_torch_path(4, True, 39, 51, 32, True, [64, 40], 9, torch.bfloat16, monkeypatch)
+    test_loops_equal_the_torch_path(2, False, 13, 20, 6, False, [17, 32, 5], 5, torch.float32, monkeypatch)
+
+
 # --------------------------------------------------------------------------------------------------- dispatch
 def test_which_calls_the_loops_serve(monkeypatch):
     x = torch.randn(1, 2, 3, 8)
@@ -162,7 +244,6 @@ def test_a_decoding_step_allocates_no_context_sized_copy():
             compact_attention(query, store, recent, recent, None, head_dim**-0.5)
         assert seen.largest <= batch * heads * group * (tokens + 5) * 4
         assert seen.largest < batch * heads * tokens * head_dim * 4 / 16
-    assert cpu_kernels.work_bytes(group, head_dim) == (cpu_kernels.TILE + group + 2) * head_dim * 4  # 9.2 KiB
 
 
 def test_generation_equals_the_torch_path(monkeypatch):
@@ -210,6 +291,17 @@ def test_without_a_compiler_a_warning_and_the_torch_path(fresh_build, monkeypatc
         warnings.simplefilter("error")  # the torch path, and no second warning
         logits = quant.quantized_attention_logits(query, qk, 0.5)
     torch.testing.assert_close(logits, query @ quant.dequantize_keys(qk, torch.float32).transpose(-1, -2) * 0.5)
+
+
+def test_threads_asking_at_once_build_once(fresh_build):
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cpu_kernels.available())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True] * 4
+    assert len(list(fresh_build.glob("quant_attention-*.so"))) == 1 and not list(fresh_build.glob("*.tmp"))
 
 
 def test_a_folder_others_can_write_is_not_used(fresh_build, monkeypatch):

@@ -26,10 +26,12 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -54,7 +56,10 @@ TILE = 32
 
 # -O3 vectorizes the loops; reassociating float sums (without -ffast-math's other assumptions) lets the dot
 # products and row sums use vector registers
-_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros")
+_FLAGS = (
+    "-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
+    "-Wno-psabi",  # the portable build: 8-lane vectors passed between always-inlined functions, no ABI crossed
+)  # fmt: skip
 _NATIVE = ("-march=native",)
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -73,11 +78,14 @@ def build_dir() -> Path:
     return Path(base) / "think_cache"
 
 
-def _compiler() -> str | None:
+def _compiler() -> list[str] | None:
+    """The compiler's command: ``$CC`` (which may carry arguments: ``ccache gcc``), else the first of ``cc``,
+    ``gcc``, ``clang`` found."""
     named = os.environ.get("CC")
     if named:
-        return shutil.which(named) or named
-    return next((path for path in map(shutil.which, ("cc", "gcc", "clang")) if path), None)
+        return shlex.split(named)
+    found = next((path for path in map(shutil.which, ("cc", "gcc", "clang")) if path), None)
+    return None if found is None else [found]
 
 
 def _cpu_signature() -> str:
@@ -90,25 +98,31 @@ def _cpu_signature() -> str:
     return "\n".join(dict.fromkeys(keep))
 
 
-def _library_path(compiler: str, flags: tuple[str, ...], folder: Path) -> Path:
+def _library_path(compiler: list[str], flags: tuple[str, ...], folder: Path) -> Path:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(flags).encode(), platform.machine().encode()):
+    for part in (
+        SOURCE.read_bytes(),
+        " ".join(compiler).encode(),
+        " ".join(flags).encode(),
+        platform.machine().encode(),
+    ):
         key.update(part + b"\0")
     key.update(_cpu_signature().encode())
     return folder / f"quant_attention-{key.hexdigest()[:16]}.so"
 
 
-def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> str | None:
+def _compile(compiler: list[str], flags: tuple[str, ...], target: Path) -> str | None:
     """Build ``target``; None on success, else the compiler's complaint. Raises OSError when its folder cannot be
     written."""
-    if not os.access(target.parent, os.W_OK):
-        raise PermissionError(f"cannot write to {target.parent}")
-    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    handle, name = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)  # a name no other build shares
+    os.close(handle)
+    partial = Path(name)
     try:
         done = subprocess.run(
-            [compiler, *flags, str(SOURCE), "-o", str(partial)], capture_output=True, text=True, timeout=120
+            [*compiler, *flags, str(SOURCE), "-o", str(partial)], capture_output=True, text=True, timeout=120
         )
     except (OSError, subprocess.SubprocessError) as error:
+        partial.unlink(missing_ok=True)
         return str(error)
     if done.returncode:
         partial.unlink(missing_ok=True)
@@ -121,12 +135,17 @@ def _own_folder(folder: Path) -> None:
     """Create ``folder`` (private) where missing, and refuse one that someone else could have written a library
     into (another user's, or writable by others: the shared temporary folder)."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = folder.stat()
+    _check_own(folder)
+
+
+def _check_own(path: Path) -> None:
+    info = path.stat()
     if info.st_uid != os.getuid() or info.st_mode & 0o022:
-        raise PermissionError(f"{folder} is not this user's alone")
+        raise PermissionError(f"{path} is not this user's alone (owned by another user, or writable by others)")
 
 
 def _load(path: Path) -> ctypes.CDLL:
+    _check_own(path)
     lib = ctypes.CDLL(str(path))
     lib.think_keys_logits.argtypes, lib.think_keys_logits.restype = _KEYS_ARGS, ctypes.c_int
     lib.think_values_output.argtypes, lib.think_values_output.restype = _VALUES_ARGS, ctypes.c_int
@@ -166,11 +185,15 @@ def _build() -> ctypes.CDLL:
     raise RuntimeError("; ".join(complaints))
 
 
+_BUILDING = threading.Lock()
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The built loops, or None (with one warning saying why) when they cannot be built here."""
     try:
-        return _build()
+        with _BUILDING:  # threads asking at once: one builds, the others then find the file
+            return _build()
     except RuntimeError as error:
         warnings.warn(
             f"think-cache: the CPU attention loops could not be built ({error}); quantized caches attend through "
@@ -189,13 +212,13 @@ def available() -> bool:
 # ---------------------------------------------------------------------------------------------------- dispatch
 def serves(x: torch.Tensor, rows: int) -> bool:
     """Whether the loops compute attention of ``rows`` query rows with ``x`` (the query or the weights): on the
-    CPU, at most `MAX_ROWS` rows, no gradient wanted, not while torch.compile traces, not turned off by
-    ``THINK_CACHE_KERNEL=torch``, and built."""
+    CPU, at most `MAX_ROWS` rows, no gradient wanted, not while torch.compile or torch.jit traces, not turned off
+    by ``THINK_CACHE_KERNEL=torch``, and built. (The caller checks that the codes are on the CPU too.)"""
     from .kernels import kernel_choice
 
     if x.device.type != "cpu" or rows > MAX_ROWS or (x.requires_grad and torch.is_grad_enabled()):
         return False
-    if torch.compiler.is_compiling() or kernel_choice() == "torch":
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or kernel_choice() == "torch":
         return False
     return library() is not None
 
@@ -219,6 +242,25 @@ def _stored(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return t.contiguous(), _KINDS[t.dtype]
 
 
+def _check_layout(
+    name: str, codes: torch.Tensor, channels: int, bits: int, fields: dict, rows: int, columns: int
+) -> None:
+    """What the loops trust and the torch path would have refused: the packed width, and scales and zero points
+    (floats; scales also one-byte codes) with a row per block (keys) or token (values) of every batch row and head:
+    a wrong layout would read past them."""
+    width = quant.packed_width(channels, bits)
+    if codes.dtype != torch.uint8 or codes.shape[-1] != width:
+        raise ValueError(
+            f"{name}: {channels} codes of {bits} bits pack into {width} bytes, got {tuple(codes.shape)} {codes.dtype}"
+        )
+    for field, t in fields.items():
+        readable = t.is_floating_point() or (field == "scale" and t.dtype == torch.uint8)
+        if not readable or tuple(t.shape) != (*codes.shape[:2], rows, columns):
+            raise ValueError(
+                f"{name}: {field} of shape {tuple(t.shape)} ({t.dtype}) does not fit codes {tuple(codes.shape)}"
+            )
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -226,6 +268,8 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def _check(status: int, what: str) -> None:
     if status == 1:
         raise MemoryError(f"think-cache: the CPU {what} loop could not allocate its work buffer")
+    if status == 3:
+        raise ValueError(f"think-cache: a key block index past the stored blocks ({what})")
     if status:
         raise RuntimeError(f"think-cache: the CPU {what} loop failed (status {status})")
 
@@ -234,7 +278,10 @@ def keys_logits(query: torch.Tensor, qk: QuantKeys, scaling: float) -> torch.Ten
     """`quant.quantized_attention_logits` through the loops: ``(batch, kv_heads, rows, tokens)`` float32.
     ``query`` is ``(batch, kv_heads, rows, channels)``, already checked against ``qk``."""
     batch, heads, rows, channels = query.shape
-    out = torch.empty(batch, heads, rows, qk.tokens, dtype=torch.float32)
+    _check_layout("keys", qk.codes, channels, qk.bits, {"scale": qk.scale, "zero": qk.zero}, qk.n_blocks, channels)
+    if qk.block_index is None and qk.n_blocks * qk.block < qk.tokens:
+        raise ValueError(f"{qk.n_blocks} key blocks of {qk.block} tokens do not cover {qk.tokens} tokens")
+    out = torch.empty(batch, heads, rows, qk.tokens, dtype=torch.float32, device="cpu")
     (scale, scale_kind), (zero, zero_kind) = _stored(qk.scale), _stored(qk.zero)
     q = query.float().contiguous()
     keys = qk.codes.contiguous()
@@ -254,7 +301,10 @@ def values_output(weights: torch.Tensor, qv: QuantValues) -> torch.Tensor:
     """`quant.quantized_attention_output` through the loops: ``(batch, kv_heads, rows, channels)`` float32.
     ``weights`` is ``(batch, kv_heads, rows, tokens)``, already checked against ``qv``."""
     batch, heads, rows, tokens = weights.shape
-    out = torch.empty(batch, heads, rows, qv.channels, dtype=torch.float32)
+    fields = {"scale": qv.scale} if qv.zero is None else {"scale": qv.scale, "zero": qv.zero}
+    groups = -(-qv.channels // max(qv.group_size, 1))  # `quant.value_groups`, also for no channels
+    _check_layout("values", qv.codes, qv.channels, qv.bits, fields, tokens, groups)
+    out = torch.empty(batch, heads, rows, qv.channels, dtype=torch.float32, device="cpu")
     scale, scale_kind = _stored(qv.scale)
     zero, zero_kind = (None, 0) if qv.zero is None else _stored(qv.zero)
     w = weights.float().contiguous()

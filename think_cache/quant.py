@@ -311,7 +311,7 @@ def _decoded(code: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def scale_table() -> torch.Tensor:
     """The 256 float32 scales the one-byte codes stand for, on the CPU (``scale_table()[c] == scale_values(c)``)."""
-    return _decoded(torch.arange(256, dtype=torch.float32))
+    return _decoded(torch.arange(256, dtype=torch.float32, device="cpu"))
 
 
 # -------------------------------------------------------------------------------------- quantized tensors
@@ -900,8 +900,8 @@ def _cpu_module():
     return module
 
 
-def _cpu_loops_serve(x: torch.Tensor, rows: int) -> bool:
-    return x.device.type == "cpu" and _cpu_module().serves(x, rows)
+def _cpu_loops_serve(x: torch.Tensor, rows: int, codes: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and codes.device.type == "cpu" and _cpu_module().serves(x, rows)
 
 
 def _matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
@@ -950,7 +950,7 @@ def quantized_attention_logits(
             f"{(qk.codes.shape[0], qk.codes.shape[1], qk.channels)}"
         )
     _check_int("chunk_tokens", chunk_tokens, 1)
-    if _cpu_loops_serve(query, rows):
+    if _cpu_loops_serve(query, rows, qk.codes):
         return _cpu_module().keys_logits(query, qk, scaling)
     tokens = qk.tokens
     out = torch.empty(batch, heads, rows, tokens, dtype=torch.float32, device=query.device)
@@ -1026,7 +1026,7 @@ def quantized_attention_output(
             f"{tuple(qv.codes.shape[:3])}"
         )
     _check_int("chunk_tokens", chunk_tokens, 1)
-    if _cpu_loops_serve(weights, rows):
+    if _cpu_loops_serve(weights, rows, qv.codes):
         return _cpu_module().values_output(weights, qv)
     channels, groups = qv.channels, qv.n_groups
     w = weights.float()

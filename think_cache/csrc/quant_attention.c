@@ -18,7 +18,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX2__
+#ifdef __AVX__
 #include <immintrin.h>
 #endif
 
@@ -158,7 +158,8 @@ INLINE void tile_logits(const v8f *q, const v8f *tile, int64_t nv, int64_t rows,
  * registers, each split over even and odd tokens. */
 INLINE void rows_accumulate(const float *w, int64_t stride, const v8f *tile, int64_t nv, int m, int64_t n,
                             v8f *acc) {
-    const float *w0 = w, *w1 = w + stride, *w2 = w + 2 * stride, *w3 = w + 3 * stride;
+    /* rows past m are never read: their pointers repeat row 0's, so none points past the weights */
+    const float *w0 = w, *w1 = m > 1 ? w + stride : w, *w2 = m > 2 ? w + 2 * stride : w, *w3 = m > 3 ? w + 3 * stride : w;
     for (int64_t v = 0; v < nv; ++v) {
         v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
         int64_t t = 0;
@@ -204,16 +205,18 @@ INLINE int keys_logits(const float *query, const uint8_t *codes, const void *sca
                        int64_t blocks, float scaling, float *out) {
     const row_layout l = layout_of(bits, width);
     const int64_t nv = l.lanes / 8;
-    v8f *work = aligned_alloc(32, sizeof(v8f) * (size_t)(nv * (rows + TILE + 2)));
-    int64_t *channel = malloc(sizeof(int64_t) * (size_t)l.lanes);
-    uint8_t *pad = calloc((size_t)(l.vecs * 8), 1);
+    v8f *work = aligned_alloc(32, sizeof(v8f) * (size_t)(nv * (rows + TILE + 2) + 1)); /* + 1: never 0 bytes */
+    int64_t *channel = malloc(sizeof(int64_t) * (size_t)(l.lanes + 1));
+    uint8_t *pad = calloc((size_t)(l.vecs * 8 + 1), 1);
     if (!work || !channel || !pad) {
         free(work), free(channel), free(pad);
         return 1;
     }
     v8f *q = work, *tile = q + nv * rows, *s = tile + nv * TILE, *z = s + nv;
     lane_channels(&l, channels, channel);
-    for (int64_t h = 0; h < heads; ++h) {
+    if (nv == 0) /* no channels: every logit is 0 */
+        memset(out, 0, sizeof(float) * (size_t)(heads * rows * tokens));
+    for (int64_t h = 0; h < heads && nv > 0; ++h) {
         const uint8_t *hc = codes + h * tokens * width;
         const int64_t sz = h * blocks * channels;
         const int32_t *bi = block_index ? block_index + h * tokens : NULL;
@@ -240,6 +243,10 @@ INLINE int keys_logits(const float *query, const uint8_t *codes, const void *sca
                     next += block;
                 }
                 if (k != current) { /* its scales and zero points into lanes */
+                    if ((uint64_t)k >= (uint64_t)blocks) { /* a block index out of range: refuse, never read past */
+                        free(work), free(channel), free(pad);
+                        return 3;
+                    }
                     current = k;
                     const int64_t at = sz + k * channels;
                     for (int64_t v = 0; v < nv; ++v) {
@@ -269,7 +276,8 @@ INLINE int keys_logits(const float *query, const uint8_t *codes, const void *sca
  * `scale_kind` / `zero_kind`; block_index (heads, tokens) or NULL; out (heads, rows, tokens).
  * A tile of tokens is dequantized into lane vectors (a block's scales and zero points gathered into lanes once per
  * block), then every query row takes its dot products with them, eight tokens' lane sums at once.
- * Returns 0, 1 when a work buffer could not be allocated, 2 for bits other than 2, 4 or 8.
+ * Returns 0, 1 when a work buffer could not be allocated, 2 for bits other than 2, 4 or 8, 3 for a block past
+ * `blocks`.
  */
 int think_keys_logits(const float *query, const uint8_t *codes, const void *scale, int scale_kind,
                       const float *scale_table, const void *zero, int zero_kind, const int32_t *block_index, int64_t heads,
@@ -294,10 +302,10 @@ INLINE int values_output(const float *weights, const uint8_t *codes, const void 
                          int64_t groups, float *out) {
     const row_layout l = layout_of(bits, width);
     const int64_t nv = l.lanes / 8;
-    v8f *work = aligned_alloc(32, sizeof(v8f) * (size_t)(nv * (rows + TILE + 2)));
-    int64_t *channel = malloc(sizeof(int64_t) * (size_t)(l.lanes + nv));
-    float *sz = malloc(sizeof(float) * (size_t)(2 * groups));
-    uint8_t *pad = calloc((size_t)(l.vecs * 8), 1);
+    v8f *work = aligned_alloc(32, sizeof(v8f) * (size_t)(nv * (rows + TILE + 2) + 1)); /* + 1: never 0 bytes */
+    int64_t *channel = malloc(sizeof(int64_t) * (size_t)(l.lanes + nv + 1));
+    float *sz = malloc(sizeof(float) * (size_t)(2 * groups + 1));
+    uint8_t *pad = calloc((size_t)(l.vecs * 8 + 1), 1);
     if (!work || !channel || !sz || !pad) {
         free(work), free(channel), free(sz), free(pad);
         return 1;
