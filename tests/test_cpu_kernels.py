@@ -279,6 +279,15 @@ def test_the_build_is_reused(fresh_build, monkeypatch):
     assert cpu_kernels.available()
 
 
+def test_a_failed_native_build_falls_back_and_is_remembered(fresh_build, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_NATIVE", ("-mno-such-option",))
+    assert cpu_kernels.available()  # the portable build
+    assert len(list(fresh_build.glob("*.failed"))) == 1 and len(list(fresh_build.glob("*.so"))) == 1
+    cpu_kernels.library.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "_compile", lambda *a: pytest.fail("compiled again"))
+    assert cpu_kernels.available()
+
+
 def test_without_a_compiler_a_warning_and_the_torch_path(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", str(fresh_build / "no-such-cc"))
     monkeypatch.setattr(cpu_kernels, "_library_path", lambda c, f, folder: fresh_build / f"{len(f)}.so")

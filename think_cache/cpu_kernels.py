@@ -9,10 +9,15 @@ sums in another order: equal within float32 rounding); the torch path stays the 
 ``torch.compile``, with gradients, and for many query rows (`MAX_ROWS`: a matmul serves a later prompt better).
 
 Build: the first call compiles the source with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``;
-``-O3 -march=native``, about a second) into `build_dir` under a name that hashes the source, the flags and the
-CPU, and loads it with `ctypes`; later processes load the built file. Without a compiler, or when the build fails,
+``-O3 -march=native``, about a second; portable flags where that fails, which is then remembered) into
+`build_dir` under a name that hashes the source, the flags and the CPU, and loads it with `ctypes`; later
+processes load the built file. Without a compiler, or when the build fails,
 a warning says why once and every call takes the torch path. ``THINK_CACHE_KERNEL=torch`` (`kernels.KERNEL_ENV`)
 turns the loops off.
+
+Threads: the loops run on the calling thread. Splitting a call's tokens over two pthreads was tried and measured
+slower on a 2-core host (4-bit, 4k tokens: 1.74 against 1.15 ms a layer): torch's OpenMP workers keep spinning for
+a while after each parallel op (the softmax before the values), taking the second core.
 
 Memory: besides their results (``(batch, kv_heads, rows, tokens)`` logits, ``(batch, kv_heads, rows, channels)``
 outputs, as the torch path returns) the loops allocate `work_bytes`: a tile and a few vectors per row, whatever
@@ -21,6 +26,7 @@ the context length.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -40,7 +46,19 @@ import torch
 from . import quant
 from .quant import QuantKeys, QuantValues
 
-__all__ = ["SOURCE", "BUILD_DIR_ENV", "MAX_ROWS", "TILE", "available", "serves", "keys_logits", "values_output"]
+__all__ = [
+    "SOURCE",
+    "BUILD_DIR_ENV",
+    "MAX_ROWS",
+    "TILE",
+    "build_dir",
+    "library",
+    "available",
+    "serves",
+    "work_bytes",
+    "keys_logits",
+    "values_output",
+]
 
 #: The C source of the loops.
 SOURCE = Path(__file__).with_name("csrc") / "quant_attention.c"
@@ -169,14 +187,19 @@ def _build() -> ctypes.CDLL:
             except OSError as error:
                 complaints.append(str(error))
                 continue
+            # a native build that failed here (a compiler without -march=native) is not retried in every process
+            failed = target.with_suffix(".failed")
             if not target.exists():
                 try:
-                    complaint = _compile(compiler, flags, target)
+                    complaint = failed.read_text() if failed.exists() else _compile(compiler, flags, target)
                 except OSError as error:  # the folder cannot be written: try the next
                     complaints.append(f"{folder}: {error}")
                     continue
                 if complaint is not None:
-                    complaints.append(f"{compiler} {' '.join(flags)}: {complaint}")
+                    complaints.append(f"{' '.join(compiler)} {' '.join(flags)}: {complaint}")
+                    if flags == _FLAGS + _NATIVE:  # not the portable build: a passing failure must not stick
+                        with contextlib.suppress(OSError):
+                            failed.write_text(complaint)
                     break  # the flags, not the folder: try the portable ones
             try:
                 return _load(target)

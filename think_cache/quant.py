@@ -43,7 +43,7 @@ attention weights (one row of weights per channel group) and value zero points i
 
 On the CPU, for the few query rows of a decoding step (at most `think_cache.cpu_kernels.MAX_ROWS`), both
 functions hand the work to `think_cache.cpu_kernels`: C loops that dequantize a tile of 32 tokens into registers
-and the L1 cache and use it at once (the same numbers; about 4x faster than these torch ops on a 2-core AVX2 host).
+and the L1 cache and use it at once (the same numbers; about 3x faster than these torch ops on a 2-core AVX2 host).
 The torch code below stays the reference and serves CUDA without Triton, torch.compile and long forwards.
 
 Shapes follow transformers: ``(batch, kv_heads, tokens, channels)``; queries of a KV head's whole group are
