@@ -203,6 +203,8 @@ def test_which_calls_the_loops_serve(monkeypatch):
     assert cpu_kernels.serves(x, 3)
     assert cpu_kernels.serves(x, cpu_kernels.MAX_ROWS) and not cpu_kernels.serves(x, cpu_kernels.MAX_ROWS + 1)
     assert not cpu_kernels.serves(torch.randn(1, 2, 3, 8, device="meta"), 3)
+    assert cpu_kernels.serves(x, 3, torch.zeros(1, 2, 5, 4, dtype=torch.uint8))
+    assert not cpu_kernels.serves(x, 3, torch.zeros(1, 2, 5, 4, dtype=torch.uint8, device="meta"))
     wants_grad = x.clone().requires_grad_()
     assert not cpu_kernels.serves(wants_grad, 3)
     with torch.no_grad():

@@ -233,13 +233,15 @@ def available() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- dispatch
-def serves(x: torch.Tensor, rows: int) -> bool:
-    """Whether the loops compute attention of ``rows`` query rows with ``x`` (the query or the weights): on the
-    CPU, at most `MAX_ROWS` rows, no gradient wanted, not while torch.compile or torch.jit traces, not turned off
-    by ``THINK_CACHE_KERNEL=torch``, and built. (The caller checks that the codes are on the CPU too.)"""
+def serves(x: torch.Tensor, rows: int, codes: torch.Tensor | None = None) -> bool:
+    """Whether the loops compute attention of ``rows`` query rows with ``x`` (the query or the weights) over
+    ``codes``: both on the CPU, at most `MAX_ROWS` rows, no gradient wanted, not while torch.compile or torch.jit
+    traces, not turned off by ``THINK_CACHE_KERNEL=torch``, and built."""
     from .kernels import kernel_choice
 
-    if x.device.type != "cpu" or rows > MAX_ROWS or (x.requires_grad and torch.is_grad_enabled()):
+    if x.device.type != "cpu" or (codes is not None and codes.device.type != "cpu"):
+        return False
+    if rows > MAX_ROWS or (x.requires_grad and torch.is_grad_enabled()):
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or kernel_choice() == "torch":
         return False

@@ -900,10 +900,6 @@ def _cpu_module():
     return module
 
 
-def _cpu_loops_serve(x: torch.Tensor, rows: int, codes: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and codes.device.type == "cpu" and _cpu_module().serves(x, rows)
-
-
 def _matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """``out[...] = a @ b``: straight into ``out`` when it is one block of memory (the only chunk, or any chunk of a
     single row); a chunk's columns of several rows are not, and dynamo refuses a non-contiguous ``out=`` (a graph
@@ -950,7 +946,7 @@ def quantized_attention_logits(
             f"{(qk.codes.shape[0], qk.codes.shape[1], qk.channels)}"
         )
     _check_int("chunk_tokens", chunk_tokens, 1)
-    if _cpu_loops_serve(query, rows, qk.codes):
+    if _cpu_module().serves(query, rows, qk.codes):
         return _cpu_module().keys_logits(query, qk, scaling)
     tokens = qk.tokens
     out = torch.empty(batch, heads, rows, tokens, dtype=torch.float32, device=query.device)
@@ -1026,7 +1022,7 @@ def quantized_attention_output(
             f"{tuple(qv.codes.shape[:3])}"
         )
     _check_int("chunk_tokens", chunk_tokens, 1)
-    if _cpu_loops_serve(weights, rows, qv.codes):
+    if _cpu_module().serves(weights, rows, qv.codes):
         return _cpu_module().values_output(weights, qv)
     channels, groups = qv.channels, qv.n_groups
     w = weights.float()
