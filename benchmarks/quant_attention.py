@@ -29,11 +29,15 @@ def torch_path(fn):
     """``fn`` through the torch path of `quant` (``THINK_CACHE_KERNEL=torch``), not the CPU loops."""
 
     def run():
+        before = os.environ.get(kernels.KERNEL_ENV)
         os.environ[kernels.KERNEL_ENV] = "torch"
         try:
             return fn()
-        finally:
-            del os.environ[kernels.KERNEL_ENV]
+        finally:  # as it was: a setting of the caller's stays
+            if before is None:
+                del os.environ[kernels.KERNEL_ENV]
+            else:
+                os.environ[kernels.KERNEL_ENV] = before
 
     return run
 
