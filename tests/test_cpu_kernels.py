@@ -189,7 +189,7 @@ def test_other_builds_compute_the_same(flags, tmp_path, monkeypatch):
         pytest.skip("x86 flags")
     compiler = cpu_kernels._compiler()
     target = tmp_path / "loops.so"
-    complaint = cpu_kernels._compile(compiler, cpu_kernels._FLAGS + flags, target)
+    complaint, _ = cpu_kernels._compile(compiler, cpu_kernels._FLAGS + flags, target)
     assert complaint is None, complaint
     lib = cpu_kernels._load(target)
     monkeypatch.setattr(cpu_kernels, "library", lambda: lib)
@@ -198,22 +198,66 @@ def test_other_builds_compute_the_same(flags, tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------- dispatch
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's fake tensors import it
 def test_which_calls_the_loops_serve(monkeypatch):
     x = torch.randn(1, 2, 3, 8)
     assert cpu_kernels.serves(x, 3)
     assert cpu_kernels.serves(x, cpu_kernels.MAX_ROWS) and not cpu_kernels.serves(x, cpu_kernels.MAX_ROWS + 1)
     assert not cpu_kernels.serves(torch.randn(1, 2, 3, 8, device="meta"), 3)
-    assert cpu_kernels.serves(x, 3, torch.zeros(1, 2, 5, 4, dtype=torch.uint8))
-    assert not cpu_kernels.serves(x, 3, torch.zeros(1, 2, 5, 4, dtype=torch.uint8, device="meta"))
+    qk = quant.quantize_keys(torch.randn(1, 2, 5, 8), 4, 8)
+    assert cpu_kernels.serves(x, 3, qk)
+    for field in ("codes", "scale", "zero"):  # any tensor without CPU memory: the torch path (or its error)
+        assert not cpu_kernels.serves(x, 3, dataclasses.replace(qk, **{field: getattr(qk, field).to("meta")}))
+    with torch._subclasses.fake_tensor.FakeTensorMode() as fake:
+        assert not cpu_kernels.serves(fake.from_tensor(x), 3)
     wants_grad = x.clone().requires_grad_()
     assert not cpu_kernels.serves(wants_grad, 3)
+    assert not cpu_kernels.serves(x, 3, dataclasses.replace(qk, zero=qk.zero.clone().requires_grad_()))
     with torch.no_grad():
         assert cpu_kernels.serves(wants_grad, 3)
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        assert not cpu_kernels.serves(fwad.make_dual(x, torch.ones_like(x)), 3)
+    index = torch.zeros(1, 2, 5, dtype=torch.int32)
+    assert cpu_kernels.serves(x, 3, dataclasses.replace(qk, block_index=index))
+    assert not cpu_kernels.serves(x, 3, dataclasses.replace(qk, block_index=index.long()))  # read as stored: int32
     monkeypatch.setenv(kernels.KERNEL_ENV, "torch")
     assert not cpu_kernels.serves(x, 3)
     monkeypatch.setenv(kernels.KERNEL_ENV, "cpu")
     with pytest.raises(ValueError, match="expected 'auto', 'torch' or 'triton'"):
         cpu_kernels.serves(x, 3)
+
+
+def test_gradients_through_scales_and_forward_mode_keep_the_torch_path():
+    """Quantized tensors that want gradients, or a dual query: the loops would drop them silently."""
+    qk = quant.quantize_keys(torch.randn(1, 2, 40, 8), 4, 8)
+    zero = qk.zero.clone().requires_grad_()
+    logits = quant.quantized_attention_logits(torch.randn(1, 2, 3, 8), dataclasses.replace(qk, zero=zero), 0.5)
+    assert logits.requires_grad
+    logits.sum().backward()
+    assert zero.grad is not None and zero.grad.abs().sum() > 0
+
+
+def test_malformed_layouts_are_refused_not_read(monkeypatch):
+    """Hand-built codes the loops cannot read safely: a clear error (or the torch path), never a read past them."""
+    qk = quant.quantize_keys(torch.randn(2, 2, 40, 8), 4, 8)
+    query = torch.randn(2, 2, 3, 8)
+    with pytest.raises(ValueError, match="pack into"):  # codes without their token axis
+        cpu_kernels.keys_logits(query, dataclasses.replace(qk, codes=qk.codes[:, :, 0]), 0.5)
+    index = torch.zeros(2, 2, 40, dtype=torch.int32)
+    for bad in (index[:1], index[..., :30]):  # one batch row for two; fewer tokens than the codes hold
+        with pytest.raises(ValueError, match="block index of shape"):
+            cpu_kernels.keys_logits(query, dataclasses.replace(qk, block_index=bad), 0.5)
+    with pytest.raises(ValueError, match="block"):
+        cpu_kernels.keys_logits(query, dataclasses.replace(qk, block=0), 0.5)
+    qv = quant.quantize_values(torch.randn(2, 2, 40, 8), 4, 4)
+    weights = torch.softmax(torch.randn(2, 2, 3, 40), -1)
+    for group in (0, -1):
+        with pytest.raises(ValueError, match="group_size"):
+            cpu_kernels.values_output(weights, dataclasses.replace(qv, group_size=group))
+    logits = cpu_kernels.keys_logits(query, qk, torch.tensor(0.5))  # a tensor scale, as the torch path takes
+    torch.testing.assert_close(logits, quant.dequantize_keys(qk, torch.float32).matmul(query.mT).mT * 0.5)
 
 
 def test_many_rows_take_the_torch_path(monkeypatch):
@@ -304,6 +348,53 @@ def test_without_a_compiler_a_warning_and_the_torch_path(fresh_build, monkeypatc
     torch.testing.assert_close(logits, query @ quant.dequantize_keys(qk, torch.float32).transpose(-1, -2) * 0.5)
 
 
+def test_a_passing_failure_is_not_remembered(fresh_build, monkeypatch):
+    """A compiler that timed out or could not start says nothing lasting about the flags: the next process tries
+    the native build again."""
+
+    real_run, calls = cpu_kernels.subprocess.run, []
+
+    def first_times_out(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise cpu_kernels.subprocess.TimeoutExpired("cc", 120)
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels.subprocess, "run", first_times_out)
+    assert cpu_kernels.available()  # the portable build, after the native one "timed out"
+    assert not list(fresh_build.glob("*.failed")) and not list(fresh_build.glob("*.tmp"))
+
+
+def test_an_interrupted_build_leaves_nothing(fresh_build, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cpu_kernels.subprocess, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cpu_kernels.available()
+    assert not list(fresh_build.iterdir())
+
+
+def test_a_relative_build_folder_is_made_absolute(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(cpu_kernels.BUILD_DIR_ENV, "built")
+    assert cpu_kernels.build_dir() == tmp_path / "built"
+
+
+def test_a_link_is_not_loaded(fresh_build):
+    """The file checked is the file loaded: a link in the build folder (to a library anyone could have written) is
+    refused."""
+    assert cpu_kernels.available()
+    (built,) = fresh_build.glob("quant_attention-*.so")
+    link = fresh_build / "link.so"
+    link.symlink_to(built)
+    with pytest.raises(OSError):
+        cpu_kernels._load(link)
+    built.chmod(0o777)
+    with pytest.raises(PermissionError, match="alone"):
+        cpu_kernels._load(built)
+
+
 def test_threads_asking_at_once_build_once(fresh_build):
     results = []
     threads = [threading.Thread(target=lambda: results.append(cpu_kernels.available())) for _ in range(4)]
@@ -324,3 +415,8 @@ def test_a_folder_others_can_write_is_not_used(fresh_build, monkeypatch):
     monkeypatch.setenv(cpu_kernels.BUILD_DIR_ENV, str(shared))
     assert cpu_kernels.available()
     assert not list(shared.iterdir())
+    # nor a private folder inside it: another user could rename it and put their own in its place
+    monkeypatch.setenv(cpu_kernels.BUILD_DIR_ENV, str(shared / "mine"))
+    cpu_kernels.library.cache_clear()
+    assert cpu_kernels.available()
+    assert not list((shared / "mine").iterdir())

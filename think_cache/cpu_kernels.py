@@ -34,6 +34,7 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -90,10 +91,10 @@ _VALUES_ARGS = [_P, _P, _P, _C, _P, _P, _C, ctypes.c_float, _I, _I, _I, _I, _I, 
 def build_dir() -> Path:
     """Where built libraries go: `BUILD_DIR_ENV`, else the user's cache folder."""
     named = os.environ.get(BUILD_DIR_ENV)
-    if named:
-        return Path(named)
+    if named:  # absolute: dlopen looks a name without a slash up on the library search path
+        return Path(named).expanduser().absolute()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "think_cache"
+    return (Path(base) / "think_cache").absolute()
 
 
 def _compiler() -> list[str] | None:
@@ -129,42 +130,59 @@ def _library_path(compiler: list[str], flags: tuple[str, ...], folder: Path) -> 
     return folder / f"quant_attention-{key.hexdigest()[:16]}.so"
 
 
-def _compile(compiler: list[str], flags: tuple[str, ...], target: Path) -> str | None:
-    """Build ``target``; None on success, else the compiler's complaint. Raises OSError when its folder cannot be
-    written."""
+def _compile(compiler: list[str], flags: tuple[str, ...], target: Path) -> tuple[str | None, bool]:
+    """Build ``target``: ``(None, _)`` on success, else the complaint and whether it is the compiler's verdict on
+    the flags (not a passing failure: a timeout, a compiler that could not start). Raises OSError when the folder
+    cannot be written."""
     handle, name = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)  # a name no other build shares
     os.close(handle)
     partial = Path(name)
     try:
-        done = subprocess.run(
-            [*compiler, *flags, str(SOURCE), "-o", str(partial)], capture_output=True, text=True, timeout=120
-        )
-    except (OSError, subprocess.SubprocessError) as error:
+        try:
+            done = subprocess.run(
+                [*compiler, *flags, str(SOURCE), "-o", str(partial)], capture_output=True, text=True, timeout=120
+            )
+        except (OSError, subprocess.SubprocessError) as error:
+            return str(error), False
+        if done.returncode:
+            return done.stderr.strip() or f"exit status {done.returncode}", True
+        os.chmod(partial, 0o700)  # whatever the linker and umask made of it: this user's alone (`_load` checks)
+        os.replace(partial, target)  # atomic: a process running beside never loads half a file
+        return None, False
+    finally:  # also on KeyboardInterrupt
         partial.unlink(missing_ok=True)
-        return str(error)
-    if done.returncode:
-        partial.unlink(missing_ok=True)
-        return done.stderr.strip() or f"exit status {done.returncode}"
-    os.replace(partial, target)  # atomic: a process running beside never loads half a file
-    return None
 
 
 def _own_folder(folder: Path) -> None:
     """Create ``folder`` (private) where missing, and refuse one that someone else could have written a library
-    into (another user's, or writable by others: the shared temporary folder)."""
+    into, or swapped for another: another user's, writable by others, or below a folder where another user could
+    rename it (the rule OpenSSH applies to ``~/.ssh``)."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _check_own(folder)
+    _check_own(os.stat(folder, follow_symlinks=False), folder)
+    for parent in folder.parents:
+        info = parent.stat()
+        shared = info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX  # /tmp is sticky: nobody renames ours
+        if info.st_uid not in (0, os.getuid()) or shared:
+            raise PermissionError(f"{folder} lies in {parent}, which another user owns or may rename its entries in")
 
 
-def _check_own(path: Path) -> None:
-    info = path.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o022:
-        raise PermissionError(f"{path} is not this user's alone (owned by another user, or writable by others)")
+def _check_own(info: os.stat_result, path: Path) -> None:
+    if info.st_uid != os.getuid() or info.st_mode & 0o022 or stat.S_ISLNK(info.st_mode):
+        raise PermissionError(f"{path} is not this user's alone (owned by another user, writable by others, or a link)")
 
 
 def _load(path: Path) -> ctypes.CDLL:
-    _check_own(path)
-    lib = ctypes.CDLL(str(path))
+    # the file checked is the file loaded: opened once (not through a link), checked, then loaded by its descriptor
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        _check_own(info, path)
+        if not stat.S_ISREG(info.st_mode):
+            raise PermissionError(f"{path} is not a regular file")
+        by_descriptor = f"/proc/self/fd/{fd}"
+        lib = ctypes.CDLL(by_descriptor if os.path.exists(by_descriptor) else str(path))
+    finally:
+        os.close(fd)
     lib.think_keys_logits.argtypes, lib.think_keys_logits.restype = _KEYS_ARGS, ctypes.c_int
     lib.think_values_output.argtypes, lib.think_values_output.restype = _VALUES_ARGS, ctypes.c_int
     return lib
@@ -191,13 +209,16 @@ def _build() -> ctypes.CDLL:
             failed = target.with_suffix(".failed")
             if not target.exists():
                 try:
-                    complaint = failed.read_text() if failed.exists() else _compile(compiler, flags, target)
+                    complaint, lasting = (
+                        (failed.read_text(), False) if failed.exists() else _compile(compiler, flags, target)
+                    )
                 except OSError as error:  # the folder cannot be written: try the next
                     complaints.append(f"{folder}: {error}")
                     continue
                 if complaint is not None:
                     complaints.append(f"{' '.join(compiler)} {' '.join(flags)}: {complaint}")
-                    if flags == _FLAGS + _NATIVE:  # not the portable build: a passing failure must not stick
+                    # not the portable build (a compiler upgrade must be able to build it), nor a passing failure
+                    if lasting and flags == _FLAGS + _NATIVE:
                         with contextlib.suppress(OSError):
                             failed.write_text(complaint)
                     break  # the flags, not the folder: try the portable ones
@@ -233,15 +254,31 @@ def available() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- dispatch
-def serves(x: torch.Tensor, rows: int, codes: torch.Tensor | None = None) -> bool:
+def _plain(t: torch.Tensor, grad: bool) -> bool:
+    """A tensor whose memory the loops may read: a plain strided CPU tensor (not a subclass: fake, functional or
+    meta tensors have no data), not asking for gradients."""
+    return (
+        type(t) is torch.Tensor
+        and t.device.type == "cpu"
+        and t.layout == torch.strided
+        and not (grad and t.requires_grad)
+    )
+
+
+def serves(x: torch.Tensor, rows: int, packed: QuantKeys | QuantValues | None = None) -> bool:
     """Whether the loops compute attention of ``rows`` query rows with ``x`` (the query or the weights) over
-    ``codes``: both on the CPU, at most `MAX_ROWS` rows, no gradient wanted, not while torch.compile or torch.jit
-    traces, not turned off by ``THINK_CACHE_KERNEL=torch``, and built."""
+    ``packed``: every tensor a plain CPU tensor, at most `MAX_ROWS` rows, no gradient wanted (nor a forward-mode
+    one), a key block index as stored (int32), not while torch.compile or torch.jit traces, not turned off by
+    ``THINK_CACHE_KERNEL=torch``, and built. Elsewhere the torch path answers (or says what is wrong)."""
     from .kernels import kernel_choice
 
-    if x.device.type != "cpu" or (codes is not None and codes.device.type != "cpu"):
+    if rows > MAX_ROWS:
         return False
-    if rows > MAX_ROWS or (x.requires_grad and torch.is_grad_enabled()):
+    grad = torch.is_grad_enabled()
+    tensors = (x,) if packed is None else (x, *packed.tensors())
+    if not all(_plain(t, grad) for t in tensors) or torch.autograd.forward_ad._current_level >= 0:
+        return False
+    if isinstance(packed, QuantKeys) and packed.block_index is not None and packed.block_index.dtype != torch.int32:
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or kernel_choice() == "torch":
         return False
@@ -274,7 +311,7 @@ def _check_layout(
     (floats; scales also one-byte codes) with a row per block (keys) or token (values) of every batch row and head:
     a wrong layout would read past them."""
     width = quant.packed_width(channels, bits)
-    if codes.dtype != torch.uint8 or codes.shape[-1] != width:
+    if codes.dtype != torch.uint8 or codes.dim() != 4 or codes.shape[-1] != width:
         raise ValueError(
             f"{name}: {channels} codes of {bits} bits pack into {width} bytes, got {tuple(codes.shape)} {codes.dtype}"
         )
@@ -304,18 +341,24 @@ def keys_logits(query: torch.Tensor, qk: QuantKeys, scaling: float) -> torch.Ten
     ``query`` is ``(batch, kv_heads, rows, channels)``, already checked against ``qk``."""
     batch, heads, rows, channels = query.shape
     _check_layout("keys", qk.codes, channels, qk.bits, {"scale": qk.scale, "zero": qk.zero}, qk.n_blocks, channels)
+    quant._check_int("block", qk.block, 1)
     if qk.block_index is None and qk.n_blocks * qk.block < qk.tokens:
         raise ValueError(f"{qk.n_blocks} key blocks of {qk.block} tokens do not cover {qk.tokens} tokens")
+    if qk.block_index is not None and tuple(qk.block_index.shape) != tuple(qk.codes.shape[:3]):
+        raise ValueError(
+            f"keys: a block index of shape {tuple(qk.block_index.shape)} for codes {tuple(qk.codes.shape)}: "
+            "expected one block per (batch row, head, token)"
+        )
     out = torch.empty(batch, heads, rows, qk.tokens, dtype=torch.float32, device="cpu")
     (scale, scale_kind), (zero, zero_kind) = _stored(qk.scale), _stored(qk.zero)
     q = query.float().contiguous()
     keys = qk.codes.contiguous()
-    index = None if qk.block_index is None else qk.block_index.to(torch.int32).contiguous()
+    index = None if qk.block_index is None else qk.block_index.contiguous()  # int32 (`serves`)
     table = quant.scale_table()
     status = library().think_keys_logits(
         q.data_ptr(), keys.data_ptr(), scale.data_ptr(), scale_kind, table.data_ptr(), zero.data_ptr(), zero_kind,
         _ptr(index),
-        batch * heads, rows, qk.tokens, channels, keys.shape[-1], qk.bits, qk.block, qk.n_blocks, scaling,
+        batch * heads, rows, qk.tokens, channels, keys.shape[-1], qk.bits, qk.block, qk.n_blocks, float(scaling),
         out.data_ptr(),
     )  # fmt: skip
     _check(status, "key logits")
@@ -326,8 +369,9 @@ def values_output(weights: torch.Tensor, qv: QuantValues) -> torch.Tensor:
     """`quant.quantized_attention_output` through the loops: ``(batch, kv_heads, rows, channels)`` float32.
     ``weights`` is ``(batch, kv_heads, rows, tokens)``, already checked against ``qv``."""
     batch, heads, rows, tokens = weights.shape
+    quant._check_int("group_size", qv.group_size, 1)
     fields = {"scale": qv.scale} if qv.zero is None else {"scale": qv.scale, "zero": qv.zero}
-    groups = -(-qv.channels // max(qv.group_size, 1))  # `quant.value_groups`, also for no channels
+    groups = -(-qv.channels // qv.group_size)  # `quant.value_groups`, also for no channels
     _check_layout("values", qv.codes, qv.channels, qv.bits, fields, tokens, groups)
     out = torch.empty(batch, heads, rows, qv.channels, dtype=torch.float32, device="cpu")
     scale, scale_kind = _stored(qv.scale)

@@ -946,7 +946,7 @@ def quantized_attention_logits(
             f"{(qk.codes.shape[0], qk.codes.shape[1], qk.channels)}"
         )
     _check_int("chunk_tokens", chunk_tokens, 1)
-    if _cpu_module().serves(query, rows, qk.codes):
+    if _cpu_module().serves(query, rows, qk):
         return _cpu_module().keys_logits(query, qk, scaling)
     tokens = qk.tokens
     out = torch.empty(batch, heads, rows, tokens, dtype=torch.float32, device=query.device)
@@ -1022,7 +1022,7 @@ def quantized_attention_output(
             f"{tuple(qv.codes.shape[:3])}"
         )
     _check_int("chunk_tokens", chunk_tokens, 1)
-    if _cpu_module().serves(weights, rows, qv.codes):
+    if _cpu_module().serves(weights, rows, qv):
         return _cpu_module().values_output(weights, qv)
     channels, groups = qv.channels, qv.n_groups
     w = weights.float()
