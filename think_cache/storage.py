@@ -304,18 +304,22 @@ class QuantizedStore(CompactStore):
         return quant.quantized_attention_output(weights, self.values).to(self.values.dtype)
 
 
+def code_rows(x: torch.Tensor) -> quant.QuantValues:
+    """``x`` ``(batch, kv_heads, tokens, channels)`` held as 8-bit codes per token in groups of 32 channels (plus a
+    scale and zero point per group): how tokens that wait outside the compact part are kept (`WaitingPrompt`,
+    `SpareKeys`), close to exact at a quarter of float32's bytes."""
+    return quant.quantize_values(x, 8, 32)
+
+
 class WaitingPrompt:
     """The earlier chunks of a prompt that arrives in chunks, waiting for its end as 8-bit codes of every channel.
 
     A policy with a budget chooses a prompt's tokens only at its end, from every token; held at full width until
     then, a long prompt fed in chunks would take more memory than in one prefill, which stores only what the
-    policy keeps. Here each token's keys and values are codes per token in groups of `GROUP` channels (8 bits: a
-    quarter of float32's bytes, half of bfloat16's, plus a scale and zero point per group); the later chunks attend
-    to them dequantized, one layer at a time, and the end of the prompt chooses from them dequantized.
+    policy keeps. Here each token's keys and values are held by `code_rows` (8 bits: a quarter of float32's bytes,
+    half of bfloat16's); the later chunks attend to them dequantized, one layer at a time, and the end of the prompt
+    chooses from them dequantized.
     """
-
-    BITS = 8
-    GROUP = 32
 
     def __init__(self) -> None:
         self.keys: quant.QuantValues | None = None
@@ -327,8 +331,7 @@ class WaitingPrompt:
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize full-width ``keys``/``values`` ``(batch, kv_heads, n, dim)`` after the tokens held."""
-        k = quant.quantize_values(keys, self.BITS, self.GROUP)
-        v = quant.quantize_values(values, self.BITS, self.GROUP)
+        k, v = code_rows(keys), code_rows(values)
         if self.keys is not None:
             k, v = quant.cat_values(self.keys, k), quant.cat_values(self.values, v)
         self.keys, self.values = k, v
@@ -350,19 +353,16 @@ class WaitingPrompt:
 class SpareKeys:
     """The pruned key channels of the newest prompts' questions, ``(batch, kv_heads, tokens, pruned)`` (kept aside
     by `ThinKLayer._keep_spare`, seen whole by a later prompt's rows: `ThinKLayer.restored`): exact, or, ``coded``,
-    as 8-bit codes per token in groups of `GROUP` channels (`WaitingPrompt`'s; a little over half of bfloat16's
-    bytes), so that they do not undo a quantized compact part's saving.
+    by `code_rows` (a little over half of bfloat16's bytes), so that they do not undo a quantized compact part's
+    saving.
     """
-
-    BITS = 8
-    GROUP = 32
 
     def __init__(self, keys: torch.Tensor, coded: bool) -> None:
         self.coded = coded
         self.rows: torch.Tensor | quant.QuantValues = self._held(keys)
 
     def _held(self, keys: torch.Tensor) -> torch.Tensor | quant.QuantValues:
-        return quant.quantize_values(keys, self.BITS, self.GROUP) if self.coded else keys.contiguous()
+        return code_rows(keys) if self.coded else keys.contiguous()
 
     def __repr__(self) -> str:
         return f"SpareKeys(tokens={self.tokens}, coded={self.coded})"
