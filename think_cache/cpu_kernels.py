@@ -254,15 +254,12 @@ def available() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- dispatch
-def _plain(t: torch.Tensor, grad: bool) -> bool:
+def _plain(t: torch.Tensor | None, grad: bool) -> bool:
     """A tensor whose memory the loops may read: a plain strided CPU tensor (not a subclass: fake, functional or
-    meta tensors have no data), not asking for gradients."""
-    return (
-        type(t) is torch.Tensor
-        and t.device.type == "cpu"
-        and t.layout == torch.strided
-        and not (grad and t.requires_grad)
-    )
+    meta tensors have no data), not asking for gradients (None: an absent field)."""
+    if t is None:
+        return True
+    return type(t) is torch.Tensor and t.is_cpu and t.layout == torch.strided and not (grad and t.requires_grad)
 
 
 def serves(x: torch.Tensor, rows: int, packed: QuantKeys | QuantValues | None = None) -> bool:
@@ -272,14 +269,19 @@ def serves(x: torch.Tensor, rows: int, packed: QuantKeys | QuantValues | None = 
     ``THINK_CACHE_KERNEL=torch``, and built. Elsewhere the torch path answers (or says what is wrong)."""
     from .kernels import kernel_choice
 
-    if rows > MAX_ROWS:
+    if rows > MAX_ROWS or torch.autograd.forward_ad._current_level >= 0:
         return False
     grad = torch.is_grad_enabled()
-    tensors = (x,) if packed is None else (x, *packed.tensors())
-    if not all(_plain(t, grad) for t in tensors) or torch.autograd.forward_ad._current_level >= 0:
+    if not _plain(x, grad):
         return False
-    if isinstance(packed, QuantKeys) and packed.block_index is not None and packed.block_index.dtype != torch.int32:
-        return False
+    if packed is not None:  # the fields one by one: this runs twice a layer in every decoding step
+        index = getattr(packed, "block_index", None)
+        if index is not None and index.dtype != torch.int32:
+            return False
+        if not (_plain(packed.codes, grad) and _plain(packed.scale, grad) and _plain(packed.zero, grad)):
+            return False
+        if not _plain(index, grad):
+            return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or kernel_choice() == "torch":
         return False
     return library() is not None
