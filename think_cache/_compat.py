@@ -75,14 +75,17 @@ def sdpa_mask_function():
 
 
 def sliding_window_of(module: torch.nn.Module) -> int | None:
-    """The sliding window of an attention module's layer, or None for full attention.
-
-    Qwen2/Qwen3 and Gemma 2/3 keep it on the module (None on full-attention layers: Gemma's ``config.layer_types``
-    says which); Mistral and Phi-3 pass their config's to attention, for every layer.
+    """The sliding window of an attention module's layer, or None for full attention, by transformers' own rule
+    (``get_layer_types_and_kwargs``): a config's ``layer_types`` says which layers slide (Qwen2/Qwen3, their MoE
+    models, Gemma 2/3; their full-attention layers may still see a ``config.sliding_window``, 0 or a number, that
+    does not apply to them); without it, every layer slides when the config has a window (Mistral, Mixtral, Phi-3).
+    Some modules keep their layer's window themselves; it wins where set.
     """
-    if hasattr(module, "sliding_window"):
-        return module.sliding_window
-    return getattr(module.config, "sliding_window", None)
+    config = module.config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_types[module.layer_idx] != "sliding_attention":
+        return None
+    return getattr(module, "sliding_window", None) or getattr(config, "sliding_window", None) or None
 
 
 def is_compiling() -> bool:
