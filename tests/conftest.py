@@ -20,12 +20,18 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -34,7 +40,7 @@ from think_cache import _compat as compat
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 #: The families of tests/test_families.py (not in ARCHS, which the other test files run over).
-FAMILIES = ("gemma2", "gemma3", "phi3")
+FAMILIES = ("gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
 VOCAB = 256
 
 #: Settings every tiny test model shares; `make_config` adds each architecture's.
@@ -77,6 +83,18 @@ _ARCHITECTURES = {
         ),
     ),
     "phi3": (Phi3Config, Phi3ForCausalLM, dict(sliding_window=16)),
+    # mixture-of-experts models: the attention of Mistral / Qwen2 / Qwen3, four experts of which two run per token
+    "mixtral": (MixtralConfig, MixtralForCausalLM, dict(sliding_window=16, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": (
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),
+    ),
+    "qwen3_moe": (
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+        dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    ),
 }
 
 
@@ -277,8 +295,9 @@ class ZeroedLayer(DynamicLayer):
 def zeroed_reference(think_cache_after_run, model) -> DynamicCache:
     """A DynamicCache of `ZeroedLayer`s using the channels a ThinK run chose."""
     layers = []
-    for layer, module in zip(think_cache_after_run.layers, _attention_modules(model), strict=True):
-        window = getattr(module, "sliding_window", getattr(model.config, "sliding_window", None))
+    # which layers slide, and by how much: as transformers' own DynamicCache for this model says
+    windows = [getattr(layer, "sliding_window", None) for layer in DynamicCache(config=model.config).layers]
+    for layer, window in zip(think_cache_after_run.layers, windows, strict=True):
         layers.append(
             ZeroedLayer(
                 layer.key_channels,
@@ -293,11 +312,6 @@ def zeroed_reference(think_cache_after_run, model) -> DynamicCache:
     cache = DynamicCache()
     cache.layers = layers
     return cache
-
-
-def _attention_modules(model):
-    """Self-attention modules, with separate projections or Phi-3's fused ``qkv_proj``."""
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and (hasattr(m, "k_proj") or hasattr(m, "qkv_proj"))]
 
 
 # ------------------------------------------------------------------------------- quantized storage reference

@@ -1,9 +1,12 @@
-"""Gemma 2, Gemma 3 and Phi-3 on tiny random-weight models (fp32), against the model's own attention.
+"""Gemma 2, Gemma 3, Phi-3 and three mixture-of-experts models on tiny random-weight models (fp32), against the
+model's own attention.
 
-Every family has sliding-window layers with a window (16) shorter than the prompts, and decodes past it: Gemma 2
-alternates sliding and global layers, caps its attention logits (``attn_logit_softcapping``, 5 here so that it
-bites) and scales by ``query_pre_attn_scalar``; Gemma 3 has sliding and global layers, q/k norms and, on the small
-models, head_dim 256 with a single KV head; Phi-3 has a fused qkv projection and a sliding window on every layer.
+Gemma 2, Gemma 3, Phi-3 and Mixtral have sliding-window layers with a window (16) shorter than the prompts, and
+decode past it: Gemma 2 alternates sliding and global layers, caps its attention logits (``attn_logit_softcapping``,
+5 here so that it bites) and scales by ``query_pre_attn_scalar``; Gemma 3 has sliding and global layers, q/k norms
+and, on the small models, head_dim 256 with a single KV head; Phi-3 has a fused qkv projection and a sliding window
+on every layer, as Mixtral has. Qwen2-MoE and Qwen3-MoE attend to every token (Qwen2-MoE's config carries a
+``sliding_window`` of 0 that no layer uses; Qwen3-MoE has q/k norms); their experts do not touch the cache.
 
 The references run an unpatched copy of the model (same weights) with transformers' own attention, so softcapping
 and scaling are the model's code, not think_cache's: eager for Gemma 2 (sdpa has no softcapping: transformers 4.56
@@ -42,7 +45,15 @@ FAMILIES = {
         dict(initializer_range=0.2, head_dim=256, query_pre_attn_scalar=256, num_key_value_heads=1),
     ),
     "phi3": ("phi3", dict(initializer_range=0.2, hidden_size=128)),
+    "mixtral": ("mixtral", dict(initializer_range=0.2)),
+    # full attention on every layer, though the config carries a sliding_window (0) that applies to none of them
+    "qwen2_moe": ("qwen2_moe", dict(initializer_range=0.2)),
+    "qwen3_moe": ("qwen3_moe", dict(initializer_range=0.2)),
 }
+
+
+#: The families without sliding-window layers.
+FULL_ATTENTION = ("qwen2_moe", "qwen3_moe")
 
 
 @pytest.fixture(params=list(FAMILIES))
@@ -55,6 +66,8 @@ def _models(family: str, **overrides):
     logits are capped, else sdpa."""
     arch, settings = FAMILIES[family]
     settings = {**settings, **overrides}
+    if not make_model(arch, patch=False)._supports_attention_backend:
+        pytest.skip(f"{family} does not use transformers' attention interface in this transformers version")
     patched = make_model(arch, **settings)
     reference = make_model(arch, patch=False, **settings)
     capped = getattr(reference.config, "attn_logit_softcapping", None) is not None
@@ -87,7 +100,9 @@ def _max_logit_gap(out, ref) -> float:
 
 # ------------------------------------------------------------------------------------------------ key_ratio=0
 def test_families_are_supported():
-    assert {"gemma2", "gemma3_text", "phi3"} <= set(think_cache.SUPPORTED_MODEL_TYPES)
+    assert {"gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe", "qwen3_moe"} <= set(
+        think_cache.SUPPORTED_MODEL_TYPES
+    )
     for family in FAMILIES:
         patched, _ = _models(family)
         assert patched.config.model_type in think_cache.SUPPORTED_MODEL_TYPES
@@ -102,6 +117,9 @@ def test_key_ratio_zero_is_the_models_attention(family):
     out = generate(model, ids, mask, think, steps=24)
     _assert_same(out, generate(reference, ids, mask, _dynamic(reference), steps=24), ATOL_EXACT)
     sliding = [layer.is_sliding for layer in think.layers]
+    if family in FULL_ATTENTION:
+        assert not any(sliding)
+        return
     assert any(sliding)  # the window (16) is shorter than the prompts: sliding layers really trim
     # 15 past tokens and the last forward's own (trimmed at the next update)
     assert all(layer.stored_tokens <= 16 for layer, is_sliding in zip(think.layers, sliding, strict=True) if is_sliding)
@@ -253,6 +271,15 @@ def test_token_policies_score_with_the_cap(policy, monkeypatch):
     generate(model, ids, mask, cache, steps=40)  # H2O evicts while decoding, past a fold block
     assert received == [5.0] * len(cache.layers)
     assert all(layer.compact_positions is not None for layer in cache.layers)
+
+
+def test_a_model_outside_the_attention_interface_is_refused(monkeypatch):
+    """A model whose attention does not go through transformers' attention functions (Qwen2-MoE before 4.57) would
+    store a ThinKCache's pruned keys but attend as if nothing were pruned: refused at patch time."""
+    model = make_model("qwen3_moe", patch=False)
+    monkeypatch.setattr(type(model), "_supports_attention_backend", False)
+    with pytest.raises(ValueError, match="does not go through transformers' attention interface"):
+        think_cache.patch(model)
 
 
 def test_other_families_still_refused():

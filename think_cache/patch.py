@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import GenerationConfig
+from transformers import __version__ as transformers_version
 
 from . import _compat
 from .attention import ATTENTION_NAME, enter_module, exit_module, register
@@ -15,7 +16,9 @@ from .cache import ThinKCache
 __all__ = ["patch", "unpatch", "is_patched", "SUPPORTED_MODEL_TYPES"]
 
 #: Model types whose attention think-cache is tested on (``gemma3_text``: Gemma 3's text model, `Gemma3ForCausalLM`).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+SUPPORTED_MODEL_TYPES = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe", "qwen3_moe",
+)  # fmt: skip
 
 #: The projections of a self-attention module: separate (Llama and its kin), or fused (Phi-3's ``qkv_proj``).
 _PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))
@@ -59,6 +62,11 @@ def _check_model(model: object) -> list[torch.nn.Module]:
         )
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"think_cache does not support model type {config.model_type!r}; supported: {supported}")
+    if not getattr(model, "_supports_attention_backend", True):  # Qwen2-MoE before transformers 4.57
+        raise ValueError(
+            f"think_cache cannot serve {type(model).__name__} on transformers {transformers_version}: its attention "
+            "does not go through transformers' attention interface in this version (a newer transformers has it)"
+        )
     implementation = _compat.attn_implementation(model) or ""
     if implementation.startswith("paged"):
         raise ValueError(
