@@ -63,7 +63,7 @@ def test_attention_switched_after_patch():
 
 def test_unsupported_model_type():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    supported = "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3"
+    supported = ", ".join(think_cache.SUPPORTED_MODEL_TYPES)
     with pytest.raises(ValueError, match=f"does not support model type 'gpt2'; supported: {supported}$"):
         think_cache.patch(model)
 
