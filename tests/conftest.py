@@ -12,6 +12,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -33,14 +35,13 @@ from transformers import (
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
 )
+from transformers import __version__ as transformers_version
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 import think_cache
 from think_cache import _compat as compat
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
-#: The families of tests/test_families.py (not in ARCHS, which the other test files run over).
-FAMILIES = ("gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
 VOCAB = 256
 
 #: Settings every tiny test model shares; `make_config` adds each architecture's.
@@ -98,7 +99,28 @@ _ARCHITECTURES = {
 }
 
 
+#: Families built by model type through transformers' Auto classes, with what each adds to the attention (three
+#: layers, two sliding, where the family has sliding layers).
+_SLIDING = dict(sliding_window=16, num_hidden_layers=3, layer_types=["sliding_attention"] * 2 + ["full_attention"])
+_BY_MODEL_TYPE = {
+    "olmo2": ("olmo2", {}),  # q/k norms over all heads' channels at once, before the heads are split
+    "olmo3": ("olmo3", _SLIDING),
+    "granite": ("granite", dict(attention_multiplier=0.1)),  # its own attention scale, not 1/sqrt(head_dim)
+    "glm4": ("glm4", {}),  # rotary positions on half of each head's channels
+    "cohere2": ("cohere2", _SLIDING),  # Command R7B / A: sliding layers with rotary, global ones without
+    "smollm3": ("smollm3", dict(no_rope_layers=[1, 0])),  # a layer without rotary positions
+    "exaone4": ("exaone4", _SLIDING),
+}
+
+
 def make_config(arch: str, **overrides):
+    """The config of a tiny ``arch`` model (skips the test where this transformers does not have the family)."""
+    if arch in _BY_MODEL_TYPE:
+        model_type, defaults = _BY_MODEL_TYPE[arch]
+        try:
+            return AutoConfig.for_model(model_type, **{**COMMON_CONFIG, **defaults, **overrides})
+        except (KeyError, ValueError):
+            pytest.skip(f"transformers {transformers_version} has no {model_type!r} models")
     if arch not in _ARCHITECTURES:
         raise ValueError(arch)
     config_class, _, defaults = _ARCHITECTURES[arch]
@@ -108,7 +130,11 @@ def make_config(arch: str, **overrides):
 def make_model(arch: str = "llama", seed: int = 0, patch: bool = True, **overrides):
     """A tiny random-weight model in float32, eval mode, patched for ThinK unless ``patch=False``."""
     torch.manual_seed(seed)
-    model = _ARCHITECTURES[arch][1](make_config(arch, **overrides)).eval()
+    config = make_config(arch, **overrides)
+    if arch in _BY_MODEL_TYPE:
+        model = AutoModelForCausalLM.from_config(config).eval()
+    else:
+        model = _ARCHITECTURES[arch][1](config).eval()
     # no eos stop: every run generates exactly max_new_tokens
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0

@@ -19,7 +19,7 @@ __all__ = ["patch", "unpatch", "is_patched", "SUPPORTED_MODEL_TYPES"]
 #: ``gemma3``: with its vision tower, `Gemma3ForConditionalGeneration`, the 4B-27B checkpoints).
 SUPPORTED_MODEL_TYPES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe", "qwen3_moe",
-    "gemma3",
+    "gemma3", "olmo2", "olmo3", "granite", "glm4", "cohere2", "smollm3", "exaone4",
 )  # fmt: skip
 
 #: The projections of a self-attention module: separate (Llama and its kin), or fused (Phi-3's ``qkv_proj``).
