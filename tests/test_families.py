@@ -25,7 +25,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import COMMON_CONFIG, generate, make_batch, make_config, make_model, prefill, zeroed_reference
-from transformers import DynamicCache, Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+from transformers import DynamicCache
 
 import think_cache
 from think_cache import H2O, SnapKV, ThinKCache, kernels
@@ -287,33 +287,90 @@ def test_token_policies_score_with_the_cap(policy, monkeypatch):
     assert all(layer.compact_positions is not None for layer in cache.layers)
 
 
-# ------------------------------------------------------------------------------- Gemma 3 with images
-IMAGE, BOI, EOI = 250, 251, 252  # token ids of an image's soft tokens and its begin / end markers
+# --------------------------------------------------------------------------------- models that see images
+IMAGE, START, END = 250, 251, 252  # token ids of an image's soft tokens and of the markers around them
+_TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+_QWEN_VIT = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
 
-
-def _gemma3_vision(patch: bool = True):
-    """A tiny Gemma 3 with a vision tower (`Gemma3ForConditionalGeneration`, ``model_type`` ``gemma3``): the text
-    model of the ``gemma3`` family above, a one-layer SigLIP, four soft tokens per 28x28 image."""
-    torch.manual_seed(0)
-    config = Gemma3Config(
-        text_config=make_config("gemma3", initializer_range=0.2),
-        vision_config=SiglipVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-            patch_size=7,
+#: Vision-language models: (model_type, text config, vision config, settings), each with a one-layer vision tower
+#: and four soft tokens per 28x28 image. Gemma 3's soft tokens attend to each other both ways in the prompt; Qwen's
+#: positions are 3-D (M-RoPE); Mistral 3's text model is Mistral's.
+VISION = {
+    "gemma3": (
+        "gemma3",
+        lambda: make_config("gemma3", initializer_range=0.2).to_dict(),
+        dict(model_type="siglip_vision_model", image_size=28, patch_size=7, **_TINY_VIT),
+        dict(mm_tokens_per_image=4, image_token_index=IMAGE, boi_token_index=START, eoi_token_index=END),
+    ),
+    "mistral3": (
+        "mistral3",
+        lambda: dict(COMMON_CONFIG, model_type="mistral", initializer_range=0.2, sliding_window=None),
+        dict(model_type="pixtral", image_size=28, patch_size=7, head_dim=16, **_TINY_VIT),
+        dict(image_token_index=IMAGE, spatial_merge_size=2),
+    ),
+    "qwen2_5_vl": (
+        "qwen2_5_vl",
+        lambda: dict(COMMON_CONFIG, initializer_range=0.2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        _QWEN_VIT,
+        dict(image_token_id=IMAGE, vision_start_token_id=START, vision_end_token_id=END),
+    ),
+    "qwen3_vl": (
+        "qwen3_vl",
+        lambda: dict(
+            COMMON_CONFIG, initializer_range=0.2, head_dim=16,
+            rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
         ),
-        mm_tokens_per_image=4, image_token_index=IMAGE, boi_token_index=BOI, eoi_token_index=EOI,
-    )  # fmt: skip
-    model = Gemma3ForConditionalGeneration(config).eval()
+        dict(num_position_embeddings=16, deepstack_visual_indexes=[0], patch_size=14, **_QWEN_VIT),
+        dict(image_token_id=IMAGE, vision_start_token_id=START, vision_end_token_id=END),
+    ),
+}  # fmt: skip
+
+
+@pytest.fixture(params=list(VISION))
+def vision(request) -> str:
+    return request.param
+
+
+def _vision_model(family: str, patch: bool = True):
+    """A tiny ``family`` model that sees images, patched unless ``patch=False`` (skips where this transformers
+    lacks the family)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    model_type, text, vision, settings = VISION[family]
+    try:
+        config = AutoConfig.for_model(model_type, text_config=text(), vision_config=vision, **settings)
+    except (KeyError, ValueError):
+        pytest.skip(f"this transformers has no {model_type!r} models")
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    if not model._supports_attention_backend:
+        pytest.skip(f"{family} does not use transformers' attention interface in this transformers version")
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
     return think_cache.patch(model) if patch else model
 
 
-def _with_image(ids: torch.Tensor, at: int, seed: int) -> dict:
-    """``ids`` with an image placed at column ``at`` of every row, and the inputs that go with it."""
+def _with_images(family: str, ids: torch.Tensor, at: list[int | None], seed: int) -> dict:
+    """``ids`` with an image at column ``at[row]`` of each row (None: no image in that row), and the inputs that go
+    with them, as the family's processor would make them."""
     ids = ids.masked_fill(ids >= IMAGE, 5)
-    ids[:, at : at + 6] = torch.tensor([BOI, IMAGE, IMAGE, IMAGE, IMAGE, EOI])
-    pixels = torch.randn(ids.shape[0], 3, 28, 28, generator=torch.Generator().manual_seed(seed))
-    return dict(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == IMAGE).long())
+    rows = [row for row, column in enumerate(at) if column is not None]
+    soft = [IMAGE] * 4 if family == "mistral3" else [START, *[IMAGE] * 4, END]
+    for row in rows:
+        ids[row, at[row] : at[row] + len(soft)] = torch.tensor(soft)
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(input_ids=ids)
+    if not rows:
+        return inputs
+    if family.startswith("qwen"):  # 4x4 patches of 2x14x14 pixels, merged 2x2 into four tokens
+        inputs["pixel_values"] = torch.randn(16 * len(rows), 3 * 2 * 14 * 14, generator=g)
+        inputs["image_grid_thw"] = torch.tensor([[1, 4, 4]] * len(rows))
+    else:
+        inputs["pixel_values"] = torch.randn(len(rows), 3, 28, 28, generator=g)
+    if family == "gemma3":
+        inputs["token_type_ids"] = (ids == IMAGE).long()
+    if family == "mistral3":
+        inputs["image_sizes"] = torch.tensor([[28, 28]] * len(rows))
+    return inputs
 
 
 def _generate_with(model, inputs: dict, mask, cache, steps: int):
@@ -323,13 +380,13 @@ def _generate_with(model, inputs: dict, mask, cache, steps: int):
     )  # fmt: skip
 
 
-def test_gemma3_with_images():
-    """The multimodal Gemma 3, a left-padded batch with an image in each prompt (its soft tokens attend to each
-    other both ways): key_ratio=0 is the model's own attention; key_ratio=0.5 equals the zeroed reference."""
-    model, reference = _gemma3_vision(), _gemma3_vision(patch=False)
+def test_models_that_see_images(vision):
+    """A left-padded batch with an image in each prompt: key_ratio=0 is the model's own attention; key_ratio=0.5
+    equals the zeroed reference; the image changes the answer."""
+    model, reference = _vision_model(vision), _vision_model(vision, patch=False)
     assert model.config.model_type in think_cache.SUPPORTED_MODEL_TYPES
     ids, mask = make_batch([50, 37], seed=3)
-    inputs = _with_image(ids, 20, seed=1)
+    inputs = _with_images(vision, ids, [20, 30], seed=1)
     out = _generate_with(model, inputs, mask, ThinKCache(key_ratio=0), 20)
     _assert_same(out, _generate_with(reference, inputs, mask, DynamicCache(config=reference.config), 20), ATOL_EXACT)
     think = ThinKCache(key_ratio=0.5, window=8, recent=4)
@@ -341,25 +398,30 @@ def test_gemma3_with_images():
     assert _max_logit_gap(out, text_only) > 1e-2  # the image is seen
 
 
-def test_gemma3_an_image_in_a_later_turn():
-    """A chat whose second turn brings an image, on one cache: as the model's own attention at key_ratio=0, and as
-    the zeroed reference at 0.5."""
-    model, reference = _gemma3_vision(), _gemma3_vision(patch=False)
-    first = torch.randint(3, IMAGE, (1, 40), generator=torch.Generator().manual_seed(4))
-    second = _with_image(torch.randint(3, IMAGE, (1, 30), generator=torch.Generator().manual_seed(5)), 5, seed=2)
+@pytest.mark.parametrize("image_turn", [0, 1], ids=["image-then-text", "text-then-image"])
+def test_a_chat_with_an_image(vision, image_turn):
+    """Two turns on one cache, an image in one of them (the second call gets the whole conversation, and pixels only
+    for an image that is not in the cache yet): as the model's own attention at key_ratio=0, and as the zeroed
+    reference at 0.5."""
+    model, reference = _vision_model(vision), _vision_model(vision, patch=False)
+    turns = [torch.randint(3, IMAGE, (1, n), generator=torch.Generator().manual_seed(4 + n)) for n in (40, 30)]
 
     def chat(m, cache):
-        one = _generate_with(m, dict(input_ids=first), torch.ones_like(first), cache, 10)
-        ids = torch.cat([one.sequences, second["input_ids"]], dim=1)
-        inputs = dict(input_ids=ids, pixel_values=second["pixel_values"], token_type_ids=(ids == IMAGE).long())
-        two = _generate_with(m, inputs, torch.ones_like(ids), cache, 10)
+        first = _with_images(vision, turns[0], [5 if image_turn == 0 else None], seed=2)
+        one = _generate_with(m, first, torch.ones_like(turns[0]), cache, 10)
+        ids = torch.cat([one.sequences, turns[1]], dim=1)
+        if image_turn == 0:  # the first turn's image is in the cache: the second call brings no pixels
+            second = dict(input_ids=ids)
+        else:
+            second = _with_images(vision, ids, [one.sequences.shape[1] + 5], seed=2)
+        two = _generate_with(m, second, torch.ones_like(ids), cache, 10)
         two.logits = one.logits + two.logits
         return two
 
     try:
         expected = chat(reference, DynamicCache(config=reference.config))
-    except IndexError:  # transformers 4.56: its image mask for a later turn indexes past the new tokens
-        pytest.skip("this transformers' own Gemma 3 cannot take an image in a later turn (with a DynamicCache too)")
+    except (IndexError, ValueError) as error:  # transformers 4.56's Gemma 3 cannot take an image in a later turn
+        pytest.skip(f"this transformers' own {vision} cannot hold this chat, with a DynamicCache too: {error}")
     _assert_same(chat(model, ThinKCache(key_ratio=0)), expected, ATOL_EXACT)
     think = ThinKCache(key_ratio=0.5, window=8)
     out = chat(model, think)

@@ -18,8 +18,10 @@ __all__ = ["patch", "unpatch", "is_patched", "SUPPORTED_MODEL_TYPES"]
 #: Model types whose attention think-cache is tested on (``gemma3_text``: Gemma 3's text model, `Gemma3ForCausalLM`;
 #: ``gemma3``: with its vision tower, `Gemma3ForConditionalGeneration`, the 4B-27B checkpoints).
 SUPPORTED_MODEL_TYPES = (
-    "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe", "qwen3_moe",
-    "gemma3", "olmo2", "olmo3", "granite", "glm4", "cohere2", "smollm3", "exaone4",
+    "llama", "mistral", "qwen2", "qwen3",  # tests/test_exactness.py, test_reference.py and the rest
+    "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe", "qwen3_moe",  # tests/test_families.py from here on
+    "olmo2", "olmo3", "granite", "glm4", "cohere2", "smollm3", "exaone4",
+    "gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl",  # they see images too
 )  # fmt: skip
 
 #: The projections of a self-attention module: separate (Llama and its kin), or fused (Phi-3's ``qkv_proj``).
