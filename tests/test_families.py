@@ -287,6 +287,28 @@ def test_token_policies_score_with_the_cap(policy, monkeypatch):
     assert all(layer.compact_positions is not None for layer in cache.layers)
 
 
+@pytest.mark.parametrize(
+    "arch, window", [("mistral", 16), ("mistral", 200), ("gemma3", None), ("phi3", None), ("cohere2", None)]
+)
+def test_assisted_and_prompt_lookup_on_sliding_layers(arch, window):
+    """Prompt lookup sends the prompt and its guesses in one forward, and assisted decoding crops the guesses
+    back: a sliding layer compacted at the prompt's end inside a forward keeps what its window still shows (it used
+    to drop as many of the oldest tokens as guesses followed, and to mask the tail rows over the dropped ones). Both
+    give plain greedy's tokens, with a window the prompt passes and one it never reaches."""
+    overrides = {} if window is None else dict(sliding_window=window)
+    model, draft = make_model(arch, **overrides), make_model(arch, seed=7, **overrides)
+    ids = torch.randint(3, 250, (1, 15), generator=torch.Generator().manual_seed(1)).repeat(1, 3)  # guessable
+
+    def run(**how):
+        return model.generate(
+            input_ids=ids, past_key_values=ThinKCache(key_ratio=0.5), max_new_tokens=30, do_sample=False, **how
+        )
+
+    plain = run()
+    assert torch.equal(run(prompt_lookup_num_tokens=4), plain)
+    assert torch.equal(run(assistant_model=draft), plain)
+
+
 # --------------------------------------------------------------------------------- models that see images
 IMAGE, START, END = 250, 251, 252  # token ids of an image's soft tokens and of the markers around them
 _TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)

@@ -180,6 +180,8 @@ def think_attention(
     layer.observe(head, head_mask, scale, upto=layer.prompt_end, softcap=softcap, keys=key)
     layer.compact(layer.prompt_end)
     tail_mask = None if attention_mask is None else attention_mask[:, :, rows:]
+    if layer.compact_positions is None:  # a sliding layer just dropped what the window hides from the tail rows
+        tail_mask = _stored_columns(tail_mask, layer.stored_tokens)
     out_tail, w_tail = _attend_compacted(layer, query[:, :, rows:], tail_mask, scale, wants_attention, softcap)
     weights = None
     if wants_attention:  # the head rows saw none of the tokens after the prompt

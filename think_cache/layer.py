@@ -925,8 +925,9 @@ class ThinKSlidingLayer(ThinKLayer):
             in_window = int((self.compact_positions >= oldest_visible).sum(-1).max()) if self.compact_tokens else 0
             self._drop_oldest(self.compact_tokens - in_window)
             self._drop_oldest(max(oldest_visible - self.full_from, 0))
-        else:
-            self._drop_oldest(self.stored_tokens - max(t0 - max(oldest_visible, 0), 0))
+        else:  # the stored tokens are the newest ones, up to `seen_tokens` (which may lie past t0: a prompt's end
+            # inside a forward, as when prompt lookup sends the prompt and its guesses at once)
+            self._drop_oldest(max(oldest_visible, 0) - (self.seen_tokens - self.stored_tokens))
 
     def _visible_after(self, end: int, positions: torch.Tensor) -> torch.Tensor | None:
         return positions >= end - self.sliding_window + 1
