@@ -125,3 +125,50 @@ def test_padding_values_do_not_change_channels():
         prefill(model, cache, x, mask)
         chosen.append(torch.stack([layer.key_channels for layer in cache.layers]))
     assert torch.equal(chosen[0], chosen[1])
+
+
+def test_a_deepcopy_of_a_patched_model_generates_with_its_own_weights_and_settings():
+    """``generate`` is bound to the model as a method: a copy's is the copy's (it was a closure over the original,
+    which then answered for the copy)."""
+    import copy
+
+    model = make_model("llama")
+    think_cache.patch(model, key_ratio=0.5)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.mul_(-1.0)
+    think_cache.patch(clone, key_ratio=0.25)
+    ids = torch.randint(3, 250, (1, 40), generator=torch.Generator().manual_seed(1))
+    seen = []
+    original_init = think_cache.ThinKCache.__init__
+
+    def record(self, *args, **kwargs):
+        seen.append(kwargs.get("key_ratio", args[0] if args else None))
+        original_init(self, *args, **kwargs)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as m:
+        m.setattr(think_cache.ThinKCache, "__init__", record)
+        out = clone.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+        by_hand = clone.generate.__func__(clone, input_ids=ids, max_new_tokens=8, do_sample=False)
+    assert seen == [0.25, 0.25]  # the clone's settings
+    assert torch.equal(out, by_hand)
+    with torch.no_grad():  # the clone's weights: its own forward's greedy token
+        first = clone(input_ids=ids, past_key_values=think_cache.ThinKCache(key_ratio=0.25)).logits[:, -1].argmax(-1)
+    assert out[0, 40] == first[0]
+    assert model.generate.__self__ is model and clone.generate.__self__ is clone
+
+
+def test_a_base_model_is_patched_without_a_generate():
+    """A base model (``LlamaModel``: no LM head, no ``generate``) takes a ThinKCache in its forwards."""
+    model = make_model("llama", patch=False).model
+    think_cache.patch(model)
+    assert think_cache.is_patched(model) and "generate" not in vars(model)
+    ids = torch.randint(3, 250, (1, 40), generator=torch.Generator().manual_seed(1))
+    cache = think_cache.ThinKCache(key_ratio=0.5)
+    cache.mark_prompt_end(40)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    assert all(layer.is_compacted for layer in cache.layers)
+    think_cache.unpatch(model)
+    assert not think_cache.is_patched(model)

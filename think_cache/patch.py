@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -144,34 +145,37 @@ def patch(model: torch.nn.Module, **defaults) -> torch.nn.Module:
 
     if defaults:
         state.defaults = dict(defaults)
-    if not state.generate_wrapped:
+    if not state.generate_wrapped and hasattr(model, "generate"):  # a base model (LlamaModel) has no generate
         state.own_generate = vars(model).get("generate")
-        model.generate = _generate_with_defaults(model, state)
+        model.generate = _generate_with_defaults(model)
         state.generate_wrapped = True
     return model
 
 
-def _generate_with_defaults(model: torch.nn.Module, state: _PatchState):
-    original = state.own_generate or type(model).generate.__get__(model)
+def _generate_with_defaults(model: torch.nn.Module) -> types.MethodType:
+    """``generate`` as the patched model runs it, bound to ``model`` as a method: a ``copy.deepcopy`` of the model
+    rebinds it to the copy (a closure over ``model`` would generate with the original's weights and settings)."""
 
-    @functools.wraps(original)
-    def generate(*args, **kwargs):
+    @functools.wraps(type(model).generate)
+    def generate(self, *args, **kwargs):
+        state = getattr(self, _STATE_ATTRIBUTE)
+        original = state.own_generate or type(self).generate.__get__(self)
         static = state.defaults.get("max_cache_len") is not None
-        if state.defaults and _builds_own_cache(model, args, kwargs, static):
+        if state.defaults and _builds_own_cache(self, args, kwargs, static):
             kwargs[_compat.CACHE_ARGUMENT] = ThinKCache(**state.defaults)
         cache = next((kwargs[name] for name in _compat.CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
         if not isinstance(cache, ThinKCache):
             return original(*args, **kwargs)
         _check_rollback(cache, kwargs)
         prompt_length = _prompt_length(cache, args, kwargs)
-        _check_capacity(model, cache, prompt_length, args, kwargs)
+        _check_capacity(self, cache, prompt_length, args, kwargs)
         cache.mark_prompt_end(prompt_length)
         try:
             return original(*args, **kwargs)
         finally:
             cache.mark_prompt_end(None)
 
-    return generate
+    return types.MethodType(generate, model)
 
 
 def _prompt_length(cache: ThinKCache, args: tuple, kwargs: dict) -> int | None:
