@@ -322,3 +322,26 @@ def test_a_cache_dying_during_a_compile_does_not_break_it(model, batch):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     got = decode(model, ThinKCache(0.5, max_cache_len=96), ids, mask, 4, forward=compiled)
     torch.testing.assert_close(got, decode(model, ThinKCache(0.5), ids, mask, 4), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("policy", [StreamingLLM(sink=2, recent=10), H2O(budget=16, recent=6)], ids=repr)
+def test_a_hand_written_loop_need_not_mark_the_prompt_end_under_eviction(policy):
+    """The first single-token forward marks the prompt's end, and that forward, which makes the layer static, still
+    has a mask over the positions so far (it raised from inside torch under a policy that evicts)."""
+    model = make_model("llama")
+    ids = torch.randint(3, 250, (1, 30), generator=torch.Generator().manual_seed(0))
+
+    def loop(mark: bool) -> list[torch.Tensor]:
+        cache = ThinKCache(key_ratio=0.5, policy=policy, max_cache_len=64)
+        if mark:
+            cache.mark_prompt_end(ids.shape[1])
+        logits, step = [], ids
+        with torch.no_grad():
+            for _ in range(20):
+                out = model(input_ids=step, past_key_values=cache, use_cache=True).logits[:, -1]
+                logits.append(out)
+                step = out.argmax(-1, keepdim=True)
+        return logits
+
+    for a, b in zip(loop(mark=False), loop(mark=True), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -368,6 +368,10 @@ class StaticThinKLayer(ThinKLayer):
         fold = fold_point(t, self.fold_origin, self.fold_held, self.fold_block)
         compact = positions < fold  # `FREE` is after every fold point
         width = self.max_cache_len
+        mask = as_bool_mask(mask)
+        if mask is not None and mask.shape[-1] < width:  # the forward that made the layer static: a mask over the
+            # positions so far (a hand-written loop's first single-token forward marks the prompt's end)
+            mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], width - mask.shape[-1])], dim=-1)
         real_logical = key_padding(mask, positions.shape[0], width, positions.device)
         real_at, always, prefer = self._forced(real_logical, positions.clamp(max=width - 1), t + 1)
         n_drop = self._drop_count(positions, compact, always | prefer, t) * self._folds_at(t, fold)
