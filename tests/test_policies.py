@@ -429,3 +429,17 @@ def test_a_later_prompt_on_a_fold_boundary_keeps_the_earlier_turns(decoded):
     assert layer.stored_tokens <= 64 + layer.fold_block
     old = (layer.compact_positions < 100 + decoded).sum(-1)  # earlier turns' tokens still held, per head
     assert (old > 0).all()
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_snapkv_scores_ignore_left_padding(pooling):
+    """A left-padded row's tokens score as the same row alone: the pooling averages over real neighbours only (with
+    padding counted, a padded row's first tokens scored 4/7, 5/7 and 6/7 of their scores alone)."""
+    g = torch.Generator().manual_seed(0)
+    policy = SnapKV(budget=8, window=4, kernel=7, pooling=pooling)
+    keys, query = torch.randn(1, 2, 20, 16, generator=g), torch.randn(1, 4, 4, 16, generator=g)
+    alone = policy.prompt_scores(query, keys, torch.ones(1, 20, dtype=torch.bool), 0.25)
+    padded_keys = torch.cat([torch.randn(1, 2, 5, 16, generator=g), keys], dim=2)
+    real = torch.cat([torch.zeros(1, 5, dtype=torch.bool), torch.ones(1, 20, dtype=torch.bool)], dim=1)
+    padded = policy.prompt_scores(query, padded_keys, real, 0.25)
+    torch.testing.assert_close(padded[..., 5:], alone, atol=1e-6, rtol=1e-5)

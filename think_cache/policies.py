@@ -312,8 +312,12 @@ class SnapKV(Policy):
         batch, heads, tokens = scores.shape
         flat = scores.reshape(batch * heads, 1, tokens)
         pad = self.kernel // 2
-        if self.pooling == "avg":
-            pooled = F.avg_pool1d(flat, self.kernel, stride=1, padding=pad, count_include_pad=False)
+        if self.pooling == "avg":  # the mean over the real tokens around each one: a row's left padding, like the
+            # prompt's edges, does not count (a padded row's first tokens scored 4/7, 5/7, 6/7 of the same row alone)
+            real = real_keys.to(flat.dtype)[:, None].expand(batch, heads, tokens).reshape(batch * heads, 1, tokens)
+            total = F.avg_pool1d(flat * real, self.kernel, stride=1, padding=pad, count_include_pad=True)
+            count = F.avg_pool1d(real, self.kernel, stride=1, padding=pad, count_include_pad=True)
+            pooled = total / count.clamp(min=1 / self.kernel)
         else:
             pooled = F.max_pool1d(flat, self.kernel, stride=1, padding=pad)
         return pooled.view(batch, heads, tokens)
