@@ -443,3 +443,10 @@ def test_snapkv_scores_ignore_left_padding(pooling):
     real = torch.cat([torch.zeros(1, 5, dtype=torch.bool), torch.ones(1, 20, dtype=torch.bool)], dim=1)
     padded = policy.prompt_scores(query, padded_keys, real, 0.25)
     torch.testing.assert_close(padded[..., 5:], alone, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "policy", [SnapKV(budget=64, window=8), H2O(budget=64, recent=16), StreamingLLM(sink=2, recent=60)], ids=repr
+)
+def test_a_policys_repr_builds_it_again(policy):
+    assert eval(repr(policy), {"SnapKV": SnapKV, "H2O": H2O, "StreamingLLM": StreamingLLM}) == policy

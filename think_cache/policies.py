@@ -379,7 +379,7 @@ class StreamingLLM(Policy):
 
     sink: int = 4
     recent: int = 1020
-    budget: int = field(init=False)
+    budget: int = field(init=False, repr=False)  # sink + recent: the repr shows what the constructor takes
 
     evicts_while_decoding: ClassVar[bool] = True
 
