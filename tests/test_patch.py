@@ -172,3 +172,18 @@ def test_a_base_model_is_patched_without_a_generate():
     assert all(layer.is_compacted for layer in cache.layers)
     think_cache.unpatch(model)
     assert not think_cache.is_patched(model)
+
+
+def test_a_draft_model_patched_with_settings_keeps_transformers_cache():
+    """Assisted decoding crops the draft's cache back into tokens just compacted every round: the one-liner leaves
+    a draft's calls (``generation_config.is_assistant``) to transformers' cache, and the answer is plain greedy's."""
+    model, draft = make_model("llama"), make_model("llama", seed=5)
+    think_cache.patch(model, key_ratio=0.5)
+    think_cache.patch(draft, key_ratio=0.5)
+    ids = torch.randint(3, 250, (1, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model.generate(input_ids=ids, max_new_tokens=40, do_sample=False)
+        assisted = model.generate(input_ids=ids, max_new_tokens=40, do_sample=False, assistant_model=draft)
+        alone = draft.generate(input_ids=ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(assisted, plain)
+    assert isinstance(alone.past_key_values, ThinKCache)  # the draft's own calls still get the one-liner's cache

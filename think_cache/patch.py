@@ -238,6 +238,9 @@ def _builds_own_cache(model: torch.nn.Module, args: tuple, kwargs: dict, static:
     passed = _passed_generation_config(args, kwargs)
     if _effective_generation_option(model, kwargs, passed, "use_cache")[0] is False:
         return False
+    if getattr(passed, "is_assistant", False):  # a draft model's calls in assisted decoding: each round crops its
+        # cache back into the tokens just compacted, which ThinK cannot restore; the draft keeps transformers' cache
+        return False
     for option in ("cache_implementation",) if static else ("cache_implementation", "compile_config"):
         value, where = _effective_generation_option(model, kwargs, passed, option)
         if value is not None:
