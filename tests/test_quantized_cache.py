@@ -658,3 +658,5 @@ def test_crop_refuses_tokens_thinned_in_place():
     assert layer.thinned_full == 6 and layer.keys.shape[-2] == 6 + 3  # the prompt's 6 short of a block, 3 generated
     with pytest.raises(ValueError, match="cannot crop 4 tokens: only the newest 3 tokens are stored at full width"):
         cache.crop(-4)
+    with pytest.raises(ValueError, match=r"folded into the compact part \(8 of 16 key channels, 4-bit codes\)"):
+        cache.crop(-4)

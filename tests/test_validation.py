@@ -113,3 +113,13 @@ def test_a_bidirectional_model_is_refused():
             module.is_causal = False  # what use_bidirectional_attention=True sets
     with pytest.raises(ValueError, match="bidirectionally"):
         think_cache.patch(model)
+
+
+def test_numpy_ints_are_ints():
+    """Settings read from a numpy array or a sweep's grid: numpy's ints are taken as ints, not refused."""
+    import numpy as np
+
+    cache = ThinKCache(key_ratio=0.5, window=np.int64(16), recent=np.int32(0), bits=np.int64(4), group_size=np.int8(16))
+    assert (cache.window, cache.bits, cache.group_size) == (16, 4, 16) and type(cache.window) is int
+    with pytest.raises(TypeError, match="window must be an int"):
+        ThinKCache(window=np.float64(16))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 from transformers.cache_utils import Cache
@@ -65,8 +65,9 @@ def _check_ratio(name: str, value: object) -> float:
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, Integral):  # numpy's ints are Integral too
         raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+    value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
     return value
@@ -75,8 +76,9 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 def _check_bits(bits: object) -> int | None:
     if bits is None:
         return None
-    if isinstance(bits, bool) or not isinstance(bits, int):
+    if isinstance(bits, bool) or not isinstance(bits, Integral):
         raise TypeError(f"bits must be None or an int, one of {quant.BITS}, got {type(bits).__name__} {bits!r}")
+    bits = int(bits)
     if bits not in quant.BITS:
         raise ValueError(
             f"bits must be None (full precision) or one of {quant.BITS}, got {bits}: the compact part is stored as "

@@ -348,11 +348,13 @@ class ThinKLayer(CacheLayerMixin):
             )
         whole = self.keys.shape[-2] - self.thinned_full  # the oldest full-width tokens may be thinned in place
         if count > whole:
-            older = (
-                f"older ones were pruned to {self.key_channels.shape[-1]} of {self.head_dim} key channels"
-                if self.is_compacted
-                else "older ones of this prompt wait as 8-bit codes for its end"
-            )
+            if not self.is_compacted:
+                older = "older ones of this prompt wait as 8-bit codes for its end"
+            else:
+                how = [f"{self.key_channels.shape[-1]} of {self.head_dim} key channels"]
+                if self.store.bits is not None:
+                    how.append(f"{self.store.bits}-bit codes")
+                older = f"older ones were folded into the compact part ({', '.join(how)})"
             raise ValueError(
                 f"ThinKCache cannot crop {count} tokens: only the newest {whole} tokens are stored at full width "
                 f"and {older}. Crop at most the tokens of the newest forward."

@@ -21,6 +21,7 @@ cap to apply to the scaled logits (`window_attention` takes it); one without is 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import ClassVar
 
 import torch
@@ -41,7 +42,7 @@ __all__ = [
 
 
 def _check_int(owner: str, name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, Integral):  # numpy's ints are Integral too
         raise TypeError(f"{owner}: {name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
