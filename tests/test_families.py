@@ -357,12 +357,12 @@ def _vision_model(family: str, patch: bool = True):
     """A tiny ``family`` model that sees images, patched unless ``patch=False`` (skips where this transformers
     lacks the family)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type, text, vision, settings = VISION[family]
-    try:
-        config = AutoConfig.for_model(model_type, text_config=text(), vision_config=vision, **settings)
-    except (KeyError, ValueError):
+    if model_type not in CONFIG_MAPPING:
         pytest.skip(f"this transformers has no {model_type!r} models")
+    config = AutoConfig.for_model(model_type, text_config=text(), vision_config=vision, **settings)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config).eval()
     if not model._supports_attention_backend:
@@ -442,8 +442,12 @@ def test_a_chat_with_an_image(vision, image_turn):
 
     try:
         expected = chat(reference, DynamicCache(config=reference.config))
-    except (IndexError, ValueError) as error:  # transformers 4.56's Gemma 3 cannot take an image in a later turn
-        pytest.skip(f"this transformers' own {vision} cannot hold this chat, with a DynamicCache too: {error}")
+    except IndexError as error:  # transformers 4.56's Gemma 3 cannot take an image in a later turn
+        if vision != "gemma3" or image_turn != 1:
+            raise
+        pytest.skip(
+            f"this transformers' own Gemma 3 cannot take an image in a later turn, with a DynamicCache too: {error}"
+        )
     _assert_same(chat(model, ThinKCache(key_ratio=0)), expected, ATOL_EXACT)
     think = ThinKCache(key_ratio=0.5, window=8)
     out = chat(model, think)

@@ -159,7 +159,7 @@ def _own_folder(folder: Path) -> None:
     rename it (the rule OpenSSH applies to ``~/.ssh``)."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     _check_own(os.stat(folder, follow_symlinks=False), folder)
-    for parent in folder.parents:
+    for parent in folder.resolve().parents:  # the real folders above it (~/.cache may be a link elsewhere)
         info = parent.stat()
         shared = info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX  # /tmp is sticky: nobody renames ours
         if info.st_uid not in (0, os.getuid()) or shared:

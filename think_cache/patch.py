@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -147,35 +146,46 @@ def patch(model: torch.nn.Module, **defaults) -> torch.nn.Module:
         state.defaults = dict(defaults)
     if not state.generate_wrapped and hasattr(model, "generate"):  # a base model (LlamaModel) has no generate
         state.own_generate = vars(model).get("generate")
-        model.generate = _generate_with_defaults(model)
+        model.generate = _PatchedGenerate(model)
         state.generate_wrapped = True
     return model
 
 
-def _generate_with_defaults(model: torch.nn.Module) -> types.MethodType:
-    """``generate`` as the patched model runs it, bound to ``model`` as a method: a ``copy.deepcopy`` of the model
-    rebinds it to the copy (a closure over ``model`` would generate with the original's weights and settings)."""
+class _PatchedGenerate:
+    """``generate`` as a patched model runs it (`_patched_generate`), bound to its model: a ``copy.deepcopy`` of the
+    model rebinds it to the copy, and pickling the model keeps it (a closure over the model generated with the
+    original's weights and settings in a copy; a bound method unpickled as the class's plain ``generate``)."""
 
-    @functools.wraps(type(model).generate)
-    def generate(self, *args, **kwargs):
-        state = getattr(self, _STATE_ATTRIBUTE)
-        original = state.own_generate or type(self).generate.__get__(self)
-        static = state.defaults.get("max_cache_len") is not None
-        if state.defaults and _builds_own_cache(self, args, kwargs, static):
-            kwargs[_compat.CACHE_ARGUMENT] = ThinKCache(**state.defaults)
-        cache = next((kwargs[name] for name in _compat.CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
-        if not isinstance(cache, ThinKCache):
-            return original(*args, **kwargs)
-        _check_rollback(cache, kwargs)
-        prompt_length = _prompt_length(cache, args, kwargs)
-        _check_capacity(self, cache, prompt_length, args, kwargs)
-        cache.mark_prompt_end(prompt_length)
-        try:
-            return original(*args, **kwargs)
-        finally:
-            cache.mark_prompt_end(None)
+    def __init__(self, model: torch.nn.Module) -> None:
+        functools.update_wrapper(self, type(model).generate)
+        self.__self__ = model
 
-    return types.MethodType(generate, model)
+    def __call__(self, *args, **kwargs):
+        return _patched_generate(self.__self__, *args, **kwargs)
+
+    def __reduce__(self):
+        return _PatchedGenerate, (self.__self__,)
+
+
+def _patched_generate(model: torch.nn.Module, *args, **kwargs):
+    """The one-liner's ThinKCache where ``generate`` would build a cache, then, with a ThinKCache, the checks and
+    the prompt's end told to it around the model's own ``generate``."""
+    state = getattr(model, _STATE_ATTRIBUTE)
+    original = state.own_generate or type(model).generate.__get__(model)
+    static = state.defaults.get("max_cache_len") is not None
+    if state.defaults and _builds_own_cache(model, args, kwargs, static):
+        kwargs[_compat.CACHE_ARGUMENT] = ThinKCache(**state.defaults)
+    cache = next((kwargs[name] for name in _compat.CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
+    if not isinstance(cache, ThinKCache):
+        return original(*args, **kwargs)
+    _check_rollback(cache, kwargs)
+    prompt_length = _prompt_length(cache, args, kwargs)
+    _check_capacity(model, cache, prompt_length, args, kwargs)
+    cache.mark_prompt_end(prompt_length)
+    try:
+        return original(*args, **kwargs)
+    finally:
+        cache.mark_prompt_end(None)
 
 
 def _prompt_length(cache: ThinKCache, args: tuple, kwargs: dict) -> int | None:

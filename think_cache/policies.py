@@ -41,11 +41,12 @@ __all__ = [
 ]
 
 
-def _check_int(owner: str, name: str, value: object, minimum: int) -> None:
+def _check_int(owner: str, name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):  # numpy's ints are Integral too
         raise TypeError(f"{owner}: {name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 # ------------------------------------------------------------------------------------------- pure math
@@ -287,14 +288,14 @@ class SnapKV(Policy):
     pooling: str = "avg"
 
     def __post_init__(self) -> None:
-        _check_int("SnapKV", "window", self.window, 1)
-        _check_int("SnapKV", "budget", self.budget, 1)
+        self.window = _check_int("SnapKV", "window", self.window, 1)
+        self.budget = _check_int("SnapKV", "budget", self.budget, 1)
         if self.budget < self.window:
             raise ValueError(
                 f"SnapKV: budget ({self.budget}) is smaller than the window ({self.window}); the window is always "
                 "kept, so the budget must be at least the window"
             )
-        _check_int("SnapKV", "kernel", self.kernel, 1)
+        self.kernel = _check_int("SnapKV", "kernel", self.kernel, 1)
         if self.kernel % 2 == 0:
             raise ValueError(f"SnapKV: kernel must be odd (centred pooling), got {self.kernel}")
         if self.pooling not in ("avg", "max"):
@@ -345,8 +346,8 @@ class H2O(Policy):
     accumulates_attention: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        _check_int("H2O", "recent", self.recent, 0)
-        _check_int("H2O", "budget", self.budget, 1)
+        self.recent = _check_int("H2O", "recent", self.recent, 0)
+        self.budget = _check_int("H2O", "budget", self.budget, 1)
         if self.budget <= self.recent:
             raise ValueError(
                 f"H2O: budget ({self.budget}) must be larger than recent ({self.recent}), to leave room for heavy "
@@ -385,8 +386,8 @@ class StreamingLLM(Policy):
     evicts_while_decoding: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        _check_int("StreamingLLM", "sink", self.sink, 0)
-        _check_int("StreamingLLM", "recent", self.recent, 1)
+        self.sink = _check_int("StreamingLLM", "sink", self.sink, 0)
+        self.recent = _check_int("StreamingLLM", "recent", self.recent, 1)
         self.budget = self.sink + self.recent
 
     @property
