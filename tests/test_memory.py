@@ -84,3 +84,14 @@ def test_stats_and_repr():
     assert "total:" in str(s) and "DynamicCache" in str(s)
     d = s.to_dict()
     assert d["stored_bytes"] == s.stored_bytes and len(d["layers"]) == 2
+    assert s.static_bytes is None and d["static_bytes"] is None and "static" not in str(s)
+
+
+def test_stats_table_stays_aligned_with_wide_heads():
+    """128-channel heads ("64/128") and a thousand tokens do not push the table's columns out of line."""
+    model = make_model("llama", head_dim=128)
+    cache = prefill(model, ThinKCache(key_ratio=0.5), make_batch([1000])[0])
+    header, *rows, total = str(cache.stats()).splitlines()
+    assert "64/128" in rows[0] and "1000" in rows[0] and total.startswith("total:")
+    table = [header, *rows]
+    assert len({len(line) for line in table}) == 1, "\n".join(table)  # right-aligned cells: one width a column

@@ -214,6 +214,10 @@ def test_holds_at_most_077_of_static_cache(dtype):
     stats = ours.stats()
     assert stats.stored_bytes == held_bytes(ours)  # stats() counts the whole capacity, as held
     assert stats.tokens == 40 and stats.layers[0].key_channels == 32
+    static_kv = sum(t.numel() * t.element_size() for layer in theirs.layers for t in (layer.keys, layer.values))
+    assert stats.static_bytes == static_kv  # the comparison a static cache's user makes
+    assert stats.saved_bytes < 0 and "more" in str(stats)  # 1024 slots against DynamicCache's 40 tokens
+    assert f"({ratio:.3f}x; both allocate" in str(stats) and "for StaticCache" in repr(ours)
 
 
 def test_too_small_max_cache_len_raises(model, batch):

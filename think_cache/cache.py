@@ -147,7 +147,15 @@ class CacheStats:
 
     @property
     def saved_bytes(self) -> int:
+        """``dense_bytes - stored_bytes`` (negative where the cache holds more, as a static one can)."""
         return self.dense_bytes - self.stored_bytes
+
+    @property
+    def static_bytes(self) -> int | None:
+        """Bytes a transformers ``StaticCache`` of the same ``max_cache_len`` would hold in the static layers (None
+        for a cache without ``max_cache_len``); compare it with those layers' ``stored_bytes``."""
+        static = [layer.static_bytes for layer in self.layers if layer.static_bytes is not None]
+        return sum(static) if static else None
 
     @property
     def tokens(self) -> int:
@@ -161,23 +169,41 @@ class CacheStats:
             "dense_bytes": self.dense_bytes,
             "ratio": self.ratio,
             "tokens": self.tokens,
+            "static_bytes": self.static_bytes,
             "layers": [{**vars(layer), "ratio": layer.ratio} for layer in self.layers],
         }
 
     def __str__(self) -> str:
-        columns = ("layer", 5), ("tokens", 7), ("stored", 7), ("compact", 7), ("k ch", 5), ("v ch", 5), ("bits", 4)
-        columns += ("held", 10), ("dense", 10), ("ratio", 6)
-        rows = [" ".join(f"{name:>{width}}" for name, width in columns)]
-        for s in self.layers:
-            rows.append(
-                f"{s.layer_idx:>5} {s.tokens:>7} {s.stored_tokens:>7} {s.compact_tokens:>7} "
-                f"{s.key_channels:>2}/{s.head_dim:<2} {s.value_channels:>2}/{s.head_dim:<2} {s.bits or '-':>4} "
-                f"{human_bytes(s.stored_bytes):>10} {human_bytes(s.dense_bytes):>10} {s.ratio:>6.3f}"
+        header = "layer", "tokens", "stored", "compact", "k ch", "v ch", "bits", "held", "dense", "ratio"
+        table = [header] + [
+            (
+                str(s.layer_idx),
+                str(s.tokens),
+                str(s.stored_tokens),
+                str(s.compact_tokens),
+                f"{s.key_channels}/{s.head_dim}",
+                f"{s.value_channels}/{s.head_dim}",
+                str(s.bits or "-"),
+                human_bytes(s.stored_bytes),
+                human_bytes(s.dense_bytes),
+                f"{s.ratio:.3f}",
             )
+            for s in self.layers
+        ]
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        rows = [" ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) for row in table]
+        saved = self.saved_bytes
         rows.append(
             f"total: {human_bytes(self.stored_bytes)} held vs {human_bytes(self.dense_bytes)} for DynamicCache "
-            f"({self.ratio:.3f}x, {human_bytes(self.saved_bytes)} saved)"
+            f"({self.ratio:.3f}x, {human_bytes(abs(saved))} {'saved' if saved >= 0 else 'more'})"
         )
+        static = self.static_bytes
+        if static is not None:
+            held = sum(layer.stored_bytes for layer in self.layers if layer.static_bytes is not None)
+            rows.append(
+                f"static layers: {human_bytes(held)} held vs {human_bytes(static)} for a StaticCache of the same "
+                f"max_cache_len ({held / static:.3f}x; both allocate their slots up front)"
+            )
         return "\n".join(rows)
 
 
@@ -479,7 +505,8 @@ class ThinKCache(Cache):
         if not self.layers:
             return f"ThinKCache({settings}; empty)"
         s = self.stats()
+        static = "" if s.static_bytes is None else f", {human_bytes(s.static_bytes)} for StaticCache"
         return (
             f"ThinKCache({settings}; {len(self.layers)} layers, {s.tokens} tokens, "
-            f"{human_bytes(s.stored_bytes)} held vs {human_bytes(s.dense_bytes)} dense, {s.ratio:.3f}x)"
+            f"{human_bytes(s.stored_bytes)} held vs {human_bytes(s.dense_bytes)} dense, {s.ratio:.3f}x{static})"
         )

@@ -128,6 +128,8 @@ class LayerStats:
     stored_bytes: int
     dense_bytes: int
     bits: int | None = None  # code width of the compact part (None: the model's dtype)
+    #: Bytes a transformers ``StaticCache`` layer of the same ``max_cache_len`` would hold (None: a layer that grows).
+    static_bytes: int | None = None
 
     @property
     def ratio(self) -> float:
@@ -878,13 +880,19 @@ class ThinKLayer(CacheLayerMixin):
         """Tokens a transformers ``DynamicCache`` layer would hold after the same inputs."""
         return self.seen_tokens
 
+    def static_tokens(self) -> int | None:
+        """Token slots a transformers ``StaticCache`` layer of the same length would hold (None: a layer that
+        grows)."""
+        return None
+
     def stats(self, layer_idx: int) -> LayerStats:
         """Tokens, channels and bytes held, against a ``DynamicCache`` layer on the same inputs."""
         if not self.is_initialized:
             return LayerStats(layer_idx, 0, 0, 0, 0, 0, 0, 0, 0, bits=self.store.bits)
         batch, heads, _, head_dim = self.keys.shape
         v_dim = self.values.shape[-1]
-        token_bytes = head_dim * self.keys.element_size() + v_dim * self.values.element_size()
+        token_bytes = batch * heads * (head_dim * self.keys.element_size() + v_dim * self.values.element_size())
+        static_tokens = self.static_tokens()
         return LayerStats(
             layer_idx=layer_idx,
             tokens=self.seen_tokens,
@@ -894,8 +902,9 @@ class ThinKLayer(CacheLayerMixin):
             key_channels=head_dim if self.key_channels is None else self.key_channels.shape[-1],
             value_channels=v_dim if self.value_channels is None else self.value_channels.shape[-1],
             stored_bytes=storage_bytes(self.tensors()),
-            dense_bytes=batch * heads * self.dense_tokens() * token_bytes,
+            dense_bytes=self.dense_tokens() * token_bytes,
             bits=self.store.bits,
+            static_bytes=None if static_tokens is None else static_tokens * token_bytes,
         )
 
 

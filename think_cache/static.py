@@ -95,6 +95,9 @@ class StaticThinKLayer(ThinKLayer):
         self.max_cache_len = max_cache_len
         super().__init__(**kwargs)
 
+    def static_tokens(self) -> int:
+        return self.max_cache_len
+
     def __repr__(self) -> str:
         state = "static" if self.is_static else "prefill"
         return f"{type(self).__name__}(max_cache_len={self.max_cache_len}, tokens={self.seen_tokens}, {state})"
