@@ -123,3 +123,19 @@ def test_numpy_ints_are_ints():
     assert (cache.window, cache.bits, cache.group_size) == (16, 4, 16) and type(cache.window) is int
     with pytest.raises(TypeError, match="window must be an int"):
         ThinKCache(window=np.float64(16))
+
+
+def test_mark_prompt_end_shorter_than_the_cache_is_refused():
+    """The prompt's length counts the cached tokens too: a length below them (the new tokens alone, say) would
+    compact at the wrong token, so it is refused with what to pass."""
+    model = make_model("llama")
+    ids, _ = make_batch([40])
+    cache = ThinKCache(key_ratio=0.5)
+    cache.mark_prompt_end(40)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match=r"prompt's length \(10\) is less than the 40 tokens already in the cache"):
+        cache.mark_prompt_end(10)
+    cache.mark_prompt_end(50)  # cached + new: accepted
+    cache.reset()
+    cache.mark_prompt_end(10)  # a fresh start

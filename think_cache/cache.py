@@ -445,9 +445,16 @@ class ThinKCache(Cache):
         ``prefill_chunk_size``, or together with an assistant's drafts). Without it, the first single-token
         forward after the prompt marks the end.
         """
+        seen = int(self.get_seq_length())
         if length is not None:
             length = _check_int("length", length, 0)
-        self._prompt_start, self._prompt_end = int(self.get_seq_length()), length
+            if length < seen:
+                raise ValueError(
+                    f"The prompt's length ({length}) is less than the {seen} tokens already in the cache: it counts "
+                    "the whole sequence, the cached tokens and the new ones (`mark_prompt_end(cached + new)`); "
+                    "to start over, `cache.reset()` first."
+                )
+        self._prompt_start, self._prompt_end = seen, length
 
     def compact(self) -> None:
         """Compact every layer now, with the queries seen so far (e.g. to measure the saving after a plain forward
