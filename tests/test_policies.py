@@ -383,15 +383,15 @@ def test_policy_errors():
         SnapKV(budget=16)
     with pytest.raises(ValueError, match="SnapKV: kernel must be odd"):
         SnapKV(kernel=4)
-    with pytest.raises(ValueError, match="SnapKV: kernel must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="SnapKV: kernel must be an int >= 1, got 0"):
         SnapKV(kernel=0)
     with pytest.raises(ValueError, match="SnapKV: pooling must be 'avg' or 'max', got 'mean'"):
         SnapKV(pooling="mean")
-    with pytest.raises(ValueError, match="StreamingLLM: sink must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="StreamingLLM: sink must be an int >= 0, got -1"):
         StreamingLLM(sink=-1)
-    with pytest.raises(ValueError, match="StreamingLLM: recent must be >= 1, got -5"):
+    with pytest.raises(ValueError, match="StreamingLLM: recent must be an int >= 1, got -5"):
         StreamingLLM(recent=-5)
-    with pytest.raises(ValueError, match="H2O: recent must be >= 0, got -2"):
+    with pytest.raises(ValueError, match="H2O: recent must be an int >= 0, got -2"):
         H2O(recent=-2)
     with pytest.raises(ValueError, match=r"H2O: budget \(16\) must be larger than recent \(16\)"):
         H2O(budget=16, recent=16)

@@ -381,11 +381,11 @@ def test_quantize_validation():
         quant.quantize_keys(keys, 16)
     with pytest.raises(TypeError, match="bits must be an int"):
         quant.quantize_values(keys, "4")
-    with pytest.raises(ValueError, match="block must be >= 1"):
+    with pytest.raises(ValueError, match="block must be an int >= 1"):
         quant.quantize_keys(keys, 4, block=0)
     with pytest.raises(TypeError, match="group_size must be an int"):
         quant.quantize_values(keys, 4, group_size=2.0)
-    with pytest.raises(ValueError, match="group_size must be >= 1"):
+    with pytest.raises(ValueError, match="group_size must be an int >= 1"):
         quant.quantize_values(keys, 4, group_size=0)
     with pytest.raises(TypeError, match="floating-point"):
         quant.quantize_keys(keys.long(), 4)
@@ -496,7 +496,7 @@ def test_attention_validation():
         quant.quantized_attention_logits(torch.randn(1, 2, 3, 5), qk, 0.5)
     with pytest.raises(ValueError, match="does not match the values"):
         quant.quantized_attention_output(torch.randn(1, 2, 3, 4), qv)
-    with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
+    with pytest.raises(ValueError, match="chunk_tokens must be an int >= 1"):
         quant.quantized_attention_logits(torch.randn(1, 2, 3, 4), qk, 0.5, chunk_tokens=0)
 
 

@@ -9,6 +9,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from . import _compat, quant
+from ._checks import check_int
 from .attention import ATTENTION_NAME, current_module, hand_off
 from .layer import LayerStats, ThinKLayer, ThinKSlidingLayer, storage_bytes
 from .policies import Policy
@@ -64,15 +65,6 @@ def _check_ratio(name: str, value: object) -> float:
     return float(value)
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):  # numpy's ints are Integral too
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return value
-
-
 def _check_bits(bits: object) -> int | None:
     if bits is None:
         return None
@@ -95,7 +87,7 @@ def _check_group_size(group_size: object, bits: int | None) -> int | None:
             f"group_size={group_size!r} applies to quantized storage only: pass bits=2, 4 or 8 with it (or leave "
             "group_size out)"
         )
-    return _check_int("group_size", group_size, 1)
+    return check_int("group_size", group_size, 1)
 
 
 def _fingerprint(config) -> tuple:
@@ -290,20 +282,20 @@ class ThinKCache(Cache):
         self.bits = _check_bits(bits)
         self.group_size = _check_group_size(group_size, self.bits)
         self.value_ratio = _check_ratio("value_ratio", value_ratio)
-        self.window = _check_int("window", window, 1)
+        self.window = check_int("window", window, 1)
         if policy is not None and not isinstance(policy, Policy):
             raise TypeError(
                 f"policy must be a think_cache Policy (SnapKV, H2O, StreamingLLM or a subclass), got "
                 f"{type(policy).__name__}"
             )
         self.policy = policy
-        self.recent = _check_int("recent", recent, 0)
+        self.recent = check_int("recent", recent, 0)
         if policy is not None and policy.budget is not None and self.recent > policy.budget:
             raise ValueError(
                 f"recent ({self.recent}) is larger than the policy's budget ({policy.budget}): the full-width recent "
                 "tokens are always kept, so they must fit in the budget"
             )
-        self._max_cache_len = None if max_cache_len is None else _check_int("max_cache_len", max_cache_len, 1)
+        self._max_cache_len = None if max_cache_len is None else check_int("max_cache_len", max_cache_len, 1)
         if self.max_cache_len is not None:
             _check_static(self)
         self._model_config = None
@@ -447,7 +439,7 @@ class ThinKCache(Cache):
         """
         seen = int(self.get_seq_length())
         if length is not None:
-            length = _check_int("length", length, 0)
+            length = check_int("length", length, 0)
             if length < seen:
                 raise ValueError(
                     f"The prompt's length ({length}) is less than the {seen} tokens already in the cache: it counts "

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from . import quant
+from ._checks import check_int
 from .quant import QuantKeys, QuantValues
 
 __all__ = [
@@ -343,7 +344,7 @@ def keys_logits(query: torch.Tensor, qk: QuantKeys, scaling: float) -> torch.Ten
     ``query`` is ``(batch, kv_heads, rows, channels)``, already checked against ``qk``."""
     batch, heads, rows, channels = query.shape
     _check_layout("keys", qk.codes, channels, qk.bits, {"scale": qk.scale, "zero": qk.zero}, qk.n_blocks, channels)
-    quant._check_int("block", qk.block, 1)
+    check_int("block", qk.block, 1)
     if qk.block_index is None and qk.n_blocks * qk.block < qk.tokens:
         raise ValueError(f"{qk.n_blocks} key blocks of {qk.block} tokens do not cover {qk.tokens} tokens")
     if qk.block_index is not None and tuple(qk.block_index.shape) != tuple(qk.codes.shape[:3]):
@@ -371,7 +372,7 @@ def values_output(weights: torch.Tensor, qv: QuantValues) -> torch.Tensor:
     """`quant.quantized_attention_output` through the loops: ``(batch, kv_heads, rows, channels)`` float32.
     ``weights`` is ``(batch, kv_heads, rows, tokens)``, already checked against ``qv``."""
     batch, heads, rows, tokens = weights.shape
-    quant._check_int("group_size", qv.group_size, 1)
+    check_int("group_size", qv.group_size, 1)
     fields = {"scale": qv.scale} if qv.zero is None else {"scale": qv.scale, "zero": qv.zero}
     groups = -(-qv.channels // qv.group_size)  # `quant.value_groups`, also for no channels
     _check_layout("values", qv.codes, qv.channels, qv.bits, fields, tokens, groups)

@@ -21,12 +21,12 @@ cap to apply to the scaled logits (`window_attention` takes it); one without is 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from numbers import Integral
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_int
 from .compact import cap_logits
 
 __all__ = [
@@ -39,14 +39,6 @@ __all__ = [
     "window_attention",
     "attention_and_token_weights",
 ]
-
-
-def _check_int(owner: str, name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):  # numpy's ints are Integral too
-        raise TypeError(f"{owner}: {name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 # ------------------------------------------------------------------------------------------- pure math
@@ -288,14 +280,14 @@ class SnapKV(Policy):
     pooling: str = "avg"
 
     def __post_init__(self) -> None:
-        self.window = _check_int("SnapKV", "window", self.window, 1)
-        self.budget = _check_int("SnapKV", "budget", self.budget, 1)
+        self.window = check_int("window", self.window, 1, owner="SnapKV")
+        self.budget = check_int("budget", self.budget, 1, owner="SnapKV")
         if self.budget < self.window:
             raise ValueError(
                 f"SnapKV: budget ({self.budget}) is smaller than the window ({self.window}); the window is always "
                 "kept, so the budget must be at least the window"
             )
-        self.kernel = _check_int("SnapKV", "kernel", self.kernel, 1)
+        self.kernel = check_int("kernel", self.kernel, 1, owner="SnapKV")
         if self.kernel % 2 == 0:
             raise ValueError(f"SnapKV: kernel must be odd (centred pooling), got {self.kernel}")
         if self.pooling not in ("avg", "max"):
@@ -346,8 +338,8 @@ class H2O(Policy):
     accumulates_attention: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        self.recent = _check_int("H2O", "recent", self.recent, 0)
-        self.budget = _check_int("H2O", "budget", self.budget, 1)
+        self.recent = check_int("recent", self.recent, 0, owner="H2O")
+        self.budget = check_int("budget", self.budget, 1, owner="H2O")
         if self.budget <= self.recent:
             raise ValueError(
                 f"H2O: budget ({self.budget}) must be larger than recent ({self.recent}), to leave room for heavy "
@@ -386,8 +378,8 @@ class StreamingLLM(Policy):
     evicts_while_decoding: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        self.sink = _check_int("StreamingLLM", "sink", self.sink, 0)
-        self.recent = _check_int("StreamingLLM", "recent", self.recent, 1)
+        self.sink = check_int("sink", self.sink, 0, owner="StreamingLLM")
+        self.recent = check_int("recent", self.recent, 1, owner="StreamingLLM")
         self.budget = self.sink + self.recent
 
     @property

@@ -58,6 +58,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ._checks import check_int
+
 __all__ = [
     "BITS",
     "CLIP_RATIOS",
@@ -161,14 +163,6 @@ DEFAULT_CHUNK_TOKENS = 2048
 
 
 # -------------------------------------------------------------------------------------------- validation
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _check_bits(bits: object) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise TypeError(f"bits must be an int, one of {BITS}, got {type(bits).__name__} {bits!r}")
@@ -270,7 +264,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """The inverse of `pack_codes`: ``(..., ceil(n * bits / 8))`` uint8 -> ``(..., n)`` uint8."""
     bits = _check_bits(bits)
-    _check_int("n", n, 0)
+    check_int("n", n, 0)
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
         got = packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__
         raise TypeError(f"packed must be a uint8 tensor, got {got}")
@@ -615,7 +609,7 @@ def quantize_keys(
     """
     _check_float("keys", keys, 4)
     bits = _check_bits(bits)
-    block = _check_int("block", block, 1)
+    block = check_int("block", block, 1)
     batch, heads, tokens, channels = keys.shape
     n_blocks = -(-tokens // block)
     x = keys.float()
@@ -646,8 +640,8 @@ def value_groups(channels: int, group_size: int) -> int:
     remainder (e.g. 45 channels, group size 32: groups of 32 and 13). Picking the largest divisor instead would
     turn a prime width (37) into 37 groups of one channel, a scale and a zero point per code.
     """
-    _check_int("channels", channels, 1)
-    _check_int("group_size", group_size, 1)
+    check_int("channels", channels, 1)
+    check_int("group_size", group_size, 1)
     return -(-channels // group_size)
 
 
@@ -831,8 +825,8 @@ def gather_values(qv: QuantValues, index: torch.Tensor) -> QuantValues:
 
 
 def _check_range(start: int, length: int, tokens: int) -> None:
-    _check_int("start", start, 0)
-    _check_int("length", length, 0)
+    check_int("start", start, 0)
+    check_int("length", length, 0)
     if start + length > tokens:
         raise ValueError(f"tokens [{start}, {start + length}) are out of range for {tokens} stored tokens")
 
@@ -865,7 +859,7 @@ def narrow_values(qv: QuantValues, start: int, length: int) -> QuantValues:
 # ------------------------------------------------------------------------------------------------ attention
 def _chunk_tokens(chunk_tokens: int, block: int, tokens: int) -> int:
     """Tokens per attention chunk: ``chunk_tokens`` rounded up to whole blocks, at most the blocks stored."""
-    _check_int("chunk_tokens", chunk_tokens, 1)
+    check_int("chunk_tokens", chunk_tokens, 1)
     chunk = -(-chunk_tokens // block) * block
     return max(block, min(chunk, -(-tokens // block) * block))
 
@@ -945,7 +939,7 @@ def quantized_attention_logits(
             f"query (batch, kv_heads, channels) = {(batch, heads, channels)} does not match the keys' "
             f"{(qk.codes.shape[0], qk.codes.shape[1], qk.channels)}"
         )
-    _check_int("chunk_tokens", chunk_tokens, 1)
+    check_int("chunk_tokens", chunk_tokens, 1)
     if _cpu_module().serves(query, rows, qk):
         return _cpu_module().keys_logits(query, qk, scaling)
     tokens = qk.tokens
@@ -1021,7 +1015,7 @@ def quantized_attention_output(
             f"weights (batch, kv_heads, tokens) = {(batch, heads, tokens)} does not match the values' "
             f"{tuple(qv.codes.shape[:3])}"
         )
-    _check_int("chunk_tokens", chunk_tokens, 1)
+    check_int("chunk_tokens", chunk_tokens, 1)
     if _cpu_module().serves(weights, rows, qv):
         return _cpu_module().values_output(weights, qv)
     channels, groups = qv.channels, qv.n_groups
