@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import pickle
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -378,6 +381,30 @@ def test_a_user_policy_by_subclassing(arch, layer_idx):
 
 
 # ------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "policy, field, value",
+    [
+        (SnapKV(budget=64), "kernel", 4),
+        (H2O(budget=64), "budget", 10),
+        (StreamingLLM(sink=4, recent=60), "recent", 120),
+    ],
+)
+def test_policy_settings_are_fixed_once_built(policy, field, value):
+    """A field changed after the checks would skip them (SnapKV's even kernel failed deep in torch, H2O kept more
+    than its budget) or leave derived values stale (StreamingLLM's budget): refused, pointing at replace()."""
+    with pytest.raises(
+        dataclasses.FrozenInstanceError, match=rf"make a new one, e.g. dataclasses.replace\(policy, {field}="
+    ):
+        setattr(policy, field, value)
+    if field == "recent":
+        assert policy.budget == 64 and dataclasses.replace(policy, recent=120).budget == 124
+    else:
+        with pytest.raises(ValueError):  # replace() runs the checks again
+            dataclasses.replace(policy, **{field: value})
+    copied = copy.deepcopy(policy)
+    assert copied == policy and pickle.loads(pickle.dumps(policy)) == policy
+
+
 def test_policy_errors():
     with pytest.raises(ValueError, match=r"SnapKV: budget \(16\) is smaller than the window \(32\)"):
         SnapKV(budget=16)

@@ -20,7 +20,7 @@ cap to apply to the scaled logits (`window_attention` takes it); one without is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field
 from typing import ClassVar
 
 import torch
@@ -257,8 +257,25 @@ class Policy:
         raise NotImplementedError(f"{type(self).__name__} does not evict while decoding")
 
 
+class _FixedSettings:
+    """A built-in policy's settings are checked once, when it is built, and fixed from then on: caches share the
+    policy object, and a field changed afterwards would skip the checks and leave derived values stale (make a new
+    policy instead, e.g. ``dataclasses.replace(policy, budget=512)``)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if self.__dict__.get("_fixed"):
+            raise FrozenInstanceError(
+                f"{type(self).__name__}'s settings are fixed once it is built (its checks ran then, and caches may "
+                f"share it): make a new one, e.g. dataclasses.replace(policy, {name}={value!r})"
+            )
+        object.__setattr__(self, name, value)
+
+    def _fix(self) -> None:
+        self.__dict__["_fixed"] = True
+
+
 @dataclass
-class SnapKV(Policy):
+class SnapKV(_FixedSettings, Policy):
     """SnapKV (Li et al. 2024, arXiv 2404.14469): after the prompt, per KV head, keep the ``budget`` tokens most
     attended by the observation window, attention pooled along the sequence; the window itself is always kept.
 
@@ -292,6 +309,7 @@ class SnapKV(Policy):
             raise ValueError(f"SnapKV: kernel must be odd (centred pooling), got {self.kernel}")
         if self.pooling not in ("avg", "max"):
             raise ValueError(f"SnapKV: pooling must be 'avg' or 'max', got {self.pooling!r}")
+        self._fix()
 
     @property
     def protected_recent(self) -> int:
@@ -318,7 +336,7 @@ class SnapKV(Policy):
 
 
 @dataclass
-class H2O(Policy):
+class H2O(_FixedSettings, Policy):
     """Heavy-Hitter Oracle (Zhang et al. 2023, arXiv 2306.14048): keep the tokens with the largest accumulated
     attention plus the newest ``recent`` ones, ``budget`` per KV head after the prompt; while decoding the layer
     evicts a fold block (32 tokens) at a time, so it holds between ``budget`` and ``budget + 32`` tokens.
@@ -345,6 +363,7 @@ class H2O(Policy):
                 f"H2O: budget ({self.budget}) must be larger than recent ({self.recent}), to leave room for heavy "
                 "hitters"
             )
+        self._fix()
 
     @property
     def protected_recent(self) -> int:
@@ -358,7 +377,7 @@ class H2O(Policy):
 
 
 @dataclass
-class StreamingLLM(Policy):
+class StreamingLLM(_FixedSettings, Policy):
     """StreamingLLM (Xiao et al. 2023, arXiv 2309.17453): keep the first ``sink`` tokens (attention sinks) and a
     sliding window of the newest ``recent`` tokens, after the prompt and while decoding (a fold block of 32 tokens
     at a time: a layer holds between ``budget`` and ``budget + 32`` tokens).
@@ -381,6 +400,7 @@ class StreamingLLM(Policy):
         self.sink = check_int("sink", self.sink, 0, owner="StreamingLLM")
         self.recent = check_int("recent", self.recent, 1, owner="StreamingLLM")
         self.budget = self.sink + self.recent
+        self._fix()
 
     @property
     def protected_recent(self) -> int:
