@@ -252,6 +252,19 @@ def test_memory_on_top_of_snapkv():
     assert snapkv / held_bytes(dense) < 0.25  # 256 of 1100 tokens
 
 
+def test_no_spare_channels_for_tokens_the_policy_evicted():
+    """A ThinK window longer than what SnapKV keeps: the question's pruned channels are kept aside only for tokens
+    some head still holds (they were kept for all 300 window tokens, 0.42x instead of 0.22x of DynamicCache)."""
+    model = make_model("llama", hidden_size=256, intermediate_size=256)
+    ids, _ = make_batch([300], seed=17)
+    cache = prefill(model, ThinKCache(key_ratio=0.5, window=300, policy=SnapKV(budget=64, window=32)), ids)
+    for layer in cache.layers:
+        held = set(layer.compact_positions.flatten().tolist()) | set(range(layer.full_from, layer.seen_tokens))
+        assert layer.spare_positions and set(layer.spare_positions) <= held
+        assert layer.spare.tokens == len(layer.spare_positions) <= 3 * 64  # at most what the heads keep
+    assert cache.stats().ratio < 0.3
+
+
 def test_stats_report_tokens_and_channels():
     model = make_model("llama")
     ids, _ = make_batch([100])

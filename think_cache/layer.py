@@ -664,6 +664,8 @@ class ThinKLayer(CacheLayerMixin):
         self.values = torch.cat([values[:, :, n:], after_v], dim=-2)
         self._thin_oldest(due - n)
         self._trim(end)  # what a sliding window hides from every query after the prompt
+        if positions is not None:  # a question's tokens the policy dropped in every head need no spare channels
+            self._forget_evicted_spare()
 
     def _select_prompt_tokens(self, keys, values, real_keys, first: int, end: int):
         """Apply the policy to the prompt's stored tokens (logical positions ``first`` to ``end``): returns kept
