@@ -111,8 +111,9 @@ def _check_static(cache: ThinKCache) -> None:
     if cache.bits is not None and cache.policy is not None and cache.policy.evicts_while_decoding:
         raise ValueError(
             f"ThinKCache(max_cache_len=..., bits=...) does not support {type(cache.policy).__name__}: it evicts "
-            "tokens one at a time while decoding, which would scatter a quantized block's tokens over the static "
-            "slots. Use SnapKV or no policy with bits and max_cache_len, or leave one of bits and max_cache_len out."
+            "tokens while decoding, and a static cache's later tokens take the freed slots one by one, which would "
+            "scatter a quantized block's tokens over the slots. Use SnapKV or no policy with bits and "
+            "max_cache_len, or leave one of bits and max_cache_len out."
         )
 
 

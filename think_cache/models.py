@@ -132,8 +132,8 @@ MODELS = {
 }
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
-    """Return ``(model, tokenizer)`` for a model of `MODELS` by name: ``smollm2`` or ``gemma3``."""
+def load_model(name: str = "smollm2", dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """Return ``(model, tokenizer)`` for a model of `MODELS` by name: ``smollm2`` (the default) or ``gemma3``."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     return MODELS[name][1](dtype=dtype, attn_implementation=attn_implementation)
