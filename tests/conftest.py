@@ -111,6 +111,26 @@ _BY_MODEL_TYPE = {
     "cohere2": ("cohere2", _SLIDING),  # Command R7B / A: sliding layers with rotary, global ones without
     "smollm3": ("smollm3", dict(no_rope_layers=[1, 0])),  # a layer without rotary positions
     "exaone4": ("exaone4", _SLIDING),
+    # test_families.MORE_FAMILIES: attention like Llama's or the families above, each checked once
+    "gemma": ("gemma", {}),  # Gemma 1 / CodeGemma: (1 + weight) norms, embeddings scaled by sqrt(hidden)
+    "cohere": ("cohere", {}),  # Command R: layer norm, parallel attention and MLP, logit scale
+    "starcoder2": ("starcoder2", dict(sliding_window=16)),  # biases everywhere, a window on every layer
+    "phimoe": ("phimoe", dict(sliding_window=16)),  # Phi-3.5-MoE: a window on every layer
+    "ministral3": ("ministral3", dict(sliding_window=16)),
+    "seed_oss": ("seed_oss", {}),  # q/k/v biases, 512k-token context checkpoints
+    "apertus": ("apertus", {}),  # q/k norms
+    "arcee": ("arcee", {}),
+    "ernie4_5": ("ernie4_5", {}),
+    "ernie4_5_moe": ("ernie4_5_moe", {}),
+    "glm4_moe": ("glm4_moe", {}),  # GLM-4.5/4.6: partial rotary, q/k norms
+    "granitemoe": ("granitemoe", dict(attention_multiplier=0.1)),
+    "internlm3": ("internlm3", {}),
+    "olmoe": ("olmoe", {}),
+    "flex_olmo": ("flex_olmo", {}),
+    "vaultgemma": ("vaultgemma", _SLIDING),
+    "exaone_moe": ("exaone_moe", _SLIDING),
+    "cohere2_moe": ("cohere2_moe", _SLIDING),
+    "afmoe": ("afmoe", _SLIDING),
 }
 
 
@@ -168,10 +188,10 @@ def generate(model, ids, mask, cache, steps: int = 12, **kwargs):
 
 
 def prefill(model, cache, ids, mask=None):
-    """The prompt in one forward, told to be the whole prompt (what the patched ``generate`` tells a ThinKCache),
-    so that the cache is compacted at its end."""
+    """The prompt (its new tokens, after those already cached) in one forward, told to end there (what the patched
+    ``generate`` tells a ThinKCache), so that the cache is compacted at its end."""
     if isinstance(cache, think_cache.ThinKCache):
-        cache.mark_prompt_end(ids.shape[1])
+        cache.mark_prompt_end(int(cache.get_seq_length()) + ids.shape[1])
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
     return cache

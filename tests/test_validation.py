@@ -139,3 +139,27 @@ def test_mark_prompt_end_shorter_than_the_cache_is_refused():
     cache.mark_prompt_end(50)  # cached + new: accepted
     cache.reset()
     cache.mark_prompt_end(10)  # a fresh start
+
+
+def test_a_filled_cache_is_checked_before_generate_runs():
+    """generate refuses a filled cache's misuse before any forward, naming the real mistake: another model's cache
+    (not a prompt 'shorter than the cache'), inputs shorter than what the cache holds, a second prompt on a static
+    cache, a policy passed as the cache."""
+    model, other = make_model("llama"), make_model("llama", seed=1)
+    ids, _ = make_batch([30])
+    cache = ThinKCache(key_ratio=0.5)
+    model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=3)
+    for prompt in (ids[:, :12], ids):
+        with pytest.raises(ValueError, match="filled by another model"):
+            other.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache)
+    with pytest.raises(ValueError, match="generate was given 12 tokens .* but the cache already holds 32"):
+        model.generate(input_ids=ids[:, :12], attention_mask=torch.ones_like(ids[:, :12]), past_key_values=cache)
+    static = ThinKCache(key_ratio=0.5, max_cache_len=80)
+    out = model.generate(input_ids=ids, past_key_values=static, max_new_tokens=3)
+    out = model.generate(input_ids=out, past_key_values=static, max_new_tokens=2)  # continuing: one new token
+    longer = torch.cat([out, ids[:, :10]], dim=1)  # 35 + 10 tokens after 34 cached
+    with pytest.raises(NotImplementedError, match="got a forward of 11 tokens"):
+        model.generate(input_ids=longer, past_key_values=static, max_new_tokens=2)
+    assert static.get_seq_length() == 34  # refused before any forward: the cache is intact
+    with pytest.raises(TypeError, match=r"SnapKV is a token policy, not a cache: pass \w+=ThinKCache\("):
+        model.generate(input_ids=ids, past_key_values=think_cache.SnapKV(budget=64), max_new_tokens=2)

@@ -90,6 +90,12 @@ def _check_group_size(group_size: object, bits: int | None) -> int | None:
     return check_int("group_size", group_size, 1)
 
 
+_ANOTHER_MODEL = (
+    "This ThinKCache was filled by another model. Use one ThinKCache per model, or call `cache.reset()` before "
+    "reusing it."
+)
+
+
 def _fingerprint(config) -> tuple:
     """What tells one model's attention layers from another's: a copied or unpickled config gives the same."""
     names = (
@@ -350,13 +356,8 @@ class ThinKCache(Cache):
                 "Call `think_cache.patch(model)` again after changing the attention implementation."
             )
         if module.config is not self._model_config:  # first use, a copy or unpickled cache, or another model
-            fingerprint = _fingerprint(module.config)
-            if self._model_config is not None or fingerprint != (self._model_fingerprint or fingerprint):
-                raise ValueError(
-                    "This ThinKCache was filled by another model. Use one ThinKCache per model, or call "
-                    "`cache.reset()` before reusing it."
-                )
-            self._model_config, self._model_fingerprint = module.config, fingerprint
+            self._model_fingerprint = self.check_model(module.config)
+            self._model_config = module.config
         if layer_idx < len(self.layers) and self.layers[layer_idx].is_initialized:
             held = self.layers[layer_idx].keys.shape[0]
             if held != key_states.shape[0]:
@@ -364,6 +365,16 @@ class ThinKCache(Cache):
                     f"This ThinKCache holds a batch of {held} but the model was called with a batch of "
                     f"{key_states.shape[0]}. Use a new ThinKCache (or `cache.reset()`) for a new batch."
                 )
+
+    def check_model(self, config) -> tuple:
+        """Refuse a cache filled by a model other than the one of ``config`` (its attention layers' config, the text
+        model's in a model that sees images); returns that model's fingerprint."""
+        if config is self._model_config:
+            return self._model_fingerprint
+        fingerprint = _fingerprint(config)  # a copied or unpickled cache holds no config: its fingerprint tells
+        if self._model_config is not None or fingerprint != (self._model_fingerprint or fingerprint):
+            raise ValueError(_ANOTHER_MODEL)
+        return fingerprint
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs

@@ -12,6 +12,8 @@ from transformers import __version__ as transformers_version
 from . import _compat
 from .attention import ATTENTION_NAME, enter_module, exit_module, register
 from .cache import ThinKCache
+from .policies import Policy
+from .static import second_prompt_error
 
 __all__ = ["patch", "unpatch", "is_patched", "SUPPORTED_MODEL_TYPES"]
 
@@ -38,6 +40,7 @@ class _PatchState:
     generate_wrapped: bool = False
     own_generate: object = None  # a ``generate`` set on the instance before patching, if any
     own_init_continuous_batching: object = None  # likewise for ``init_continuous_batching``
+    attention_config: object = None  # the config its attention layers read (the text model's, beside images)
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -130,7 +133,9 @@ def patch(model: torch.nn.Module, **defaults) -> torch.nn.Module:
 
     state = getattr(model, _STATE_ATTRIBUTE, None)
     if state is None:
-        state = _PatchState(original_attn_implementation=_compat.attn_implementation(model))
+        state = _PatchState(
+            original_attn_implementation=_compat.attn_implementation(model), attention_config=modules[0].config
+        )
         for module in modules:
             state.hooks.append(module.register_forward_pre_hook(enter_module))
             # always_call: the state is cleared even when the forward raises (torch>=2.0), or a later ThinKCache
@@ -176,10 +181,16 @@ def _patched_generate(model: torch.nn.Module, *args, **kwargs):
     if state.defaults and _builds_own_cache(model, args, kwargs, static):
         kwargs[_compat.CACHE_ARGUMENT] = ThinKCache(**state.defaults)
     cache = next((kwargs[name] for name in _compat.CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
+    if isinstance(cache, Policy):
+        raise TypeError(
+            f"{type(cache).__name__} is a token policy, not a cache: pass "
+            f"{_compat.CACHE_ARGUMENT}=ThinKCache(key_ratio=..., policy={cache!r})"
+        )
     if not isinstance(cache, ThinKCache):
         return original(*args, **kwargs)
     _check_rollback(cache, kwargs)
     prompt_length = _prompt_length(cache, args, kwargs)
+    _check_reuse(model, cache, prompt_length)
     _check_capacity(model, cache, prompt_length, args, kwargs)
     cache.mark_prompt_end(prompt_length)
     try:
@@ -202,6 +213,25 @@ def _prompt_length(cache: ThinKCache, args: tuple, kwargs: dict) -> int | None:
     length = inputs.shape[1]
     past = int(cache.get_seq_length())
     return length if length >= past else past + length
+
+
+def _check_reuse(model: torch.nn.Module, cache: ThinKCache, prompt_length: int | None) -> None:
+    """A filled cache: refuse another model's, inputs shorter than what it holds, and a second prompt on a static
+    one, before any forward (deep in one, the first failing check would be a less telling one)."""
+    cached = int(cache.get_seq_length())
+    if cached == 0:
+        return
+    cache.check_model(getattr(model, _STATE_ATTRIBUTE).attention_config)
+    if prompt_length is None:
+        return
+    if prompt_length < cached:
+        raise ValueError(
+            f"generate was given {prompt_length} tokens (its attention mask's length) but the cache already holds "
+            f"{cached}: pass the whole sequence, the cached tokens then the new ones, or a new cache (or "
+            "`cache.reset()`) for a new prompt."
+        )
+    if cache.max_cache_len is not None and prompt_length - cached > 1:
+        raise second_prompt_error(prompt_length - cached)
 
 
 def _check_rollback(cache: ThinKCache, kwargs: dict) -> None:
@@ -257,10 +287,10 @@ def _builds_own_cache(model: torch.nn.Module, args: tuple, kwargs: dict, static:
             ours = (
                 "a static ThinKCache (max_cache_len), which transformers may compile but does not build"
                 if static
-                else "a ThinKCache, which is neither"
+                else "a ThinKCache"
             )
             raise ValueError(
-                f"{where} asks for a cache transformers builds (static or compiled), but "
+                f"{where} asks transformers to build its own cache, but "
                 f"think_cache.patch(model, ...) makes generate use {ours}. Pass a cache yourself, leave {option} "
                 "unset, or call think_cache.unpatch(model) first."
             )

@@ -263,7 +263,7 @@ class _FixedSettings:
     policy instead, e.g. ``dataclasses.replace(policy, budget=512)``)."""
 
     def __setattr__(self, name: str, value: object) -> None:
-        if self.__dict__.get("_fixed"):
+        if self.__dict__.get("_fixed") and name in self.__dataclass_fields__:
             raise FrozenInstanceError(
                 f"{type(self).__name__}'s settings are fixed once it is built (its checks ran then, and caches may "
                 f"share it): make a new one, e.g. dataclasses.replace(policy, {name}={value!r})"

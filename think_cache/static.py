@@ -80,6 +80,15 @@ _STATIC_SCALARS = ("length", "fold_origin", "first_full")
 FREE = torch.iinfo(torch.int32).max
 
 
+def second_prompt_error(n: int) -> NotImplementedError:
+    """What a static cache says to a forward of ``n`` > 1 tokens after its prompt."""
+    return NotImplementedError(
+        f"A static ThinKCache decodes one token per forward after its prompt, got a forward of {n} tokens (a "
+        "second prompt on a filled cache, or assisted decoding). Use a new cache (or `cache.reset()`) per "
+        "prompt, or a ThinKCache without max_cache_len."
+    )
+
+
 class StaticThinKLayer(ThinKLayer):
     """A full-attention ThinK layer with pre-allocated buffers for what it can hold at once (``max_cache_len``
     tokens, fewer under a policy's budget); see the module docstring. Before the end of the prompt it is a
@@ -193,11 +202,7 @@ class StaticThinKLayer(ThinKLayer):
             if not self.is_static:
                 return super().update(key_states, value_states)
         if n != 1:
-            raise NotImplementedError(
-                f"A static ThinKCache decodes one token per forward after its prompt, got a forward of {n} tokens (a "
-                "second prompt on a filled cache, or assisted decoding). Use a new cache (or `cache.reset()`) per "
-                "prompt, or a ThinKCache without max_cache_len."
-            )
+            raise second_prompt_error(n)
         if not _compat.is_compiling():
             self._check_capacity(n)
             self._check_free_slot()
