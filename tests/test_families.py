@@ -64,6 +64,19 @@ FAMILIES = {
 }
 
 
+#: Families checked once each (`test_more_families`): key_ratio 0 is the model's attention, 0.5 its attention over
+#: zeroed channels. Built by model type (`conftest._BY_MODEL_TYPE`, whose comments say what each brings); those
+#: with sliding layers have a window of 16, on every layer or on two of three.
+MORE_FAMILIES = {
+    name: (name, dict(initializer_range=0.2))
+    for name in (
+        "gemma", "cohere", "starcoder2", "phimoe", "ministral3", "seed_oss", "apertus", "arcee", "ernie4_5",
+        "ernie4_5_moe", "glm4_moe", "granitemoe", "internlm3", "olmoe", "flex_olmo", "vaultgemma", "exaone_moe",
+        "cohere2_moe", "afmoe",
+    )
+}  # fmt: skip
+
+
 #: The families without sliding-window layers.
 FULL_ATTENTION = ("qwen2_moe", "qwen3_moe", "olmo2", "granite", "glm4", "smollm3")
 
@@ -76,7 +89,7 @@ def family(request) -> str:
 def _models(family: str, **overrides):
     """The patched model and its unpatched twin (same weights) running transformers' attention: eager where the
     logits are capped, else sdpa."""
-    arch, settings = FAMILIES[family]
+    arch, settings = {**FAMILIES, **MORE_FAMILIES}[family]
     settings = {**settings, **overrides}
     if not make_model(arch, patch=False)._supports_attention_backend:
         pytest.skip(f"{family} does not use transformers' attention interface in this transformers version")
@@ -115,7 +128,7 @@ def test_families_are_supported():
     assert {"gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe", "qwen3_moe"} <= set(
         think_cache.SUPPORTED_MODEL_TYPES
     )
-    for family in FAMILIES:
+    for family in [*FAMILIES, *MORE_FAMILIES]:
         try:
             patched, _ = _models(family)
         except pytest.skip.Exception:  # a family this transformers does not have
@@ -140,6 +153,29 @@ def test_key_ratio_zero_is_the_models_attention(family):
     assert all(layer.stored_tokens <= 16 for layer, is_sliding in zip(think.layers, sliding, strict=True) if is_sliding)
     if family not in ("phi3", "mixtral"):
         assert not all(sliding)  # and global layers keep everything
+
+
+@pytest.mark.parametrize("family", list(MORE_FAMILIES))
+def test_more_families(family):
+    """One check each, on a left-padded batch decoding past any sliding window: key_ratio 0 gives the model's own
+    tokens and logits (within 1e-5), key_ratio 0.5 those of its attention over keys with the same channels zeroed
+    (within 1e-4), and holds fewer bytes."""
+    model, reference = _models(family)
+    ids, mask = make_batch([48, 29], seed=12)
+    zero = ThinKCache(key_ratio=0)
+    _assert_same(
+        generate(model, ids, mask, zero, steps=20),
+        generate(reference, ids, mask, _dynamic(reference), steps=20),
+        ATOL_EXACT,
+    )
+    window = getattr(model.config, "sliding_window", None)
+    if window:  # the window (16) is shorter than the prompts: sliding layers really trim
+        assert any(layer.is_sliding and layer.stored_tokens <= window for layer in zero.layers)
+    think = ThinKCache(key_ratio=0.5, window=8)
+    out = generate(model, ids, mask, think, steps=20)
+    assert all(layer.store.keys.shape[-1] < layer.head_dim for layer in think.layers)
+    _assert_same(out, generate(reference, ids, mask, zeroed_reference(think, model), steps=20), ATOL_REFERENCE)
+    assert think.stats().ratio < 0.9
 
 
 def test_key_ratio_zero_beam_search(family):

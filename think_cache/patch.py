@@ -23,6 +23,9 @@ SUPPORTED_MODEL_TYPES = (
     "llama", "mistral", "qwen2", "qwen3",  # tests/test_exactness.py, test_reference.py and the rest
     "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe", "qwen3_moe",  # tests/test_families.py from here on
     "olmo2", "olmo3", "granite", "glm4", "cohere2", "smollm3", "exaone4",
+    "gemma", "cohere", "starcoder2", "phimoe", "ministral3", "seed_oss", "apertus", "arcee", "ernie4_5",
+    "ernie4_5_moe", "glm4_moe", "granitemoe", "internlm3", "olmoe", "flex_olmo", "vaultgemma", "exaone_moe",
+    "cohere2_moe", "afmoe",
     "gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl",  # they see images too
 )  # fmt: skip
 
@@ -69,7 +72,7 @@ def _check_model(model: object) -> list[torch.nn.Module]:
         )
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"think_cache does not support model type {config.model_type!r}; supported: {supported}")
-    if not getattr(model, "_supports_attention_backend", True):  # Qwen2-MoE before transformers 4.57
+    if not getattr(model, "_supports_attention_backend", True):  # Qwen2-MoE, Phi-3.5-MoE, OLMoE before transformers 5
         raise ValueError(
             f"think_cache cannot serve {type(model).__name__} on transformers {transformers_version}: its attention "
             "does not go through transformers' attention interface in this version (a newer transformers has it)"
