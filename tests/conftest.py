@@ -111,6 +111,8 @@ _BY_MODEL_TYPE = {
     "cohere2": ("cohere2", _SLIDING),  # Command R7B / A: sliding layers with rotary, global ones without
     "smollm3": ("smollm3", dict(no_rope_layers=[1, 0])),  # a layer without rotary positions
     "exaone4": ("exaone4", _SLIDING),
+    # attention sinks (a logit per query head in every softmax, no value), biases, sliding and global layers; experts
+    "gpt_oss": ("gpt_oss", dict(_SLIDING, num_local_experts=4, num_experts_per_tok=2)),
     # test_families.MORE_FAMILIES: attention like Llama's or the families above, each checked once
     "gemma": ("gemma", {}),  # Gemma 1 / CodeGemma: (1 + weight) norms, embeddings scaled by sqrt(hidden)
     "cohere": ("cohere", {}),  # Command R: layer norm, parallel attention and MLP, logit scale

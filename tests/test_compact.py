@@ -167,3 +167,35 @@ def test_restored_rows_see_those_tokens_whole():
                     expected[b, h, row_mask, c] = full[b, h, row_mask, c]
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
     assert not torch.allclose(logits, thinned)
+
+
+@pytest.mark.parametrize("q_len", [1, 4])
+def test_sinks_join_the_softmax_without_a_value(q_len):
+    """GPT-OSS's sinks: one logit per query head in every row's softmax, with no value. Against the formula spelled
+    out (a column of sink logits concatenated, softmax, the column dropped) over the zeroed dense keys; a padded
+    key stays masked, and a row whose every key is masked gives all its weight to the sink (an output of 0)."""
+    g = torch.Generator().manual_seed(3)
+    batch, kv_heads, group, n_compact, n_recent, dim = 2, 2, 3, 9, 4, 8
+    query = torch.randn(batch, kv_heads * group, q_len, dim, generator=g)
+    keys = torch.randn(batch, kv_heads, n_compact + n_recent, dim, generator=g)
+    values = torch.randn(batch, kv_heads, n_compact + n_recent, dim, generator=g)
+    sinks = torch.randn(kv_heads * group, generator=g) * 2
+    channels = torch.randperm(dim, generator=g)[:5].sort().values.expand(batch, kv_heads, 5).contiguous()
+    store = _store(keys[:, :, :n_compact], channels, values[:, :, :n_compact])
+    mask = torch.ones(batch, 1, q_len, n_compact + n_recent, dtype=torch.bool)
+    mask[1, :, :, :3] = False  # row 1's first three keys are padding
+    if q_len > 1:
+        mask[1, :, 0, :] = False  # and its first row sees none
+    out = compact_attention(query, store, keys[:, :, n_compact:], values[:, :, n_compact:], mask, 0.3, sinks=sinks)
+
+    k = keys.clone()
+    k[:, :, :n_compact] *= _keep(channels, dim)[:, :, None, :]
+    k, v = k.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    logits = (query @ k.transpose(-1, -2) * 0.3).masked_fill(~mask, -torch.inf)
+    combined = torch.cat([logits, sinks.view(1, -1, 1, 1).expand(batch, -1, q_len, 1)], dim=-1)
+    expected = (torch.softmax(combined, dim=-1)[..., :-1] @ v).transpose(1, 2)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    without = compact_attention(query, store, keys[:, :, n_compact:], values[:, :, n_compact:], mask, 0.3)
+    assert (out - without).abs().max() > 0.05  # the sinks take a share
+    if q_len > 1:
+        assert out[1, 0].abs().max() == 0  # a row with no key: everything went to the sink

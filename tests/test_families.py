@@ -61,6 +61,8 @@ FAMILIES = {
     "cohere2": ("cohere2", dict(initializer_range=0.2)),
     "smollm3": ("smollm3", dict(initializer_range=0.2)),
     "exaone4": ("exaone4", dict(initializer_range=0.2)),
+    # 0.1: at 0.2 the eager reference's own float32 sums (repeat_kv, a cat of the sinks) move logits of 6 by 3e-5
+    "gpt_oss": ("gpt_oss", dict(initializer_range=0.1)),
 }
 
 
@@ -96,7 +98,8 @@ def _models(family: str, **overrides):
     patched = make_model(arch, **settings)
     reference = make_model(arch, patch=False, **settings)
     capped = getattr(reference.config, "attn_logit_softcapping", None) is not None
-    compat.set_attn_implementation(reference, "eager" if capped else "sdpa")
+    sinks = any(hasattr(module, "sinks") for module in reference.modules())  # GPT-OSS: eager only
+    compat.set_attn_implementation(reference, "eager" if capped or sinks else "sdpa")
     return patched, reference
 
 
@@ -267,6 +270,56 @@ def test_static_cache_caps_too():
     _assert_same(
         generate(model, ids, mask, ThinKCache(key_ratio=0.5, window=8, max_cache_len=64), steps=12), dynamic, ATOL_EXACT
     )
+
+
+# ------------------------------------------------------------------------------------------- attention sinks
+def _sinkless(model):
+    """``model`` with GPT-OSS's attention sinks pushed to -1e4 (no share of any softmax)."""
+    for module in model.modules():
+        if hasattr(module, "sinks"):
+            module.sinks.data.fill_(-1e4)
+    return model
+
+
+@pytest.mark.parametrize("key_ratio", [0, 0.5])
+def test_gpt_oss_sinks_bite(key_ratio):
+    """Guard against a reference the sinks do not reach: without them the reference's logits are far from ThinK's
+    (which match the model's own eager attention, with sinks, in the tests above)."""
+    model, reference = _models("gpt_oss")
+    ids, mask = make_batch([48, 30], seed=13)
+    think = ThinKCache(key_ratio=key_ratio, window=8)
+    out = generate(model, ids, mask, think, steps=10)
+    ref_cache = _dynamic(reference) if key_ratio == 0 else zeroed_reference(think, model)
+    _assert_same(out, generate(reference, ids, mask, ref_cache, steps=10), ATOL_REFERENCE)
+    ref_cache = _dynamic(reference) if key_ratio == 0 else zeroed_reference(think, model)
+    assert _max_logit_gap(out, generate(_sinkless(reference), ids, mask, ref_cache, steps=10)) > 0.1
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "gemma2"])
+def test_eager_prompt_in_row_chunks(family, monkeypatch):
+    """A prompt that takes the eager formula (sinks, a cap) builds its logits a chunk of query rows at a time when
+    no weights are asked for: the same tokens and logits as in one block."""
+    from think_cache import attention
+
+    model, _ = _models(family)
+    ids, mask = make_batch([60, 37], seed=14)
+    whole = generate(model, ids, mask, ThinKCache(key_ratio=0.5, window=8), steps=6)
+    monkeypatch.setattr(attention, "ROW_CHUNK_ELEMENTS", 2 * 4 * 60 * 7)  # 7 rows a chunk (batch 2, 4 heads)
+    calls = []
+    real = attention.compact_probs
+    monkeypatch.setattr(
+        attention, "compact_probs", lambda query, *a, **k: calls.append(query.shape[2]) or real(query, *a, **k)
+    )
+    chunked = generate(model, ids, mask, ThinKCache(key_ratio=0.5, window=8), steps=6)
+    assert max(calls) <= 7 and calls.count(7) >= 8  # the 60-token prompt went 7 rows at a time, per layer
+    _assert_same(chunked, whole, ATOL_EXACT)
+
+
+def test_a_static_cache_refuses_sinks():
+    model, _ = _models("gpt_oss", num_hidden_layers=2, layer_types=["full_attention"] * 2)
+    ids, mask = make_batch([30], seed=15)
+    with pytest.raises(NotImplementedError, match="no attention sinks"):
+        generate(model, ids, mask, ThinKCache(key_ratio=0.5, max_cache_len=64), steps=3)
 
 
 # ------------------------------------------------------------------------------------------- softcap plumbing

@@ -119,7 +119,9 @@ def think_attention(
 
     A model that caps its attention logits (Gemma 2 passes ``softcap``) gets the cap on every path: the eager
     formula replaces sdpa (which has no softcapping) on full keys, the compacted path caps the pruned logits, and the
-    fused kernel, which has no cap, is not used.
+    fused kernel, which has no cap, is not used. Attention sinks (GPT-OSS passes ``s_aux``, a logit per query head
+    that takes a share of every softmax and gives no value) are kept the same way: the eager formula on full keys
+    (row chunk by row chunk), in the compacted path's softmax, and no fused kernel.
 
     With ``output_attentions=True`` the weights come back, ``(batch, q_heads, q_len, keys)`` as from transformers'
     eager attention (which then replaces sdpa): over the stored tokens, or under a token policy, which keeps other
@@ -128,6 +130,7 @@ def think_attention(
     layer = _take_handoff(key)
     scale = _scale(scaling, query)
     softcap = kwargs.get("softcap")
+    sinks = kwargs.get("s_aux")  # GPT-OSS's attention sinks: a logit per query head, with no value
     wants_attention = _wants_attention_weights(module, kwargs)
     if layer is None:
         if is_compiling() and key.shape[-1] != query.shape[-1]:  # a compact buffer nobody handed over
@@ -146,9 +149,14 @@ def think_attention(
                 "A static ThinKCache (max_cache_len) does not return attention weights; use a ThinKCache without "
                 "max_cache_len for output_attentions=True."
             )
+        if sinks is not None:
+            raise NotImplementedError(
+                "A static ThinKCache (max_cache_len) has no attention sinks (GPT-OSS): use a ThinKCache without "
+                "max_cache_len for this model."
+            )
         return layer.attend(query, attention_mask, scale, softcap), None
     if layer.is_compacted:
-        return _attend_compacted(layer, query, attention_mask, scale, wants_attention, softcap)
+        return _attend_compacted(layer, query, attention_mask, scale, wants_attention, softcap, sinks)
 
     q_len = query.shape[2]
     rows = layer.rows_before_end(q_len)
@@ -182,7 +190,7 @@ def think_attention(
     tail_mask = None if attention_mask is None else attention_mask[:, :, rows:]
     if layer.compact_positions is None:  # a sliding layer just dropped what the window hides from the tail rows
         tail_mask = _stored_columns(tail_mask, layer.stored_tokens)
-    out_tail, w_tail = _attend_compacted(layer, query[:, :, rows:], tail_mask, scale, wants_attention, softcap)
+    out_tail, w_tail = _attend_compacted(layer, query[:, :, rows:], tail_mask, scale, wants_attention, softcap, sinks)
     weights = None
     if wants_attention:  # the head rows saw none of the tokens after the prompt
         w_head = torch.nn.functional.pad(w_head, (0, w_tail.shape[-1] - w_head.shape[-1]))
@@ -205,20 +213,29 @@ def _scores_while_attending(layer, wants_attention: bool, kwargs: dict) -> bool:
 
 
 def _full_attention(module, query, key, value, mask, dropout: float, scaling, wants_attention: bool, kwargs: dict):
-    """Stock attention over full keys: transformers' sdpa, or the eager formula when the weights are wanted or the
-    logits are capped (``softcap`` in ``kwargs``: sdpa would silently leave the cap out)."""
-    softcap = kwargs.get("softcap")
-    if wants_attention or softcap is not None:
-        return _eager_attention(module, query, key, value, mask, dropout, _scale(scaling, query), softcap)
+    """Stock attention over full keys: transformers' sdpa, or the eager formula when the weights are wanted, the
+    logits are capped (``softcap`` in ``kwargs``) or the model has attention sinks (``s_aux``): sdpa would silently
+    leave either out."""
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+    if wants_attention or softcap is not None or sinks is not None:
+        scale = _scale(scaling, query)
+        return _eager_attention(module, query, key, value, mask, dropout, scale, softcap, sinks, wants_attention)
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def _attend_compacted(
-    layer, query: torch.Tensor, mask: torch.Tensor | None, scale: float, wants_attention: bool, softcap: float | None
+    layer,
+    query: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    wants_attention: bool,
+    softcap: float | None,
+    sinks: torch.Tensor | None = None,
 ):
     """Attention of ``query`` (the forward's newest rows) over a compacted layer, then the layer's bookkeeping.
 
-    The fused kernel (`think_cache.kernels`, chosen by `kernels.use_kernel`: on CUDA, never with a ``softcap``)
+    The fused kernel (`think_cache.kernels`, chosen by `kernels.use_kernel`: on CUDA, never with a ``softcap`` nor
+    attention ``sinks``)
     serves the forwards that ask for no attention weights (each token's summed weight, which H2O accumulates, it
     gives too, from a float32 block of every row's logits: so only while that block fits `ROW_CHUNK_ELEMENTS`), with
     no query row that must see recent tokens thinned (`ThinKLayer.thinned_rows`) nor earlier
@@ -238,6 +255,7 @@ def _attend_compacted(
         and restored is None
         and thinned_rows is None
         and (not scores or query.numel() // query.shape[-1] * n_total <= ROW_CHUNK_ELEMENTS)
+        and sinks is None
         and kernels.use_kernel(layer.store, query.device, softcap)
     ):
         result = kernels.store_attention(
@@ -266,6 +284,7 @@ def _attend_compacted(
             thinned_chunk,
             softcap,
             restored_rows,
+            sinks,
         )
         outs.append(weighted_values(probs, layer.store, layer.values, thinned_chunk))
         if wants_attention:
@@ -324,14 +343,26 @@ def _wants_attention_weights(module: torch.nn.Module, kwargs: dict) -> bool:
     return bool(wanted)
 
 
-def _eager_attention(module, query, key, value, attention_mask, dropout: float, scale: float, softcap=None):
+def _eager_attention(
+    module, query, key, value, attention_mask, dropout: float, scale: float, softcap=None, sinks=None, weights=True
+):
     """Plain attention that also returns its weights ``(batch, q_heads, q_len, keys)``, like transformers' eager
-    (with Gemma 2's logit ``softcap`` when given)."""
-    probs = compact_probs(query, None, key, attention_mask, scale, softcap=softcap)
-    if dropout and module.training:
-        probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
-    out = weighted_values(probs, None, value)
-    return out, probs.flatten(1, 2).to(query.dtype)
+    (with Gemma 2's logit ``softcap`` and GPT-OSS's attention ``sinks`` when given). Without weights asked for (a
+    capped model's or GPT-OSS's prompt), a chunk of query rows at a time (`ROW_CHUNK_ELEMENTS`): a long prompt's
+    float32 logits stay within one chunk's memory."""
+    wants_weights = weights or bool(dropout and module.training)
+    q_len, n_keys = query.shape[2], key.shape[2]
+    rows = q_len if wants_weights else _row_chunk(query.shape[0] * query.shape[1], n_keys, q_len)
+    outs = []
+    for start in range(0, q_len, rows):
+        stop = min(start + rows, q_len)
+        mask = _mask_rows(attention_mask, start, stop, q_len, n_keys, query.device)
+        probs = compact_probs(query[:, :, start:stop], None, key, mask, scale, softcap=softcap, sinks=sinks)
+        if dropout and module.training:
+            probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
+        outs.append(weighted_values(probs, None, value))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return out, (probs.flatten(1, 2).to(query.dtype) if wants_weights else None)
 
 
 def _weights_per_token(layer, probs: torch.Tensor) -> torch.Tensor:

@@ -151,6 +151,7 @@ def compact_attention(
     return_token_weights: bool = False,
     thinned_rows: list[int] | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query`` over a compact part followed by a full-width recent part.
 
@@ -181,6 +182,9 @@ def compact_attention(
     softcap:
         Attention logit softcapping (`cap_logits`) applied to the scaled logits of both parts before the mask, as
         Gemma 2 does; None for none.
+    sinks:
+        Attention sinks, ``(q_heads,)``: a logit per query head that joins every row's softmax without a value
+        (GPT-OSS's ``sinks``), so a row's weights sum to less than one; None for none.
 
     Returns
     -------
@@ -188,7 +192,7 @@ def compact_attention(
     weights when asked). `compact_probs` and `weighted_values` are its two halves.
     """
     thinned = thinned_views(store, keys, values, thinned_rows, query.shape[1] // keys.shape[1])
-    probs = compact_probs(query, store, keys, mask, scaling, thinned, softcap)
+    probs = compact_probs(query, store, keys, mask, scaling, thinned, softcap, sinks=sinks)
     out = weighted_values(probs, store, values, thinned)
     if return_token_weights:
         return out, probs.sum(dim=(2, 3))
@@ -241,11 +245,13 @@ def compact_probs(
     thinned: list[Thinned] | None = None,
     softcap: float | None = None,
     restored: Restored | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The attention weights of `compact_attention`: one float32 softmax over the compact part (``store``, None for
     none) then the recent part, ``(batch, kv_heads, group, q_len, n_compact + n_recent)``; ``view(batch, q_heads,
     q_len, -1)`` gives them per query head. ``thinned`` (`thinned_views`): how the rows that see some of the
-    oldest recent tokens thinned see them; ``restored``: thinned tokens some rows see at full width (`Restored`).
+    oldest recent tokens thinned see them; ``restored``: thinned tokens some rows see at full width (`Restored`);
+    ``sinks``: a logit per query head in every row's softmax, with no value (the weights then sum to less than one).
     Else as in `compact_attention`."""
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads = keys.shape[1]
@@ -278,7 +284,16 @@ def compact_probs(
             )
         # a finite minimum, not -inf: a fully masked (padded) row then gives a uniform softmax instead of NaN
         logits = logits.masked_fill(~mask[:, :, None], torch.finfo(logits.dtype).min)
-    return torch.softmax(logits, dim=-1)
+    if sinks is None:
+        return torch.softmax(logits, dim=-1)
+    return softmax_with_sinks(logits, sinks.float().view(1, kv_heads, group, 1, 1))
+
+
+def softmax_with_sinks(logits: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """``softmax([logits, sinks])`` along the last axis without the sinks' column: each row's weights over its
+    tokens when a sink logit (broadcast to ``logits[..., :1]``) takes its share of the softmax and gives no value."""
+    combined = torch.cat([logits, sinks.expand(*logits.shape[:-1], 1)], dim=-1)
+    return torch.softmax(combined - combined.amax(dim=-1, keepdim=True), dim=-1)[..., :-1].contiguous()
 
 
 def weighted_values(

@@ -26,6 +26,7 @@ SUPPORTED_MODEL_TYPES = (
     "gemma", "cohere", "starcoder2", "phimoe", "ministral3", "seed_oss", "apertus", "arcee", "ernie4_5",
     "ernie4_5_moe", "glm4_moe", "granitemoe", "internlm3", "olmoe", "flex_olmo", "vaultgemma", "exaone_moe",
     "cohere2_moe", "afmoe",
+    "gpt_oss",  # attention sinks
     "gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl",  # they see images too
 )  # fmt: skip
 
