@@ -111,6 +111,12 @@ _BY_MODEL_TYPE = {
     "cohere2": ("cohere2", _SLIDING),  # Command R7B / A: sliding layers with rotary, global ones without
     "smollm3": ("smollm3", dict(no_rope_layers=[1, 0])),  # a layer without rotary positions
     "exaone4": ("exaone4", _SLIDING),
+    # chunked attention (each token sees its own chunk of 16) on three layers, the fourth global without rotary
+    # positions (NoPE) and with temperature-tuned queries; L2-normed q/k; experts
+    "llama4_text": (
+        "llama4_text",
+        dict(attention_chunk_size=16, num_hidden_layers=4, intermediate_size_mlp=128, num_local_experts=4),
+    ),
     # attention sinks (a logit per query head in every softmax, no value), biases, sliding and global layers; experts
     "gpt_oss": ("gpt_oss", dict(_SLIDING, num_local_experts=4, num_experts_per_tok=2)),
     # test_families.MORE_FAMILIES: attention like Llama's or the families above, each checked once

@@ -79,10 +79,14 @@ def sliding_window_of(module: torch.nn.Module) -> int | None:
     (``get_layer_types_and_kwargs``): a config's ``layer_types`` says which layers slide (Qwen2/Qwen3, their MoE
     models, Gemma 2/3; their full-attention layers may still see a ``config.sliding_window``, 0 or a number, that
     does not apply to them); without it, every layer slides when the config has a window (Mistral, Mixtral, Phi-3).
-    Some modules keep their layer's window themselves; it wins where set.
+    Some modules keep their layer's window themselves; it wins where set. A layer of chunked attention (Llama 4:
+    each token sees the tokens of its own chunk of ``attention_chunk_size``) never needs more than that many past
+    tokens, which transformers' caches keep as a sliding window; so does ThinK.
     """
     config = module.config
     layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_types[module.layer_idx] == "chunked_attention":
+        return getattr(config, "attention_chunk_size", None) or None
     if layer_types is not None and layer_types[module.layer_idx] != "sliding_attention":
         return None
     return getattr(module, "sliding_window", None) or getattr(config, "sliding_window", None) or None

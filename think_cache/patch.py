@@ -27,6 +27,7 @@ SUPPORTED_MODEL_TYPES = (
     "ernie4_5_moe", "glm4_moe", "granitemoe", "internlm3", "olmoe", "flex_olmo", "vaultgemma", "exaone_moe",
     "cohere2_moe", "afmoe",
     "gpt_oss",  # attention sinks
+    "llama4_text",  # chunked attention (Llama4ForCausalLM; the model with images, "llama4", not yet)
     "gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl",  # they see images too
 )  # fmt: skip
 
