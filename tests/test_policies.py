@@ -418,6 +418,24 @@ def test_policy_settings_are_fixed_once_built(policy, field, value):
     assert copied == policy and pickle.loads(pickle.dumps(policy)) == policy
 
 
+def test_a_subclass_sets_its_own_fields_before_they_are_fixed():
+    """A user's subclass may set fields in its own ``__post_init__`` after the built-in checks; then they are fixed."""
+
+    @dataclass
+    class WiderSnapKV(SnapKV):
+        extra: int = 3
+
+        def __post_init__(self):
+            super().__post_init__()
+            self.kernel = self.kernel + 2 * self.extra  # a built-in field, set after SnapKV's checks
+
+    policy = WiderSnapKV(budget=64)
+    assert policy.kernel == 13
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.extra = 1
+    assert copy.deepcopy(policy) == policy
+
+
 def test_policy_errors():
     with pytest.raises(ValueError, match=r"SnapKV: budget \(16\) is smaller than the window \(32\)"):
         SnapKV(budget=16)

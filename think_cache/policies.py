@@ -20,6 +20,7 @@ cap to apply to the scaled logits (`window_attention` takes it); one without is 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import FrozenInstanceError, dataclass, field
 from typing import ClassVar
 
@@ -260,7 +261,22 @@ class Policy:
 class _FixedSettings:
     """A built-in policy's settings are checked once, when it is built, and fixed from then on: caches share the
     policy object, and a field changed afterwards would skip the checks and leave derived values stale (make a new
-    policy instead, e.g. ``dataclasses.replace(policy, budget=512)``)."""
+    policy instead, e.g. ``dataclasses.replace(policy, budget=512)``). A subclass's own ``__post_init__`` may still
+    set its fields: they are fixed once the most derived class's ``__post_init__`` returns."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        post_init = cls.__dict__.get("__post_init__")
+        if post_init is None:
+            return
+
+        def checked_then_fixed(self, *args) -> None:
+            post_init(self, *args)
+            if type(self).__post_init__ is checked_then_fixed:  # the most derived class's checks ran
+                self.__dict__["_fixed"] = True
+
+        functools.update_wrapper(checked_then_fixed, post_init)
+        cls.__post_init__ = checked_then_fixed
 
     def __setattr__(self, name: str, value: object) -> None:
         if self.__dict__.get("_fixed") and name in self.__dataclass_fields__:
@@ -269,9 +285,6 @@ class _FixedSettings:
                 f"share it): make a new one, e.g. dataclasses.replace(policy, {name}={value!r})"
             )
         object.__setattr__(self, name, value)
-
-    def _fix(self) -> None:
-        self.__dict__["_fixed"] = True
 
 
 @dataclass
@@ -309,7 +322,6 @@ class SnapKV(_FixedSettings, Policy):
             raise ValueError(f"SnapKV: kernel must be odd (centred pooling), got {self.kernel}")
         if self.pooling not in ("avg", "max"):
             raise ValueError(f"SnapKV: pooling must be 'avg' or 'max', got {self.pooling!r}")
-        self._fix()
 
     @property
     def protected_recent(self) -> int:
@@ -363,7 +375,6 @@ class H2O(_FixedSettings, Policy):
                 f"H2O: budget ({self.budget}) must be larger than recent ({self.recent}), to leave room for heavy "
                 "hitters"
             )
-        self._fix()
 
     @property
     def protected_recent(self) -> int:
@@ -400,7 +411,6 @@ class StreamingLLM(_FixedSettings, Policy):
         self.sink = check_int("sink", self.sink, 0, owner="StreamingLLM")
         self.recent = check_int("recent", self.recent, 1, owner="StreamingLLM")
         self.budget = self.sink + self.recent
-        self._fix()
 
     @property
     def protected_recent(self) -> int:
