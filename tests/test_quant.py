@@ -79,12 +79,14 @@ def test_packing_is_planar():
 
 def test_pack_validation():
     codes = torch.zeros(4, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="bits must be one of"):
+    with pytest.raises(ValueError, match=r"bits must be an int, one of \(2, 4, 8\), got"):
         quant.pack_codes(codes, 3)
     with pytest.raises(TypeError, match="bits must be an int"):
         quant.pack_codes(codes, 4.0)
     with pytest.raises(TypeError, match="bits must be an int"):
         quant.pack_codes(codes, True)
+    np = pytest.importorskip("numpy")
+    assert torch.equal(quant.pack_codes(codes, np.int64(4)), quant.pack_codes(codes, 4))  # numpy's ints, as ints
     with pytest.raises(TypeError, match="uint8"):
         quant.pack_codes(codes.long(), 4)
     with pytest.raises(ValueError, match="must be < 16"):
@@ -377,7 +379,7 @@ def test_constant_groups_are_exact(bits):
 
 def test_quantize_validation():
     keys = torch.randn(1, 1, 4, 8)
-    with pytest.raises(ValueError, match="bits must be one of"):
+    with pytest.raises(ValueError, match=r"bits must be an int, one of \(2, 4, 8\), got"):
         quant.quantize_keys(keys, 16)
     with pytest.raises(TypeError, match="bits must be an int"):
         quant.quantize_values(keys, "4")

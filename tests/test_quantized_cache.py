@@ -512,13 +512,13 @@ def test_full_store_and_quantized_store_share_an_interface():
 # ------------------------------------------------------------------------------------------------ settings
 @pytest.mark.parametrize("bits", [3, 16, 0, 1])
 def test_bits_out_of_range(bits):
-    with pytest.raises(ValueError, match=r"bits must be None \(full precision\) or one of \(2, 4, 8\)"):
+    with pytest.raises(ValueError, match=r"bits must be None \(full precision\) or an int, one of \(2, 4, 8\)"):
         ThinKCache(bits=bits)
 
 
 @pytest.mark.parametrize("bits", ["4", 4.0, True])
 def test_bits_wrong_type(bits):
-    with pytest.raises(TypeError, match="bits must be None or an int"):
+    with pytest.raises(TypeError, match=r"bits must be None \(full precision\) or an int"):
         ThinKCache(bits=bits)
 
 

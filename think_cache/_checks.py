@@ -15,3 +15,16 @@ def check_int(name: str, value: object, minimum: int, owner: str = "") -> int:
     if value < minimum:
         raise ValueError(f"{where}{name} must be an int >= {minimum}, got {value}")
     return int(value)
+
+
+def check_bits(bits: object, choices: tuple[int, ...], optional: bool = False) -> int | None:
+    """``bits`` as an ``int`` among ``choices`` (numpy's ints too, not bools), or None where ``optional`` (full
+    precision), else a TypeError or ValueError saying what to pass."""
+    if bits is None and optional:
+        return None
+    what = f"None (full precision) or an int, one of {choices}" if optional else f"an int, one of {choices}"
+    if isinstance(bits, bool) or not isinstance(bits, Integral):
+        raise TypeError(f"bits must be {what}, got {type(bits).__name__} {bits!r}")
+    if int(bits) not in choices:
+        raise ValueError(f"bits must be {what}, got {bits}: codes are 2, 4 or 8 bits wide")
+    return int(bits)

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Real
 
 import torch
 from transformers.cache_utils import Cache
 
 from . import _compat, quant
-from ._checks import check_int
+from ._checks import check_bits, check_int
 from .attention import ATTENTION_NAME, current_module, hand_off
 from .layer import LayerStats, ThinKLayer, ThinKSlidingLayer, storage_bytes
 from .policies import Policy
-from .static import StaticThinKLayer
+from .static import STATIC_SINKS, StaticThinKLayer
 from .static_quant import QuantizedStaticThinKLayer
 from .storage import CompactStore, FullStore, QuantizedStore
 
@@ -63,20 +63,6 @@ def _check_ratio(name: str, value: object) -> float:
             "0 keeps all)"
         )
     return float(value)
-
-
-def _check_bits(bits: object) -> int | None:
-    if bits is None:
-        return None
-    if isinstance(bits, bool) or not isinstance(bits, Integral):
-        raise TypeError(f"bits must be None or an int, one of {quant.BITS}, got {type(bits).__name__} {bits!r}")
-    bits = int(bits)
-    if bits not in quant.BITS:
-        raise ValueError(
-            f"bits must be None (full precision) or one of {quant.BITS}, got {bits}: the compact part is stored as "
-            "2-, 4- or 8-bit codes"
-        )
-    return bits
 
 
 def _check_group_size(group_size: object, bits: int | None) -> int | None:
@@ -286,7 +272,7 @@ class ThinKCache(Cache):
         max_cache_len: int | None = None,
     ):
         self.key_ratio = _check_ratio("key_ratio", key_ratio)
-        self.bits = _check_bits(bits)
+        self.bits = check_bits(bits, quant.BITS, optional=True)
         self.group_size = _check_group_size(group_size, self.bits)
         self.value_ratio = _check_ratio("value_ratio", value_ratio)
         self.window = check_int("window", window, 1)
@@ -326,6 +312,15 @@ class ThinKCache(Cache):
             policy=self.policy,
             store=self._new_store(),
         )
+        if self.max_cache_len is not None and getattr(module, "sinks", None) is not None:
+            raise ValueError(STATIC_SINKS)
+        if self.policy is not None and _compat.is_chunked(module):
+            raise ValueError(
+                f"ThinKCache(policy={type(self.policy).__name__}(...)) does not support chunked-attention layers yet "
+                f"(Llama 4: this model's layer {module.layer_idx} sees only its chunk of "
+                f"{module.config.attention_chunk_size} tokens, which a policy's choice of tokens does not follow); "
+                "use ThinK without a policy on this model."
+            )
         sliding_window = _compat.sliding_window_of(module)
         if sliding_window is not None:
             if self.max_cache_len is not None:

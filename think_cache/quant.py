@@ -58,7 +58,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ._checks import check_int
+from ._checks import check_bits, check_int
 
 __all__ = [
     "BITS",
@@ -163,14 +163,6 @@ DEFAULT_CHUNK_TOKENS = 2048
 
 
 # -------------------------------------------------------------------------------------------- validation
-def _check_bits(bits: object) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"bits must be an int, one of {BITS}, got {type(bits).__name__} {bits!r}")
-    if bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS}, got {bits}")
-    return bits
-
-
 def _check_float(name: str, x: torch.Tensor, dims: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -183,17 +175,17 @@ def _check_float(name: str, x: torch.Tensor, dims: int) -> None:
 # ------------------------------------------------------------------------------------------------ packing
 def codes_per_byte(bits: int) -> int:
     """How many ``bits``-wide codes one byte holds: 4, 2 or 1."""
-    return 8 // _check_bits(bits)
+    return 8 // check_bits(bits, BITS)
 
 
 def default_group_size(bits: int) -> int:
     """The value group size a `think_cache.ThinKCache` uses for ``bits``-wide codes when given none: `GROUP_SIZES`."""
-    return GROUP_SIZES[_check_bits(bits)]
+    return GROUP_SIZES[check_bits(bits, BITS)]
 
 
 def key_block(bits: int) -> int:
     """Tokens per key block (per-channel scale and zero point) for ``bits``-wide codes: see `KEY_BLOCKS`."""
-    return KEY_BLOCKS[_check_bits(bits)]
+    return KEY_BLOCKS[check_bits(bits, BITS)]
 
 
 def packed_width(n: int, bits: int) -> int:
@@ -250,7 +242,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     ``(..., ceil(n * bits / 8))`` uint8: byte ``j`` holds codes ``j + i * m`` in bits ``[i * bits, (i + 1) * bits)``
     with ``m`` the packed width; codes past ``n`` are zero.
     """
-    bits = _check_bits(bits)
+    bits = check_bits(bits, BITS)
     if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
         got = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
         raise TypeError(f"codes must be a uint8 tensor, got {got}")
@@ -263,7 +255,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """The inverse of `pack_codes`: ``(..., ceil(n * bits / 8))`` uint8 -> ``(..., n)`` uint8."""
-    bits = _check_bits(bits)
+    bits = check_bits(bits, BITS)
     check_int("n", n, 0)
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
         got = packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__
@@ -548,7 +540,7 @@ def _least_error_search(
 def symmetric_offset(bits: int) -> float:
     """The code that stands for 0 in a symmetric group, ``(2**bits - 1) / 2``: codes ``0 .. 2**bits - 1`` stand
     for ``(code - offset) * scale``, evenly over ``[-offset * scale, offset * scale]`` (no level is exactly 0)."""
-    return ((1 << _check_bits(bits)) - 1) / 2
+    return ((1 << check_bits(bits, BITS)) - 1) / 2
 
 
 def _symmetric_quantize(
@@ -608,7 +600,7 @@ def quantize_keys(
     to the rounding of the zero point to ``keys.dtype``; clipped ranges aside).
     """
     _check_float("keys", keys, 4)
-    bits = _check_bits(bits)
+    bits = check_bits(bits, BITS)
     block = check_int("block", block, 1)
     batch, heads, tokens, channels = keys.shape
     n_blocks = -(-tokens // block)
@@ -675,7 +667,7 @@ def quantize_values(
     ``channels``.
     """
     _check_float("values", values, 4)
-    bits = _check_bits(bits)
+    bits = check_bits(bits, BITS)
     channels = values.shape[-1]
     if channels == 0:
         raise ValueError("values must have at least one channel")
