@@ -317,10 +317,22 @@ def test_eager_prompt_in_row_chunks(family, monkeypatch):
 
 
 def test_a_static_cache_refuses_sinks():
+    """Where its first layer is built (the sliding layers of a real GPT-OSS would be refused there too)."""
     model, _ = _models("gpt_oss", num_hidden_layers=2, layer_types=["full_attention"] * 2)
     ids, mask = make_batch([30], seed=15)
-    with pytest.raises(NotImplementedError, match="no attention sinks"):
+    with pytest.raises(ValueError, match="no attention sinks"):
         generate(model, ids, mask, ThinKCache(key_ratio=0.5, max_cache_len=64), steps=3)
+    assert not kernels.use_kernel(FullStore(), torch.device("cpu"), sinks=torch.zeros(4))
+
+
+@pytest.mark.parametrize("policy", [SnapKV(budget=8, window=4), H2O(budget=16, recent=4)])
+def test_a_policy_on_chunked_layers_is_refused(policy):
+    """Llama 4's chunked layers: a later query sees only its own chunk, which a policy's choice of tokens (made as
+    for a sliding window) does not follow: it kept tokens of the previous chunk and evicted live ones."""
+    model, _ = _models("llama4_text")
+    ids, mask = make_batch([40], seed=16)
+    with pytest.raises(ValueError, match=r"does not support chunked-attention layers yet \(Llama 4"):
+        generate(model, ids, mask, ThinKCache(key_ratio=0.5, policy=policy), steps=2)
 
 
 # ------------------------------------------------------------------------------------------- softcap plumbing

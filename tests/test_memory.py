@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
 from conftest import held_bytes, make_batch, make_model, prefill
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
@@ -95,3 +97,18 @@ def test_stats_table_stays_aligned_with_wide_heads():
     assert "64/128" in rows[0] and "1000" in rows[0] and total.startswith("total:")
     table = [header, *rows]
     assert len({len(line) for line in table}) == 1, "\n".join(table)  # right-aligned cells: one width a column
+
+
+def test_channel_map_needs_the_channels_chosen():
+    """A plain forward over a prompt does not compact (generate marks the prompt's end): mapping its channels then
+    would show every channel kept, so it is refused with what to do; after ``compact()`` half are kept."""
+    from think_cache.plotting import channel_map
+
+    model = make_model("llama")
+    cache = ThinKCache(key_ratio=0.5)
+    with torch.no_grad():
+        model(input_ids=make_batch([60])[0], past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match=r"has not chosen its channels yet .* call cache.compact\(\)"):
+        channel_map(cache)
+    cache.compact()
+    assert channel_map(cache).mean().item() == 0.5

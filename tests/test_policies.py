@@ -411,6 +411,8 @@ def test_policy_settings_are_fixed_once_built(policy, field, value):
         setattr(policy, field, value)
     if field == "recent":
         assert policy.budget == 64 and dataclasses.replace(policy, recent=120).budget == 124
+        with pytest.raises(dataclasses.FrozenInstanceError, match=r"budget follows from its settings \(sink, recent\)"):
+            policy.budget = 10  # derived: replace() cannot take it, so the message names what sets it
     else:
         with pytest.raises(ValueError):  # replace() runs the checks again
             dataclasses.replace(policy, **{field: value})

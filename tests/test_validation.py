@@ -161,5 +161,10 @@ def test_a_filled_cache_is_checked_before_generate_runs():
     with pytest.raises(NotImplementedError, match="got a forward of 11 tokens"):
         model.generate(input_ids=longer, past_key_values=static, max_new_tokens=2)
     assert static.get_seq_length() == 34  # refused before any forward: the cache is intact
+    prefix = ThinKCache(key_ratio=0.5, max_cache_len=80)  # a static cache's prompt begun by hand: still a prompt
+    with torch.no_grad():
+        model(input_ids=ids[:, :14], past_key_values=prefix, use_cache=True)
+    whole = model.generate(input_ids=ids, past_key_values=prefix, max_new_tokens=3)
+    assert torch.equal(whole, out[:, :33])
     with pytest.raises(TypeError, match=r"SnapKV is a token policy, not a cache: pass \w+=ThinKCache\("):
         model.generate(input_ids=ids, past_key_values=think_cache.SnapKV(budget=64), max_new_tokens=2)

@@ -74,6 +74,12 @@ def sdpa_mask_function():
     return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
 
 
+def is_chunked(module: torch.nn.Module) -> bool:
+    """Whether an attention module's layer attends in chunks (Llama 4's ``chunked_attention`` layers)."""
+    layer_types = getattr(module.config, "layer_types", None)
+    return layer_types is not None and layer_types[module.layer_idx] == "chunked_attention"
+
+
 def sliding_window_of(module: torch.nn.Module) -> int | None:
     """The sliding window of an attention module's layer, or None for full attention, by transformers' own rule
     (``get_layer_types_and_kwargs``): a config's ``layer_types`` says which layers slide (Qwen2/Qwen3, their MoE
@@ -85,7 +91,7 @@ def sliding_window_of(module: torch.nn.Module) -> int | None:
     """
     config = module.config
     layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and layer_types[module.layer_idx] == "chunked_attention":
+    if is_chunked(module):
         return getattr(config, "attention_chunk_size", None) or None
     if layer_types is not None and layer_types[module.layer_idx] != "sliding_attention":
         return None

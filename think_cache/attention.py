@@ -30,6 +30,7 @@ from . import kernels
 from ._compat import is_compiling
 from .compact import as_bool_mask, causal_mask, compact_probs, key_padding, thinned_views, weighted_values
 from .policies import attention_and_token_weights
+from .static import STATIC_SINKS
 
 __all__ = ["ATTENTION_NAME", "think_attention", "register"]
 
@@ -149,11 +150,8 @@ def think_attention(
                 "A static ThinKCache (max_cache_len) does not return attention weights; use a ThinKCache without "
                 "max_cache_len for output_attentions=True."
             )
-        if sinks is not None:
-            raise NotImplementedError(
-                "A static ThinKCache (max_cache_len) has no attention sinks (GPT-OSS): use a ThinKCache without "
-                "max_cache_len for this model."
-            )
+        if sinks is not None:  # refused where the layer was built (`ThinKCache._new_layer`), for a module that
+            raise NotImplementedError(STATIC_SINKS)  # names its sinks; this is for one that does not
         return layer.attend(query, attention_mask, scale, softcap), None
     if layer.is_compacted:
         return _attend_compacted(layer, query, attention_mask, scale, wants_attention, softcap, sinks)
@@ -255,8 +253,7 @@ def _attend_compacted(
         and restored is None
         and thinned_rows is None
         and (not scores or query.numel() // query.shape[-1] * n_total <= ROW_CHUNK_ELEMENTS)
-        and sinks is None
-        and kernels.use_kernel(layer.store, query.device, softcap)
+        and kernels.use_kernel(layer.store, query.device, softcap, sinks)
     ):
         result = kernels.store_attention(
             query, layer.store, layer.keys, layer.values, stored_mask, scale, token_weights=scores

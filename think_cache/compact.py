@@ -282,7 +282,8 @@ def compact_probs(
                 f"think_cache: the attention mask covers {mask.shape[-1]} keys but the cache holds {n_total}; "
                 "this is a bug, please report it with your transformers version"
             )
-        # a finite minimum, not -inf: a fully masked (padded) row then gives a uniform softmax instead of NaN
+        # a finite minimum, not -inf: a fully masked (padded) row then gives a uniform softmax instead of NaN (or,
+        # with sinks, gives the sink all its weight)
         logits = logits.masked_fill(~mask[:, :, None], torch.finfo(logits.dtype).min)
     if sinks is None:
         return torch.softmax(logits, dim=-1)
@@ -292,8 +293,9 @@ def compact_probs(
 def softmax_with_sinks(logits: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     """``softmax([logits, sinks])`` along the last axis without the sinks' column: each row's weights over its
     tokens when a sink logit (broadcast to ``logits[..., :1]``) takes its share of the softmax and gives no value."""
-    combined = torch.cat([logits, sinks.expand(*logits.shape[:-1], 1)], dim=-1)
-    return torch.softmax(combined - combined.amax(dim=-1, keepdim=True), dim=-1)[..., :-1].contiguous()
+    top = torch.maximum(logits.amax(dim=-1, keepdim=True), sinks)  # no concatenated copy of the logits
+    weights = (logits - top).exp_()
+    return weights.div_(weights.sum(dim=-1, keepdim=True) + (sinks - top).exp())
 
 
 def weighted_values(

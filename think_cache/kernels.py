@@ -109,16 +109,21 @@ def kernel_choice() -> str:
     return choice
 
 
-def use_kernel(store: CompactStore, device: torch.device | str, softcap: float | None = None) -> bool:
+def use_kernel(
+    store: CompactStore, device: torch.device | str, softcap: float | None = None, sinks: torch.Tensor | None = None
+) -> bool:
     """Whether a compacted layer with ``store`` should attend through the kernel, by `KERNEL_ENV`.
 
     ``auto`` uses it on CUDA devices only: Triton's interpreter is far slower than the torch path on the CPU, so
     it runs only when asked for (``triton``). Stores other than `FullStore` and `QuantizedStore` (and quantized
     layouts the kernel cannot read, `kernel_reads`), and models that cap their attention logits (a ``softcap``,
-    Gemma 2: the kernel has no cap), always take the torch path, even under ``triton``.
+    Gemma 2) or have attention ``sinks`` (GPT-OSS), which the kernel has not, always take the torch path, even
+    under ``triton``.
     """
     choice = kernel_choice()
-    if choice == "torch" or not isinstance(store, FullStore | QuantizedStore) or softcap is not None:
+    if choice == "torch" or not isinstance(store, FullStore | QuantizedStore):
+        return False
+    if softcap is not None or sinks is not None:
         return False
     if not kernel_reads(store):
         return False

@@ -226,7 +226,8 @@ def _check_reuse(model: torch.nn.Module, cache: ThinKCache, prompt_length: int |
     cached = int(cache.get_seq_length())
     if cached == 0:
         return
-    cache.check_model(getattr(model, _STATE_ATTRIBUTE).attention_config)
+    state = getattr(model, _STATE_ATTRIBUTE)
+    cache.check_model(state.attention_config or _attention_modules(model)[0].config)  # (a model patched before 0.1)
     if prompt_length is None:
         return
     if prompt_length < cached:
@@ -235,7 +236,8 @@ def _check_reuse(model: torch.nn.Module, cache: ThinKCache, prompt_length: int |
             f"{cached}: pass the whole sequence, the cached tokens then the new ones, or a new cache (or "
             "`cache.reset()`) for a new prompt."
         )
-    if cache.max_cache_len is not None and prompt_length - cached > 1:
+    prompt_ended = any(getattr(layer, "is_static", False) for layer in cache.layers)  # else still a prompt
+    if prompt_ended and prompt_length - cached > 1:
         raise second_prompt_error(prompt_length - cached)
 
 
@@ -276,8 +278,9 @@ def _check_capacity(model: torch.nn.Module, cache: ThinKCache, prompt_length: in
 
 def _builds_own_cache(model: torch.nn.Module, args: tuple, kwargs: dict, static: bool = False) -> bool:
     """Whether ``model.generate(*args, **kwargs)`` would build a cache itself (none passed, ``use_cache`` not
-    False), which the one-liner replaces with its ThinKCache. Raises where a cache transformers builds (static or
-    compiled) was asked for; a ``compile_config`` is fine when the one-liner's cache is ``static``."""
+    False), which the one-liner replaces with its ThinKCache. Raises where the call asks transformers to build a
+    cache of its own (``cache_implementation``, or ``compile_config``); a ``compile_config`` is fine when the
+    one-liner's cache is ``static``."""
     if any(kwargs.get(name) is not None for name in _compat.CACHE_ARGUMENTS):
         return False
     passed = _passed_generation_config(args, kwargs)

@@ -10,12 +10,18 @@ __all__ = ["channel_map", "plot_channels"]
 def channel_map(cache, batch_index: int = 0) -> torch.Tensor:
     """``(layers * kv_heads, head_dim)`` float: 1 where a key channel is kept, 0 where pruned, for one batch row.
 
-    Rows are ordered layer by layer, KV head by KV head. Layers not compacted yet count as all kept.
+    Rows are ordered layer by layer, KV head by KV head. A layer that prunes must have been compacted (its channels
+    chosen): ``generate`` compacts at the prompt's end; after plain forwards, call ``cache.compact()`` first.
     """
     rows = []
     for layer in cache.layers:
         if not layer.is_initialized:
             continue
+        if layer.prunes and not layer.is_compacted:
+            raise ValueError(
+                "the cache has not chosen its channels yet (it does at the end of a prompt, which generate marks): "
+                "after plain forwards over a prompt, call cache.compact() before mapping its channels"
+            )
         heads, head_dim = layer.keys.shape[1], layer.keys.shape[-1]
         kept = torch.ones(heads, head_dim)
         if layer.key_channels is not None:

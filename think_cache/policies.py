@@ -21,7 +21,7 @@ cap to apply to the scaled logits (`window_attention` takes it); one without is 
 from __future__ import annotations
 
 import functools
-from dataclasses import FrozenInstanceError, dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field, fields
 from typing import ClassVar
 
 import torch
@@ -280,6 +280,12 @@ class _FixedSettings:
 
     def __setattr__(self, name: str, value: object) -> None:
         if self.__dict__.get("_fixed") and name in self.__dataclass_fields__:
+            if not self.__dataclass_fields__[name].init:  # derived (StreamingLLM's budget): set through its sources
+                settable = ", ".join(spec.name for spec in fields(self) if spec.init)
+                raise FrozenInstanceError(
+                    f"{type(self).__name__}'s {name} follows from its settings ({settable}): make a new one with "
+                    f"those, e.g. dataclasses.replace(policy, {settable.split(', ')[-1]}=...)"
+                )
             raise FrozenInstanceError(
                 f"{type(self).__name__}'s settings are fixed once it is built (its checks ran then, and caches may "
                 f"share it): make a new one, e.g. dataclasses.replace(policy, {name}={value!r})"

@@ -89,6 +89,13 @@ def second_prompt_error(n: int) -> NotImplementedError:
     )
 
 
+#: What a static cache says to a model with attention sinks (GPT-OSS): its softmax over slots has no sink.
+STATIC_SINKS = (
+    "A static ThinKCache (max_cache_len) has no attention sinks (GPT-OSS): use a ThinKCache without max_cache_len "
+    "for this model."
+)
+
+
 class StaticThinKLayer(ThinKLayer):
     """A full-attention ThinK layer with pre-allocated buffers for what it can hold at once (``max_cache_len``
     tokens, fewer under a policy's budget); see the module docstring. Before the end of the prompt it is a
