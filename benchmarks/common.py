@@ -4,12 +4,15 @@ greedy decoding, and JSON results with the machine they came from."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib.util
 import json
 import os
 import platform
 import random
 import re
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -196,6 +199,107 @@ def set_patched(model, patched: bool) -> None:
         think_cache.unpatch(model)
 
 
+#: The parts a ThinKCache method name joins with ``+`` (each at most once, and one token policy at most).
+METHOD_PARTS = {
+    "think": ("think-R", "prune a fraction R of the key channels (0 <= R < 1)", float),
+    "value": ("value-R", "prune a fraction R of the value channels", float),
+    "recent": ("recent-N", "keep the last N tokens full width", int),
+    "snapkv": ("snapkv-B", "SnapKV keeps B prompt tokens per head", int),
+    "h2o": ("h2o-B", "H2O keeps B tokens per head (32 of them recent)", int),
+    "streaming": ("streaming-B", "StreamingLLM keeps 4 sink tokens and B - 4 recent ones", int),
+    "int2": ("int2", "2-bit compact storage", None),
+    "int4": ("int4", "4-bit compact storage", None),
+    "int8": ("int8", "8-bit compact storage", None),
+    "g": ("g-N", "value group size N of the quantized storage", int),
+    "static": ("static or static-N", "a static, compileable cache (of N tokens)", int),
+}
+_POLICY_PARTS = ("snapkv", "h2o", "streaming")
+_BITS_PARTS = ("int2", "int4", "int8")
+_POLICIES = {
+    "snapkv": lambda budget: SnapKV(budget=budget),
+    "h2o": lambda budget: H2O(budget=budget, recent=32),
+    "streaming": lambda budget: StreamingLLM(sink=4, recent=budget - 4),
+}
+#: The bit widths of transformers' QuantizedCache with the quanto backend (``quantized-N``).
+QUANTO_BITS = (2, 4)
+
+
+def method_help(names: tuple[str, ...] = ("dynamic",), quantized: bool = True) -> str:
+    """The method names a benchmark takes, for its ``--help``: ``names`` alone, ``quantized-N`` and the
+    ``+``-joined parts of a ThinKCache."""
+    forms = list(names) + (["quantized-2", "quantized-4"] if quantized else [])
+    parts = ", ".join(form for form, _, _ in METHOD_PARTS.values())
+    return f"{', '.join(forms)}, or ThinKCache parts joined by + (each once, one token policy at most): {parts}"
+
+
+def method_settings(method: str, max_cache_len: int | None = None) -> dict:
+    """The ThinKCache keyword arguments a ``+``-joined method name means (`make_cache`), the token policy as
+    ``policy`` (its budget) and ``policy_kind``. Raises ValueError naming the method and the part for a malformed
+    or unknown part, a part given twice and two token policies or bit widths."""
+    settings: dict = {"key_ratio": 0.0}
+    seen: dict[str, str] = {}
+    for part in method.split("+"):
+        kind, dash, arg = part.partition("-")
+        if kind not in METHOD_PARTS:
+            raise ValueError(f"unknown method part {part!r} in {method!r}: {method_help()}")
+        form, _, parse = METHOD_PARTS[kind]
+        takes_arg = parse is not None and not (kind == "static" and not dash)
+        if takes_arg:
+            try:
+                value = parse(arg)
+            except ValueError:
+                raise ValueError(f"method {method!r}: part {part!r} is malformed, write it as {form}") from None
+        elif dash:
+            raise ValueError(f"method {method!r}: part {part!r} is malformed, write it as {form}")
+        group = "policy" if kind in _POLICY_PARTS else "bits" if kind in _BITS_PARTS else kind
+        if group in seen:
+            what, fix = {
+                "policy": ("two token policies", "keep one of snapkv-B, h2o-B, streaming-B"),
+                "bits": ("two bit widths", "keep one of int2, int4, int8"),
+            }.get(group, (f"{form} twice", "give each part once"))
+            raise ValueError(f"method {method!r} has {what} ({seen[group]}, {part}): {fix}")
+        seen[group] = part
+        if kind == "think":
+            settings["key_ratio"] = value
+        elif kind == "value":
+            settings["value_ratio"] = value
+        elif kind == "recent":
+            settings["recent"] = value
+        elif group == "policy":
+            settings["policy"], settings["policy_kind"] = value, kind
+        elif group == "bits":
+            settings["bits"] = int(kind[3:])
+        elif kind == "static":
+            settings["max_cache_len"] = value if takes_arg else max_cache_len or STATIC_DEFAULT_LEN
+        else:  # g
+            settings["group_size"] = value
+    return settings
+
+
+def check_methods(methods: list[str], names: tuple[str, ...] = ("dynamic",), quantized: bool = True) -> list[str]:
+    """``methods`` if every one is a method a benchmark can build: one of ``names`` (transformers' caches the
+    benchmark handles itself), ``quantized-2``/``quantized-4`` when ``quantized``, or a ThinKCache whose parts
+    `method_settings` reads and whose settings ThinKCache accepts (built once, without a model). Else ValueError
+    naming the method, for an argument parser to report before the model loads."""
+    if not methods or any(not m for m in methods):
+        given = ",".join(methods)
+        raise ValueError(f"empty method name in {given!r}: give comma-separated names, {method_help(names, quantized)}")
+    for method in methods:
+        if method in names:
+            continue
+        if needs_quanto(method) or method in ("dynamic", "static", "unpatched"):
+            bits = method.partition("-")[2]
+            if quantized and needs_quanto(method) and bits in {str(b) for b in QUANTO_BITS}:
+                continue
+            raise ValueError(f"method {method!r} is not one this benchmark runs: {method_help(names, quantized)}")
+        try:
+            make_cache(method)
+        except (ValueError, TypeError) as error:
+            message = str(error)
+            raise ValueError(message if repr(method) in message else f"method {method!r}: {message}") from None
+    return methods
+
+
 def make_cache(method: str, config=None, max_cache_len: int | None = None):
     """A cache from a method name: ``dynamic`` (transformers' DynamicCache, given ``config`` as ``generate`` builds
     it); ``quantized-N``, transformers' ``QuantizedCache`` with the quanto
@@ -226,29 +330,9 @@ def make_cache(method: str, config=None, max_cache_len: int | None = None):
         if config is None:
             raise ValueError(f"{method}: transformers' QuantizedCache needs the model's config")
         return QuantizedCache(backend="quanto", config=config, nbits=nbits)
-    settings: dict = {"key_ratio": 0.0}
-    for part in method.split("+"):
-        kind, _, arg = part.partition("-")
-        if kind == "think":
-            settings["key_ratio"] = float(arg)
-        elif kind == "value":
-            settings["value_ratio"] = float(arg)
-        elif kind == "recent":
-            settings["recent"] = int(arg)
-        elif kind == "snapkv":
-            settings["policy"] = SnapKV(budget=int(arg))
-        elif kind == "h2o":
-            settings["policy"] = H2O(budget=int(arg), recent=32)
-        elif kind == "streaming":
-            settings["policy"] = StreamingLLM(sink=4, recent=int(arg) - 4)
-        elif kind in ("int2", "int4", "int8") and not arg:
-            settings["bits"] = int(kind[3:])
-        elif kind == "static":
-            settings["max_cache_len"] = int(arg) if arg else max_cache_len or STATIC_DEFAULT_LEN
-        elif kind == "g" and arg:
-            settings["group_size"] = int(arg)
-        else:
-            raise ValueError(f"unknown method part {part!r} in {method!r}")
+    settings = method_settings(method, max_cache_len)
+    if "policy" in settings:
+        settings["policy"] = _POLICIES[settings.pop("policy_kind")](settings["policy"])
     return ThinKCache(**settings)
 
 
@@ -460,10 +544,122 @@ def machine() -> dict:
     return info
 
 
+def git_state(folder: Path = Path(__file__).parent) -> tuple[str | None, bool | None]:
+    """The commit checked out where ``folder`` lies and whether tracked files differ from it (None, None outside
+    a git work tree or without git)."""
+    try:
+        run = dict(cwd=folder, capture_output=True, text=True, timeout=10, check=True)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit or None, bool(changes.strip())
+
+
+def provenance(argv: list[str] | None = None) -> dict:
+    """Where a results file comes from, for its header: the machine (`machine`), the UTC date and time (ISO
+    8601), the command line (``argv``, default ``sys.argv``), the git commit of the code (None when unknown) and
+    whether the work tree differed from it (``git_dirty``)."""
+    commit, dirty = git_state()
+    return {
+        "machine": machine(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": list(sys.argv if argv is None else argv),
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
+
+
+#: The default tag of a new results file: no committed file in benchmarks/results uses it.
+DEFAULT_TAG = "local"
+
+
 def result_tag(base: str, model_name: str) -> str:
-    """A results file's default tag: ``base`` (the device) for SmolLM2, whose results came first, else
-    ``base_<model>`` (``cpu_gemma3``), so another model never overwrites them."""
+    """A results file's default tag: ``base`` for SmolLM2, whose results came first, else ``base_<model>``
+    (``local_gemma3``), so another model never overwrites them."""
     return base if model_name == "smollm2" else f"{base}_{model_name}"
+
+
+def max_context(config) -> int | None:
+    """The longest context a model was trained for (``max_position_embeddings`` of its text config), or None."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None)
+
+
+def beyond_context(lengths: list[int], limit: int | None) -> list[int]:
+    """The ``lengths`` at or past a model's ``limit`` (`max_context`; none when it is unknown)."""
+    return [n for n in lengths if limit is not None and n >= limit]
+
+
+def warn_beyond_context(lengths: list[int], limit: int | None, model: str) -> list[int]:
+    """Say once on stderr which ``lengths`` reach past the model's context (their results measure a model out of
+    its range: positions it never saw); returns them."""
+    beyond = beyond_context(lengths, limit)
+    if beyond:
+        print(
+            f"warning: {model} was trained for {limit} positions (max_position_embeddings); lengths "
+            f"{', '.join(map(str, beyond))} reach past it, so their results measure the model out of its range "
+            "(their rows say beyond_context: true)",
+            file=sys.stderr,
+        )
+    return beyond
+
+
+def results_kind(data: object) -> str:
+    """Which benchmark wrote a results file's contents: ``eval``, ``speed``, ``conversations``, ``sweep`` (runs of
+    eval in one file), ``gpu``, ``kernel_check`` or ``unknown``."""
+    if not isinstance(data, dict):
+        return "unknown"
+    if "part" in data and "rows" in data:
+        return "conversations"
+    if "runs" in data:
+        return "sweep"
+    if "tasks" in data and "rows" in data:
+        return "eval"
+    if "decode_tokens" in data and "rows" in data:
+        return "speed"
+    if "checks" in data or "compile_for" in data:
+        return "kernel_check"
+    if "cells" in data:
+        return "gpu"
+    return "unknown"
+
+
+def load_results(path: str | Path, kind: str) -> dict:
+    """A results file of benchmark ``kind`` (`results_kind`), read for ``--summarize``; ValueError saying what to
+    pass instead for a missing file, one that is not JSON, or one another benchmark wrote."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--summarize: no results file at {path}: pass the path of a {kind} results JSON")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"--summarize: {path} is not JSON ({error})") from None
+    found = results_kind(data)
+    if found != kind:
+        hint = f"; summarize it with {SUMMARIZERS[found]}" if found in SUMMARIZERS else ""
+        raise ValueError(f"--summarize: {path} holds {found} results, not {kind} results{hint}")
+    return data
+
+
+#: The command that prints the tables of a results file, by `results_kind`.
+SUMMARIZERS = {
+    "eval": "python -m benchmarks.eval --summarize FILE",
+    "conversations": "python -m benchmarks.conversations --summarize FILE",
+    "gpu": "python -m benchmarks.gpu --plot-only FILE",
+}
+
+
+def positive_ints(text: str, what: str) -> list[int]:
+    """Comma-separated whole numbers above zero (``--lengths 1024,2048``); ValueError naming ``what`` else."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{what} takes comma-separated whole numbers (1024,2048), not {text!r}") from None
+    bad = [v for v in values if v <= 0]
+    if bad:
+        raise ValueError(f"{what} must be above zero, not {', '.join(map(str, bad))}")
+    return values
 
 
 def save_json(data: dict, path: Path) -> Path:

@@ -21,7 +21,8 @@ prefix    prefix caching: a shared document prefilled once with a plain forward,
 assisted  greedy decoding plain, with ``prompt_lookup_num_tokens`` and with an assistant model (a second
           SmolLM2): are the tokens those of plain greedy decoding, or does generate refuse?
 
-Each part writes benchmarks/results/conversations_<part>_<tag>.json (machine, settings, one row per prompt,
+Each part writes benchmarks/results/conversations_<part>_<tag>.json (``--results-dir`` for another folder;
+default tag ``local``; machine, command line, git commit, settings, one row per prompt,
 method and way, with the answer, whether it is right, and the error where generate raised one, so that the
 ways can be paired prompt by prompt), saved after every prompt, and prints its tables. ``--summarize FILE``
 prints the tables of a results file and runs nothing.
@@ -41,7 +42,6 @@ import copy
 import ctypes
 import gc
 import io
-import json
 import pickle
 import statistics
 import sys
@@ -58,15 +58,20 @@ from think_cache._compat import CACHE_ARGUMENT
 from think_cache.demo import chat_prompt
 
 from .common import (
+    DEFAULT_TAG,
     RESULTS,
+    check_methods,
     depths,
     describe,
     fact_document,
     is_correct,
-    machine,
+    load_results,
     make_cache,
+    method_help,
     paired,
     passkey,
+    positive_ints,
+    provenance,
     save_json,
 )
 
@@ -75,7 +80,7 @@ OnPrompt = Callable[[dict], None] | None
 
 # --------------------------------------------------------------------------------------------- shared
 def _header(part: str, methods: list[str], **settings) -> dict:
-    return {"part": part, "machine": machine(), "methods": methods, "caches": describe(methods), "settings": settings}
+    return {"part": part, **provenance(), "methods": methods, "caches": describe(methods), "settings": settings}
 
 
 def _run(header: dict, jobs: Iterable, one: Callable[[object], list[dict]], on_prompt: OnPrompt) -> dict:
@@ -563,14 +568,23 @@ def _parser() -> argparse.ArgumentParser:
     parts = parser.add_subparsers(dest="part", metavar="{" + ",".join(DEFAULTS) + "}")
     for part, defaults in DEFAULTS.items():
         sub = parts.add_parser(part, help=_HELP[part], description=_HELP[part])
-        sub.add_argument("--methods", default=defaults["methods"], help="comma-separated (default %(default)s)")
+        sub.add_argument(
+            "--methods",
+            default=defaults["methods"],
+            help=f"comma-separated: {method_help(quantized=False)} (default %(default)s)",
+        )
         sub.add_argument("--length", type=int, default=defaults["length"], help="prompt tokens (default %(default)s)")
         unit = {"chat": "chats", "prefix": "documents"}.get(part, "prompts")
         sub.add_argument("--samples", type=int, default=defaults["samples"], help=f"{unit} (default %(default)s)")
         sub.add_argument(
             "--max-new-tokens", type=int, default=defaults["max_new_tokens"], help="per reply (default %(default)s)"
         )
-        sub.add_argument("--tag", default="cpu", help=f"results/conversations_{part}_<tag>.json (default %(default)s)")
+        sub.add_argument(
+            "--tag", default=DEFAULT_TAG, help=f"<results-dir>/conversations_{part}_<tag>.json (default %(default)s)"
+        )
+        sub.add_argument(
+            "--results-dir", type=Path, default=RESULTS, help="where the results file goes (default benchmarks/results)"
+        )
         sub.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
         if part == "chunked":
             sub.add_argument(
@@ -585,34 +599,70 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_chunks(text: str) -> tuple[int | None, ...]:
+    """``--chunks``: ``none,32,64`` -> ``(None, 32, 64)`` (none: one prefill); ValueError for anything else."""
+    return tuple(
+        None if c == "none" else positive_ints(c, "--chunks (sizes above zero, or none)")[0] for c in text.split(",")
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked before the model loads (`parser.error` with what to pass): the part, its methods,
+    sizes, ways and chunks; ``methods``, ``ways`` and ``chunks`` made ready to use."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.summarize:
-        result = json.loads(Path(args.summarize).read_text())
-        print(SUMMARIES[result["part"]](result))
-        return 0
+        return args
     if args.part is None:
         parser.error("name a part (chat, chunked, prefix, assisted) or give --summarize")
+    try:
+        args.methods = check_methods(args.methods.split(","), quantized=False)
+        if args.part == "chat":
+            unknown = sorted(set(args.ways.split(",")) - set(CHAT_WAYS))
+            if unknown:
+                raise ValueError(f"unknown chat ways {unknown}: --ways takes {','.join(CHAT_WAYS)}")
+            args.ways = tuple(args.ways.split(","))
+        if args.part == "chunked":
+            args.chunks = parse_chunks(args.chunks)
+    except ValueError as error:
+        parser.error(str(error))
+    for option in ("length", "samples", "max_new_tokens", "questions", "lookup", "threads"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            parser.error(f"--{option.replace('_', '-')} must be 1 or more, not {value}")
+    args.path = args.results_dir / f"conversations_{args.part}_{args.tag}.json"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.summarize:
+        try:
+            result = load_results(args.summarize, "conversations")
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+        if result["part"] not in SUMMARIES:
+            raise SystemExit(f"--summarize: {args.summarize} holds part {result['part']!r}, none of {list(SUMMARIES)}")
+        print(SUMMARIES[result["part"]](result))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     from think_cache.models import load_smollm2
 
     model, tokenizer = load_smollm2()
     think_cache.patch(model)
-    path = RESULTS / f"conversations_{args.part}_{args.tag}.json"
+    path = args.path
     common = dict(
-        methods=args.methods.split(","),
+        methods=args.methods,
         length=args.length,
         samples=args.samples,
         max_new_tokens=args.max_new_tokens,
         on_prompt=lambda partial: save_json(partial, path),  # an interrupted run keeps what it measured
     )
     if args.part == "chat":
-        result = chat(model, tokenizer, ways=tuple(args.ways.split(",")), **common)
+        result = chat(model, tokenizer, ways=args.ways, **common)
     elif args.part == "chunked":
-        chunks = tuple(None if c == "none" else int(c) for c in args.chunks.split(","))
-        result = chunked(model, tokenizer, chunks=chunks, **common)
+        result = chunked(model, tokenizer, chunks=args.chunks, **common)
     elif args.part == "prefix":
         result = prefix(model, tokenizer, questions=args.questions, **common)
     else:

@@ -7,7 +7,8 @@ the same prompts.
 Each prompt is prefilled once and replayed into every method's cache (exact, see `common.record_prefill`),
 then decoded greedily. Prompts use the model's chat template, or for a base model without one (Gemma 3 270M) a
 completion ("... What is the pass key? The pass key is"); ``--prompt-style`` chooses. Writes
-benchmarks/results/eval_<tag>.json: one row per (prompt, method) with the answer, whether it is right, the bytes
+benchmarks/results/eval_<tag>.json (``--results-dir`` for another folder; the header records the settings, the
+command line and the git commit): one row per (prompt, method) with the answer, whether it is right, the bytes
 the cache held after the prompt and the seconds of prefill and decoding. Prints accuracy per method, task and
 length, then each thinned method against the cache it thins on the same prompts (prompts gained and lost, with
 a 95% interval). ``--kl`` adds to each such row its KL divergence from the cache it thins, that cache's answer
@@ -32,6 +33,7 @@ from think_cache.demo import PROMPT_STYLES, prompt_style
 from think_cache.models import MODELS, load_model
 
 from .common import (
+    DEFAULT_TAG,
     RESULTS,
     TASKS,
     answer_log_probs,
@@ -39,6 +41,7 @@ from .common import (
     baseline_of,
     baselines_of,
     cache_from_prefill,
+    check_methods,
     depths,
     describe,
     eos_ids,
@@ -46,12 +49,17 @@ from .common import (
     group_mean,
     is_correct,
     kl_divergence,
-    machine,
+    load_results,
+    max_context,
+    method_help,
     needs_patch,
     paired,
+    positive_ints,
+    provenance,
     record_prefill,
     result_tag,
     save_json,
+    warn_beyond_context,
 )
 
 DEFAULT_METHODS = "dynamic,think-0.4,think-0.5,snapkv-512,snapkv-512+think-0.4,snapkv-512+think-0.5"
@@ -59,6 +67,50 @@ DEFAULT_METHODS = "dynamic,think-0.4,think-0.5,snapkv-512,snapkv-512+think-0.4,s
 
 #: New tokens per task: the model often restates the key before the number in the key-value task.
 MAX_NEW_TOKENS = {"passkey": 12, "kv": 24}
+
+#: The shortest prompt a task can be built at: the key-value task spreads 12 keys over its filler, which needs
+#: about 240 tokens for the statements and more than one batch of 10 filler sentences (up to ~120 tokens).
+MIN_LENGTH = {"passkey": 1, "kv": 384}
+
+#: The header fields a resumed run must share with the file it adds to: they decide the prompts (the model, the
+#: prompt style and ``samples``, which sets each prompt's depth) or what a row holds.
+RESUME_SETTINGS = ("model", "prompt_style", "samples", "max_new_tokens", "kl")
+
+
+def check_tasks(tasks: list[str], lengths: list[int]) -> list[str]:
+    """``tasks`` if each is a task of `TASKS` and every length is long enough for it (`MIN_LENGTH`); else
+    ValueError saying what to pass."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task {', '.join(map(repr, unknown))}: --tasks takes {' and/or '.join(TASKS)}")
+    for task in tasks:
+        short = [n for n in lengths if n < MIN_LENGTH[task]]
+        if short:
+            raise ValueError(
+                f"the {task} task needs prompts of {MIN_LENGTH[task]} tokens at least, not "
+                f"{', '.join(map(str, short))}: raise --lengths or leave {task} out of --tasks"
+            )
+    return tasks
+
+
+def resume_conflicts(earlier: dict, settings: dict) -> list[str]:
+    """How a run with ``settings`` (`RESUME_SETTINGS`; a value of None is not checked) differs from the results
+    file ``earlier`` it would resume, so that every method still answers the very same prompts. Files from before
+    the settings were recorded are checked through their rows: prompt ``i`` of a length has seed ``1000 * length +
+    i`` and depth ``depths(samples)[i]``."""
+    conflicts = [
+        f"{key} {earlier[key]!r} there, {value!r} now"
+        for key, value in settings.items()
+        if value is not None and key in earlier and earlier[key] != value
+    ]
+    samples = settings.get("samples")
+    if samples is not None and "samples" not in earlier:
+        for row in earlier.get("rows", []):
+            i = row["seed"] - 1000 * row["length"]
+            if not 0 <= i < samples or row["depth"] != depths(samples)[i]:
+                conflicts.append(f"its prompts were drawn for another --samples than {samples}")
+                break
+    return conflicts
 
 
 def run(
@@ -82,18 +134,23 @@ def run(
     if any(needs_patch(m) for m in methods):  # transformers' caches alone run on the model as it comes
         think_cache.patch(model)
     style = prompt_style(tokenizer, style)
-    header = {"machine": machine(), "model": MODELS[model_name][0], "prompt_style": style, "methods": methods}
-    header |= {"caches": describe(methods), "lengths": lengths, "tasks": tasks}
+    limit = max_context(model.config)
+    beyond = warn_beyond_context(lengths, limit, MODELS[model_name][0])
+    header = {**provenance(), "model": MODELS[model_name][0], "prompt_style": style, "methods": methods}
+    header |= {"caches": describe(methods), "lengths": lengths, "tasks": tasks, "samples": samples}
+    header |= {"max_new_tokens": dict(MAX_NEW_TOKENS), "kl": kl, "max_position_embeddings": limit}
+    header |= {"beyond_context": beyond}
     eos = eos_ids(model, tokenizer)
     keep_queries = None if any("h2o" in m for m in methods) else 64
     rows = list(done or [])
-    finished = {(r["length"], r["task"], r["seed"], r["method"]) for r in rows}
+    # a prompt is its task, length, seed and depth: rows of a file with other --samples never stand in for it
+    finished = {(r["length"], r["task"], r["seed"], r["depth"], r["method"]) for r in rows}
     # even prompts first, then odd ones: an interrupted run still spreads its depths over the whole context
     order = sorted(range(samples), key=lambda i: (i % 2, i))
     jobs = [(length, task, i) for length in lengths for i in order for task in tasks]
     for length, task, i in tqdm(jobs, desc="prompts", unit="prompt"):
         depth = depths(samples)[i]
-        if all((length, task, 1000 * length + i, m) in finished for m in methods):
+        if all((length, task, 1000 * length + i, depth, m) in finished for m in methods):
             continue
         sample = TASKS[task](tokenizer, length, depth, seed=1000 * length + i, style=style)
         ids = sample.inputs["input_ids"]
@@ -101,7 +158,7 @@ def run(
         first = prefill.logits.argmax(-1)
         answers, new_rows = {}, {}
         for method in methods:
-            if (length, task, sample.seed, method) in finished:
+            if (length, task, sample.seed, depth, method) in finished:
                 continue
             cache = cache_from_prefill(model, method, prefill)
             held = held_bytes(cache)
@@ -125,6 +182,8 @@ def run(
                     "decode_seconds": time.perf_counter() - start,
                 }
             )
+            if length in beyond:
+                rows[-1]["beyond_context"] = True
             new_rows[method] = rows[-1]
         if kl:
             divergences(model, prefill, answers, new_rows)
@@ -215,21 +274,37 @@ def report(result: dict) -> str:
     return "\n\n".join(tables)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked before anything loads: methods, lengths, tasks and samples (`parser.error` with
+    what to pass), ``methods``, ``lengths``, ``tasks`` and ``path`` (the results file) made ready to use."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", choices=list(MODELS), help="which model (default smollm2)")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
+    parser.add_argument(
+        "--methods", default=DEFAULT_METHODS, help=f"comma-separated: {method_help()} (default {DEFAULT_METHODS})"
+    )
     parser.add_argument("--lengths", default="1024,2048", help="prompt lengths in tokens (default 1024,2048)")
-    parser.add_argument("--tasks", default="passkey,kv", help="passkey and/or kv (default both)")
+    parser.add_argument(
+        "--tasks", default="passkey,kv", help=f"passkey and/or kv (default both; kv needs {MIN_LENGTH['kv']}+ tokens)"
+    )
     parser.add_argument(
         "--prompt-style", choices=PROMPT_STYLES, help="chat or completion (default: chat if the model has a template)"
     )
-    parser.add_argument("--samples", type=int, default=10, help="prompts per task and length, depths spread evenly")
-    parser.add_argument("--tag", help="results/eval_<tag>.json (default: cpu, and the model unless smollm2)")
+    parser.add_argument(
+        "--samples", type=int, default=10, help="prompts per task and length, depths spread evenly (default 10)"
+    )
+    parser.add_argument(
+        "--tag", help=f"<results-dir>/eval_<tag>.json (default: {DEFAULT_TAG}, and the model unless smollm2)"
+    )
+    parser.add_argument(
+        "--results-dir", type=Path, default=RESULTS, help="where the results file goes (default benchmarks/results)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--summarize", metavar="JSON", help="print the tables of a results file and run nothing")
     parser.add_argument(
-        "--resume", action="store_true", help="keep the prompts already in results/eval_<tag>.json, run the rest"
+        "--resume",
+        action="store_true",
+        help="keep the prompts already in <results-dir>/eval_<tag>.json (written with the same model, prompt style, "
+        "--samples and --kl), run the rest",
     )
     parser.add_argument(
         "--kl",
@@ -238,29 +313,54 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.summarize:
-        result = json.loads(Path(args.summarize).read_text())
+        return args
+    try:
+        args.methods = check_methods(args.methods.split(","))
+        args.lengths = positive_ints(args.lengths, "--lengths")
+        args.tasks = check_tasks(args.tasks.split(","), args.lengths)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.samples < 1:
+        parser.error(f"--samples must be 1 or more, not {args.samples}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be 1 or more, not {args.threads}")
+    args.path = args.results_dir / f"eval_{args.tag or result_tag(DEFAULT_TAG, args.model)}.json"
+    args.done = None
+    if args.resume and args.path.exists():
+        earlier = json.loads(args.path.read_text())
+        settings = {"model": MODELS[args.model][0], "prompt_style": args.prompt_style, "samples": args.samples}
+        settings |= {"max_new_tokens": dict(MAX_NEW_TOKENS), "kl": args.kl}
+        conflicts = resume_conflicts(earlier, settings)
+        if conflicts:
+            parser.error(
+                f"--resume: {args.path} was written with other settings ({'; '.join(conflicts)}): give the same "
+                "ones to resume it, or another --tag to start a new file"
+            )
+        args.done = earlier["rows"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.summarize:
+        try:
+            result = load_results(args.summarize, "eval")
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
         print(report(result))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = RESULTS / f"eval_{args.tag or result_tag('cpu', args.model)}.json"
-    done = None
-    if args.resume and path.exists():
-        earlier = json.loads(path.read_text())
-        if earlier["model"] != MODELS[args.model][0] or earlier.get("prompt_style") != (
-            args.prompt_style or earlier.get("prompt_style")
-        ):
-            raise SystemExit(f"--resume: {path} was written for another model or prompt style")
-        done = earlier["rows"]
+    path = args.path
     result = run(
-        available_methods(args.methods.split(",")),
-        [int(n) for n in args.lengths.split(",")],
-        args.tasks.split(","),
+        available_methods(args.methods),
+        args.lengths,
+        args.tasks,
         args.samples,
         on_prompt=lambda partial: save_json(partial, path),  # an interrupted run keeps what it measured
         model_name=args.model,
         style=args.prompt_style,
-        done=done,
+        done=args.done,
         kl=args.kl,
     )
     save_json(result, path)

@@ -88,7 +88,7 @@ import think_cache
 from think_cache import _compat, held_bytes
 from think_cache.cache import human_bytes
 
-from .common import RESULTS, machine, make_cache, save_json, set_patched, tell_prompt_length
+from .common import RESULTS, make_cache, provenance, save_json, set_patched, tell_prompt_length
 from .kernel_check import apply_launch_config
 
 LLAMA_8B = dict(
@@ -383,12 +383,19 @@ def child_main(args) -> int:
 
 # ------------------------------------------------------------------------------------------- schedule
 def parse_groups(text: str) -> list[tuple[int, int]]:
-    """``"1x8k,8x8k"`` -> ``[(1, 8192), (8, 8192)]`` (k = 1024)."""
+    """``"1x8k,8x8k"`` -> ``[(1, 8192), (8, 8192)]`` (k = 1024); ValueError naming the group for one that is not
+    BATCHxCONTEXT with both above zero."""
     groups = []
     for part in text.split(","):
         batch, _, context = part.strip().lower().partition("x")
         scale = 1024 if context.endswith("k") else 1
-        groups.append((int(batch), int(context.removesuffix("k")) * scale))
+        try:
+            group = (int(batch), int(context.removesuffix("k")) * scale)
+        except ValueError:
+            group = (0, 0)
+        if min(group) < 1:
+            raise ValueError(f"--groups: {part!r} is not BATCHxCONTEXT with both above zero (1x8k, 8x2048)")
+        groups.append(group)
     return groups
 
 
@@ -576,6 +583,10 @@ def parse_args(argv):
     args.device = args.device or ("cpu" if args.smoke else "cuda")
     args.methods = (args.methods or (SMOKE_METHODS if args.smoke else DEFAULT_METHODS)).split(",")
     args.groups = args.groups or (SMOKE_GROUPS if args.smoke else DEFAULT_GROUPS)
+    try:
+        parse_groups(args.groups)
+    except ValueError as error:
+        parser.error(str(error))
     args.decode_steps = args.decode_steps or (4 if args.smoke else 32)
     args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else (1 if args.smoke else 3)
     default_out = RESULTS / ("gpu_smoke.json" if args.smoke else "gpu.json")
@@ -644,7 +655,7 @@ def benchmark(args, elapsed, log, child: dict) -> dict:
     result = {
         "benchmark": "gpu",
         "smoke": args.smoke,
-        "machine": machine(),
+        **provenance(),
         "device": str(model.device),
         "cuda": torch.version.cuda,
         "dtype": str(model.dtype),

@@ -379,14 +379,18 @@ def compile_for(arch: int, variants=VARIANTS) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="where to write the JSON results (required but with --compile-for)")
+    parser.add_argument("--out", help="where to write the JSON results (required, except with --compile-for)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, Triton interpreted")
-    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument(
+        "--runs", type=int, default=50, help="timed calls per measure, median taken (default 50; smoke: 3 at most)"
+    )
     parser.add_argument("--sweep", action="store_true", help="tune the launch config first (see the docstring)")
     parser.add_argument(
         "--compile-for", type=int, metavar="CC", help="only compile every variant for CUDA capability CC (90), no GPU"
     )
     args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error(f"--runs must be 1 or more, not {args.runs}")
     if args.compile_for:
         records = compile_for(args.compile_for)
         for r in records:
@@ -396,7 +400,10 @@ def main(argv: list[str] | None = None) -> dict:
                 + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("ok", "seconds", "error"))
                 + ("" if r["ok"] else "\n     " + r["error"])
             )
-        results = dict(compile_for=args.compile_for, triton=__import__("triton").__version__, variants=records)
+        from benchmarks.common import provenance
+
+        results = dict(provenance(), compile_for=args.compile_for, triton=__import__("triton").__version__)
+        results["variants"] = records
         results["all_ok"] = all(r["ok"] for r in records)
         if args.out:
             with open(args.out, "w") as f:
@@ -404,6 +411,10 @@ def main(argv: list[str] | None = None) -> dict:
         return results
     if not args.out:
         parser.error("--out is required")
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit(
+            "no CUDA device: run on a GPU machine, or use --smoke for the tiny CPU run (Triton interpreted)"
+        )
     if args.smoke:  # before Triton is first imported (the model classes of transformers import it)
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from think_cache import kernels
@@ -442,7 +453,10 @@ def main(argv: list[str] | None = None) -> dict:
         kernels.configure(tuning["head_dim"], **tuning["best"])
         print(f"launch config for head_dim {tuning['head_dim']}: {tuning['best']} (was {tuning['default']})")
     launch = kernels.LAUNCH[kernels._pow2(timing_shape["head_dim"])]
+    from benchmarks.common import provenance  # after TRITON_INTERPRET is set: it imports transformers
+
     results = {
+        **provenance(),
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,

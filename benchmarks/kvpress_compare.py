@@ -28,7 +28,18 @@ import think_cache
 from think_cache import SnapKV, ThinKCache, _compat, held_bytes
 from think_cache.models import load_smollm2
 
-from .common import RESULTS, TASKS, depths, eos_ids, is_correct, machine, paired, save_json, tell_prompt_length
+from .common import (
+    DEFAULT_TAG,
+    RESULTS,
+    TASKS,
+    depths,
+    eos_ids,
+    is_correct,
+    paired,
+    provenance,
+    save_json,
+    tell_prompt_length,
+)
 
 #: What ``--methods`` picks from: each but ``dynamic`` runs in both libraries.
 KINDS = ("dynamic", "think", "snapkv", "snapkv+think")
@@ -93,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default="1024")
     parser.add_argument("--tasks", default="passkey,kv")
     parser.add_argument("--samples", type=int, default=6)
-    parser.add_argument("--tag", default="cpu")
+    parser.add_argument(
+        "--tag", default=DEFAULT_TAG, help="benchmarks/results/kvpress_<tag>.json (default %(default)s)"
+    )
     parser.add_argument("--ratio", type=float, default=0.5, help="channels pruned / tokens dropped (default 0.5)")
     parser.add_argument("--methods", default=",".join(KINDS), help=f"comma-separated among {', '.join(KINDS)}")
     args = parser.parse_args(argv)
@@ -134,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                     **r,
                 }
             )
-    result = {"machine": machine(), "kvpress": _kvpress_version(), "ratio": args.ratio, "rows": rows}
+    result = {**provenance(), "kvpress": _kvpress_version(), "ratio": args.ratio, "rows": rows}
     path = save_json(result, RESULTS / f"kvpress_{args.tag}.json")
     print(summary(result))
     print(f"\nwrote {path}")

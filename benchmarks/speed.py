@@ -7,7 +7,8 @@ For every context length and method: the bytes the cache holds after the prompt 
 (measured from its tensors; right after a prompt transformers' sliding layers still view the whole prompt, so on
 Gemma 3 the second is DynamicCache's real footprint), the prefill time, and the median decode time per token.
 Methods run interleaved, their order rotated each repeat, after a warm-up; each figure is the median over repeats
-and is also given as a ratio to DynamicCache from the same run. Writes benchmarks/results/speed_<tag>.json.
+and is also given as a ratio to DynamicCache from the same run. Writes benchmarks/results/speed_<tag>.json
+(``--results-dir`` for another folder; default tag ``local``), saved after each context length.
 
 ``unpatched`` is DynamicCache on the model before `think_cache.patch` (it is unpatched for that method and
 patched again for the next), so ``dynamic`` against it is the cost of the patch alone::
@@ -26,6 +27,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -35,16 +38,22 @@ from think_cache import _compat, held_bytes
 from think_cache.models import MODELS, load_model
 
 from .common import (
+    DEFAULT_TAG,
     RESULTS,
     available_methods,
+    check_methods,
     describe,
-    machine,
     make_cache,
+    max_context,
+    method_help,
     passkey,
+    positive_ints,
+    provenance,
     result_tag,
     save_json,
     set_patched,
     tell_prompt_length,
+    warn_beyond_context,
 )
 
 DEFAULT_METHODS = (
@@ -109,10 +118,33 @@ def measure(
 
 
 def run(
-    methods: list[str], lengths: list[int], repeats: int, decode_tokens: int, device: str, dtype, model_name="smollm2"
+    methods: list[str],
+    lengths: list[int],
+    repeats: int,
+    decode_tokens: int,
+    device: str,
+    dtype,
+    model_name="smollm2",
+    on_length: Callable[[dict], None] | None = None,
 ) -> dict:
+    """Every method at every length (see the module docstring); ``on_length`` gets the partial result after each
+    length (the command line saves it then, so an interrupted run keeps the lengths it measured)."""
     model, tokenizer = load_model(model_name, dtype=dtype)
     model = think_cache.patch(model.to(device))
+    limit = max_context(model.config)
+    beyond = warn_beyond_context(lengths, limit, MODELS[model_name][0])
+    header = {
+        **provenance(),
+        "model": MODELS[model_name][0],
+        "caches": describe(methods),
+        "device": device,
+        "dtype": str(dtype),
+        "lengths": lengths,
+        "repeats": repeats,
+        "decode_tokens": decode_tokens,
+        "max_position_embeddings": limit,
+        "beyond_context": beyond,
+    }
     # one compiled forward per method, reused: a fresh cache costs a recompile, the warm-up steps absorb it
     compiled = {m: torch.compile(model.forward, fullgraph=True) for m in methods if is_compiled(m)}
     rows = []
@@ -129,22 +161,17 @@ def run(
         base = {k: statistics.median(s[k] for s in samples["dynamic"]) for k in samples["dynamic"][0]}
         for method in methods:
             row = {"length": length, "prompt_tokens": ids.shape[1], "method": method}
+            if length in beyond:
+                row["beyond_context"] = True
             for key in samples[method][0]:
                 value = statistics.median(s[key] for s in samples[method])
                 row[key] = value
                 row[key + "_vs_dynamic"] = value / base[key]
             row["repeats"] = [s for s in samples[method]]
             rows.append(row)
-    return {
-        "machine": machine(),
-        "model": MODELS[model_name][0],
-        "caches": describe(methods),
-        "device": device,
-        "dtype": str(dtype),
-        "repeats": repeats,
-        "decode_tokens": decode_tokens,
-        "rows": rows,
-    }
+        if on_length is not None:
+            on_length({**header, "rows": rows})
+    return {**header, "rows": rows}
 
 
 def summary(result: dict) -> str:
@@ -165,27 +192,72 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked before anything loads (`parser.error` with what to pass); ``methods`` (with
+    ``dynamic`` first when left out: the ratios need it), ``lengths`` and ``path`` made ready to use."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", choices=list(MODELS), help="which model (default smollm2)")
-    parser.add_argument("--methods", default=DEFAULT_METHODS)
-    parser.add_argument("--lengths", default="1024,2048,4096")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--decode-tokens", type=int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--tag", help="results/speed_<tag>.json (default: the device, and the model unless smollm2)")
+    names = ("dynamic", "unpatched", "static")
+    parser.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma-separated: {method_help(names)}; dynamic is added when left out (default {DEFAULT_METHODS})",
+    )
+    parser.add_argument("--lengths", default="1024,2048,4096", help="context lengths in tokens (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every method per length (default %(default)s)")
+    parser.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=16,
+        help="timed decode steps per run, after 3 untimed (default %(default)s)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default cuda when available, else cpu; here %(default)s)",
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="(default %(default)s)"
+    )
+    parser.add_argument(
+        "--tag", help=f"<results-dir>/speed_<tag>.json (default: {DEFAULT_TAG}, and the model unless smollm2)"
+    )
+    parser.add_argument(
+        "--results-dir", type=Path, default=RESULTS, help="where the results file goes (default benchmarks/results)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    try:
+        methods = check_methods(args.methods.split(","), names)
+        args.lengths = positive_ints(args.lengths, "--lengths")
+    except ValueError as error:
+        parser.error(str(error))
+    for option, value in (("--repeats", args.repeats), ("--decode-tokens", args.decode_tokens)):
+        if value < 1:
+            parser.error(f"{option} must be 1 or more, not {value}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be 1 or more, not {args.threads}")
+    args.methods = methods if "dynamic" in methods else ["dynamic", *methods]
+    args.path = args.results_dir / f"speed_{args.tag or result_tag(DEFAULT_TAG, args.model)}.json"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    methods = available_methods(args.methods.split(","))
-    if "dynamic" not in methods:
-        methods.insert(0, "dynamic")
-    lengths = [int(n) for n in args.lengths.split(",")]
     dtype = getattr(torch, args.dtype)
-    result = run(methods, lengths, args.repeats, args.decode_tokens, args.device, dtype, args.model)
-    path = save_json(result, RESULTS / f"speed_{args.tag or result_tag(args.device, args.model)}.json")
+    result = run(
+        available_methods(args.methods),
+        args.lengths,
+        args.repeats,
+        args.decode_tokens,
+        args.device,
+        dtype,
+        args.model,
+        on_length=lambda partial: save_json(partial, args.path),  # an interrupted run keeps the lengths it measured
+    )
+    path = save_json(result, args.path)
     print(summary(result))
     print(f"\nwrote {path}")
     return 0

@@ -423,3 +423,286 @@ def test_conversations_assisted_compares_with_plain_greedy(conversations):
     assert all(ROW_FIELDS | {"way", "same_as_plain"} <= set(r) for r in rows)
     assert all(r["same_as_plain"] is None for r in rows if r["way"] == "plain")
     assert "| think-0.5 | assistant |" in conversations.assisted_summary(result)
+
+
+# --------------------------------------------------------------------------- command lines (the walkthrough)
+def _refused(capsys, main, argv: list[str]) -> str:
+    """What a command line's argument parser says as it refuses ``argv`` (exit status 2), before any work."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """The benchmarks' model loaders fail the test: a refusal must come before the model loads."""
+    from benchmarks import eval as evaluation
+    from benchmarks import speed
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model loaded before the arguments were checked")
+
+    monkeypatch.setattr(evaluation, "load_model", load)
+    monkeypatch.setattr(speed, "load_model", load)
+    monkeypatch.setattr("think_cache.models.load_smollm2", load)
+
+
+def test_method_names_with_two_policies_or_a_repeated_part_are_refused():
+    from benchmarks.common import check_methods
+
+    with pytest.raises(ValueError, match=r"'snapkv-256\+h2o-256' has two token policies \(snapkv-256, h2o-256\)"):
+        make_cache("snapkv-256+h2o-256")
+    with pytest.raises(ValueError, match=r"'think-0.5\+think-0.6' has think-R twice"):
+        make_cache("think-0.5+think-0.6")
+    with pytest.raises(ValueError, match=r"'think-0.4\+int4\+int2' has two bit widths"):
+        make_cache("think-0.4+int4+int2")
+    with pytest.raises(ValueError, match="method 'think-abc': part 'think-abc' is malformed, write it as think-R"):
+        make_cache("think-abc")
+    with pytest.raises(ValueError, match="method 'dynamic,think-1.5'|method 'think-1.5': key_ratio"):
+        check_methods(["dynamic", "think-1.5"])  # ThinKCache's own checks, named by the method
+    with pytest.raises(ValueError, match="'quantized-3' is not one this benchmark runs: .*quantized-2, quantized-4"):
+        check_methods(["quantized-3"])
+    with pytest.raises(ValueError, match="'unpatched' is not one this benchmark runs"):
+        check_methods(["unpatched"])
+    assert check_methods(["unpatched", "static", "quantized-4"], ("dynamic", "unpatched", "static")) == [
+        "unpatched",
+        "static",
+        "quantized-4",
+    ]
+    with pytest.raises(ValueError, match="'quantized-4' is not one"):
+        check_methods(["quantized-4"], quantized=False)
+    with pytest.raises(ValueError, match="empty method name"):
+        check_methods(["dynamic", ""])
+    assert check_methods(["think-0.4+int2+g-16", "snapkv-512+think-0.4", "think-0.5+static"])
+
+
+def test_every_benchmark_refuses_a_bad_method_before_the_model_loads(capsys, no_model):
+    from benchmarks import conversations, speed
+    from benchmarks import eval as evaluation
+
+    err = _refused(capsys, evaluation.main, ["--methods", "dynamic,snapkv-256+h2o-256"])
+    assert "has two token policies" in err
+    assert "'quantized-3' is not one" in _refused(capsys, speed.main, ["--methods", "dynamic,quantized-3"])
+    err = _refused(capsys, conversations.main, ["chat", "--methods", "think-0.5+think-0.6"])
+    assert "think-R twice" in err
+    assert "--ways takes reused,fresh" in _refused(capsys, conversations.main, ["chat", "--ways", "reused,stale"])
+    assert "--chunks" in _refused(capsys, conversations.main, ["chunked", "--chunks", "none,0"])
+    assert "--samples must be 1 or more" in _refused(capsys, conversations.main, ["prefix", "--samples", "0"])
+
+
+def test_eval_refuses_unknown_tasks_short_kv_prompts_and_bad_sizes(capsys, no_model):
+    from benchmarks import eval as evaluation
+
+    assert "unknown task 'foo': --tasks takes passkey and/or kv" in _refused(
+        capsys, evaluation.main, ["--tasks", "passkey,foo"]
+    )
+    err = _refused(capsys, evaluation.main, ["--tasks", "kv", "--lengths", "256"])
+    assert f"the kv task needs prompts of {evaluation.MIN_LENGTH['kv']} tokens at least, not 256" in err
+    assert "--lengths must be above zero, not -5, 0" in _refused(capsys, evaluation.main, ["--lengths=-5,0"])
+    assert "--lengths takes comma-separated whole numbers" in _refused(capsys, evaluation.main, ["--lengths", "1k"])
+    assert "--samples must be 1 or more, not 0" in _refused(capsys, evaluation.main, ["--samples", "0"])
+    evaluation.check_tasks(["passkey", "kv"], [evaluation.MIN_LENGTH["kv"]])
+
+
+def test_speed_refuses_zero_steps_or_repeats_and_documents_its_options(capsys, no_model):
+    from benchmarks import speed
+
+    assert "--decode-tokens must be 1 or more, not 0" in _refused(capsys, speed.main, ["--decode-tokens", "0"])
+    assert "--repeats must be 1 or more, not 0" in _refused(capsys, speed.main, ["--repeats", "0"])
+    assert "--lengths must be above zero" in _refused(capsys, speed.main, ["--lengths", "0"])
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for option in ("--methods", "--lengths", "--repeats", "--decode-tokens", "--device", "--results-dir"):
+        assert option in help_text
+    assert "(default 1024,2048,4096)" in help_text and "(default 3)" in help_text and "(default 16)" in help_text
+    assert "default cuda when available, else cpu" in help_text and "snapkv-B" in help_text
+
+
+def _eval_file(path, samples: int | None, rows_samples: int, **header):
+    """An eval results file of one dynamic row per prompt, its prompts drawn for ``rows_samples``."""
+    import json
+
+    from benchmarks.common import depths
+
+    rows = [
+        {"task": "passkey", "length": 300, "seed": 300_000 + i, "depth": d, "method": "dynamic", "correct": True}
+        for i, d in enumerate(depths(rows_samples))
+    ]
+    data = {"model": "SmolLM2-135M-Instruct", "prompt_style": "chat", "rows": rows, **header}
+    if samples is not None:
+        data |= {"samples": samples, "max_new_tokens": {"passkey": 12, "kv": 24}, "kl": False}
+    path.write_text(json.dumps(data))
+
+
+def test_eval_resume_refuses_a_file_of_other_prompts(tmp_path, capsys, no_model):
+    """Prompt i has seed 1000 * length + i and depth depths(samples)[i]: resuming with other --samples would pair
+    different prompts under one seed."""
+    from benchmarks import eval as evaluation
+
+    argv = ["--resume", "--results-dir", str(tmp_path), "--tag", "x", "--lengths", "300", "--tasks", "passkey"]
+    _eval_file(tmp_path / "eval_x.json", samples=2, rows_samples=2)
+    err = _refused(capsys, evaluation.main, [*argv, "--samples", "4"])
+    assert f"--resume: {tmp_path / 'eval_x.json'} was written with other settings (samples 2 there, 4 now)" in err
+    assert "kl False there, True now" in _refused(capsys, evaluation.main, [*argv, "--samples", "2", "--kl"])
+    args = evaluation.parse_args([*argv, "--samples", "2"])
+    assert len(args.done) == 2 and args.path == tmp_path / "eval_x.json"
+    _eval_file(tmp_path / "eval_x.json", samples=None, rows_samples=2)  # written before the settings were recorded
+    assert "its prompts were drawn for another --samples than 4" in _refused(
+        capsys, evaluation.main, [*argv, "--samples", "4"]
+    )
+    assert len(evaluation.parse_args([*argv, "--samples", "2"]).done) == 2
+
+
+def test_eval_resume_matches_prompts_by_seed_and_depth(monkeypatch):
+    from benchmarks import eval as evaluation
+    from benchmarks.common import depths
+
+    model = make_model("llama")
+    monkeypatch.setattr(evaluation, "load_model", lambda name: (model, ByteTokenizer()))
+    monkeypatch.setattr(evaluation, "MAX_NEW_TOKENS", {"passkey": 2, "kv": 2})
+    first = evaluation.run(["dynamic"], [300], ["passkey"], 2)
+    assert (first["samples"], first["kl"], first["max_new_tokens"]) == (2, False, {"passkey": 2, "kv": 2})
+    again = evaluation.run(["dynamic"], [300], ["passkey"], 2, done=first["rows"])
+    assert again["rows"] == first["rows"]  # every prompt already answered: none ran again
+    wider = evaluation.run(["dynamic"], [300], ["passkey"], 4, done=first["rows"])
+    new = wider["rows"][2:]
+    assert sorted((r["seed"] - 300_000, r["depth"]) for r in new) == list(enumerate(depths(4)))
+
+
+def test_lengths_past_the_models_context_warn_and_are_marked(monkeypatch, capsys):
+    from benchmarks import eval as evaluation
+
+    model = make_model("llama")
+    model.config.max_position_embeddings = 300
+    monkeypatch.setattr(evaluation, "load_model", lambda name: (model, ByteTokenizer()))
+    monkeypatch.setattr(evaluation, "MAX_NEW_TOKENS", {"passkey": 2, "kv": 2})
+    result = evaluation.run(["dynamic"], [200, 300], ["passkey"], 1)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "trained for 300 positions" in err and "lengths 300 reach past it" in err
+    assert result["beyond_context"] == [300] and result["max_position_embeddings"] == 300
+    assert [r.get("beyond_context", False) for r in result["rows"]] == [False, True]
+
+
+def test_speed_saves_after_each_length_and_records_its_settings(monkeypatch, tmp_path, capsys):
+    import json
+
+    from benchmarks import speed
+
+    model = make_model("llama")
+    model.config.max_position_embeddings = 96
+    monkeypatch.setattr(speed, "load_model", lambda name, dtype: (model, ByteTokenizer()))
+    saved = []
+    monkeypatch.setattr(speed, "save_json", lambda data, path: saved.append(json.loads(json.dumps(data))) or path)
+    argv = ["--methods", "think-0.5", "--lengths", "64,96", "--repeats", "1", "--decode-tokens", "1"]
+    assert speed.main([*argv, "--device", "cpu", "--results-dir", str(tmp_path)]) == 0
+    assert [sorted({r["length"] for r in s["rows"]}) for s in saved] == [[64], [64, 96], [64, 96]]
+    header = saved[-1]
+    assert header["lengths"] == [64, 96] and header["beyond_context"] == [96] and "date_utc" in header
+    assert [r["method"] for r in header["rows"]] == ["dynamic", "think-0.5"] * 2  # dynamic added: the ratios need it
+    assert f"wrote {tmp_path / 'speed_local.json'}" in capsys.readouterr().out
+
+
+def test_default_tags_never_name_a_committed_file_and_results_dir_redirects(tmp_path):
+    from benchmarks import conversations, speed
+    from benchmarks import eval as evaluation
+    from benchmarks.common import RESULTS
+
+    paths = [
+        evaluation.parse_args([]).path,
+        evaluation.parse_args(["--model", "gemma3"]).path,
+        speed.parse_args([]).path,
+        speed.parse_args(["--model", "gemma3"]).path,
+        *(conversations.parse_args([part]).path for part in conversations.DEFAULTS),
+    ]
+    assert all(p.parent == RESULTS and "local" in p.name and not p.exists() for p in paths), paths
+    assert evaluation.parse_args(["--results-dir", str(tmp_path)]).path == tmp_path / "eval_local.json"
+    assert speed.parse_args(["--results-dir", str(tmp_path), "--tag", "t"]).path == tmp_path / "speed_t.json"
+    chat = conversations.parse_args(["chat", "--results-dir", str(tmp_path)])
+    assert chat.path == tmp_path / "conversations_chat_local.json"
+
+
+def test_provenance_records_when_how_and_which_code():
+    import datetime
+
+    from benchmarks.common import provenance
+
+    info = provenance(["benchmarks.eval", "--samples", "2"])
+    assert set(info) == {"machine", "date_utc", "command", "git_commit", "git_dirty"}
+    assert datetime.datetime.fromisoformat(info["date_utc"]).utcoffset() == datetime.timedelta(0)
+    assert info["command"] == ["benchmarks.eval", "--samples", "2"] and "torch" in info["machine"]
+    commit, dirty = info["git_commit"], info["git_dirty"]
+    assert (commit is None and dirty is None) or (len(commit) == 40 and isinstance(dirty, bool))
+
+
+def test_git_state_outside_a_repository_is_unknown(tmp_path, monkeypatch):
+    from benchmarks.common import git_state
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    assert git_state(tmp_path) == (None, None)
+
+
+def test_summarize_says_what_a_file_is(tmp_path, capsys):
+    import json
+
+    from benchmarks import conversations
+    from benchmarks import eval as evaluation
+
+    with pytest.raises(SystemExit, match=r"--summarize: no results file at .*missing.json: pass the path"):
+        evaluation.main(["--summarize", str(tmp_path / "missing.json")])
+    speed_file = tmp_path / "speed_x.json"
+    speed_file.write_text(json.dumps({"decode_tokens": 16, "rows": [{"length": 64}]}))
+    with pytest.raises(SystemExit, match="speed_x.json holds speed results, not eval results"):
+        evaluation.main(["--summarize", str(speed_file)])
+    eval_file = tmp_path / "eval_x.json"
+    eval_file.write_text(json.dumps({"tasks": ["passkey"], "lengths": [64], "methods": [], "rows": []}))
+    with pytest.raises(SystemExit, match="holds eval results, not conversations results; summarize it with python -m"):
+        conversations.main(["--summarize", str(eval_file)])
+    with pytest.raises(SystemExit, match="is not JSON"):
+        (tmp_path / "bad.json").write_text("{")
+        conversations.main(["--summarize", str(tmp_path / "bad.json")])
+
+
+def test_plots_skip_a_model_without_a_panel_and_title_decode_plots_by_model(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    import json
+
+    from benchmarks import plots
+
+    row = {"length": 1024, "task": "passkey", "seed": 0, "correct": 1, "held_bytes": 10, "method": "dynamic"}
+    gemma = {"model": "Gemma 3 270M (base)", "tasks": ["passkey"], "rows": [row]}  # DynamicCache alone
+    (tmp_path / "eval_try_gemma3.json").write_text(json.dumps(gemma))
+    (tmp_path / "eval_try.json").write_text(json.dumps({"rows": [row, row | {"method": "think-0.5"}]}))
+    (tmp_path / "eval_local.json").write_text("not read: the default tag's quick runs stay out of the figures")
+    speed_row = {"method": "dynamic", "length": 1024, "decode_s_per_token": 0.01, "held_bytes": 2**20}
+    speed = {"model": "Gemma 3 270M (base)", "device": "cpu", "dtype": "torch.float32", "repeats": 1}
+    (tmp_path / "speed_try.json").write_text(json.dumps({**speed, "rows": [speed_row]}))
+    (tmp_path / "speed_local.json").write_text(json.dumps({**speed, "rows": [speed_row]}))
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    assert plots.main(["--results-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "no frontier for gemma3: eval_try_gemma3.json hold no context length" in out
+    assert "wrote frontier.png, decode_try.png" in out and not (tmp_path / "frontier_gemma3.png").exists()
+    assert not (tmp_path / "decode_local.png").exists()
+    decode = figures[-1]
+    assert decode._suptitle.get_text().startswith("Gemma 3 270M (base), cpu")
+    baseline = decode.axes[0].get_lines()[0]
+    assert baseline.get_label() == "dynamic" and baseline.get_marker() not in (None, "None", "")
+
+
+def test_kernel_check_without_cuda_stops_cleanly_and_gpu_groups_are_checked(monkeypatch, tmp_path, capsys):
+    from benchmarks import gpu, kernel_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device: run on a GPU machine, or use --smoke"):
+        kernel_check.main(["--out", str(tmp_path / "k.json")])
+    assert "--runs must be 1 or more" in _refused(capsys, kernel_check.main, ["--runs", "0", "--smoke"])
+    with pytest.raises(SystemExit):
+        kernel_check.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "required, except with --compile-for" in help_text and "(default 50" in help_text
+    err = _refused(capsys, gpu.parse_args, ["--groups", "1x8k,1x-5k"])
+    assert "--groups: '1x-5k' is not BATCHxCONTEXT with both above zero" in err
+    assert "'8xk'" in _refused(capsys, gpu.parse_args, ["--groups", "8xk"])
