@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import make_batch, make_model
@@ -168,3 +170,19 @@ def test_a_filled_cache_is_checked_before_generate_runs():
     assert torch.equal(whole, out[:, :33])
     with pytest.raises(TypeError, match=r"SnapKV is a token policy, not a cache: pass \w+=ThinKCache\("):
         model.generate(input_ids=ids, past_key_values=think_cache.SnapKV(budget=64), max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tokens", "5"], "--tokens must be at least 100"),
+        (["--key-ratio", "1.5"], r"--key-ratio must be in \[0, 1\)"),
+    ],
+)
+def test_demo_refuses_bad_options_before_loading_the_model(argv, message, capsys, monkeypatch):
+    from think_cache import demo
+
+    monkeypatch.setattr(demo, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    with pytest.raises(SystemExit):
+        demo.main(argv)
+    assert re.search(message, capsys.readouterr().err)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 from dataclasses import dataclass
 
@@ -149,8 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2", choices=list(MODELS), help="which model (default smollm2)")
     parser.add_argument("--tokens", type=int, default=1500, help="prompt length (default 1500)")
     parser.add_argument("--key-ratio", type=float, default=0.5, help="fraction of key channels pruned (default 0.5)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the filler and the code (default 0)")
     args = parser.parse_args(argv)
+    if args.tokens < 100:
+        parser.error(f"--tokens must be at least 100 (the question and its answer take ~60), got {args.tokens}")
+    if not 0 <= args.key_ratio < 1:
+        parser.error(f"--key-ratio must be in [0, 1): the fraction of key channels pruned, got {args.key_ratio}")
 
     print(f"Loading {MODELS[args.model][0]} ...", flush=True)
     model, tokenizer = load_model(args.model)
@@ -167,10 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         ("DynamicCache", DynamicCache(config=model.config)),
         (f"ThinKCache(key_ratio={args.key_ratio})", ThinKCache(args.key_ratio)),
     ):
-        results.append((name, *answer_with(model, tokenizer, inputs, cache)))
-
-    base = results[0][2]
-    for name, answer, held, seconds in results:
+        if sys.stdout.isatty():  # a line that the answer overwrites, on a terminal: each answer shows as it comes
+            print(f"{name:28s} reading the prompt ...", end="\r", flush=True)
+        answer, held, seconds = answer_with(model, tokenizer, inputs, cache)
+        results.append((name, answer, held, seconds))
+        base = results[0][2]
         verdict = "correct" if code in answer else "WRONG"
         print(f"{name:28s} answer: {answer!r} ({verdict})")
         print(f"{'':28s} KV cache: {human_bytes(held)} ({held / base:.2f}x of DynamicCache), {seconds:.1f} s")
