@@ -227,7 +227,8 @@ def _check_reuse(model: torch.nn.Module, cache: ThinKCache, prompt_length: int |
     if cached == 0:
         return
     state = getattr(model, _STATE_ATTRIBUTE)
-    cache.check_model(state.attention_config or _attention_modules(model)[0].config)  # (a model patched before 0.1)
+    # a model pickled before its patch state kept the attention config has None there: find it
+    cache.check_model(state.attention_config or _attention_modules(model)[0].config)
     if prompt_length is None:
         return
     if prompt_length < cached:
