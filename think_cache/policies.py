@@ -281,10 +281,10 @@ class _FixedSettings:
     def __setattr__(self, name: str, value: object) -> None:
         if self.__dict__.get("_fixed") and name in self.__dataclass_fields__:
             if not self.__dataclass_fields__[name].init:  # derived (StreamingLLM's budget): set through its sources
-                settable = ", ".join(spec.name for spec in fields(self) if spec.init)
+                settable = [spec.name for spec in fields(self) if spec.init]
                 raise FrozenInstanceError(
-                    f"{type(self).__name__}'s {name} follows from its settings ({settable}): make a new one with "
-                    f"those, e.g. dataclasses.replace(policy, {settable.split(', ')[-1]}=...)"
+                    f"{type(self).__name__}'s {name} follows from its settings ({', '.join(settable)}): make a new "
+                    f"one with those, e.g. dataclasses.replace(policy, {settable[-1]}=...)"
                 )
             raise FrozenInstanceError(
                 f"{type(self).__name__}'s settings are fixed once it is built (its checks ran then, and caches may "
