@@ -103,6 +103,11 @@ _ARCHITECTURES = {
 #: Families built by model type through transformers' Auto classes, with what each adds to the attention (three
 #: layers, two sliding, where the family has sliding layers).
 _SLIDING = dict(sliding_window=16, num_hidden_layers=3, layer_types=["sliding_attention"] * 2 + ["full_attention"])
+_HYBRID = dict(num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2)
+#: Qwen3-Next and Qwen3.5's linear layers at a tiny size (their defaults hold 4 MiB of state a layer and row)
+_QWEN_LINEAR = dict(
+    _HYBRID, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16
+)
 _BY_MODEL_TYPE = {
     "olmo2": ("olmo2", {}),  # q/k norms over all heads' channels at once, before the heads are split
     "olmo3": ("olmo3", _SLIDING),
@@ -139,6 +144,16 @@ _BY_MODEL_TYPE = {
     "exaone_moe": ("exaone_moe", _SLIDING),
     "cohere2_moe": ("cohere2_moe", _SLIDING),
     "afmoe": ("afmoe", _SLIDING),
+    # hybrids (transformers 5): linear-attention layers (a recurrent state, no tokens) at 0 and 2, attention at 1 and 3
+    # Qwen3-Next: gated delta rule layers, gated attention, partial rotary; experts
+    "qwen3_next": ("qwen3_next", dict(_QWEN_LINEAR, num_experts=4, num_experts_per_tok=2)),
+    "qwen3_5_text": ("qwen3_5_text", _QWEN_LINEAR),  # Qwen3.5's text model: the same layout
+    "qwen3_5_moe_text": ("qwen3_5_moe_text", dict(_QWEN_LINEAR, num_experts=4, num_experts_per_tok=2)),
+    "olmo_hybrid": ("olmo_hybrid", _HYBRID),  # its linear layers have q/k/v projections too
+    "jamba": (  # Mamba layers
+        "jamba",
+        dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, num_experts=2, expert_layer_period=4),
+    ),
 }
 
 
@@ -350,8 +365,14 @@ def zeroed_reference(think_cache_after_run, model) -> DynamicCache:
     """A DynamicCache of `ZeroedLayer`s using the channels a ThinK run chose."""
     layers = []
     # which layers slide, and by how much: as transformers' own DynamicCache for this model says
-    windows = [getattr(layer, "sliding_window", None) for layer in DynamicCache(config=model.config).layers]
-    for layer, window in zip(think_cache_after_run.layers, windows, strict=True):
+    stock = DynamicCache(config=model.config).layers
+    think_layers = iter(think_cache_after_run.layers)
+    for stock_layer in stock:
+        if compat.LinearAttentionCacheLayerMixin and isinstance(stock_layer, compat.LinearAttentionCacheLayerMixin):
+            layers.append(stock_layer)  # a hybrid model's linear-attention layer: transformers' own, as in ThinK
+            next(think_layers)
+            continue
+        layer, window = next(think_layers), getattr(stock_layer, "sliding_window", None)
         layers.append(
             ZeroedLayer(
                 layer.key_channels,

@@ -76,6 +76,7 @@ MORE_FAMILIES = {
         "gemma", "cohere", "starcoder2", "phimoe", "ministral3", "seed_oss", "apertus", "arcee", "ernie4_5",
         "ernie4_5_moe", "glm4_moe", "granitemoe", "internlm3", "olmoe", "flex_olmo", "vaultgemma", "exaone_moe",
         "cohere2_moe", "afmoe",
+        "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "jamba",  # hybrids: tests/test_hybrid.py
     )
 }  # fmt: skip
 
@@ -94,7 +95,9 @@ def _models(family: str, **overrides):
     logits are capped, else sdpa."""
     arch, settings = {**FAMILIES, **MORE_FAMILIES}[family]
     settings = {**settings, **overrides}
-    if not make_model(arch, patch=False)._supports_attention_backend:
+    unpatched = make_model(arch, patch=False)
+    hybrid = compat.linear_layer_indices(unpatched.config)  # they leave the flag unset for their linear layers
+    if not (unpatched._supports_attention_backend or hybrid and compat.LinearAttentionLayer is not None):
         pytest.skip(f"{family} does not use transformers' attention interface in this transformers version")
     patched = make_model(arch, **settings)
     reference = make_model(arch, patch=False, **settings)
@@ -174,10 +177,11 @@ def test_more_families(family):
     )
     window = getattr(model.config, "sliding_window", None)
     if window:  # the window (16) is shorter than the prompts: sliding layers really trim
-        assert any(layer.is_sliding and layer.stored_tokens <= window for layer in zero.layers)
+        assert any(layer.is_sliding and layer.stored_tokens <= window for layer in zero.attention_layers)
     think = ThinKCache(key_ratio=0.5, window=8)
     out = generate(model, ids, mask, think, steps=20)
-    assert all(layer.store.keys.shape[-1] < layer.head_dim for layer in think.layers)
+    assert think.attention_layers
+    assert all(layer.store.keys.shape[-1] < layer.head_dim for layer in think.attention_layers)
     _assert_same(out, generate(reference, ids, mask, zeroed_reference(think, model), steps=20), ATOL_REFERENCE)
     assert think.stats().ratio < 0.9
 

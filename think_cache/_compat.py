@@ -14,6 +14,11 @@ from packaging.version import Version
 from transformers import GenerationConfig
 from transformers.cache_utils import DynamicLayer
 
+try:  # transformers 5.x: the recurrent state of a linear-attention layer (Qwen3-Next, Qwen3.5, ...) is a cache layer
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin, LinearAttentionLayer
+except ImportError:  # 4.x: hybrid models bring their own cache classes, which a ThinKCache cannot stand in for
+    LinearAttentionCacheLayerMixin = LinearAttentionLayer = None
+
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 MIN_TRANSFORMERS = Version("4.56.0")
 
@@ -78,6 +83,16 @@ def is_chunked(module: torch.nn.Module) -> bool:
     """Whether an attention module's layer attends in chunks (Llama 4's ``chunked_attention`` layers)."""
     layer_types = getattr(module.config, "layer_types", None)
     return layer_types is not None and layer_types[module.layer_idx] == "chunked_attention"
+
+
+#: The ``layer_types`` of layers that hold a fixed-size recurrent state (and no tokens) in hybrid models.
+LINEAR_LAYER_TYPES = ("linear_attention",)
+
+
+def linear_layer_indices(config) -> list[int]:
+    """The indices of a hybrid model's linear-attention layers (its ``layer_types``), empty for other models."""
+    layer_types = getattr(config, "layer_types", None) or ()
+    return [i for i, kind in enumerate(layer_types) if kind in LINEAR_LAYER_TYPES]
 
 
 def sliding_window_of(module: torch.nn.Module) -> int | None:

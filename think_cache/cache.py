@@ -31,19 +31,23 @@ def _plain_tensors(t: torch.Tensor):
         yield from _plain_tensors(getattr(t, name))
 
 
+def _layer_tensors(layer: object):
+    """The tensors a cache layer holds: a ThinK layer's own, or a stock layer's attributes (tensors, and the
+    dictionaries of states of a linear-attention layer)."""
+    if isinstance(layer, ThinKLayer):
+        yield from layer.tensors()
+        return
+    for value in vars(layer).values():
+        if isinstance(value, dict):
+            yield from (state for state in value.values() if isinstance(state, torch.Tensor))
+        elif isinstance(value, torch.Tensor):
+            yield value
+
+
 def held_bytes(cache: Cache) -> int:
     """Bytes of the tensor storages any transformers cache holds (a `ThinKCache` or a stock one, including
-    ``QuantizedCache``'s quantized tensors), measured."""
-    return storage_bytes(
-        plain
-        for layer in cache.layers
-        for t in (
-            layer.tensors()
-            if isinstance(layer, ThinKLayer)
-            else (value for value in vars(layer).values() if isinstance(value, torch.Tensor))
-        )
-        for plain in _plain_tensors(t)
-    )
+    ``QuantizedCache``'s quantized tensors and a hybrid model's linear-attention states), measured."""
+    return storage_bytes(plain for layer in cache.layers for t in _layer_tensors(layer) for plain in _plain_tensors(t))
 
 
 def human_bytes(n: float) -> str:
@@ -96,6 +100,13 @@ def _fingerprint(config) -> tuple:
         "vocab_size",
     )
     return tuple(repr(getattr(config, name, None)) for name in names)
+
+
+def _layer_kind_error(layer_idx: int, wanted: str, held: str) -> str:
+    return (
+        f"Layer {layer_idx} of this model is {wanted} layer, but this ThinKCache holds {held} there: it was filled by "
+        "another model. Use a new ThinKCache (or `cache.reset()`) for this model."
+    )
 
 
 def _check_static(cache: ThinKCache) -> None:
@@ -211,6 +222,10 @@ class ThinKCache(Cache):
     With a token eviction ``policy`` (`SnapKV`, `H2O`, `StreamingLLM`), the policy first picks which tokens each
     KV head keeps, then ThinK thins every kept token.
 
+    In a hybrid model (Qwen3-Next, Qwen3.5, OLMo Hybrid, Jamba), ThinK serves the attention layers; the
+    linear-attention layers keep their fixed-size recurrent states in transformers' own ``LinearAttentionLayer``,
+    as ``DynamicCache`` does (`attention_layers` lists the ThinK layers; `stats` counts them only).
+
     Use it on a model patched once with `think_cache.patch(model)`::
 
         cache = ThinKCache(key_ratio=0.5, policy=SnapKV(budget=1024))
@@ -294,6 +309,7 @@ class ThinKCache(Cache):
         self._model_config = None
         self._model_fingerprint = None
         self._prompt_start, self._prompt_end = 0, None
+        self._first_attention = None  # the index of the first ThinK layer (0 but in a hybrid model)
         super().__init__(layers=[])
 
     # ------------------------------------------------------------------------------------------- update
@@ -343,7 +359,7 @@ class ThinKCache(Cache):
         # the attention a model runs changes between forwards only: read it (a slow config lookup, 15 µs) at the
         # first layer of each forward and at a new layer
         implementation = ATTENTION_NAME
-        if layer_idx == 0 or layer_idx >= len(self.layers):
+        if layer_idx == self._first_attention or layer_idx >= len(self.layers):
             implementation = _compat.attn_implementation(module)
         if implementation != ATTENTION_NAME:
             raise RuntimeError(
@@ -394,21 +410,68 @@ class ThinKCache(Cache):
         module = current_module()
         self._check_module(module, key_states, layer_idx)
         while len(self.layers) <= layer_idx:
+            if self._first_attention is None:
+                self._first_attention = len(self.layers)
             self.layers.append(self._new_layer(module))
         layer = self.layers[layer_idx]
+        if not isinstance(layer, ThinKLayer):
+            raise ValueError(_layer_kind_error(layer_idx, "an attention", "a linear-attention state"))
         layer.prompt_start, layer.prompt_end = self._prompt_start, self._prompt_end
         return layer
+
+    # ------------------------------------------------------------------------- linear attention (hybrids)
+    def _linear_layer(self, layer_idx: int) -> None:
+        """Make sure that layer ``layer_idx`` is a linear-attention layer: transformers' own, built where the model
+        first asks for its state (layers are visited in order, so every earlier one exists by then)."""
+        if layer_idx == len(self.layers):
+            self.layers.append(_compat.LinearAttentionLayer())
+        elif layer_idx > len(self.layers):
+            raise RuntimeError(
+                f"ThinKCache builds its layers as the model visits them in order, but layer {layer_idx} asked for its "
+                f"state before layer {len(self.layers)} ran"
+            )
+        elif not isinstance(self.layers[layer_idx], _compat.LinearAttentionCacheLayerMixin):
+            raise ValueError(_layer_kind_error(layer_idx, "a linear-attention", "attention keys and values"))
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        self._linear_layer(layer_idx)
+        return super().get_conv_state(layer_idx, state_idx)
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+        self._linear_layer(layer_idx)
+        return super().get_recurrent_state(layer_idx, state_idx)
+
+    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0, **kwargs):
+        self._linear_layer(layer_idx)
+        return super().update_conv_state(conv_states, layer_idx, state_idx, **kwargs)
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0, **kwargs):
+        self._linear_layer(layer_idx)
+        return super().update_recurrent_state(recurrent_states, layer_idx, state_idx, **kwargs)
+
+    @property
+    def attention_layers(self) -> list[ThinKLayer]:
+        """The ThinK layers, in order: every layer but a hybrid model's linear-attention ones."""
+        return [layer for layer in self.layers if isinstance(layer, ThinKLayer)]
 
     # ---------------------------------------------------------------------------------------- cache API
     def get_seq_length(self, layer_idx: int | None = 0) -> int | torch.Tensor:
         """Tokens seen by layer ``layer_idx`` (logical length, not the stored one). A static cache returns a 0-d
         tensor after the prompt, as transformers' ``StaticCache`` does, so that compiled steps read it."""
         layer_idx = layer_idx or 0
-        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
+        if layer_idx >= len(self.layers):
+            return 0
+        if not isinstance(self.layers[layer_idx], ThinKLayer):  # a hybrid model's linear-attention layer
+            if layer_idx:
+                return super().get_seq_length(layer_idx)  # transformers' error: it counts no tokens
+            if self._first_attention is None or self._first_attention >= len(self.layers):
+                return 0  # the first forward has not reached an attention layer
+            layer_idx = self._first_attention  # the default: the first attention layer, as transformers does
+        return self.layers[layer_idx].get_seq_length()
 
     def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int) -> tuple[int, int]:
         q_len = _compat.query_length(query_length)
-        if layer_idx >= len(self.layers):
+        if layer_idx >= len(self.layers) or not isinstance(self.layers[layer_idx], ThinKLayer):
             return q_len, 0
         return self.layers[layer_idx].get_mask_sizes(q_len)
 
@@ -433,6 +496,7 @@ class ThinKCache(Cache):
         self.layers = []
         self._model_config = self._model_fingerprint = None
         self._prompt_start, self._prompt_end = 0, None
+        self._first_attention = None
 
     # ------------------------------------------------------------------------------------------ schedule
     def mark_prompt_end(self, length: int | None) -> None:
@@ -458,7 +522,7 @@ class ThinKCache(Cache):
     def compact(self) -> None:
         """Compact every layer now, with the queries seen so far (e.g. to measure the saving after a plain forward
         over a prompt). Normally layers compact by themselves when generation starts."""
-        for layer in self.layers:
+        for layer in self.attention_layers:
             if layer.is_initialized and layer.prunes and not layer.is_compacted and layer.window_queries is not None:
                 layer.compact()
 
@@ -484,12 +548,16 @@ class ThinKCache(Cache):
         a static cache."""
         if self.max_cache_len is not None:
             return False
-        return self.policy is None or not self.policy.evicts_while_decoding
+        linear_ok = all(layer.is_croppable for layer in self.layers if not isinstance(layer, ThinKLayer))
+        return linear_ok and (self.policy is None or not self.policy.evicts_while_decoding)
 
     # ------------------------------------------------------------------------------------------- report
     def stats(self) -> CacheStats:
-        """Tokens, kept channels and bytes held per layer, against a ``DynamicCache`` on the same inputs."""
-        return CacheStats(tuple(layer.stats(i) for i, layer in enumerate(self.layers)))
+        """Tokens, kept channels and bytes held per layer, against a ``DynamicCache`` on the same inputs.
+
+        Attention layers only: a hybrid model's linear-attention layers hold the same fixed-size state as in
+        ``DynamicCache`` (`held_bytes` counts them too)."""
+        return CacheStats(tuple(layer.stats(i) for i, layer in enumerate(self.layers) if isinstance(layer, ThinKLayer)))
 
     def plot_channels(self, batch_index: int = 0, ax=None, title: str | None = None):
         """Heat map of the kept key channels per layer and KV head; returns a matplotlib Figure
@@ -508,11 +576,11 @@ class ThinKCache(Cache):
             settings += f", bits={self.bits}, group_size={self.group_size}"
         if self.max_cache_len is not None:
             settings += f", max_cache_len={self.max_cache_len}"
-        if not self.layers:
+        if not self.attention_layers:
             return f"ThinKCache({settings}; empty)"
         s = self.stats()
         static = "" if s.static_bytes is None else f", {human_bytes(s.static_bytes)} for StaticCache"
         return (
-            f"ThinKCache({settings}; {len(self.layers)} layers, {s.tokens} tokens, "
+            f"ThinKCache({settings}; {len(s.layers)} layers, {s.tokens} tokens, "
             f"{human_bytes(s.stored_bytes)} held vs {human_bytes(s.dense_bytes)} dense, {s.ratio:.3f}x{static})"
         )

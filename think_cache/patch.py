@@ -28,6 +28,7 @@ SUPPORTED_MODEL_TYPES = (
     "cohere2_moe", "afmoe",
     "gpt_oss",  # attention sinks
     "llama4_text",  # chunked attention (Llama4ForCausalLM; the model with images, "llama4", not yet)
+    "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "jamba",  # hybrids: linear-attention layers too
     "gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl",  # they see images too
 )  # fmt: skip
 
@@ -50,8 +51,9 @@ class _PatchState:
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The self-attention modules: those with a layer index and q/k/v projections, separate as in Llama and its
-    kin or fused as in Phi-3."""
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and _has_projections(m)]
+    kin or fused as in Phi-3, but not a hybrid model's linear-attention modules (OLMo Hybrid's have q/k/v too)."""
+    linear = set(_compat.linear_layer_indices(model.config.get_text_config(decoder=True)))
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and _has_projections(m) and m.layer_idx not in linear]
 
 
 def _has_projections(module: torch.nn.Module) -> bool:
@@ -74,7 +76,15 @@ def _check_model(model: object) -> list[torch.nn.Module]:
         )
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"think_cache does not support model type {config.model_type!r}; supported: {supported}")
-    if not getattr(model, "_supports_attention_backend", True):  # Qwen2-MoE, Phi-3.5-MoE, OLMoE before transformers 5
+    hybrid = bool(_compat.linear_layer_indices(config.get_text_config(decoder=True)))
+    if hybrid and _compat.LinearAttentionLayer is None:
+        raise ValueError(
+            f"think_cache serves hybrid models ({config.model_type!r}: linear-attention layers beside attention) "
+            f"from transformers 5 on, where a cache keeps their states layer by layer; found {transformers_version}"
+        )
+    # Qwen2-MoE, Phi-3.5-MoE, OLMoE before transformers 5; hybrid models leave the flag unset for their linear layers
+    # (it tells vLLM's transformers backend what it can run), while their attention layers use the interface
+    if not getattr(model, "_supports_attention_backend", True) and not hybrid:
         raise ValueError(
             f"think_cache cannot serve {type(model).__name__} on transformers {transformers_version}: its attention "
             "does not go through transformers' attention interface in this version (a newer transformers has it)"
@@ -193,7 +203,7 @@ def _patched_generate(model: torch.nn.Module, *args, **kwargs):
         )
     if not isinstance(cache, ThinKCache):
         return original(*args, **kwargs)
-    _check_rollback(cache, kwargs)
+    _check_rollback(model, cache, kwargs)
     prompt_length = _prompt_length(cache, args, kwargs)
     _check_reuse(model, cache, prompt_length)
     _check_capacity(model, cache, prompt_length, args, kwargs)
@@ -242,9 +252,15 @@ def _check_reuse(model: torch.nn.Module, cache: ThinKCache, prompt_length: int |
         raise second_prompt_error(prompt_length - cached)
 
 
-def _check_rollback(cache: ThinKCache, kwargs: dict) -> None:
+def _check_rollback(model: torch.nn.Module, cache: ThinKCache, kwargs: dict) -> None:
     """Assisted decoding and prompt lookup roll back rejected drafts: refuse where that cannot be exact."""
     drafts = kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None
+    if drafts and _compat.linear_layer_indices(getattr(model, _STATE_ATTRIBUTE).attention_config or model.config):
+        raise ValueError(
+            f"Assisted decoding and prompt lookup roll back rejected draft tokens, which the linear-attention layers "
+            f"of this hybrid model ({model.config.model_type!r}) cannot: their recurrent state holds no tokens to "
+            "remove (transformers refuses it with DynamicCache too). Generate without an assistant."
+        )
     if drafts and cache.max_cache_len is not None:
         raise ValueError(
             "Assisted decoding and prompt lookup verify several draft tokens per forward and roll back the rejected "

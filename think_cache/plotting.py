@@ -10,11 +10,12 @@ __all__ = ["channel_map", "plot_channels"]
 def channel_map(cache, batch_index: int = 0) -> torch.Tensor:
     """``(layers * kv_heads, head_dim)`` float: 1 where a key channel is kept, 0 where pruned, for one batch row.
 
-    Rows are ordered layer by layer, KV head by KV head. A layer that prunes must have been compacted (its channels
-    chosen): ``generate`` compacts at the prompt's end; after plain forwards, call ``cache.compact()`` first.
+    Rows are ordered layer by layer, KV head by KV head (attention layers only, in a hybrid model). A layer that
+    prunes must have been compacted (its channels chosen): ``generate`` compacts at the prompt's end; after plain
+    forwards, call ``cache.compact()`` first.
     """
     rows = []
-    for layer in cache.layers:
+    for layer in cache.attention_layers:
         if not layer.is_initialized:
             continue
         if layer.prunes and not layer.is_compacted:
@@ -43,7 +44,8 @@ def plot_channels(cache, batch_index: int = 0, ax=None, title: str | None = None
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError("plot_channels needs matplotlib: pip install 'think-cache[plot]'") from error
     data = channel_map(cache, batch_index).numpy()
-    heads = cache.layers[0].keys.shape[1]
+    layers = [i for i, layer in enumerate(cache.layers) if getattr(layer, "keys", None) is not None]
+    heads = cache.layers[layers[0]].keys.shape[1]
     n_layers = data.shape[0] // heads
     if ax is None:
         fig, ax = plt.subplots(figsize=(8, max(3.0, 0.12 * data.shape[0])))
@@ -51,7 +53,7 @@ def plot_channels(cache, batch_index: int = 0, ax=None, title: str | None = None
         fig = ax.figure
     ax.imshow(data, aspect="auto", interpolation="nearest", cmap="Blues", vmin=0, vmax=1)
     step = max(1, n_layers // 10)
-    ax.set_yticks([i * heads for i in range(0, n_layers, step)], [str(i) for i in range(0, n_layers, step)])
+    ax.set_yticks([i * heads for i in range(0, n_layers, step)], [str(layers[i]) for i in range(0, n_layers, step)])
     ax.set_ylabel(f"layer ({heads} KV heads each)")
     ax.set_xlabel("key channel")
     ratio = 1 - data.mean()

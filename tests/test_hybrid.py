@@ -1,0 +1,222 @@
+"""Hybrid models: linear-attention (recurrent) layers beside attention layers (Qwen3-Next, Qwen3.5, OLMo Hybrid,
+Jamba; transformers 5). ThinK serves the attention layers; the linear layers keep transformers' own
+``LinearAttentionLayer``, built where the model first asks for its state.
+
+The test models (`conftest._BY_MODEL_TYPE`) have a linear layer at 0 and 2 and attention at 1 and 3, so that the
+first layer a forward meets holds no tokens. `test_families.test_more_families` checks each family's tokens and
+logits against the model's own attention (key_ratio 0) and its attention over zeroed channels (0.5); here, what a
+hybrid changes in the cache: the layers it builds, what it counts, chat turns, chunked prompts, copies, beams,
+policies and what it refuses.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import generate, make_batch, make_model, zeroed_reference
+from transformers import DynamicCache
+
+import think_cache
+from think_cache import H2O, SnapKV, StreamingLLM, ThinKCache, held_bytes
+from think_cache import _compat as compat
+from think_cache.layer import ThinKLayer
+from think_cache.patch import _attention_modules
+from think_cache.plotting import channel_map
+
+ATOL = 1e-4
+
+pytestmark = pytest.mark.skipif(
+    compat.LinearAttentionLayer is None, reason="hybrid models need transformers 5 (linear-attention cache layers)"
+)
+
+HYBRIDS = ["qwen3_5_text", "qwen3_next", "jamba"]
+
+
+@pytest.fixture(params=HYBRIDS)
+def hybrid(request) -> str:
+    return request.param
+
+
+def _model(family: str = "qwen3_5_text", patch: bool = True):
+    return make_model(family, patch=patch, initializer_range=0.2)
+
+
+def _assert_same(a, b, atol: float = ATOL):
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.logits, b.logits, strict=True):
+        torch.testing.assert_close(x, y, atol=atol, rtol=0)
+
+
+def test_linear_layers_keep_transformers_state(hybrid):
+    """The cache's layers follow the model's: transformers' LinearAttentionLayer where it has linear attention, a
+    ThinK layer where it has attention. At key_ratio 0 the recurrent states are DynamicCache's, and so are the bytes
+    held; at 0.5 only the attention layers shrink, and `stats` counts them alone."""
+    model = _model(hybrid)
+    ids, mask = make_batch([40, 27], seed=3)
+    dynamic, zero, half = DynamicCache(config=model.config), ThinKCache(key_ratio=0), ThinKCache(0.5, window=8)
+    for cache in (dynamic, zero, half):
+        generate(model, ids, mask, cache, 10)
+    kinds = [type(layer).__name__ for layer in zero.layers]
+    assert kinds == ["LinearAttentionLayer", "ThinKLayer"] * 2
+    assert zero.attention_layers == [zero.layers[1], zero.layers[3]]
+    for ours, stock in zip(zero.layers[::2], dynamic.layers[::2], strict=True):
+        states = [(ours.conv_states[0], stock.conv_states[0]), (ours.recurrent_states[0], stock.recurrent_states[0])]
+        for a, b in states:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert held_bytes(zero) == held_bytes(dynamic)  # the linear states counted on both sides
+    linear_bytes = held_bytes(dynamic) - zero.stats().dense_bytes
+    assert linear_bytes > 0
+    assert [s.layer_idx for s in half.stats().layers] == [1, 3]
+    assert held_bytes(half) == half.stats().stored_bytes + linear_bytes
+    assert half.stats().ratio < 0.9
+    assert zero.get_seq_length() == half.get_seq_length() == 40 + 10 - 1
+    assert "2 layers" in repr(half)
+    kv_heads, head_dim = model.config.num_key_value_heads, half.attention_layers[0].head_dim
+    assert channel_map(half).shape == (2 * kv_heads, head_dim)
+    assert channel_map(half).sum() == 2 * kv_heads * head_dim // 2
+
+
+def test_chat_turns_follow_the_reference(hybrid):
+    """Three turns on one cache: the model's attention over zeroed channels gives the same tokens and logits, and
+    the linear layers carry their state from turn to turn."""
+    model = _model(hybrid)
+    ids, _ = make_batch([40], seed=6)
+    user_turns = [torch.randint(3, 200, (1, 15 + 10 * t), generator=torch.Generator().manual_seed(t)) for t in (1, 2)]
+
+    def chat(cache):
+        outs, sequence = [], ids
+        for turn in range(3):
+            out = generate(model, sequence, torch.ones_like(sequence), cache, 8)
+            outs.append(out)
+            if turn < 2:
+                sequence = torch.cat([out.sequences, user_turns[turn]], dim=-1)
+        return outs
+
+    cache = ThinKCache(key_ratio=0.5, window=8)
+    turns = chat(cache)
+    assert all(layer.is_compacted for layer in cache.attention_layers)
+    for a, b in zip(turns, chat(zeroed_reference(cache, model)), strict=True):
+        _assert_same(a, b)
+
+
+def test_chat_turns_at_ratio_zero_equal_dynamic_cache():
+    model = _model()
+    ids, _ = make_batch([30], seed=7)
+    outs = {}
+    for name, cache in (("think", ThinKCache(key_ratio=0)), ("dynamic", DynamicCache(config=model.config))):
+        sequence, logits = ids, []
+        for turn in range(3):
+            out = generate(model, sequence, torch.ones_like(sequence), cache, 6)
+            logits += list(out.logits)
+            g = torch.Generator().manual_seed(turn)
+            sequence = torch.cat([out.sequences, torch.randint(3, 200, (1, 20), generator=g)], dim=-1)
+        outs[name] = (sequence, logits)
+    assert torch.equal(outs["think"][0], outs["dynamic"][0])
+    for x, y in zip(outs["think"][1], outs["dynamic"][1], strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
+def test_a_prompt_in_chunks_equals_it_in_one_forward():
+    """``prefill_chunk_size``: the linear layers carry their state across chunks, the attention layers compact at
+    the prompt's end, as in one forward."""
+    model = _model()
+    ids, _ = make_batch([70], seed=11)
+    runs = []
+    for chunk in (None, 16):
+        cache = ThinKCache(key_ratio=0.5, window=8)
+        runs.append(generate(model, ids, torch.ones_like(ids), cache, 8, prefill_chunk_size=chunk))
+    _assert_same(runs[0], runs[1])
+
+
+def test_a_copied_prefix_serves_two_continuations():
+    """A prompt's cache, deep-copied, continues as the original does (the linear states are copied, not shared)."""
+    model = _model()
+    ids, _ = make_batch([40], seed=12)
+    cache = ThinKCache(key_ratio=0.5, window=8)
+    first = generate(model, ids, torch.ones_like(ids), cache, 4)
+    copied = copy.deepcopy(cache)
+    assert copied.layers[0].recurrent_states[0] is not cache.layers[0].recurrent_states[0]
+    follow = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(3))
+    sequence = torch.cat([first.sequences, follow], dim=-1)
+    _assert_same(
+        generate(model, sequence, torch.ones_like(sequence), cache, 6),
+        generate(model, sequence, torch.ones_like(sequence), copied, 6),
+        atol=0,
+    )
+
+
+def test_beam_search_at_ratio_zero_equals_dynamic_cache():
+    model = _model()
+    ids, mask = make_batch([36, 22], seed=2)
+    settings = dict(num_beams=3, num_return_sequences=3, output_scores=True)
+    out = generate(model, ids, mask, ThinKCache(key_ratio=0), 12, **settings)
+    ref = generate(model, ids, mask, DynamicCache(config=model.config), 12, **settings)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [SnapKV(budget=24, window=8), H2O(budget=24, recent=8), StreamingLLM(sink=4, recent=20)],
+    ids=["snapkv", "h2o", "streaming"],
+)
+def test_policies_keep_their_budget_on_the_attention_layers(policy):
+    model = _model()
+    ids, mask = make_batch([60, 41], seed=4)
+    cache = ThinKCache(key_ratio=0.5, window=8, policy=policy)
+    generate(model, ids, mask, cache, 12)
+    for layer in cache.attention_layers:
+        assert layer.compact_tokens <= policy.budget
+    assert isinstance(cache.layers[0], compat.LinearAttentionLayer)
+    assert cache.stats().ratio < 0.5
+
+
+def test_a_static_cache_at_ratio_zero_gives_the_dynamic_tokens():
+    model = _model()
+    ids, mask = make_batch([40, 27], seed=5)
+    static = generate(model, ids, mask, ThinKCache(key_ratio=0, max_cache_len=64), 12)
+    _assert_same(static, generate(model, ids, mask, DynamicCache(config=model.config), 12), atol=1e-5)
+
+
+def test_assisted_decoding_is_refused():
+    """The recurrent state cannot roll back rejected drafts: refused before any forward, as transformers refuses it
+    with DynamicCache after the prompt."""
+    model = _model()
+    ids, mask = make_batch([20], seed=1)
+    with pytest.raises(ValueError, match="linear-attention layers of this hybrid model"):
+        generate(model, ids, mask, ThinKCache(key_ratio=0.5), 4, prompt_lookup_num_tokens=3)
+
+
+def test_a_cache_of_another_model_is_refused():
+    """Filled by a Llama, fed to a hybrid (plain forwards: generate's own check comes first): the first linear layer
+    finds attention there and says so."""
+    llama = make_model("llama")
+    ids, mask = make_batch([20], seed=1)
+    cache = ThinKCache(key_ratio=0.5)
+    generate(llama, ids, mask, cache, 2)
+    with pytest.raises(ValueError, match="Layer 0 of this model is a linear-attention layer"), torch.no_grad():
+        _model()(input_ids=ids[:, -1:], past_key_values=cache)
+    hybrid_cache = ThinKCache(key_ratio=0.5)
+    generate(_model(), ids, mask, hybrid_cache, 2)
+    with pytest.raises(ValueError, match="filled by another model"), torch.no_grad():
+        llama(input_ids=ids[:, -1:], past_key_values=hybrid_cache)
+
+
+def test_linear_modules_are_not_taken_for_attention():
+    """OLMo Hybrid's linear-attention modules have q/k/v projections and a layer index too: only the attention
+    layers get the ThinK hooks."""
+    model = make_model("olmo_hybrid", patch=False)
+    hooked = _attention_modules(model)
+    assert [m.layer_idx for m in hooked] == [1, 3]
+    cache = ThinKCache(key_ratio=0.5)
+    generate(think_cache.patch(model), *make_batch([30], seed=2), cache, 4)
+    assert all(isinstance(layer, ThinKLayer) for layer in cache.layers[1::2])
+
+
+def test_refused_without_linear_attention_layers(monkeypatch):
+    """transformers 4.x: hybrid models bring their own caches, which a ThinKCache cannot stand in for."""
+    monkeypatch.setattr(compat, "LinearAttentionLayer", None)
+    with pytest.raises(ValueError, match="hybrid models .* from transformers 5 on"):
+        _model()
