@@ -428,7 +428,7 @@ _QWEN_VIT = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out
 
 #: Vision-language models: (model_type, text config, vision config, settings), each with a one-layer vision tower
 #: and four soft tokens per 28x28 image. Gemma 3's soft tokens attend to each other both ways in the prompt; Qwen's
-#: positions are 3-D (M-RoPE); Mistral 3's text model is Mistral's.
+#: positions are 3-D (M-RoPE); Mistral 3's text model is Mistral's; Qwen3.5's text models are hybrids.
 VISION = {
     "gemma3": (
         "gemma3",
@@ -457,6 +457,21 @@ VISION = {
         dict(num_position_embeddings=16, deepstack_visual_indexes=[0], patch_size=14, **_QWEN_VIT),
         dict(image_token_id=IMAGE, vision_start_token_id=START, vision_end_token_id=END),
     ),
+    **{
+        name: (  # hybrids: linear-attention layers 0 and 2, attention 1 and 3
+            name,
+            lambda name=name: dict(
+                make_config(f"{name}_text").to_dict(), initializer_range=0.2, head_dim=32,
+                rope_parameters={
+                    "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                    "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                },
+            ),
+            dict(num_position_embeddings=16, patch_size=14, **_QWEN_VIT),
+            dict(image_token_id=IMAGE, vision_start_token_id=START, vision_end_token_id=END),
+        )
+        for name in ("qwen3_5", "qwen3_5_moe")
+    },
 }  # fmt: skip
 
 
@@ -477,7 +492,8 @@ def _vision_model(family: str, patch: bool = True):
     config = AutoConfig.for_model(model_type, text_config=text(), vision_config=vision, **settings)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config).eval()
-    if not model._supports_attention_backend:
+    hybrid = compat.linear_layer_indices(model.config.get_text_config(decoder=True))
+    if not (model._supports_attention_backend or hybrid and compat.LinearAttentionLayer is not None):
         pytest.skip(f"{family} does not use transformers' attention interface in this transformers version")
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
     return think_cache.patch(model) if patch else model
@@ -525,7 +541,8 @@ def test_models_that_see_images(vision):
     _assert_same(out, _generate_with(reference, inputs, mask, DynamicCache(config=reference.config), 20), ATOL_EXACT)
     think = ThinKCache(key_ratio=0.5, window=8, recent=4)
     out = _generate_with(model, inputs, mask, think, 20)
-    assert all(layer.store.keys.shape[-1] < layer.head_dim for layer in think.layers)
+    assert think.attention_layers
+    assert all(layer.store.keys.shape[-1] < layer.head_dim for layer in think.attention_layers)
     ref = _generate_with(reference, inputs, mask, zeroed_reference(think, model), 20)
     _assert_same(out, ref, ATOL_REFERENCE)
     text_only = _generate_with(model, dict(input_ids=inputs["input_ids"]), mask, ThinKCache(key_ratio=0.5), 20)

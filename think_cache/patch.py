@@ -29,6 +29,7 @@ SUPPORTED_MODEL_TYPES = (
     "gpt_oss",  # attention sinks
     "llama4_text",  # chunked attention (Llama4ForCausalLM; the model with images, "llama4", not yet)
     "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "jamba",  # hybrids: linear-attention layers too
+    "qwen3_5", "qwen3_5_moe",  # Qwen3.5 with its vision tower (hybrids too)
     "gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl",  # they see images too
 )  # fmt: skip
 
