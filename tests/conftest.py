@@ -150,6 +150,15 @@ _BY_MODEL_TYPE = {
     "qwen3_5_text": ("qwen3_5_text", _QWEN_LINEAR),  # Qwen3.5's text model: the same layout
     "qwen3_5_moe_text": ("qwen3_5_moe_text", dict(_QWEN_LINEAR, num_experts=4, num_experts_per_tok=2)),
     "olmo_hybrid": ("olmo_hybrid", _HYBRID),  # its linear layers have q/k/v projections too
+    # Gemma 4 (26B-A4B, 31B): per-layer head sizes (global layers 64 here, 512 in the real models), q/k/v norms,
+    # scale 1, sliding and global layers; `attention_k_eq_v` (the family's second entry): values from the key
+    # projection on global layers, with their own KV heads
+    "gemma4_text": (
+        "gemma4_text",
+        dict(
+            _SLIDING, head_dim=32, global_head_dim=64, hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB
+        ),
+    ),
     "jamba": (  # Mamba layers
         "jamba",
         dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, num_experts=2, expert_layer_period=4),

@@ -64,6 +64,11 @@ FAMILIES = {
     "llama4_text": ("llama4_text", dict(initializer_range=0.2)),
     # 0.1: at 0.2 the eager reference's own float32 sums (repeat_kv, a cat of the sinks) move logits of 6 by 3e-5
     "gpt_oss": ("gpt_oss", dict(initializer_range=0.1)),
+    "gemma4_text": ("gemma4_text", dict(initializer_range=0.2)),
+    "gemma4_text-k-eq-v": (
+        "gemma4_text",
+        dict(initializer_range=0.2, attention_k_eq_v=True, num_global_key_value_heads=1),
+    ),
 }
 
 
@@ -600,3 +605,33 @@ def test_other_families_still_refused():
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match="does not support model type 'deepseek_v3'; supported: .*gemma2, gemma3_text"):
         think_cache.patch(model)
+
+
+def test_gemma4_kv_shared_layers_are_refused():
+    """Gemma 4 E2B/E4B's last layers attend over an earlier layer's keys and values, whose channels ThinK would
+    choose for that layer's queries alone: refused where the model is patched, not served wrongly."""
+    layer_types = ["sliding_attention", "full_attention"] * 2
+    model = make_model("gemma4_text", patch=False, num_hidden_layers=4, layer_types=layer_types, num_kv_shared_layers=2)
+    with pytest.raises(ValueError, match="does not serve KV-shared layers yet: 2 of this 'gemma4_text' model"):
+        think_cache.patch(model)
+
+
+def test_gemma4_copied_cache_keeps_serving():
+    """A heterogeneous config (head sizes per layer) reads no global head_dim: a copied cache, which recognises its
+    model by the config's values, still does (and refuses a Gemma 4 of other head sizes)."""
+    import copy
+
+    model = make_model("gemma4_text")
+    ids, mask = make_batch([40], seed=3)
+    cache = ThinKCache(key_ratio=0.5, window=8)
+    first = generate(model, ids, mask, cache, 4)
+    sequence = torch.cat([first.sequences, torch.randint(3, 200, (1, 6))], dim=-1)
+    copied = copy.deepcopy(cache)
+    _assert_same(
+        generate(model, sequence, torch.ones_like(sequence), copied, 4),
+        generate(model, sequence, torch.ones_like(sequence), cache, 4),
+        atol=0,
+    )
+    other = make_model("gemma4_text", global_head_dim=128)
+    with pytest.raises(ValueError, match="filled by another model"):
+        generate(other, sequence, torch.ones_like(sequence), copy.deepcopy(copied), 2)

@@ -128,7 +128,7 @@ def test_half_precision(dtype):
     _check(*_case(dtype=dtype, kept_k=38, kept_v=40), split_tokens=16)
 
 
-@pytest.mark.parametrize(("head_dim", "kept_k", "kept_v"), [(128, 77, None), (256, 100, 90)])
+@pytest.mark.parametrize(("head_dim", "kept_k", "kept_v"), [(128, 77, None), (256, 100, 90), (512, 256, None)])
 def test_wide_heads_and_odd_widths(head_dim, kept_k, kept_v):
     _check(*_case(kv_heads=1, group=2, head_dim=head_dim, kept_k=kept_k, kept_v=kept_v, n_compact=70))
 

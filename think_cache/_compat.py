@@ -85,6 +85,21 @@ def is_chunked(module: torch.nn.Module) -> bool:
     return layer_types is not None and layer_types[module.layer_idx] == "chunked_attention"
 
 
+try:  # newer transformers: a heterogeneous config (Gemma 4) refuses to read a value that differs by layer globally
+    from transformers.integrations.heterogeneity.configuration_utils import AmbiguousGlobalPerLayerAttributeError
+except ImportError:
+    AmbiguousGlobalPerLayerAttributeError = ()  # catches nothing
+
+
+def config_value(config, name: str):
+    """``config.<name>``, None where absent; for a value a heterogeneous config keeps per layer (Gemma 4's head_dim),
+    the tuple of the layers' values."""
+    try:
+        return getattr(config, name, None)
+    except AmbiguousGlobalPerLayerAttributeError:
+        return tuple(getattr(layer, name, None) for layer in config.per_layer_config)
+
+
 #: The ``layer_types`` of layers that hold a fixed-size recurrent state (and no tokens) in hybrid models.
 LINEAR_LAYER_TYPES = ("linear_attention",)
 

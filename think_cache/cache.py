@@ -99,7 +99,7 @@ def _fingerprint(config) -> tuple:
         "layer_types",
         "vocab_size",
     )
-    return tuple(repr(getattr(config, name, None)) for name in names)
+    return tuple(repr(_compat.config_value(config, name)) for name in names)
 
 
 def _layer_kind_error(layer_idx: int, wanted: str, held: str) -> str:

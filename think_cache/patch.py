@@ -30,6 +30,7 @@ SUPPORTED_MODEL_TYPES = (
     "llama4_text",  # chunked attention (Llama4ForCausalLM; the model with images, "llama4", not yet)
     "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "jamba",  # hybrids: linear-attention layers too
     "qwen3_5", "qwen3_5_moe",  # Qwen3.5 with its vision tower (hybrids too)
+    "gemma4_text",  # per-layer head sizes; its KV-shared layers (E2B, E4B) not yet
     "gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl",  # they see images too
 )  # fmt: skip
 
@@ -77,7 +78,8 @@ def _check_model(model: object) -> list[torch.nn.Module]:
         )
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"think_cache does not support model type {config.model_type!r}; supported: {supported}")
-    hybrid = bool(_compat.linear_layer_indices(config.get_text_config(decoder=True)))
+    text_config = config.get_text_config(decoder=True)
+    hybrid = bool(_compat.linear_layer_indices(text_config))
     if hybrid and _compat.LinearAttentionLayer is None:
         raise ValueError(
             f"think_cache serves hybrid models ({config.model_type!r}: linear-attention layers beside attention) "
@@ -89,6 +91,14 @@ def _check_model(model: object) -> list[torch.nn.Module]:
         raise ValueError(
             f"think_cache cannot serve {type(model).__name__} on transformers {transformers_version}: its attention "
             "does not go through transformers' attention interface in this version (a newer transformers has it)"
+        )
+    shared = list(getattr(text_config, "kv_sharing_modes", None) or ()).count("reuse")
+    if shared:
+        raise ValueError(
+            f"think_cache does not serve KV-shared layers yet: {shared} of this "
+            f"{config.model_type!r} model's layers attend over the keys and values of an earlier layer (Gemma 4 E2B "
+            "and E4B do), whose ThinK layer chose its channels for its own queries only. Gemma 4's larger models "
+            "share none."
         )
     implementation = _compat.attn_implementation(model) or ""
     if implementation.startswith("paged"):
