@@ -462,6 +462,15 @@ VISION = {
         dict(num_position_embeddings=16, deepstack_visual_indexes=[0], patch_size=14, **_QWEN_VIT),
         dict(image_token_id=IMAGE, vision_start_token_id=START, vision_end_token_id=END),
     ),
+    "gemma4": (  # Gemma4ForConditionalGeneration: 4x4 patches of 4x4 pixels, pooled 2x2 into four soft tokens
+        "gemma4",
+        lambda: make_config("gemma4_text", initializer_range=0.2, use_bidirectional_attention="vision").to_dict(),
+        dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+            head_dim=16, patch_size=4, pooling_kernel_size=2, position_embedding_size=64,
+        ),
+        dict(image_token_id=IMAGE, boi_token_id=START, eoi_token_id=END, audio_config=None),
+    ),
     **{
         name: (  # hybrids: linear-attention layers 0 and 2, attention 1 and 3
             name,
@@ -516,7 +525,12 @@ def _with_images(family: str, ids: torch.Tensor, at: list[int | None], seed: int
     inputs = dict(input_ids=ids)
     if not rows:
         return inputs
-    if family.startswith("qwen"):  # 4x4 patches of 2x14x14 pixels, merged 2x2 into four tokens
+    if family == "gemma4":  # 16 patches of 4x4 pixels at (x, y) positions; its image tokens see each other
+        inputs["pixel_values"] = torch.rand(len(rows), 16, 3 * 4 * 4, generator=g)
+        grid = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="xy"), dim=-1).reshape(16, 2)
+        inputs["image_position_ids"] = grid.expand(len(rows), 16, 2).clone()
+        inputs["mm_token_type_ids"] = (ids == IMAGE).long()
+    elif family.startswith("qwen"):  # 4x4 patches of 2x14x14 pixels, merged 2x2 into four tokens
         inputs["pixel_values"] = torch.randn(16 * len(rows), 3 * 2 * 14 * 14, generator=g)
         inputs["image_grid_thw"] = torch.tensor([[1, 4, 4]] * len(rows))
     else:

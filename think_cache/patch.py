@@ -30,7 +30,7 @@ SUPPORTED_MODEL_TYPES = (
     "llama4_text",  # chunked attention (Llama4ForCausalLM; the model with images, "llama4", not yet)
     "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "jamba",  # hybrids: linear-attention layers too
     "qwen3_5", "qwen3_5_moe",  # Qwen3.5 with its vision tower (hybrids too)
-    "gemma4_text",  # per-layer head sizes; its KV-shared layers (E2B, E4B) not yet
+    "gemma4_text", "gemma4",  # per-layer head sizes; KV-shared layers (E2B, E4B) not yet; "gemma4" sees images
     "gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl",  # they see images too
 )  # fmt: skip
 
@@ -52,10 +52,19 @@ class _PatchState:
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The self-attention modules: those with a layer index and q/k/v projections, separate as in Llama and its
-    kin or fused as in Phi-3, but not a hybrid model's linear-attention modules (OLMo Hybrid's have q/k/v too)."""
-    linear = set(_compat.linear_layer_indices(model.config.get_text_config(decoder=True)))
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and _has_projections(m) and m.layer_idx not in linear]
+    """The language model's self-attention modules: those with a layer index and q/k/v projections, separate as in
+    Llama and its kin or fused as in Phi-3, but not a hybrid model's linear-attention modules (OLMo Hybrid's have
+    q/k/v too) nor a vision tower's (Gemma 4's have a layer index too, and the vision tower's config)."""
+    text_config = model.config.get_text_config(decoder=True)
+    linear = set(_compat.linear_layer_indices(text_config))
+    return [
+        m
+        for m in model.modules()
+        if hasattr(m, "layer_idx")
+        and _has_projections(m)
+        and m.layer_idx not in linear
+        and getattr(m, "config", text_config) is text_config
+    ]
 
 
 def _has_projections(module: torch.nn.Module) -> bool:
@@ -97,8 +106,8 @@ def _check_model(model: object) -> list[torch.nn.Module]:
         raise ValueError(
             f"think_cache does not serve KV-shared layers yet: {shared} of this "
             f"{config.model_type!r} model's layers attend over the keys and values of an earlier layer (Gemma 4 E2B "
-            "and E4B do), whose ThinK layer chose its channels for its own queries only. Gemma 4's larger models "
-            "share none."
+            "and E4B do), whose ThinK layer would choose its channels for its own queries alone (Gemma 4 26B-A4B "
+            "shares none)."
         )
     implementation = _compat.attn_implementation(model) or ""
     if implementation.startswith("paged"):
