@@ -144,6 +144,8 @@ _BY_MODEL_TYPE = {
     "exaone_moe": ("exaone_moe", _SLIDING),
     "cohere2_moe": ("cohere2_moe", _SLIDING),
     "afmoe": ("afmoe", _SLIDING),
+    "granitemoeshared": ("granitemoeshared", dict(attention_multiplier=0.1, num_local_experts=4)),  # a shared expert
+    "minimax_m2": ("minimax_m2", dict(num_local_experts=4, num_experts_per_tok=2)),  # MiniMax-M2: q/k norms; experts
     # hybrids (transformers 5): linear-attention layers (a recurrent state, no tokens) at 0 and 2, attention at 1 and 3
     # Qwen3-Next: gated delta rule layers, gated attention, partial rotary; experts
     "qwen3_next": ("qwen3_next", dict(_QWEN_LINEAR, num_experts=4, num_experts_per_tok=2)),
@@ -159,6 +161,11 @@ _BY_MODEL_TYPE = {
             _SLIDING, head_dim=32, global_head_dim=64, hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB
         ),
     ),
+    # Granite 4.0-H: Mamba 2 layers beside attention with Granite's scales; experts
+    "granitemoehybrid": (
+        "granitemoehybrid",
+        dict(_HYBRID, attention_multiplier=0.1, mamba_n_heads=4, mamba_d_head=32, num_local_experts=4),
+    ),
     "jamba": (  # Mamba layers
         "jamba",
         dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, num_experts=2, expert_layer_period=4),
@@ -172,6 +179,8 @@ def make_config(arch: str, **overrides):
         model_type, defaults = _BY_MODEL_TYPE[arch]
         if model_type not in CONFIG_MAPPING:
             pytest.skip(f"transformers {transformers_version} has no {model_type!r} models")
+        if "linear_attention" in defaults.get("layer_types", ()) and compat.LinearAttentionLayer is None:
+            pytest.skip(f"think_cache serves hybrid models from transformers 5 on, not {transformers_version}")
         return AutoConfig.for_model(model_type, **{**COMMON_CONFIG, **defaults, **overrides})
     if arch not in _ARCHITECTURES:
         raise ValueError(arch)

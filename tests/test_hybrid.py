@@ -1,5 +1,5 @@
 """Hybrid models: linear-attention (recurrent) layers beside attention layers (Qwen3-Next, Qwen3.5, OLMo Hybrid,
-Jamba; transformers 5). ThinK serves the attention layers; the linear layers keep transformers' own
+Jamba, Granite 4.0-H; transformers 5). ThinK serves the attention layers; the linear layers keep transformers' own
 ``LinearAttentionLayer``, built where the model first asks for its state.
 
 The test models (`conftest._BY_MODEL_TYPE`) have a linear layer at 0 and 2 and attention at 1 and 3, so that the
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(
     compat.LinearAttentionLayer is None, reason="hybrid models need transformers 5 (linear-attention cache layers)"
 )
 
-HYBRIDS = ["qwen3_5_text", "qwen3_next", "jamba"]
+HYBRIDS = ["qwen3_5_text", "qwen3_next", "jamba", "granitemoehybrid"]
 
 
 @pytest.fixture(params=HYBRIDS)

@@ -28,7 +28,8 @@ SUPPORTED_MODEL_TYPES = (
     "cohere2_moe", "afmoe",
     "gpt_oss",  # attention sinks
     "llama4_text",  # chunked attention (Llama4ForCausalLM; the model with images, "llama4", not yet)
-    "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "jamba",  # hybrids: linear-attention layers too
+    "granitemoeshared", "minimax_m2",
+    "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "jamba", "granitemoehybrid",  # hybrids
     "qwen3_5", "qwen3_5_moe",  # Qwen3.5 with its vision tower (hybrids too)
     "gemma4_text", "gemma4",  # per-layer head sizes; KV-shared layers (E2B, E4B) not yet; "gemma4" sees images
     "gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl",  # they see images too
