@@ -220,3 +220,24 @@ def test_refused_without_linear_attention_layers(monkeypatch):
     monkeypatch.setattr(compat, "LinearAttentionLayer", None)
     with pytest.raises(ValueError, match="hybrid models .* from transformers 5 on"):
         _model()
+
+
+def test_value_pruning_equals_the_zeroed_reference():
+    model = _model()
+    ids, mask = make_batch([48, 31], seed=8)
+    cache = ThinKCache(key_ratio=0.5, value_ratio=0.25, window=8)
+    out = generate(model, ids, mask, cache, 16)
+    assert all(layer.value_channels is not None for layer in cache.attention_layers)
+    _assert_same(out, generate(model, ids, mask, zeroed_reference(cache, model), 16))
+
+
+def test_quantized_storage_on_the_attention_layers():
+    """4-bit codes in the attention layers; the linear layers' states stay as they are."""
+    model = _model()
+    ids, mask = make_batch([48, 31], seed=9)
+    plain, coded = ThinKCache(key_ratio=0.5, window=8), ThinKCache(key_ratio=0.5, window=8, bits=4)
+    greedy = [generate(model, ids, mask, cache, 12) for cache in (plain, coded)]
+    assert coded.stats().stored_bytes < 0.7 * plain.stats().stored_bytes  # 32 of 59 tokens coded here
+    linear = [held_bytes(c) - c.stats().stored_bytes for c in (plain, coded)]
+    assert linear[0] == linear[1] > 0
+    assert (greedy[0].sequences == greedy[1].sequences).float().mean() > 0.7  # close to the full-precision run
