@@ -217,9 +217,10 @@ def test_linear_modules_are_not_taken_for_attention():
 
 def test_refused_without_linear_attention_layers(monkeypatch):
     """transformers 4.x: hybrid models bring their own caches, which a ThinKCache cannot stand in for."""
+    model = _model(patch=False)
     monkeypatch.setattr(compat, "LinearAttentionLayer", None)
     with pytest.raises(ValueError, match="hybrid models .* from transformers 5 on"):
-        _model()
+        think_cache.patch(model)
 
 
 def test_value_pruning_equals_the_zeroed_reference():
