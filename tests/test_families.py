@@ -650,3 +650,23 @@ def test_gemma4_copied_cache_keeps_serving():
     other = make_model("gemma4_text", global_head_dim=128)
     with pytest.raises(ValueError, match="filled by another model"):
         generate(other, sequence, torch.ones_like(sequence), copy.deepcopy(copied), 2)
+
+
+def test_gemma4_channel_map_spans_both_head_sizes():
+    """Sliding layers of 32 channels and 2 KV heads, a global one of 64 and 1 (attention_k_eq_v): one map, as wide
+    as the widest layer, the narrower rows ending in NaN; the plot marks each layer where its rows start."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from think_cache.plotting import channel_map
+
+    model = make_model("gemma4_text", attention_k_eq_v=True, num_global_key_value_heads=1)
+    cache = ThinKCache(key_ratio=0.5, window=8)
+    generate(model, *make_batch([30], seed=1), cache, 4)
+    kept = channel_map(cache)
+    assert kept.shape == (2 + 2 + 1, 64)
+    assert torch.isnan(kept[:4, 32:]).all() and not torch.isnan(kept[:4, :32]).any() and not torch.isnan(kept[4]).any()
+    assert kept[:4, :32].sum() == 4 * 16 and kept[4].sum() == 32  # half of each layer's channels
+    axis = cache.plot_channels().axes[0]
+    assert list(axis.get_yticks()) == [0, 2, 4]
+    assert [label.get_text() for label in axis.get_yticklabels()] == ["0", "1", "2"]

@@ -189,19 +189,60 @@ def test_assisted_decoding_is_refused():
         generate(model, ids, mask, ThinKCache(key_ratio=0.5), 4, prompt_lookup_num_tokens=3)
 
 
+def test_crop_is_refused_before_any_layer_is_cut():
+    model = _model()
+    cache = ThinKCache(key_ratio=0.5, window=8)
+    generate(model, *make_batch([30], seed=2), cache, 4)
+    stored = [layer.stored_tokens for layer in cache.attention_layers]
+    with pytest.raises(ValueError, match="recurrent state that cannot be cut back"):
+        cache.crop(-1)
+    assert [layer.stored_tokens for layer in cache.attention_layers] == stored
+
+
 def test_a_cache_of_another_model_is_refused():
-    """Filled by a Llama, fed to a hybrid (plain forwards: generate's own check comes first): the first linear layer
-    finds attention there and says so."""
+    """Filled by a Llama, fed to a hybrid in plain forwards (generate's own check comes first), and the reverse:
+    refused at the first layer, linear or attention."""
     llama = make_model("llama")
     ids, mask = make_batch([20], seed=1)
     cache = ThinKCache(key_ratio=0.5)
     generate(llama, ids, mask, cache, 2)
-    with pytest.raises(ValueError, match="Layer 0 of this model is a linear-attention layer"), torch.no_grad():
+    with pytest.raises(ValueError, match="filled by another model"), torch.no_grad():
         _model()(input_ids=ids[:, -1:], past_key_values=cache)
     hybrid_cache = ThinKCache(key_ratio=0.5)
     generate(_model(), ids, mask, hybrid_cache, 2)
     with pytest.raises(ValueError, match="filled by another model"), torch.no_grad():
         llama(input_ids=ids[:, -1:], past_key_values=hybrid_cache)
+
+
+@pytest.mark.parametrize("other", ["jamba", "qwen3_5_text-other-weights"])
+def test_another_hybrid_cannot_touch_the_states(other):
+    """A hybrid's cache fed to another hybrid in plain forwards (generate checks earlier): refused at the first
+    linear layer, before it reads or overwrites a state (even a model of the same config but other weights), and
+    the right model then continues as from an untouched copy."""
+    model = _model()
+    ids, mask = make_batch([30], seed=4)
+    cache = ThinKCache(key_ratio=0.5, window=8)
+    first = generate(model, ids, mask, cache, 4)
+    untouched = copy.deepcopy(cache)
+    intruder = make_model("qwen3_5_text", seed=1, initializer_range=0.2) if other.endswith("weights") else _model(other)
+    with pytest.raises(ValueError, match="filled by another model"), torch.no_grad():
+        intruder(input_ids=first.sequences[:, -1:], past_key_values=cache)
+    for layer, copied in zip(cache.layers[::2], untouched.layers[::2], strict=True):
+        assert torch.equal(layer.recurrent_states[0], copied.recurrent_states[0])
+        assert torch.equal(layer.conv_states[0], copied.conv_states[0])
+    sequence = torch.cat([first.sequences, torch.randint(3, 200, (1, 5))], dim=-1)
+    _assert_same(
+        generate(model, sequence, torch.ones_like(sequence), cache, 4),
+        generate(model, sequence, torch.ones_like(sequence), untouched, 4),
+        atol=0,
+    )
+
+
+def test_an_unpatched_hybrid_is_told_to_patch():
+    model = _model(patch=False)
+    ids, mask = make_batch([20], seed=1)
+    with pytest.raises(RuntimeError, match="has not been patched"), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=ThinKCache(key_ratio=0.5))
 
 
 def test_linear_modules_are_not_taken_for_attention():

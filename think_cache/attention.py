@@ -48,6 +48,7 @@ class _ThreadState(threading.local):
     def __init__(self) -> None:
         self.module: torch.nn.Module | None = None
         self.handoff: _Handoff | None = None
+        self.linear_config: object = None  # the text config of the hybrid model whose linear layer is running
 
 
 class _CompiledState:
@@ -78,6 +79,26 @@ def exit_module(module: torch.nn.Module, *args, **kwargs) -> None:
     if not is_compiling():
         _state.module = None
         _state.handoff = None
+        _state.linear_config = None
+
+
+class EnterLinearModule:
+    """Forward pre-hook of a hybrid model's linear-attention module: this thread now runs a linear layer of the model
+    whose text config is ``config`` (its modules do not all keep one), so that a ThinKCache can check that it serves
+    this model before it hands out or stores a recurrent state."""
+
+    def __init__(self, config: object) -> None:
+        self.config = config
+
+    def __call__(self, module: torch.nn.Module, *args, **kwargs) -> None:
+        if not is_compiling():
+            _state.module = module
+            _state.linear_config = self.config
+
+
+def current_linear_config() -> object:
+    """The text config of the hybrid model whose linear-attention module this thread is running, if any."""
+    return _state.linear_config
 
 
 def current_module() -> torch.nn.Module | None:

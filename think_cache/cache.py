@@ -10,7 +10,7 @@ from transformers.cache_utils import Cache
 
 from . import _compat, quant
 from ._checks import check_bits, check_int
-from .attention import ATTENTION_NAME, current_module, hand_off
+from .attention import ATTENTION_NAME, current_linear_config, current_module, hand_off
 from .layer import LayerStats, ThinKLayer, ThinKSlidingLayer, storage_bytes
 from .policies import Policy
 from .static import STATIC_SINKS, StaticThinKLayer
@@ -421,8 +421,20 @@ class ThinKCache(Cache):
 
     # ------------------------------------------------------------------------- linear attention (hybrids)
     def _linear_layer(self, layer_idx: int) -> None:
-        """Make sure that layer ``layer_idx`` is a linear-attention layer: transformers' own, built where the model
-        first asks for its state (layers are visited in order, so every earlier one exists by then)."""
+        """Make sure that layer ``layer_idx`` is a linear-attention layer of the model this cache serves: transformers'
+        own, built where the model first asks for its state (layers are visited in order, so every earlier one exists
+        by then). The model is checked first, so that another model's forward cannot read or overwrite a state."""
+        if _compat.is_compiling():  # a static cache's compiled step: every layer exists, the model was checked
+            return
+        config = current_linear_config()
+        if config is None:
+            raise RuntimeError(
+                "ThinKCache needs the ThinK attention, and this model has not been patched: call "
+                "`think_cache.patch(model)` once before using ThinKCache with it."
+            )
+        if config is not self._model_config:
+            self._model_fingerprint = self.check_model(config)
+            self._model_config = config
         if layer_idx == len(self.layers):
             self.layers.append(_compat.LinearAttentionLayer())
         elif layer_idx > len(self.layers):
@@ -484,6 +496,12 @@ class ThinKCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the newest tokens (as transformers' `crop`); only the full-width recent part can be cut."""
         count = _compat.crop_count(tokens_to_remove, int(self.get_seq_length()))
+        linear = [layer for layer in self.layers if not isinstance(layer, ThinKLayer)]
+        if not all(getattr(layer, "record_past", False) for layer in linear):  # checked before any layer is cut
+            raise ValueError(
+                "This hybrid model's linear-attention layers keep a recurrent state that cannot be cut back to an "
+                "earlier token (as in DynamicCache): crop is not possible on its cache."
+            )
         for layer in self.layers:
             layer.crop(count)
 

@@ -10,7 +10,7 @@ from transformers import GenerationConfig
 from transformers import __version__ as transformers_version
 
 from . import _compat
-from .attention import ATTENTION_NAME, enter_module, exit_module, register
+from .attention import ATTENTION_NAME, EnterLinearModule, enter_module, exit_module, register
 from .cache import ThinKCache
 from .policies import Policy
 from .static import second_prompt_error
@@ -65,6 +65,18 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
         and _has_projections(m)
         and m.layer_idx not in linear
         and getattr(m, "config", text_config) is text_config
+    ]
+
+
+def _linear_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """A hybrid model's modules at its linear-attention layers (those with a layer index there: the mixer that asks
+    the cache for its state, and the decoder layer around it where it keeps an index); none in other models."""
+    text_config = model.config.get_text_config(decoder=True)
+    linear = set(_compat.linear_layer_indices(text_config))
+    return [
+        m
+        for m in model.modules()
+        if getattr(m, "layer_idx", None) in linear and getattr(m, "config", text_config) is text_config
     ]
 
 
@@ -176,6 +188,10 @@ def patch(model: torch.nn.Module, **defaults) -> torch.nn.Module:
             state.hooks.append(module.register_forward_pre_hook(enter_module))
             # always_call: the state is cleared even when the forward raises (torch>=2.0), or a later ThinKCache
             # on another model would take this module for its own
+            state.hooks.append(module.register_forward_hook(exit_module, always_call=True))
+        enter_linear = EnterLinearModule(modules[0].config)  # the attention layers' config: the text model's
+        for module in _linear_modules(model):
+            state.hooks.append(module.register_forward_pre_hook(enter_linear))
             state.hooks.append(module.register_forward_hook(exit_module, always_call=True))
         if hasattr(model, _CONTINUOUS_BATCHING):  # transformers' paged attention cannot serve ThinK: say so
             state.own_init_continuous_batching = vars(model).get(_CONTINUOUS_BATCHING)

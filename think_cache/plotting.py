@@ -10,13 +10,19 @@ __all__ = ["channel_map", "plot_channels"]
 def channel_map(cache, batch_index: int = 0) -> torch.Tensor:
     """``(layers * kv_heads, head_dim)`` float: 1 where a key channel is kept, 0 where pruned, for one batch row.
 
-    Rows are ordered layer by layer, KV head by KV head (attention layers only, in a hybrid model). A layer that
-    prunes must have been compacted (its channels chosen): ``generate`` compacts at the prompt's end; after plain
-    forwards, call ``cache.compact()`` first.
+    Rows are ordered layer by layer, KV head by KV head (attention layers only, in a hybrid model). Where layers
+    differ in head size (Gemma 4's global layers are wider), every row is as wide as the widest and a narrower
+    layer's rows end in NaN. A layer that prunes must have been compacted (its channels chosen): ``generate``
+    compacts at the prompt's end; after plain forwards, call ``cache.compact()`` first.
     """
-    rows = []
-    for layer in cache.attention_layers:
-        if not layer.is_initialized:
+    return torch.cat(list(_layer_maps(cache, batch_index).values()))
+
+
+def _layer_maps(cache, batch_index: int) -> dict[int, torch.Tensor]:
+    """Each initialized attention layer's ``(kv_heads, widest head_dim)`` map, by layer index."""
+    maps = {}
+    for index, layer in enumerate(cache.layers):
+        if getattr(layer, "keys", None) is None:  # not initialized, or a hybrid model's linear-attention layer
             continue
         if layer.prunes and not layer.is_compacted:
             raise ValueError(
@@ -28,10 +34,13 @@ def channel_map(cache, batch_index: int = 0) -> torch.Tensor:
         if layer.key_channels is not None:
             kept = torch.zeros(heads, head_dim)
             kept.scatter_(-1, layer.key_channels[batch_index].long().cpu(), 1.0)
-        rows.append(kept)
-    if not rows:
+        maps[index] = kept
+    if not maps:
         raise ValueError("the cache is empty: run the model with it first")
-    return torch.cat(rows)
+    width = max(kept.shape[-1] for kept in maps.values())
+    return {
+        i: torch.nn.functional.pad(kept, (0, width - kept.shape[-1]), value=float("nan")) for i, kept in maps.items()
+    }
 
 
 def plot_channels(cache, batch_index: int = 0, ax=None, title: str | None = None):
@@ -43,20 +52,24 @@ def plot_channels(cache, batch_index: int = 0, ax=None, title: str | None = None
         import matplotlib.pyplot as plt
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError("plot_channels needs matplotlib: pip install 'think-cache[plot]'") from error
-    data = channel_map(cache, batch_index).numpy()
-    layers = [i for i, layer in enumerate(cache.layers) if getattr(layer, "keys", None) is not None]
-    heads = cache.layers[layers[0]].keys.shape[1]
-    n_layers = data.shape[0] // heads
+    maps = _layer_maps(cache, batch_index)
+    data = torch.cat(list(maps.values())).numpy()
+    starts, row = [], 0  # the first row of each layer (layers may differ in KV heads)
+    for kept in maps.values():
+        starts.append(row)
+        row += kept.shape[0]
+    heads = {kept.shape[0] for kept in maps.values()}
     if ax is None:
         fig, ax = plt.subplots(figsize=(8, max(3.0, 0.12 * data.shape[0])))
     else:
         fig = ax.figure
     ax.imshow(data, aspect="auto", interpolation="nearest", cmap="Blues", vmin=0, vmax=1)
-    step = max(1, n_layers // 10)
-    ax.set_yticks([i * heads for i in range(0, n_layers, step)], [str(layers[i]) for i in range(0, n_layers, step)])
-    ax.set_ylabel(f"layer ({heads} KV heads each)")
+    step = max(1, len(starts) // 10)
+    layers = list(maps)
+    ax.set_yticks(starts[::step], [str(i) for i in layers[::step]])
+    ax.set_ylabel(f"layer ({'/'.join(str(h) for h in sorted(heads))} KV heads each)")
     ax.set_xlabel("key channel")
-    ratio = 1 - data.mean()
+    ratio = 1 - float(torch.nanmean(torch.from_numpy(data)))
     ax.set_title(title or f"kept key channels (blue), {ratio:.0%} pruned, batch row {batch_index}")
     fig.tight_layout()
     return fig
