@@ -22,7 +22,7 @@ import think_cache
 from think_cache import H2O, SnapKV, StreamingLLM, ThinKCache, held_bytes
 from think_cache import _compat as compat
 from think_cache.layer import ThinKLayer
-from think_cache.patch import _attention_modules
+from think_cache.patch import _attention_modules, _linear_modules
 from think_cache.plotting import channel_map
 
 ATOL = 1e-4
@@ -238,8 +238,13 @@ def test_another_hybrid_cannot_touch_the_states(other):
     )
 
 
-def test_an_unpatched_hybrid_is_told_to_patch():
-    model = _model(patch=False)
+@pytest.mark.parametrize("unpatched", [False, True], ids=["never-patched", "unpatched"])
+def test_an_unpatched_hybrid_is_told_to_patch(unpatched):
+    model = _model(patch=unpatched)
+    if unpatched:
+        assert all(m._forward_pre_hooks for m in _linear_modules(model))
+        think_cache.unpatch(model)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in _linear_modules(model))
     ids, mask = make_batch([20], seed=1)
     with pytest.raises(RuntimeError, match="has not been patched"), torch.no_grad():
         model(input_ids=ids, attention_mask=mask, past_key_values=ThinKCache(key_ratio=0.5))
