@@ -166,6 +166,8 @@ _BY_MODEL_TYPE = {
         "granitemoehybrid",
         dict(_HYBRID, attention_multiplier=0.1, mamba_n_heads=4, mamba_d_head=32, num_local_experts=4),
     ),
+    # Falcon-H1: Mamba 2 beside attention in every layer (its parallel hybrid), µP multipliers on keys and more
+    "falcon_h1": ("falcon_h1", dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_ssm=64, key_multiplier=0.5)),
     "jamba": (  # Mamba layers
         "jamba",
         dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, num_experts=2, expert_layer_period=4),
@@ -179,7 +181,8 @@ def make_config(arch: str, **overrides):
         model_type, defaults = _BY_MODEL_TYPE[arch]
         if model_type not in CONFIG_MAPPING:
             pytest.skip(f"transformers {transformers_version} has no {model_type!r} models")
-        if "linear_attention" in defaults.get("layer_types", ()) and compat.LinearAttentionLayer is None:
+        hybrid = "linear_attention" in defaults.get("layer_types", ()) or model_type == "falcon_h1"
+        if hybrid and compat.LinearAttentionLayer is None:
             pytest.skip(f"think_cache serves hybrid models from transformers 5 on, not {transformers_version}")
         return AutoConfig.for_model(model_type, **{**COMMON_CONFIG, **defaults, **overrides})
     if arch not in _ARCHITECTURES:
@@ -379,6 +382,31 @@ class ZeroedLayer(DynamicLayer):
         return min(self.seen, self.sliding_window - 1) + query_length, offset
 
 
+class ZeroedHybridLayer(*(() if compat.LinearAttentionLayer is None else (compat.LinearAttentionLayer,)), ZeroedLayer):
+    """A `ZeroedLayer` with a recurrent state beside it (Falcon-H1 runs Mamba beside attention in each layer), built
+    as transformers' ``LinearAttentionAndFullAttentionLayer`` is."""
+
+    is_compileable = False
+
+    def __init__(self, *args, **kwargs):
+        ZeroedLayer.__init__(self, *args, **kwargs)
+        compat.LinearAttentionLayer.__init__(self)
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        if len(args) == 2 and not kwargs:  # the attention's keys and values
+            ZeroedLayer.lazy_initialization(self, *args)
+        elif not args:  # a conv or recurrent state
+            compat.LinearAttentionLayer.lazy_initialization(self, **kwargs)
+
+    def reset(self) -> None:
+        compat.LinearAttentionLayer.reset(self)
+        ZeroedLayer.reset(self)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        compat.LinearAttentionLayer.reorder_cache(self, beam_idx)
+        ZeroedLayer.reorder_cache(self, beam_idx)
+
+
 def zeroed_reference(think_cache_after_run, model) -> DynamicCache:
     """A DynamicCache of `ZeroedLayer`s using the channels a ThinK run chose."""
     layers = []
@@ -386,13 +414,17 @@ def zeroed_reference(think_cache_after_run, model) -> DynamicCache:
     stock = DynamicCache(config=model.config).layers
     think_layers = iter(think_cache_after_run.layers)
     for stock_layer in stock:
-        if compat.LinearAttentionCacheLayerMixin and isinstance(stock_layer, compat.LinearAttentionCacheLayerMixin):
+        linear = compat.LinearAttentionCacheLayerMixin and isinstance(
+            stock_layer, compat.LinearAttentionCacheLayerMixin
+        )
+        if linear and not isinstance(stock_layer, DynamicLayer):
             layers.append(stock_layer)  # a hybrid model's linear-attention layer: transformers' own, as in ThinK
             next(think_layers)
             continue
         layer, window = next(think_layers), getattr(stock_layer, "sliding_window", None)
+        zeroed = ZeroedHybridLayer if linear else ZeroedLayer  # Falcon-H1: a recurrent state beside the tokens
         layers.append(
-            ZeroedLayer(
+            zeroed(
                 layer.key_channels,
                 layer.value_channels,
                 layer.recent,

@@ -83,6 +83,7 @@ MORE_FAMILIES = {
         "cohere2_moe", "afmoe",
         "granitemoeshared", "minimax_m2",
         "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "jamba", "granitemoehybrid",  # hybrids
+        "falcon_h1",
     )
 }  # fmt: skip
 
@@ -102,7 +103,7 @@ def _models(family: str, **overrides):
     arch, settings = {**FAMILIES, **MORE_FAMILIES}[family]
     settings = {**settings, **overrides}
     unpatched = make_model(arch, patch=False)
-    hybrid = compat.linear_layer_indices(unpatched.config)  # they leave the flag unset for their linear layers
+    hybrid = compat.state_layer_indices(unpatched.config)  # they leave the flag unset for their linear layers
     if not (unpatched._supports_attention_backend or hybrid and compat.LinearAttentionLayer is not None):
         pytest.skip(f"{family} does not use transformers' attention interface in this transformers version")
     patched = make_model(arch, **settings)
@@ -507,7 +508,7 @@ def _vision_model(family: str, patch: bool = True):
     config = AutoConfig.for_model(model_type, text_config=text(), vision_config=vision, **settings)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config).eval()
-    hybrid = compat.linear_layer_indices(model.config.get_text_config(decoder=True))
+    hybrid = compat.state_layer_indices(model.config.get_text_config(decoder=True))
     if not (model._supports_attention_backend or hybrid and compat.LinearAttentionLayer is not None):
         pytest.skip(f"{family} does not use transformers' attention interface in this transformers version")
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0

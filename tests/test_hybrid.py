@@ -1,6 +1,7 @@
 """Hybrid models: linear-attention (recurrent) layers beside attention layers (Qwen3-Next, Qwen3.5, OLMo Hybrid,
 Jamba, Granite 4.0-H; transformers 5). ThinK serves the attention layers; the linear layers keep transformers' own
-``LinearAttentionLayer``, built where the model first asks for its state.
+``LinearAttentionLayer``, built where the model first asks for its state. Falcon-H1 runs Mamba beside attention in
+every layer: its states sit beside the ThinK layers.
 
 The test models (`conftest._BY_MODEL_TYPE`) have a linear layer at 0 and 2 and attention at 1 and 3, so that the
 first layer a forward meets holds no tokens. `test_families.test_more_families` checks each family's tokens and
@@ -78,6 +79,32 @@ def test_linear_layers_keep_transformers_state(hybrid):
     assert channel_map(half).sum() == 2 * kv_heads * head_dim // 2
 
 
+def test_falcon_h1_keeps_a_state_beside_each_attention_layer():
+    """Falcon-H1 runs Mamba beside attention in every layer: each ThinK layer gets transformers' recurrent state
+    beside it (at key_ratio 0 the states and bytes are DynamicCache's), stats count the ThinK layers, a copy
+    carries the states and `reset` drops them."""
+    model = _model("falcon_h1")
+    ids, mask = make_batch([40, 27], seed=3)
+    dynamic, zero, half = DynamicCache(config=model.config), ThinKCache(key_ratio=0), ThinKCache(0.5, window=8)
+    for cache in (dynamic, zero, half):
+        generate(model, ids, mask, cache, 10)
+    assert all(isinstance(layer, ThinKLayer) for layer in zero.layers) and len(zero.layers) == 2
+    assert sorted(zero._hybrid_states) == [0, 1]
+    for index, stock in enumerate(dynamic.layers):
+        ours = zero._hybrid_states[index]
+        torch.testing.assert_close(ours.conv_states[0], stock.conv_states[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.recurrent_states[0], stock.recurrent_states[0], atol=1e-5, rtol=0)
+    assert held_bytes(zero) == held_bytes(dynamic)
+    linear_bytes = held_bytes(dynamic) - zero.stats().dense_bytes
+    assert linear_bytes > 0 and held_bytes(half) == half.stats().stored_bytes + linear_bytes
+    assert [s.layer_idx for s in half.stats().layers] == [0, 1] and half.stats().ratio < 0.9
+    copied = copy.deepcopy(half)
+    assert copied._hybrid_states[0].recurrent_states[0] is not half._hybrid_states[0].recurrent_states[0]
+    half.reset()
+    assert half._hybrid_states == {} and held_bytes(half) == 0
+
+
+@pytest.mark.parametrize("hybrid", [*HYBRIDS, "falcon_h1"])
 def test_chat_turns_follow_the_reference(hybrid):
     """Three turns on one cache: the model's attention over zeroed channels gives the same tokens and logits, and
     the linear layers carry their state from turn to turn."""
@@ -101,8 +128,9 @@ def test_chat_turns_follow_the_reference(hybrid):
         _assert_same(a, b)
 
 
-def test_chat_turns_at_ratio_zero_equal_dynamic_cache():
-    model = _model()
+@pytest.mark.parametrize("family", ["qwen3_5_text", "falcon_h1"])
+def test_chat_turns_at_ratio_zero_equal_dynamic_cache(family):
+    model = _model(family)
     ids, _ = make_batch([30], seed=7)
     outs = {}
     for name, cache in (("think", ThinKCache(key_ratio=0)), ("dynamic", DynamicCache(config=model.config))):
@@ -147,8 +175,9 @@ def test_a_copied_prefix_serves_two_continuations():
     )
 
 
-def test_beam_search_at_ratio_zero_equals_dynamic_cache():
-    model = _model()
+@pytest.mark.parametrize("family", ["qwen3_5_text", "falcon_h1"])
+def test_beam_search_at_ratio_zero_equals_dynamic_cache(family):
+    model = _model(family)
     ids, mask = make_batch([36, 22], seed=2)
     settings = dict(num_beams=3, num_return_sequences=3, output_scores=True)
     out = generate(model, ids, mask, ThinKCache(key_ratio=0), 12, **settings)
@@ -189,8 +218,9 @@ def test_assisted_decoding_is_refused():
         generate(model, ids, mask, ThinKCache(key_ratio=0.5), 4, prompt_lookup_num_tokens=3)
 
 
-def test_crop_is_refused_before_any_layer_is_cut():
-    model = _model()
+@pytest.mark.parametrize("family", ["qwen3_5_text", "falcon_h1"])
+def test_crop_is_refused_before_any_layer_is_cut(family):
+    model = _model(family)
     cache = ThinKCache(key_ratio=0.5, window=8)
     generate(model, *make_batch([30], seed=2), cache, 4)
     stored = [layer.stored_tokens for layer in cache.attention_layers]

@@ -100,14 +100,22 @@ def config_value(config, name: str):
         return tuple(getattr(layer, name, None) for layer in config.per_layer_config)
 
 
-#: The ``layer_types`` of layers that hold a fixed-size recurrent state (and no tokens) in hybrid models.
+#: The ``layer_types`` of a hybrid model's layers that hold a fixed-size recurrent state (and no tokens)...
 LINEAR_LAYER_TYPES = ("linear_attention",)
+#: ... and of those that hold one beside their attention's tokens (Falcon-H1 runs both side by side in each layer).
+BOTH_LAYER_TYPES = ("hybrid",)
 
 
 def linear_layer_indices(config) -> list[int]:
     """The indices of a hybrid model's linear-attention layers (its ``layer_types``), empty for other models."""
     layer_types = getattr(config, "layer_types", None) or ()
     return [i for i, kind in enumerate(layer_types) if kind in LINEAR_LAYER_TYPES]
+
+
+def state_layer_indices(config) -> list[int]:
+    """The indices of a hybrid model's layers with a recurrent state: linear-attention layers, and layers of both."""
+    layer_types = getattr(config, "layer_types", None) or ()
+    return [i for i, kind in enumerate(layer_types) if kind in LINEAR_LAYER_TYPES + BOTH_LAYER_TYPES]
 
 
 def sliding_window_of(module: torch.nn.Module) -> int | None:

@@ -47,7 +47,8 @@ def _layer_tensors(layer: object):
 def held_bytes(cache: Cache) -> int:
     """Bytes of the tensor storages any transformers cache holds (a `ThinKCache` or a stock one, including
     ``QuantizedCache``'s quantized tensors and a hybrid model's linear-attention states), measured."""
-    return storage_bytes(plain for layer in cache.layers for t in _layer_tensors(layer) for plain in _plain_tensors(t))
+    layers = [*cache.layers, *getattr(cache, "_hybrid_states", {}).values()]  # Falcon-H1's states beside ThinK's
+    return storage_bytes(plain for layer in layers for t in _layer_tensors(layer) for plain in _plain_tensors(t))
 
 
 def human_bytes(n: float) -> str:
@@ -310,6 +311,7 @@ class ThinKCache(Cache):
         self._model_fingerprint = None
         self._prompt_start, self._prompt_end = 0, None
         self._first_attention = None  # the index of the first ThinK layer (0 but in a hybrid model)
+        self._hybrid_states = {}  # layer index -> the recurrent state beside a ThinK layer (Falcon-H1)
         super().__init__(layers=[])
 
     # ------------------------------------------------------------------------------------------- update
@@ -420,12 +422,14 @@ class ThinKCache(Cache):
         return layer
 
     # ------------------------------------------------------------------------- linear attention (hybrids)
-    def _linear_layer(self, layer_idx: int) -> None:
-        """Make sure that layer ``layer_idx`` is a linear-attention layer of the model this cache serves: transformers'
-        own, built where the model first asks for its state (layers are visited in order, so every earlier one exists
-        by then). The model is checked first, so that another model's forward cannot read or overwrite a state."""
-        if _compat.is_compiling():  # a static cache's compiled step: every layer exists, the model was checked
-            return
+    def _linear_state(self, layer_idx: int):
+        """The recurrent state of layer ``layer_idx``, for the model this cache serves. A linear-attention layer's is
+        the layer itself: transformers' own `LinearAttentionLayer`, built where the model first asks for it (layers
+        are visited in order, so every earlier one exists by then). A layer of both kinds (Falcon-H1: Mamba beside
+        attention) keeps one beside its ThinK layer, in ``_hybrid_states``. The model is checked first, so that
+        another model's forward cannot read or overwrite a state."""
+        if _compat.is_compiling():  # a static cache's compiled step: every state exists, the model was checked
+            return self._hybrid_states[layer_idx] if layer_idx in self._hybrid_states else self.layers[layer_idx]
         config = current_linear_config()
         if config is None:
             raise RuntimeError(
@@ -435,6 +439,10 @@ class ThinKCache(Cache):
         if config is not self._model_config:
             self._model_fingerprint = self.check_model(config)
             self._model_config = config
+        if config.layer_types[layer_idx] in _compat.BOTH_LAYER_TYPES:
+            if layer_idx not in self._hybrid_states:
+                self._hybrid_states[layer_idx] = _compat.LinearAttentionLayer()
+            return self._hybrid_states[layer_idx]
         if layer_idx == len(self.layers):
             self.layers.append(_compat.LinearAttentionLayer())
         elif layer_idx > len(self.layers):
@@ -444,22 +452,42 @@ class ThinKCache(Cache):
             )
         elif not isinstance(self.layers[layer_idx], _compat.LinearAttentionCacheLayerMixin):
             raise ValueError(_layer_kind_error(layer_idx, "a linear-attention", "attention keys and values"))
+        return self.layers[layer_idx]
+
+    def _linear_states(self) -> list:
+        """Every recurrent state held: the linear-attention layers and the states beside ThinK layers."""
+        linear = [layer for layer in self.layers if not isinstance(layer, ThinKLayer)]
+        return linear + list(self._hybrid_states.values())
 
     def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
-        self._linear_layer(layer_idx)
-        return super().get_conv_state(layer_idx, state_idx)
+        state = self._linear_state(layer_idx)
+        return state.conv_states[state_idx] if state.has_previous_state[state_idx] else None
 
     def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
-        self._linear_layer(layer_idx)
-        return super().get_recurrent_state(layer_idx, state_idx)
+        state = self._linear_state(layer_idx)
+        return state.recurrent_states[state_idx] if state.has_previous_state[state_idx] else None
 
     def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0, **kwargs):
-        self._linear_layer(layer_idx)
-        return super().update_conv_state(conv_states, layer_idx, state_idx, **kwargs)
+        return self._linear_state(layer_idx).update_conv_state(conv_states, state_idx, **kwargs)
 
     def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0, **kwargs):
-        self._linear_layer(layer_idx)
-        return super().update_recurrent_state(recurrent_states, layer_idx, state_idx, **kwargs)
+        return self._linear_state(layer_idx).update_recurrent_state(recurrent_states, state_idx, **kwargs)
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return getattr(self._linear_state(layer_idx), "record_past", False)
+
+    def activate_past_recording(self) -> None:
+        """Let the recurrent states keep their past until the next `crop` (transformers asks this of the cache it is
+        given back; the attention layers keep their tokens anyway)."""
+        for layer in [*self.layers, *self._hybrid_states.values()]:
+            if hasattr(layer, "activate_past_recording"):
+                layer.activate_past_recording()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Keep the rows of ``beam_idx`` (beam search), in every layer and state."""
+        super().reorder_cache(beam_idx)
+        for state in self._hybrid_states.values():
+            state.reorder_cache(beam_idx)
 
     @property
     def attention_layers(self) -> list[ThinKLayer]:
@@ -496,13 +524,12 @@ class ThinKCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the newest tokens (as transformers' `crop`); only the full-width recent part can be cut."""
         count = _compat.crop_count(tokens_to_remove, int(self.get_seq_length()))
-        linear = [layer for layer in self.layers if not isinstance(layer, ThinKLayer)]
-        if not all(getattr(layer, "record_past", False) for layer in linear):  # checked before any layer is cut
+        if not all(getattr(state, "record_past", False) for state in self._linear_states()):  # before any is cut
             raise ValueError(
                 "This hybrid model's linear-attention layers keep a recurrent state that cannot be cut back to an "
                 "earlier token (as in DynamicCache): crop is not possible on its cache."
             )
-        for layer in self.layers:
+        for layer in [*self.layers, *self._hybrid_states.values()]:
             layer.crop(count)
 
     def reset(self) -> None:
@@ -515,6 +542,7 @@ class ThinKCache(Cache):
         self._model_config = self._model_fingerprint = None
         self._prompt_start, self._prompt_end = 0, None
         self._first_attention = None
+        self._hybrid_states = {}
 
     # ------------------------------------------------------------------------------------------ schedule
     def mark_prompt_end(self, length: int | None) -> None:
@@ -566,7 +594,7 @@ class ThinKCache(Cache):
         a static cache."""
         if self.max_cache_len is not None:
             return False
-        linear_ok = all(layer.is_croppable for layer in self.layers if not isinstance(layer, ThinKLayer))
+        linear_ok = all(state.is_croppable for state in self._linear_states())
         return linear_ok and (self.policy is None or not self.policy.evicts_while_decoding)
 
     # ------------------------------------------------------------------------------------------- report

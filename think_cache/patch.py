@@ -30,6 +30,7 @@ SUPPORTED_MODEL_TYPES = (
     "llama4_text",  # chunked attention (Llama4ForCausalLM; the model with images, "llama4", not yet)
     "granitemoeshared", "minimax_m2",
     "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "jamba", "granitemoehybrid",  # hybrids
+    "falcon_h1",  # a hybrid whose every layer runs attention and Mamba side by side
     "qwen3_5", "qwen3_5_moe",  # Qwen3.5 with its vision tower (hybrids too)
     "gemma4_text", "gemma4",  # per-layer head sizes; KV-shared layers (E2B, E4B) not yet; "gemma4" sees images
     "gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl",  # they see images too
@@ -69,14 +70,18 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _linear_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """A hybrid model's modules at its linear-attention layers (those with a layer index there: the mixer that asks
-    the cache for its state, and the decoder layer around it where it keeps an index); none in other models."""
+    """A hybrid model's modules at its layers with a recurrent state, other than attention (those with a layer index
+    there: the mixer that asks the cache for its state, and the decoder layer around it where it keeps an index);
+    none in other models."""
     text_config = model.config.get_text_config(decoder=True)
-    linear = set(_compat.linear_layer_indices(text_config))
+    stateful = set(_compat.state_layer_indices(text_config))
+    attention = set(_attention_modules(model))
     return [
         m
         for m in model.modules()
-        if getattr(m, "layer_idx", None) in linear and getattr(m, "config", text_config) is text_config
+        if getattr(m, "layer_idx", None) in stateful
+        and getattr(m, "config", text_config) is text_config
+        and m not in attention
     ]
 
 
@@ -101,7 +106,7 @@ def _check_model(model: object) -> list[torch.nn.Module]:
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"think_cache does not support model type {config.model_type!r}; supported: {supported}")
     text_config = config.get_text_config(decoder=True)
-    hybrid = bool(_compat.linear_layer_indices(text_config))
+    hybrid = bool(_compat.state_layer_indices(text_config))
     if hybrid and _compat.LinearAttentionLayer is None:
         raise ValueError(
             f"think_cache serves hybrid models ({config.model_type!r}: linear-attention layers beside attention) "
@@ -292,7 +297,7 @@ def _check_reuse(model: torch.nn.Module, cache: ThinKCache, prompt_length: int |
 def _check_rollback(model: torch.nn.Module, cache: ThinKCache, kwargs: dict) -> None:
     """Assisted decoding and prompt lookup roll back rejected drafts: refuse where that cannot be exact."""
     drafts = kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None
-    if drafts and _compat.linear_layer_indices(getattr(model, _STATE_ATTRIBUTE).attention_config or model.config):
+    if drafts and _compat.state_layer_indices(getattr(model, _STATE_ATTRIBUTE).attention_config or model.config):
         raise ValueError(
             f"Assisted decoding and prompt lookup roll back rejected draft tokens, which the linear-attention layers "
             f"of this hybrid model ({model.config.model_type!r}) cannot: their recurrent state holds no tokens to "
