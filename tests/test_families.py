@@ -69,6 +69,16 @@ FAMILIES = {
         "gemma4_text",
         dict(initializer_range=0.2, attention_k_eq_v=True, num_global_key_value_heads=1),
     ),
+    # E2B/E4B: the last two layers (one of each kind) reuse the keys and values of the two before them
+    "gemma4_text-shared": (
+        "gemma4_text",
+        dict(
+            initializer_range=0.2,
+            num_hidden_layers=4,
+            num_kv_shared_layers=2,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+        ),
+    ),
 }
 
 
@@ -623,13 +633,53 @@ def test_other_families_still_refused():
         think_cache.patch(model)
 
 
-def test_gemma4_kv_shared_layers_are_refused():
-    """Gemma 4 E2B/E4B's last layers attend over an earlier layer's keys and values, whose channels ThinK would
-    choose for that layer's queries alone: refused where the model is patched, not served wrongly."""
-    layer_types = ["sliding_attention", "full_attention"] * 2
-    model = make_model("gemma4_text", patch=False, num_hidden_layers=4, layer_types=layer_types, num_kv_shared_layers=2)
-    with pytest.raises(ValueError, match="does not serve KV-shared layers yet: 2 of this 'gemma4_text' model"):
-        think_cache.patch(model)
+def test_gemma4_shared_layers_attend_over_the_compacted_layer():
+    """The layers that reuse keys (E2B/E4B) attend with their own queries over the ThinK layer that stores them,
+    compacted once, which they leave as is: no ThinK layer of their own, and the shared layer thinned once."""
+    model, reference = _models("gemma4_text-shared")
+    ids, mask = make_batch([50, 33], seed=4)
+    think = ThinKCache(key_ratio=0.5, window=8)
+    out = generate(model, ids, mask, think, 20)
+    assert len(think.layers) == 2  # layers 2 and 3 store nothing
+    assert all(layer.is_compacted for layer in think.layers)
+    assert think.layers[0].is_sliding and think.layers[1].stored_tokens == 50 + 20 - 1
+    _assert_same(out, generate(reference, ids, mask, zeroed_reference(think, model), 20), ATOL_REFERENCE)
+    unshared = ThinKCache(key_ratio=0.5, window=8)  # the same model, had its last layers keys of their own
+    plain = make_model("gemma4_text", **{**FAMILIES["gemma4_text-shared"][1], "num_kv_shared_layers": 0})
+    generate(plain, ids, mask, unshared, 20)
+    assert think.stats().stored_bytes < 0.6 * unshared.stats().stored_bytes
+
+
+def test_gemma4_shared_layers_over_chunked_chat_turns():
+    """Three turns, each fed in chunks of 16: the zeroed reference's tokens and logits (SnapKV's masked reference:
+    `test_policies.test_snapkv_on_layers_that_reuse_keys`)."""
+    model, reference = _models("gemma4_text-shared")
+    ids, _ = make_batch([40], seed=6)
+    turns = [torch.randint(3, 200, (1, 20 + 10 * t), generator=torch.Generator().manual_seed(t)) for t in (1, 2)]
+
+    def chat(m, cache, chunk=None):
+        outs, sequence = [], ids
+        for turn in range(3):
+            outs.append(generate(m, sequence, torch.ones_like(sequence), cache, 6, prefill_chunk_size=chunk))
+            if turn < 2:
+                sequence = torch.cat([outs[-1].sequences, turns[turn]], dim=-1)
+        return outs
+
+    think = ThinKCache(key_ratio=0.5, window=8)
+    ours = chat(model, think, chunk=16)
+    for a, b in zip(ours, chat(reference, zeroed_reference(think, model)), strict=True):
+        _assert_same(a, b, ATOL_REFERENCE)
+
+
+@pytest.mark.parametrize(
+    "settings", [dict(policy=H2O(budget=24, recent=8)), dict(max_cache_len=128)], ids=["h2o", "static"]
+)
+def test_gemma4_shared_layers_refuse_what_would_change_shared_keys(settings):
+    model, _ = _models("gemma4_text-shared")
+    with pytest.raises(ValueError, match="reuse an earlier layer's keys and values"):
+        generate(model, *make_batch([30], seed=1), ThinKCache(key_ratio=0.5, window=8, **settings), 4)
+    with pytest.raises(ValueError, match="for layers that reuse an earlier layer's keys"):
+        generate(model, *make_batch([30], seed=1), ThinKCache(key_ratio=0.5), 4, prompt_lookup_num_tokens=3)
 
 
 def test_gemma4_copied_cache_keeps_serving():

@@ -41,12 +41,14 @@ class _Seen:
     value_channels: torch.Tensor | None
 
 
-def _record(layer) -> _Seen:
+def _record(layer, compacted: bool | None = None) -> _Seen:
+    """What an attention over ``layer`` sees; ``compacted``: whether it attends the layer compacted (default: as the
+    layer is now; a layer that reuses another's keys says what that one was when it returned them)."""
     batch, heads = layer.keys.shape[:2]
     seen = layer.seen_tokens
     visible = torch.zeros(batch, heads, seen, dtype=torch.bool)
     compact = torch.zeros_like(visible)
-    if not layer.is_compacted:
+    if not (layer.is_compacted if compacted is None else compacted):
         visible[:] = True
         return _Seen(visible, compact, None, None)
     visible[..., seen - layer.keys.shape[-2] :] = True
@@ -78,6 +80,8 @@ def run_with_reference(model, ids, mask, steps, **settings):
         handoff = think_attention_module._state.handoff
         if handoff is not None and handoff.key is key:
             records[module.layer_idx].append(_record(handoff.layer))
+        elif (shared := think_attention_module._shared_layer(key)) is not None:  # a layer reusing keys (Gemma 4)
+            records[module.layer_idx].append(_record(*shared))
         return original(module, query, key, value, attention_mask, **kwargs)
 
     calls = defaultdict(int)
@@ -510,3 +514,17 @@ def test_snapkv_scores_ignore_left_padding(pooling):
 )
 def test_a_policys_repr_builds_it_again(policy):
     assert eval(repr(policy), {"SnapKV": SnapKV, "H2O": H2O, "StreamingLLM": StreamingLLM}) == policy
+
+
+def test_snapkv_on_layers_that_reuse_keys():
+    """Gemma 4's KV sharing (layers 2 and 3 reuse layer 1's keys and values): those layers see what layer 1 kept,
+    its evicted tokens and pruned channels too, as the masked reference says; they store nothing of their own."""
+    model = make_model(
+        "gemma4_text", initializer_range=0.2, num_hidden_layers=4, num_kv_shared_layers=2,
+        layer_types=["full_attention"] * 4,
+    )  # fmt: skip
+    ids, mask = make_batch([60, 41], seed=5)
+    settings = dict(key_ratio=0.5, window=6, policy=SnapKV(budget=24, window=6, kernel=3))
+    think, ref, cache = run_with_reference(model, ids, mask, 16, **settings)
+    _assert_same(think, ref)
+    assert len(cache.layers) == 2 and all(layer.compact_tokens <= 24 for layer in cache.layers)

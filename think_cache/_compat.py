@@ -118,6 +118,17 @@ def state_layer_indices(config) -> list[int]:
     return [i for i, kind in enumerate(layer_types) if kind in LINEAR_LAYER_TYPES + BOTH_LAYER_TYPES]
 
 
+def stores_shared_kv(module: torch.nn.Module) -> bool:
+    """Whether later layers reuse this attention module's keys and values (Gemma 4's KV sharing: the last layer of
+    each kind before the shared ones)."""
+    return bool(getattr(module, "store_full_length_kv", False))
+
+
+def shares_kv(config) -> bool:
+    """Whether some layers of the model of ``config`` reuse an earlier layer's keys and values (Gemma 4 E2B, E4B)."""
+    return "reuse" in (getattr(config, "kv_sharing_modes", None) or ())
+
+
 def sliding_window_of(module: torch.nn.Module) -> int | None:
     """The sliding window of an attention module's layer, or None for full attention, by transformers' own rule
     (``get_layer_types_and_kwargs``): a config's ``layer_types`` says which layers slide (Qwen2/Qwen3, their MoE

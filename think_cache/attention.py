@@ -21,6 +21,7 @@ dynamo's guard building; see ``test_a_cache_dying_during_a_compile_does_not_brea
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -44,11 +45,23 @@ class _Handoff:
     key: torch.Tensor
 
 
+@dataclass
+class _Shared:
+    """A layer whose keys later layers reuse (Gemma 4's KV sharing), the keys it returned this forward, and whether
+    it was compacted before this forward's attention. Weak references: a forward's keys and a dropped cache's layers
+    are not kept alive after the forward for the next one."""
+
+    layer: weakref.ref
+    key: weakref.ref
+    compacted: bool
+
+
 class _ThreadState(threading.local):
     def __init__(self) -> None:
         self.module: torch.nn.Module | None = None
         self.handoff: _Handoff | None = None
         self.linear_config: object = None  # the text config of the hybrid model whose linear layer is running
+        self.shared: dict[int, _Shared] = {}  # by id(layer): the KV-sharing layers of the running forward
 
 
 class _CompiledState:
@@ -106,9 +119,26 @@ def current_module() -> torch.nn.Module | None:
     return _state.module
 
 
-def hand_off(layer: object, key: torch.Tensor) -> None:
-    """Called by the cache: ``layer`` was just updated and returned ``key``."""
+def hand_off(layer: object, key: torch.Tensor, shared: bool = False) -> None:
+    """Called by the cache: ``layer`` was just updated and returned ``key``; ``shared``: later layers of the model
+    reuse its keys and values (Gemma 4's KV sharing: they get ``key`` itself, never updating a cache)."""
     _handoff_state().handoff = _Handoff(layer, key)
+    if shared and not is_compiling():
+        _state.shared[id(layer)] = _Shared(weakref.ref(layer), weakref.ref(key), layer.is_compacted)
+
+
+def forget_shared() -> None:
+    """Called by the cache at the start of a forward: last forward's shared keys are done with."""
+    _state.shared = {}
+
+
+def _shared_layer(key: torch.Tensor) -> tuple[object, bool] | None:
+    """The KV-sharing layer that returned ``key`` this forward and whether it was compacted before it, when a layer
+    that reuses its keys attends."""
+    for shared in _state.shared.values():
+        if shared.key() is key and (layer := shared.layer()) is not None:
+            return layer, shared.compacted
+    return None
 
 
 def _take_handoff(key: torch.Tensor):
@@ -154,6 +184,12 @@ def think_attention(
     softcap = kwargs.get("softcap")
     sinks = kwargs.get("s_aux")  # GPT-OSS's attention sinks: a logit per query head, with no value
     wants_attention = _wants_attention_weights(module, kwargs)
+    if layer is None and (shared := _shared_layer(key)) is not None:  # a layer reusing another's keys (Gemma 4)
+        storing, compacted = shared
+        if compacted:  # its own queries over that compacted layer, which it leaves as is
+            return _attend_compacted(storing, query, attention_mask, scale, wants_attention, softcap, sinks, False)
+        mask = _stored_columns(attention_mask, key.shape[-2])  # a prompt: the stored keys whole, as that layer saw
+        return _full_attention(module, query, key, value, mask, dropout, scaling, wants_attention, kwargs)
     if layer is None:
         if is_compiling() and key.shape[-1] != query.shape[-1]:  # a compact buffer nobody handed over
             raise RuntimeError(
@@ -250,8 +286,10 @@ def _attend_compacted(
     wants_attention: bool,
     softcap: float | None,
     sinks: torch.Tensor | None = None,
+    bookkeeping: bool = True,
 ):
-    """Attention of ``query`` (the forward's newest rows) over a compacted layer, then the layer's bookkeeping.
+    """Attention of ``query`` (the forward's newest rows) over a compacted layer, then the layer's bookkeeping
+    (none for a layer that reuses another's keys: ``bookkeeping=False``).
 
     The fused kernel (`think_cache.kernels`, chosen by `kernels.use_kernel`: on CUDA, never with a ``softcap`` nor
     attention ``sinks``)
@@ -268,7 +306,7 @@ def _attend_compacted(
     thinned_rows = layer.thinned_rows(q_len)
     n_total = layer.compact_tokens + layer.keys.shape[-2]
     stored_mask = layer.attention_mask(mask, q_len)
-    scores = layer.token_scores is not None  # H2O: each stored token's weight too
+    scores = bookkeeping and layer.token_scores is not None  # H2O: each stored token's weight too
     if (
         not wants_attention
         and restored is None
@@ -280,7 +318,8 @@ def _attend_compacted(
             query, layer.store, layer.keys, layer.values, stored_mask, scale, token_weights=scores
         )
         out, token_weights = result if scores else (result, None)
-        layer.after_attention(mask, token_weights)
+        if bookkeeping:
+            layer.after_attention(mask, token_weights)
         return out, None
     thinned = thinned_views(layer.store, layer.keys, layer.values, thinned_rows, group)
     rows = _row_chunk(query.shape[0] * query.shape[1], n_total, q_len)
@@ -308,11 +347,12 @@ def _attend_compacted(
         if wants_attention:
             weights.append(_weights_per_token(layer, probs).to(query.dtype))
         # a policy that accumulates attention (H2O) gets each stored token's weight, summed over its group's queries
-        if layer.token_scores is not None:
+        if scores:
             chunk_weights = probs.sum(dim=(2, 3))
             token_weights = chunk_weights if token_weights is None else token_weights + chunk_weights
         del probs
-    layer.after_attention(mask, token_weights)
+    if bookkeeping:
+        layer.after_attention(mask, token_weights)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     return out, (torch.cat(weights, dim=2) if wants_attention else None)
 

@@ -10,7 +10,7 @@ from transformers.cache_utils import Cache
 
 from . import _compat, quant
 from ._checks import check_bits, check_int
-from .attention import ATTENTION_NAME, current_linear_config, current_module, hand_off
+from .attention import ATTENTION_NAME, current_linear_config, current_module, forget_shared, hand_off
 from .layer import LayerStats, ThinKLayer, ThinKSlidingLayer, storage_bytes
 from .policies import Policy
 from .static import STATIC_SINKS, StaticThinKLayer
@@ -332,6 +332,14 @@ class ThinKCache(Cache):
         )
         if self.max_cache_len is not None and getattr(module, "sinks", None) is not None:
             raise ValueError(STATIC_SINKS)
+        if _compat.shares_kv(module.config) and (self.max_cache_len is not None or self.policy is not None):
+            if self.max_cache_len is not None or self.policy.evicts_while_decoding:
+                raise ValueError(
+                    "Some layers of this model reuse an earlier layer's keys and values (Gemma 4's KV sharing), which "
+                    "ThinKCache serves without max_cache_len and with no policy or SnapKV: "
+                    f"{'max_cache_len' if self.max_cache_len is not None else type(self.policy).__name__} would "
+                    "change those keys between the layer that stores them and the layers that reuse them."
+                )
         if self.policy is not None and _compat.is_chunked(module):
             raise ValueError(
                 f"ThinKCache(policy={type(self.policy).__name__}(...)) does not support chunked-attention layers yet "
@@ -393,9 +401,14 @@ class ThinKCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new tokens of layer ``layer_idx``; called by the model's attention modules."""
-        layer = self._compiled_layer(layer_idx) if _compat.is_compiling() else self._eager_layer(key_states, layer_idx)
+        if _compat.is_compiling():
+            layer, shared = self._compiled_layer(layer_idx), False
+        else:
+            module = current_module()
+            layer = self._eager_layer(module, key_states, layer_idx)
+            shared = _compat.stores_shared_kv(module)
         keys, values = layer.update(key_states, value_states)
-        hand_off(layer, keys)
+        hand_off(layer, keys, shared)
         return keys, values
 
     def _compiled_layer(self, layer_idx: int) -> ThinKLayer:
@@ -407,10 +420,11 @@ class ThinKCache(Cache):
             )
         return self.layers[layer_idx]
 
-    def _eager_layer(self, key_states: torch.Tensor, layer_idx: int) -> ThinKLayer:
+    def _eager_layer(self, module: torch.nn.Module | None, key_states: torch.Tensor, layer_idx: int) -> ThinKLayer:
         """The layer an eager forward updates, built on first use, told where the prompt ends."""
-        module = current_module()
         self._check_module(module, key_states, layer_idx)
+        if layer_idx == self._first_attention:  # a new forward: the last one's shared keys (Gemma 4) are done with
+            forget_shared()
         while len(self.layers) <= layer_idx:
             if self._first_attention is None:
                 self._first_attention = len(self.layers)

@@ -32,7 +32,7 @@ SUPPORTED_MODEL_TYPES = (
     "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "jamba", "granitemoehybrid",  # hybrids
     "falcon_h1",  # a hybrid whose every layer runs attention and Mamba side by side
     "qwen3_5", "qwen3_5_moe",  # Qwen3.5 with its vision tower (hybrids too)
-    "gemma4_text", "gemma4",  # per-layer head sizes; KV-shared layers (E2B, E4B) not yet; "gemma4" sees images
+    "gemma4_text", "gemma4",  # per-layer head sizes, KV-shared layers (E2B, E4B); "gemma4" sees images
     "gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl",  # they see images too
 )  # fmt: skip
 
@@ -118,14 +118,6 @@ def _check_model(model: object) -> list[torch.nn.Module]:
         raise ValueError(
             f"think_cache cannot serve {type(model).__name__} on transformers {transformers_version}: its attention "
             "does not go through transformers' attention interface in this version (a newer transformers has it)"
-        )
-    shared = list(getattr(text_config, "kv_sharing_modes", None) or ()).count("reuse")
-    if shared:
-        raise ValueError(
-            f"think_cache does not serve KV-shared layers yet: {shared} of this "
-            f"{config.model_type!r} model's layers attend over the keys and values of an earlier layer (Gemma 4 E2B "
-            "and E4B do), whose ThinK layer would choose its channels for its own queries alone (Gemma 4 26B-A4B "
-            "shares none)."
         )
     implementation = _compat.attn_implementation(model) or ""
     if implementation.startswith("paged"):
@@ -302,6 +294,12 @@ def _check_rollback(model: torch.nn.Module, cache: ThinKCache, kwargs: dict) -> 
             f"Assisted decoding and prompt lookup roll back rejected draft tokens, which the linear-attention layers "
             f"of this hybrid model ({model.config.model_type!r}) cannot: their recurrent state holds no tokens to "
             "remove (transformers refuses it with DynamicCache too). Generate without an assistant."
+        )
+    if drafts and _compat.shares_kv(model.config.get_text_config(decoder=True)):
+        raise ValueError(
+            "Assisted decoding and prompt lookup end the prompt inside a forward, which ThinKCache does not yet do "
+            "for layers that reuse an earlier layer's keys and values (Gemma 4's KV sharing). Generate without an "
+            "assistant."
         )
     if drafts and cache.max_cache_len is not None:
         raise ValueError(
