@@ -721,3 +721,19 @@ def test_gemma4_channel_map_spans_both_head_sizes():
     axis = cache.plot_channels().axes[0]
     assert list(axis.get_yticks()) == [0, 2, 4]
     assert [label.get_text() for label in axis.get_yticklabels()] == ["0", "1", "2"]
+
+
+def test_every_supported_type_is_tested_and_documented():
+    """Each of SUPPORTED_MODEL_TYPES is built by a test here or by the core tests (Llama, Mistral, Qwen2, Qwen3),
+    and named in the README's table, whose count up front is right."""
+    from pathlib import Path
+
+    if compat.LinearAttentionLayer is None:
+        pytest.skip("the newest families need transformers 5")
+    tested = {"llama", "mistral", "qwen2", "qwen3", *VISION}
+    for arch, settings in [*FAMILIES.values(), *MORE_FAMILIES.values()]:
+        tested.add(make_config(arch, **settings).model_type)
+    assert set(think_cache.SUPPORTED_MODEL_TYPES) <= tested
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert all(f"`{model_type}`" in readme for model_type in think_cache.SUPPORTED_MODEL_TYPES)
+    assert f"It serves {len(think_cache.SUPPORTED_MODEL_TYPES)} model types" in readme
