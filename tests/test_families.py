@@ -737,3 +737,26 @@ def test_every_supported_type_is_tested_and_documented():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert all(f"`{model_type}`" in readme for model_type in think_cache.SUPPORTED_MODEL_TYPES)
     assert f"It serves {len(think_cache.SUPPORTED_MODEL_TYPES)} model types" in readme
+
+
+def test_gemma4_reusing_layers_with_their_queries_cut():
+    """Gemma 4 cuts its reusing layers' queries to the last ``logits_to_keep`` rows: without a padding mask they
+    still attend as the forward's last rows (key_ratio 0 = the model's own attention), and a later turn fed by
+    plain forwards sees the earlier question whole whatever ``logits_to_keep`` is (a review found both wrong)."""
+    model, reference = _models("gemma4_text-shared")
+    ids, _ = make_batch([40], seed=2)
+    with torch.no_grad():
+        for keep in (4, 1):
+            ours = model(input_ids=ids, past_key_values=ThinKCache(key_ratio=0), logits_to_keep=keep).logits
+            theirs = reference(input_ids=ids, past_key_values=_dynamic(reference), logits_to_keep=keep).logits
+            torch.testing.assert_close(ours, theirs, atol=ATOL_EXACT, rtol=0)
+        last = []
+        turn = torch.randint(3, 200, (1, 20), generator=torch.Generator().manual_seed(1))
+        for keep in (1, 0):
+            cache = ThinKCache(key_ratio=0.5, window=8)
+            model(input_ids=ids, past_key_values=cache)
+            token = ids[:, -1:]
+            for _ in range(4):  # decoding compacts the layers
+                token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            last.append(model(input_ids=turn, past_key_values=cache, logits_to_keep=keep).logits[:, -1])
+    torch.testing.assert_close(last[0], last[1], atol=ATOL_EXACT, rtol=0)

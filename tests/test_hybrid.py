@@ -318,3 +318,26 @@ def test_quantized_storage_on_the_attention_layers():
     linear = [held_bytes(c) - c.stats().stored_bytes for c in (plain, coded)]
     assert linear[0] == linear[1] > 0
     assert (greedy[0].sequences == greedy[1].sequences).float().mean() > 0.7  # close to the full-precision run
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_text", "falcon_h1"])
+def test_batch_rows_repeat_and_select_with_their_states(family):
+    """`batch_repeat_interleave` and `batch_select_indices` (contrastive search, hub decoding loops) move the
+    recurrent states with the attention layers: repeated rows continue as the row they copy."""
+    model = _model(family)
+    ids, mask = make_batch([30, 21], seed=7)
+    cache = ThinKCache(key_ratio=0.5, window=8)
+    out = generate(model, ids, mask, cache, 4)
+    next_tokens = out.sequences[:, -1:]
+    single = copy.deepcopy(cache)
+    single.batch_select_indices(torch.tensor([1]))
+    cache.batch_repeat_interleave(2)
+    cache.batch_select_indices(torch.tensor([2, 3]))  # row 1, twice
+    step_mask = torch.cat([mask, torch.ones(2, out.sequences.shape[1] - ids.shape[1])], dim=-1)[1:]
+    with torch.no_grad():
+        ours = model(
+            input_ids=next_tokens[1:].repeat(2, 1), attention_mask=step_mask.repeat(2, 1), past_key_values=cache
+        )
+        alone = model(input_ids=next_tokens[1:], attention_mask=step_mask, past_key_values=single)
+    torch.testing.assert_close(ours.logits[0], alone.logits[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.logits[1], alone.logits[0], atol=1e-5, rtol=0)

@@ -272,6 +272,9 @@ def _full_attention(module, query, key, value, mask, dropout: float, scaling, wa
     logits are capped (``softcap`` in ``kwargs``) or the model has attention sinks (``s_aux``): sdpa would silently
     leave either out."""
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+    q_len, kv_len = query.shape[2], key.shape[-2]
+    if mask is None and 1 < q_len < kv_len:  # the last rows of a forward (Gemma 4 cuts its reusing layers' queries to
+        mask = causal_mask(q_len, kv_len, query.device)  # `logits_to_keep`): sdpa's is_causal would align them first
     if wants_attention or softcap is not None or sinks is not None:
         scale = _scale(scaling, query)
         return _eager_attention(module, query, key, value, mask, dropout, scale, softcap, sinks, wants_attention)

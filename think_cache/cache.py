@@ -503,6 +503,26 @@ class ThinKCache(Cache):
         for state in self._hybrid_states.values():
             state.reorder_cache(beam_idx)
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the batch rows ``indices``, in every layer and recurrent state (transformers' linear-attention
+        layers have no such method of their own)."""
+        for layer in self.attention_layers:
+            layer.batch_select_indices(indices)
+        self._map_states(lambda state: state[indices.to(state.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat each batch row ``repeats`` times, in every layer and recurrent state."""
+        for layer in self.attention_layers:
+            layer.batch_repeat_interleave(repeats)
+        self._map_states(lambda state: state.repeat_interleave(repeats, dim=0))
+
+    def _map_states(self, fn) -> None:
+        for holder in self._linear_states():
+            for states in (holder.conv_states, holder.recurrent_states):
+                for index, state in states.items():
+                    if state is not None:
+                        states[index] = fn(state)
+
     @property
     def attention_layers(self) -> list[ThinKLayer]:
         """The ThinK layers, in order: every layer but a hybrid model's linear-attention ones."""

@@ -522,7 +522,8 @@ class ThinKLayer(CacheLayerMixin):
         tokens (compact, or thinned in place by `_thin_oldest`) a later prompt's rows see at full width (the earlier
         prompts' questions, kept aside by `_keep_spare`), or None when no row does (decoding, the usual case). A row
         is a later prompt's when it comes before the prompt end ``generate`` declared; without a declared end, every
-        row of a multi-token forward is."""
+        row of a multi-token forward is. The rows are the forward's last ``q_len`` (all of them, but where Gemma 4
+        cuts a reusing layer's queries to ``logits_to_keep``)."""
         n_thinned = self.compact_tokens + self.thinned_full  # tokens held thinned: compact, then thinned in place
         if self.spare is None or n_thinned == 0:
             return None
@@ -530,7 +531,7 @@ class ThinKLayer(CacheLayerMixin):
         if self.prompt_end is not None:
             n_rows = min(max(self.prompt_end - t0, 0), q_len)
         else:
-            n_rows = q_len if q_len > 1 else 0
+            n_rows = q_len if self.forward_tokens > 1 else 0
         if n_rows == 0:
             return None
         spare_keys = self.spare.keys(self.dtype)
