@@ -231,6 +231,19 @@ def generate(model, ids, mask, cache, steps: int = 12, **kwargs):
     )
 
 
+def chat(model, cache, first: torch.Tensor, user_turns: list, new_tokens: int | list[int] = 8, **kwargs) -> list:
+    """Turns on one cache: the prompt ``first``, then each of ``user_turns`` after the conversation so far (the
+    whole sequence passed, as a chat does), ``new_tokens`` generated per turn (one count, or one per turn).
+    Returns each turn's `generate` output."""
+    counts = new_tokens if isinstance(new_tokens, list) else [new_tokens] * (len(user_turns) + 1)
+    outs, sequence = [], first
+    for turn, count in enumerate(counts):
+        outs.append(generate(model, sequence, torch.ones_like(sequence), cache, count, **kwargs))
+        if turn < len(user_turns):
+            sequence = torch.cat([outs[-1].sequences, user_turns[turn]], dim=-1)
+    return outs
+
+
 def prefill(model, cache, ids, mask=None):
     """The prompt (its new tokens, after those already cached) in one forward, told to end there (what the patched
     ``generate`` tells a ThinKCache), so that the cache is compacted at its end."""

@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import generate, make_batch, make_model, zeroed_reference
+from conftest import chat, generate, make_batch, make_model, zeroed_reference
 
 import think_cache
 from think_cache import H2O, SnapKV, StreamingLLM, ThinKCache
@@ -174,19 +174,10 @@ def test_chat_turns_on_one_cache_follow_the_reference(arch):
     ids, _ = make_batch([50], seed=6)
     user_turns = [torch.randint(3, 200, (1, 25 + 10 * t), generator=torch.Generator().manual_seed(t)) for t in (1, 2)]
 
-    def chat(cache):
-        outs, sequence = [], ids
-        for turn in range(3):
-            out = generate(model, sequence, torch.ones_like(sequence), cache, 8)
-            outs.append(out)
-            if turn < 2:
-                sequence = torch.cat([out.sequences, user_turns[turn]], dim=-1)
-        return outs
-
     cache = ThinKCache(key_ratio=0.5, window=8)
-    turns = chat(cache)
+    turns = chat(model, cache, ids, user_turns)
     assert all(layer.is_compacted for layer in cache.layers)
-    ref_turns = chat(zeroed_reference(cache, model))
+    ref_turns = chat(model, zeroed_reference(cache, model), ids, user_turns)
     for a, b in zip(turns, ref_turns, strict=True):
         assert torch.equal(a.sequences, b.sequences)
         for x, y in zip(a.logits, b.logits, strict=True):
@@ -279,18 +270,12 @@ def test_chat_turns_at_ratio_zero_equal_dynamic_cache():
 
     model = make_model("llama")
     ids, _ = make_batch([30], seed=7)
-    outs = {}
-    for name, cache in (("think", ThinKCache(key_ratio=0)), ("dynamic", DynamicCache())):
-        sequence, logits = ids, []
-        for turn in range(3):
-            out = generate(model, sequence, torch.ones_like(sequence), cache, 6)
-            logits += list(out.logits)
-            g = torch.Generator().manual_seed(turn)
-            sequence = torch.cat([out.sequences, torch.randint(3, 200, (1, 20), generator=g)], dim=-1)
-        outs[name] = (sequence, logits)
-    assert torch.equal(outs["think"][0], outs["dynamic"][0])
-    for x, y in zip(outs["think"][1], outs["dynamic"][1], strict=True):
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+    turns = [torch.randint(3, 200, (1, 20), generator=torch.Generator().manual_seed(t)) for t in range(2)]
+    ours, theirs = chat(model, ThinKCache(key_ratio=0), ids, turns, 6), chat(model, DynamicCache(), ids, turns, 6)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a.sequences, b.sequences)
+        for x, y in zip(a.logits, b.logits, strict=True):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
 
 
 # -------------------------------------------------------------------------------------------- prefix caching
@@ -431,19 +416,11 @@ def test_short_turns_keep_each_question_once(recent):
     ]
     new_tokens = [8, 3, 3, 40, 4] if recent == 0 else [3, 3, 3, 40, 4]
 
-    def chat(cache):
-        outs, sequence = [], ids
-        for turn, n in enumerate(new_tokens):
-            outs.append(generate(model, sequence, torch.ones_like(sequence), cache, n))
-            if turn < len(turns):
-                sequence = torch.cat([outs[-1].sequences, turns[turn]], dim=-1)
-        return outs
-
     cache = ThinKCache(key_ratio=0.5, window=8, recent=recent)
-    outs = chat(cache)
+    outs = chat(model, cache, ids, turns, new_tokens)
     for layer in cache.layers:
         assert layer.spare_positions == sorted(set(layer.spare_positions))
-    for a, b in zip(outs, chat(zeroed_reference(cache, model)), strict=True):
+    for a, b in zip(outs, chat(model, zeroed_reference(cache, model), ids, turns, new_tokens), strict=True):
         for x, y in zip(a.logits, b.logits, strict=True):
             torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import COMMON_CONFIG, generate, make_batch, make_config, make_model, prefill, zeroed_reference
+from conftest import COMMON_CONFIG, chat, generate, make_batch, make_config, make_model, prefill, zeroed_reference
 from transformers import DynamicCache
 
 import think_cache
@@ -657,17 +657,10 @@ def test_gemma4_shared_layers_over_chunked_chat_turns():
     ids, _ = make_batch([40], seed=6)
     turns = [torch.randint(3, 200, (1, 20 + 10 * t), generator=torch.Generator().manual_seed(t)) for t in (1, 2)]
 
-    def chat(m, cache, chunk=None):
-        outs, sequence = [], ids
-        for turn in range(3):
-            outs.append(generate(m, sequence, torch.ones_like(sequence), cache, 6, prefill_chunk_size=chunk))
-            if turn < 2:
-                sequence = torch.cat([outs[-1].sequences, turns[turn]], dim=-1)
-        return outs
-
     think = ThinKCache(key_ratio=0.5, window=8)
-    ours = chat(model, think, chunk=16)
-    for a, b in zip(ours, chat(reference, zeroed_reference(think, model)), strict=True):
+    ours = chat(model, think, ids, turns, 6, prefill_chunk_size=16)
+    theirs = chat(reference, zeroed_reference(think, model), ids, turns, 6)  # one prefill a turn
+    for a, b in zip(ours, theirs, strict=True):
         _assert_same(a, b, ATOL_REFERENCE)
 
 

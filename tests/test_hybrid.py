@@ -16,7 +16,7 @@ import copy
 
 import pytest
 import torch
-from conftest import generate, make_batch, make_model, zeroed_reference
+from conftest import chat, generate, make_batch, make_model, zeroed_reference
 from transformers import DynamicCache
 
 import think_cache
@@ -112,19 +112,10 @@ def test_chat_turns_follow_the_reference(hybrid):
     ids, _ = make_batch([40], seed=6)
     user_turns = [torch.randint(3, 200, (1, 15 + 10 * t), generator=torch.Generator().manual_seed(t)) for t in (1, 2)]
 
-    def chat(cache):
-        outs, sequence = [], ids
-        for turn in range(3):
-            out = generate(model, sequence, torch.ones_like(sequence), cache, 8)
-            outs.append(out)
-            if turn < 2:
-                sequence = torch.cat([out.sequences, user_turns[turn]], dim=-1)
-        return outs
-
     cache = ThinKCache(key_ratio=0.5, window=8)
-    turns = chat(cache)
+    turns = chat(model, cache, ids, user_turns)
     assert all(layer.is_compacted for layer in cache.attention_layers)
-    for a, b in zip(turns, chat(zeroed_reference(cache, model)), strict=True):
+    for a, b in zip(turns, chat(model, zeroed_reference(cache, model), ids, user_turns), strict=True):
         _assert_same(a, b)
 
 
@@ -132,18 +123,10 @@ def test_chat_turns_follow_the_reference(hybrid):
 def test_chat_turns_at_ratio_zero_equal_dynamic_cache(family):
     model = _model(family)
     ids, _ = make_batch([30], seed=7)
-    outs = {}
-    for name, cache in (("think", ThinKCache(key_ratio=0)), ("dynamic", DynamicCache(config=model.config))):
-        sequence, logits = ids, []
-        for turn in range(3):
-            out = generate(model, sequence, torch.ones_like(sequence), cache, 6)
-            logits += list(out.logits)
-            g = torch.Generator().manual_seed(turn)
-            sequence = torch.cat([out.sequences, torch.randint(3, 200, (1, 20), generator=g)], dim=-1)
-        outs[name] = (sequence, logits)
-    assert torch.equal(outs["think"][0], outs["dynamic"][0])
-    for x, y in zip(outs["think"][1], outs["dynamic"][1], strict=True):
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+    turns = [torch.randint(3, 200, (1, 20), generator=torch.Generator().manual_seed(t)) for t in range(2)]
+    ours = chat(model, ThinKCache(key_ratio=0), ids, turns, 6)
+    for a, b in zip(ours, chat(model, DynamicCache(config=model.config), ids, turns, 6), strict=True):
+        _assert_same(a, b, atol=1e-5)
 
 
 def test_a_prompt_in_chunks_equals_it_in_one_forward():
