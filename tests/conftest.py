@@ -168,6 +168,23 @@ _BY_MODEL_TYPE = {
     ),
     # Falcon-H1: Mamba 2 beside attention in every layer (its parallel hybrid), µP multipliers on keys and more
     "falcon_h1": ("falcon_h1", dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_ssm=64, key_multiplier=0.5)),
+    # Gemma 3n (text, E2B/E4B): the last two layers reuse the keys and values of the two before them, AltUp,
+    # LAuReL and per-layer inputs beside the attention
+    "gemma3n_text": (
+        "gemma3n_text",
+        dict(
+            num_hidden_layers=4,
+            head_dim=16,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            num_kv_shared_layers=2,
+            hidden_size_per_layer_input=16,
+            vocab_size_per_layer_input=VOCAB,
+            laurel_rank=8,
+            activation_sparsity_pattern=[0.0] * 4,
+            intermediate_size=[128] * 4,
+        ),
+    ),
     "jamba": (  # Mamba layers
         "jamba",
         dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, num_experts=2, expert_layer_period=4),

@@ -69,6 +69,7 @@ FAMILIES = {
         "gemma4_text",
         dict(initializer_range=0.2, attention_k_eq_v=True, num_global_key_value_heads=1),
     ),
+    "gemma3n_text": ("gemma3n_text", dict(initializer_range=0.2)),  # KV sharing too (conftest._BY_MODEL_TYPE)
     # E2B/E4B: the last two layers (one of each kind) reuse the keys and values of the two before them
     "gemma4_text-shared": (
         "gemma4_text",
@@ -753,3 +754,10 @@ def test_gemma4_reusing_layers_with_their_queries_cut():
                 token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
             last.append(model(input_ids=turn, past_key_values=cache, logits_to_keep=keep).logits[:, -1])
     torch.testing.assert_close(last[0], last[1], atol=ATOL_EXACT, rtol=0)
+
+
+def test_gemma3n_shared_layers_refuse_what_would_change_shared_keys():
+    model, _ = _models("gemma3n_text")
+    with pytest.raises(ValueError, match="reuse an earlier layer's keys and values"):
+        cache = ThinKCache(key_ratio=0.5, window=8, policy=H2O(budget=24, recent=8))
+        generate(model, *make_batch([30], seed=1), cache, 4)

@@ -125,8 +125,12 @@ def stores_shared_kv(module: torch.nn.Module) -> bool:
 
 
 def shares_kv(config) -> bool:
-    """Whether some layers of the model of ``config`` reuse an earlier layer's keys and values (Gemma 4 E2B, E4B)."""
-    return "reuse" in (getattr(config, "kv_sharing_modes", None) or ())
+    """Whether some layers of the model of ``config`` reuse an earlier layer's keys and values (Gemma 4 E2B and E4B,
+    Gemma 3n; a config before transformers 5 says it by a count only)."""
+    modes = getattr(config, "kv_sharing_modes", None)
+    if modes is not None:
+        return "reuse" in modes
+    return (getattr(config, "num_kv_shared_layers", None) or 0) > 0
 
 
 def sliding_window_of(module: torch.nn.Module) -> int | None:

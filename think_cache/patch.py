@@ -33,6 +33,7 @@ SUPPORTED_MODEL_TYPES = (
     "falcon_h1",  # a hybrid whose every layer runs attention and Mamba side by side
     "qwen3_5", "qwen3_5_moe",  # Qwen3.5 with its vision tower (hybrids too)
     "gemma4_text", "gemma4",  # per-layer head sizes, KV-shared layers (E2B, E4B); "gemma4" sees images
+    "gemma3n_text",  # KV-shared layers too
     "gemma3", "mistral3", "qwen2_5_vl", "qwen3_vl",  # they see images too
 )  # fmt: skip
 
