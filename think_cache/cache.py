@@ -223,9 +223,11 @@ class ThinKCache(Cache):
     With a token eviction ``policy`` (`SnapKV`, `H2O`, `StreamingLLM`), the policy first picks which tokens each
     KV head keeps, then ThinK thins every kept token.
 
-    In a hybrid model (Qwen3-Next, Qwen3.5, OLMo Hybrid, Jamba), ThinK serves the attention layers; the
-    linear-attention layers keep their fixed-size recurrent states in transformers' own ``LinearAttentionLayer``,
-    as ``DynamicCache`` does (`attention_layers` lists the ThinK layers; `stats` counts them only).
+    In a hybrid model (Qwen3-Next, Qwen3.5, Granite 4.0-H, Jamba, OLMo Hybrid), ThinK serves the attention layers;
+    the linear-attention layers keep their fixed-size recurrent states in transformers' own ``LinearAttentionLayer``,
+    as ``DynamicCache`` does (`attention_layers` lists the ThinK layers; `stats` counts them only); Falcon-H1's
+    states, beside attention in each layer, sit beside its ThinK layers. In a model whose last layers reuse an
+    earlier layer's keys (Gemma 4 E2B/E4B, Gemma 3n), those layers attend over that ThinK layer and store nothing.
 
     Use it on a model patched once with `think_cache.patch(model)`::
 
