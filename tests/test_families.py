@@ -700,12 +700,10 @@ def test_gemma4_copied_cache_keeps_serving():
 def test_gemma4_channel_map_spans_both_head_sizes():
     """Sliding layers of 32 channels and 2 KV heads, a global one of 64 and 1 (attention_k_eq_v): one map, as wide
     as the widest layer, the narrower rows ending in NaN; the plot marks each layer where its rows start."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     from think_cache.plotting import channel_map
 
     model = make_model("gemma4_text", attention_k_eq_v=True, num_global_key_value_heads=1)
+    pytest.importorskip("matplotlib").use("Agg")  # an extra (think-cache[plot]); the compat venvs lack it
     cache = ThinKCache(key_ratio=0.5, window=8)
     generate(model, *make_batch([30], seed=1), cache, 4)
     kept = channel_map(cache)
