@@ -71,6 +71,8 @@ def test_linear_layers_keep_transformers_state(hybrid):
     assert linear_bytes > 0
     assert [s.layer_idx for s in half.stats().layers] == [1, 3]
     assert held_bytes(half) == half.stats().stored_bytes + linear_bytes
+    assert half.stats().state_bytes == zero.stats().state_bytes == linear_bytes
+    assert "of recurrent states" in str(half.stats()) and half.stats().to_dict()["state_bytes"] == linear_bytes
     assert half.stats().ratio < 0.9
     assert zero.get_seq_length() == half.get_seq_length() == 40 + 10 - 1
     assert "2 layers" in repr(half)
@@ -97,6 +99,7 @@ def test_falcon_h1_keeps_a_state_beside_each_attention_layer():
     assert held_bytes(zero) == held_bytes(dynamic)
     linear_bytes = held_bytes(dynamic) - zero.stats().dense_bytes
     assert linear_bytes > 0 and held_bytes(half) == half.stats().stored_bytes + linear_bytes
+    assert half.stats().state_bytes == linear_bytes
     assert [s.layer_idx for s in half.stats().layers] == [0, 1] and half.stats().ratio < 0.9
     copied = copy.deepcopy(half)
     assert copied._hybrid_states[0].recurrent_states[0] is not half._hybrid_states[0].recurrent_states[0]
@@ -324,3 +327,17 @@ def test_batch_rows_repeat_and_select_with_their_states(family):
         alone = model(input_ids=next_tokens[1:], attention_mask=step_mask, past_key_values=single)
     torch.testing.assert_close(ours.logits[0], alone.logits[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.logits[1], alone.logits[0], atol=1e-5, rtol=0)
+
+
+def test_the_one_liner_serves_a_hybrid():
+    """`think_cache.patch(model, key_ratio=0.5)`: generate without a cache gets a ThinKCache, as an explicit one."""
+    model = _model()
+    ids, mask = make_batch([36, 25], seed=10)
+    explicit = generate(model, ids, mask, ThinKCache(key_ratio=0.5, window=8), 8)
+    think_cache.patch(model, key_ratio=0.5, window=8)
+    implicit = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, output_logits=True,
+        return_dict_in_generate=True,
+    )  # fmt: skip
+    _assert_same(implicit, explicit, atol=0)
+    assert isinstance(getattr(implicit, compat.CACHE_ARGUMENT), ThinKCache)  # `cache` from transformers 5.24 on

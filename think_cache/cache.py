@@ -123,9 +123,13 @@ def _check_static(cache: ThinKCache) -> None:
 
 @dataclass(frozen=True)
 class CacheStats:
-    """Memory held by a `ThinKCache`, per layer and in total, against a ``DynamicCache`` on the same inputs."""
+    """Memory held by a `ThinKCache`, per layer and in total, against a ``DynamicCache`` on the same inputs.
+
+    The layers are the attention layers; a hybrid model's recurrent states (linear-attention and Mamba layers),
+    which ThinK leaves as they are and ``DynamicCache`` holds alike, are ``state_bytes`` apart."""
 
     layers: tuple[LayerStats, ...]
+    state_bytes: int = 0
 
     @property
     def stored_bytes(self) -> int:
@@ -167,6 +171,7 @@ class CacheStats:
             "ratio": self.ratio,
             "tokens": self.tokens,
             "static_bytes": self.static_bytes,
+            "state_bytes": self.state_bytes,
             "layers": [{**vars(layer), "ratio": layer.ratio} for layer in self.layers],
         }
 
@@ -194,6 +199,11 @@ class CacheStats:
             f"total: {human_bytes(self.stored_bytes)} held vs {human_bytes(self.dense_bytes)} for DynamicCache "
             f"({self.ratio:.3f}x, {human_bytes(abs(saved))} {'saved' if saved >= 0 else 'more'})"
         )
+        if self.state_bytes:
+            rows.append(
+                f"plus {human_bytes(self.state_bytes)} of recurrent states (linear-attention and Mamba layers), held "
+                "alike by DynamicCache"
+            )
         static = self.static_bytes
         if static is not None:
             held = sum(layer.stored_bytes for layer in self.layers if layer.static_bytes is not None)
@@ -637,9 +647,11 @@ class ThinKCache(Cache):
     def stats(self) -> CacheStats:
         """Tokens, kept channels and bytes held per layer, against a ``DynamicCache`` on the same inputs.
 
-        Attention layers only: a hybrid model's linear-attention layers hold the same fixed-size state as in
-        ``DynamicCache`` (`held_bytes` counts them too)."""
-        return CacheStats(tuple(layer.stats(i) for i, layer in enumerate(self.layers) if isinstance(layer, ThinKLayer)))
+        Per attention layer; a hybrid model's recurrent states, the same as in ``DynamicCache``, are counted apart
+        (``state_bytes``; `held_bytes` counts everything)."""
+        layers = tuple(layer.stats(i) for i, layer in enumerate(self.layers) if isinstance(layer, ThinKLayer))
+        states = storage_bytes(t for state in self._linear_states() for t in _layer_tensors(state))
+        return CacheStats(layers, states)
 
     def plot_channels(self, batch_index: int = 0, ax=None, title: str | None = None):
         """Heat map of the kept key channels per layer and KV head; returns a matplotlib Figure
