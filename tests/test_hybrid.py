@@ -258,9 +258,9 @@ def test_another_hybrid_cannot_touch_the_states(other):
 def test_an_unpatched_hybrid_is_told_to_patch(unpatched):
     model = _model(patch=unpatched)
     if unpatched:
-        assert all(m._forward_pre_hooks for m in _linear_modules(model))
+        assert all(m._forward_pre_hooks for m in _linear_modules(model, _attention_modules(model)))
         think_cache.unpatch(model)
-    assert not any(m._forward_pre_hooks or m._forward_hooks for m in _linear_modules(model))
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in _linear_modules(model, _attention_modules(model)))
     ids, mask = make_batch([20], seed=1)
     with pytest.raises(RuntimeError, match="has not been patched"), torch.no_grad():
         model(input_ids=ids, attention_mask=mask, past_key_values=ThinKCache(key_ratio=0.5))

@@ -106,16 +106,19 @@ LINEAR_LAYER_TYPES = ("linear_attention",)
 BOTH_LAYER_TYPES = ("hybrid",)
 
 
+def _layers_of(config, kinds: tuple[str, ...]) -> list[int]:
+    """The indices of the layers whose ``layer_types`` entry is one of ``kinds``."""
+    return [i for i, kind in enumerate(getattr(config, "layer_types", None) or ()) if kind in kinds]
+
+
 def linear_layer_indices(config) -> list[int]:
     """The indices of a hybrid model's linear-attention layers (its ``layer_types``), empty for other models."""
-    layer_types = getattr(config, "layer_types", None) or ()
-    return [i for i, kind in enumerate(layer_types) if kind in LINEAR_LAYER_TYPES]
+    return _layers_of(config, LINEAR_LAYER_TYPES)
 
 
 def state_layer_indices(config) -> list[int]:
     """The indices of a hybrid model's layers with a recurrent state: linear-attention layers, and layers of both."""
-    layer_types = getattr(config, "layer_types", None) or ()
-    return [i for i, kind in enumerate(layer_types) if kind in LINEAR_LAYER_TYPES + BOTH_LAYER_TYPES]
+    return _layers_of(config, LINEAR_LAYER_TYPES + BOTH_LAYER_TYPES)
 
 
 def stores_shared_kv(module: torch.nn.Module) -> bool:

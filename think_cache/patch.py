@@ -70,13 +70,13 @@ def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     ]
 
 
-def _linear_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """A hybrid model's modules at its layers with a recurrent state, other than attention (those with a layer index
-    there: the mixer that asks the cache for its state, and the decoder layer around it where it keeps an index);
-    none in other models."""
+def _linear_modules(model: torch.nn.Module, attention_modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """A hybrid model's modules at its layers with a recurrent state, other than its ``attention_modules`` (those
+    with a layer index there: the mixer that asks the cache for its state, and the decoder layer around it where it
+    keeps an index); none in other models."""
     text_config = model.config.get_text_config(decoder=True)
     stateful = set(_compat.state_layer_indices(text_config))
-    attention = set(_attention_modules(model))
+    attention = set(attention_modules)
     return [
         m
         for m in model.modules()
@@ -188,7 +188,7 @@ def patch(model: torch.nn.Module, **defaults) -> torch.nn.Module:
             # on another model would take this module for its own
             state.hooks.append(module.register_forward_hook(exit_module, always_call=True))
         enter_linear = EnterLinearModule(modules[0].config)  # the attention layers' config: the text model's
-        for module in _linear_modules(model):
+        for module in _linear_modules(model, modules):
             state.hooks.append(module.register_forward_pre_hook(enter_linear))
             state.hooks.append(module.register_forward_hook(exit_module, always_call=True))
         if hasattr(model, _CONTINUOUS_BATCHING):  # transformers' paged attention cannot serve ThinK: say so
@@ -290,13 +290,14 @@ def _check_reuse(model: torch.nn.Module, cache: ThinKCache, prompt_length: int |
 def _check_rollback(model: torch.nn.Module, cache: ThinKCache, kwargs: dict) -> None:
     """Assisted decoding and prompt lookup roll back rejected drafts: refuse where that cannot be exact."""
     drafts = kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None
-    if drafts and _compat.state_layer_indices(getattr(model, _STATE_ATTRIBUTE).attention_config or model.config):
+    text_config = model.config.get_text_config(decoder=True)
+    if drafts and _compat.state_layer_indices(text_config):
         raise ValueError(
             f"Assisted decoding and prompt lookup roll back rejected draft tokens, which the linear-attention layers "
             f"of this hybrid model ({model.config.model_type!r}) cannot: their recurrent state holds no tokens to "
             "remove (transformers refuses it with DynamicCache too). Generate without an assistant."
         )
-    if drafts and _compat.shares_kv(model.config.get_text_config(decoder=True)):
+    if drafts and _compat.shares_kv(text_config):
         raise ValueError(
             "Assisted decoding and prompt lookup end the prompt inside a forward, which ThinKCache does not yet do "
             "for layers that reuse an earlier layer's keys and values (Gemma 4's KV sharing). Generate without an "
