@@ -759,3 +759,16 @@ def test_gemma3n_shared_layers_refuse_what_would_change_shared_keys():
     with pytest.raises(ValueError, match="reuse an earlier layer's keys and values"):
         cache = ThinKCache(key_ratio=0.5, window=8, policy=H2O(budget=24, recent=8))
         generate(model, *make_batch([30], seed=1), cache, 4)
+
+
+@pytest.mark.parametrize("family", ["gemma4_text-shared", "gemma3n_text"])
+def test_layers_that_reuse_keys_take_an_assistant_when_nothing_is_pruned(family):
+    """An assistant or prompt lookup ends the prompt inside a forward, which is refused where layers reuse keys and
+    the cache compacts; at key_ratio 0 it never compacts, and gives DynamicCache's tokens."""
+    model, reference = _models(family)
+    ids = torch.randint(3, 200, (12,), generator=torch.Generator().manual_seed(0)).repeat(4)[None]
+    mask = torch.ones_like(ids)
+    for drafts in (dict(prompt_lookup_num_tokens=4), dict(assistant_model=make_model("llama", seed=1, patch=False))):
+        ours = generate(model, ids, mask, ThinKCache(key_ratio=0), 10, **drafts)
+        theirs = generate(reference, ids, mask, _dynamic(reference), 10, **drafts)
+        assert torch.equal(ours.sequences, theirs.sequences)

@@ -11,7 +11,7 @@ from transformers.cache_utils import Cache
 from . import _compat, quant
 from ._checks import check_bits, check_int
 from .attention import ATTENTION_NAME, current_linear_config, current_module, forget_shared, hand_off
-from .layer import LayerStats, ThinKLayer, ThinKSlidingLayer, storage_bytes
+from .layer import LayerStats, ThinKLayer, ThinKSlidingLayer, compacts, storage_bytes
 from .policies import Policy
 from .static import STATIC_SINKS, StaticThinKLayer
 from .static_quant import QuantizedStaticThinKLayer
@@ -628,6 +628,12 @@ class ThinKCache(Cache):
     def max_cache_len(self) -> int | None:
         """Tokens a static cache holds (prompt + generated); None for a cache that grows."""
         return self._max_cache_len
+
+    @property
+    def prunes(self) -> bool:
+        """Whether its layers ever compact (`layer.compacts`; a static cache's always do, to allocate their buffers).
+        A cache that does not holds every token whole, as ``DynamicCache`` does."""
+        return self.max_cache_len is not None or compacts(self.key_ratio, self.value_ratio, self.policy, self.bits)
 
     @property
     def is_compileable(self) -> bool:

@@ -159,6 +159,13 @@ def fold_point(t, origin, held: int, fold_block: int):
     return origin - held + fold_block * ((t - origin) // fold_block)
 
 
+def compacts(key_ratio: float, value_ratio: float, policy: Policy | None, bits: int | None) -> bool:
+    """Whether a layer of these settings ever compacts: a ratio above zero, a token policy, or quantized storage
+    (with ``key_ratio=0`` and ``bits`` set every channel is kept and the tokens are still stored as codes). Without
+    any, it holds its tokens as ``DynamicCache`` does."""
+    return key_ratio > 0 or value_ratio > 0 or policy is not None or bits is not None
+
+
 class ThinKLayer(CacheLayerMixin):
     """One full-attention layer of a `ThinKCache`. See the module docstring for the layout and the schedule."""
 
@@ -231,9 +238,8 @@ class ThinKLayer(CacheLayerMixin):
 
     @property
     def prunes(self) -> bool:
-        """Whether this layer ever compacts (a ratio above zero, a token policy, or quantized storage: with
-        ``key_ratio=0`` and ``bits`` set every channel is kept and the tokens are still stored as codes)."""
-        return self.key_ratio > 0 or self.value_ratio > 0 or self.policy is not None or self.store.bits is not None
+        """Whether this layer ever compacts (`compacts`)."""
+        return compacts(self.key_ratio, self.value_ratio, self.policy, self.store.bits)
 
     @property
     def is_compacted(self) -> bool:

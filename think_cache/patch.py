@@ -297,11 +297,11 @@ def _check_rollback(model: torch.nn.Module, cache: ThinKCache, kwargs: dict) -> 
             f"of this hybrid model ({model.config.model_type!r}) cannot: their recurrent state holds no tokens to "
             "remove (transformers refuses it with DynamicCache too). Generate without an assistant."
         )
-    if drafts and _compat.shares_kv(text_config):
+    if drafts and _compat.shares_kv(text_config) and cache.prunes:
         raise ValueError(
             "Assisted decoding and prompt lookup end the prompt inside a forward, which ThinKCache does not yet do "
             "for layers that reuse an earlier layer's keys and values (Gemma 4's KV sharing). Generate without an "
-            "assistant."
+            "assistant (or with a ThinKCache that prunes nothing: key_ratio=0, no policy, no bits)."
         )
     if drafts and cache.max_cache_len is not None:
         raise ValueError(
