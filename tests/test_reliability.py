@@ -11,7 +11,7 @@ from test_policies import run_with_reference
 from transformers import AutoModelForCausalLM, DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import think_cache
-from think_cache import H2O, StreamingLLM, ThinKCache
+from think_cache import H2O, SnapKV, StreamingLLM, ThinKCache
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -223,3 +223,44 @@ def test_cross_attention_models_are_refused():
     )
     with pytest.raises(ValueError, match="does not support encoder-decoder models"):
         think_cache.patch(model)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(),
+        dict(policy=SnapKV(budget=24, window=8)),
+        dict(policy=H2O(budget=24, recent=4)),
+        dict(policy=StreamingLLM(sink=2, recent=22)),
+        dict(bits=4, value_ratio=0.25),
+        dict(bits=2, policy=H2O(budget=24, recent=4)),
+        dict(max_cache_len=80),
+    ],
+    ids=["think", "snapkv", "h2o", "streaming", "int4", "int2-h2o", "static"],
+)
+def test_forward_loop_with_gradients_on(settings):
+    """A hand-written loop that forgets ``torch.no_grad()`` (weights require grad, as ``from_pretrained`` leaves
+    them) gives the logits it gives without gradients, and a loss over them back-propagates into the attention:
+    no ``out=`` buffer or in-place softmax in its way, no kernel without a backward chosen."""
+    model = make_model("llama")
+    ids, _ = make_batch([40], seed=2)
+    steps = [torch.tensor([[5 + i]]) for i in range(40)]  # past a fold block, and past the budget
+
+    def run(grad: bool):
+        cache = ThinKCache(key_ratio=0.5, window=8, **settings)
+        with torch.set_grad_enabled(grad):
+            logits = [model(input_ids=ids, past_key_values=cache).logits[:, -1]]
+            for token in steps:
+                logits.append(model(input_ids=token, past_key_values=cache).logits[:, -1])
+        return torch.stack(logits), cache
+
+    expected, _ = run(False)
+    logits, cache = run(True)
+    assert cache.layers[0].is_compacted
+    torch.testing.assert_close(logits.detach(), expected, atol=1e-5, rtol=1e-5)
+    if "max_cache_len" in settings:
+        return  # its buffers change in place from step to step, as transformers' StaticCache's: no backward
+    model.zero_grad()
+    logits[-1].square().sum().backward()
+    grad = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -218,7 +218,7 @@ def think_attention(
     mask = _stored_columns(attention_mask, key.shape[-2])  # while uncompacted the stored tokens are the newest
     if rows == q_len:
         token_weights = None
-        if _scores_while_attending(layer, wants_attention, kwargs):
+        if _scores_while_attending(layer, query, wants_attention, kwargs):
             real_keys = key_padding(mask, query.shape[0], key.shape[-2], query.device)
             out, token_weights = attention_and_token_weights(query, key, value, as_bool_mask(mask), real_keys, scale)
             weights = None
@@ -253,13 +253,20 @@ def think_attention(
     return torch.cat([out_head, out_tail], dim=1), weights
 
 
-def _scores_while_attending(layer, wants_attention: bool, kwargs: dict) -> bool:
+def wants_grad(query: torch.Tensor) -> bool:
+    """Whether autograd records this forward's attention (a loop run without ``torch.no_grad()``): the torch path
+    then serves it, which has a backward."""
+    return query.requires_grad and torch.is_grad_enabled()
+
+
+def _scores_while_attending(layer, query: torch.Tensor, wants_attention: bool, kwargs: dict) -> bool:
     """Whether a prompt forward computes its attention and H2O's token scores from one softmax
     (`policies.attention_and_token_weights`) instead of sdpa plus a second pass: for a layer that accumulates the
     prompt's attention, not sliding (H2O scores a sliding layer's tokens causally, not by its window), with no
-    weights asked for and no logit soft-capping."""
+    weights asked for, no logit soft-capping and no gradient wanted (its softmax runs in place)."""
     return (
         layer.accumulates_prompt_attention
+        and not wants_grad(query)
         and not layer.is_sliding
         and not wants_attention
         and kwargs.get("softcap") is None
@@ -316,6 +323,7 @@ def _attend_compacted(
         and thinned_rows is None
         and (not scores or query.numel() // query.shape[-1] * n_total <= ROW_CHUNK_ELEMENTS)
         and kernels.use_kernel(layer.store, query.device, softcap, sinks)
+        and not wants_grad(query)  # the kernel has no backward
     ):
         result = kernels.store_attention(
             query, layer.store, layer.keys, layer.values, stored_mask, scale, token_weights=scores

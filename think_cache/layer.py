@@ -735,7 +735,7 @@ class ThinKLayer(CacheLayerMixin):
         accumulates attention gets the forward's weights (``token_weights``, ``(batch, kv_heads, stored)``), and
         one that evicts while decoding brings the layer back within its budget."""
         if self.token_scores is not None and token_weights is not None:
-            self.token_scores += token_weights
+            self.token_scores += token_weights.detach()  # a choice's score: no graph kept from step to step
         if self.evicts_while_decoding:
             self._evict(mask)
 

@@ -158,6 +158,7 @@ def _add_column_sums(total, probs, real_rows):
     total += torch.matmul(per_row.unsqueeze(-2), probs).squeeze(-2)
 
 
+@torch.no_grad()  # scores choose tokens: no gradient flows through a choice (and the blocks are written in place)
 def window_attention(
     query: torch.Tensor,
     keys: torch.Tensor,

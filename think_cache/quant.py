@@ -889,8 +889,9 @@ def _cpu_module():
 def _matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """``out[...] = a @ b``: straight into ``out`` when it is one block of memory (the only chunk, or any chunk of a
     single row); a chunk's columns of several rows are not, and dynamo refuses a non-contiguous ``out=`` (a graph
-    break under ``fullgraph``: a static quantized cache over more than one chunk failed to compile)."""
-    if out.is_contiguous():
+    break under ``fullgraph``: a static quantized cache over more than one chunk failed to compile), and autograd
+    refuses ``out=`` where a gradient is wanted."""
+    if out.is_contiguous() and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
         torch.matmul(a, b, out=out)
     else:
         out.copy_(torch.matmul(a, b))
