@@ -279,6 +279,20 @@ def test_patch_default_allows_compile_config_for_a_static_cache(batch):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, compile_config=config)
 
 
+def test_generate_default_length_is_checked_before_any_work(model):
+    """No max_new_tokens nor max_length: transformers generates 20 new tokens (on every version), which a static
+    cache too small for them refuses before the prompt runs (found in review: it filled and failed mid-decode)."""
+    ids, _ = make_batch([40], seed=3)
+    cache = ThinKCache(key_ratio=0.5, max_cache_len=50)
+    with pytest.raises(ValueError, match=r"the prompt \(40\) \+ generate's default of 20 new tokens = 60 tokens"):
+        model.generate(input_ids=ids, past_key_values=cache, do_sample=False)
+    assert cache.get_seq_length() == 0  # nothing ran
+    out = model.generate(input_ids=ids, past_key_values=ThinKCache(key_ratio=0.5, max_cache_len=60), do_sample=False)
+    assert out.shape == (1, 60)
+    out = model.generate(input_ids=ids, past_key_values=ThinKCache(key_ratio=0.5, max_cache_len=50), max_length=50)
+    assert out.shape == (1, 50)  # a max_length passed is the whole length
+
+
 def test_a_prompt_ending_inside_a_forward_is_refused_clearly():
     """Assisted decoding's first forward holds the prompt and drafts: a static cache refuses it where it enters
     (found in review: it used to fail deep inside attention)."""

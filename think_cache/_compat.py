@@ -54,6 +54,22 @@ def crop_count(argument: int, seq_length: int) -> int:
     return -max(seq_length - argument, 0)
 
 
+#: New tokens generate makes when no length is given (transformers' own default, the same in every version).
+DEFAULT_NEW_TOKENS = 20
+
+
+def generated_length(max_length: int | None, keyword: bool, prompt_length: int, max_positions: int | None) -> int:
+    """The total length ``generate`` stops at from the ``max_length`` it reads (``keyword``: passed to generate as
+    ``max_length=``), when no ``max_new_tokens`` is given: that length, or by default the prompt and
+    `DEFAULT_NEW_TOKENS` more, within the model's ``max_positions``."""
+    # a fresh GenerationConfig's max_length means "the default" unless passed to generate: None on transformers 5,
+    # 20 on 4.x (which then generates 20 new tokens, not 20 in all)
+    if max_length is not None and (keyword or max_length != _default_generation_config().max_length):
+        return max_length
+    length = prompt_length + DEFAULT_NEW_TOKENS
+    return length if max_positions is None else min(length, max_positions)
+
+
 def query_length(query_length_or_cache_position: int | torch.Tensor) -> int:
     """`get_mask_sizes` receives the query length (newer) or the cache positions (older)."""
     if isinstance(query_length_or_cache_position, torch.Tensor):

@@ -326,9 +326,13 @@ def _check_capacity(model: torch.nn.Module, cache: ThinKCache, prompt_length: in
     if new_tokens is not None:
         needed, what = prompt_length + new_tokens, f"the prompt ({prompt_length}) + max_new_tokens ({new_tokens})"
     else:
-        needed, _ = _effective_generation_option(model, kwargs, passed, "max_length")
+        max_length, _ = _effective_generation_option(model, kwargs, passed, "max_length")
+        positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        needed = _compat.generated_length(max_length, kwargs.get("max_length") is not None, prompt_length, positions)
         what = f"max_length ({needed})"
-    if needed is not None and needed > cache.max_cache_len:
+        if needed != max_length:
+            what = f"the prompt ({prompt_length}) + generate's default of {needed - prompt_length} new tokens"
+    if needed > cache.max_cache_len:
         raise ValueError(
             f"{what} = {needed} tokens do not fit in this static ThinKCache (max_cache_len={cache.max_cache_len}). "
             "Pass a cache with a larger max_cache_len, or generate fewer tokens."
