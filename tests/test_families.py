@@ -772,3 +772,28 @@ def test_layers_that_reuse_keys_take_an_assistant_when_nothing_is_pruned(family)
         ours = generate(model, ids, mask, ThinKCache(key_ratio=0), 10, **drafts)
         theirs = generate(reference, ids, mask, _dynamic(reference), 10, **drafts)
         assert torch.equal(ours.sequences, theirs.sequences)
+
+
+@pytest.mark.parametrize(
+    "family, settings, match",
+    [
+        ("gemma3-gqa", dict(max_cache_len=256), "does not support sliding-window layers"),
+        ("gpt_oss", dict(max_cache_len=256), "has no attention sinks"),
+        ("llama4_text", dict(policy=SnapKV(budget=64)), "does not support chunked-attention layers"),
+        ("gemma4_text-shared", dict(policy=H2O(budget=64)), "reuse an earlier layer's keys"),
+    ],
+)
+def test_the_one_liner_refuses_settings_the_model_cannot_serve(family, settings, match):
+    """``patch(model, **settings)`` checks them against the model's layers where they enter (found in review: they
+    were accepted and refused at the first generate), and leaves the model unpatched."""
+    arch, overrides = FAMILIES[family]
+    model = make_model(arch, patch=False, **overrides)
+    with pytest.raises(ValueError, match=f"think_cache.patch: .*{match}"):
+        think_cache.patch(model, key_ratio=0.5, **settings)
+    assert not think_cache.is_patched(model)
+
+
+def test_a_static_cache_names_chunked_layers_as_such():
+    model = make_model("llama4_text", initializer_range=0.2)
+    with pytest.raises(ValueError, match="chunked-attention layers yet .* sees chunks of 16"):
+        generate(model, *make_batch([30], seed=1), ThinKCache(key_ratio=0.5, max_cache_len=64), 4)

@@ -333,15 +333,9 @@ class ThinKCache(Cache):
             return FullStore()
         return QuantizedStore(self.bits, self.group_size)
 
-    def _new_layer(self, module: torch.nn.Module) -> ThinKLayer:
-        kwargs = dict(
-            key_ratio=self.key_ratio,
-            value_ratio=self.value_ratio,
-            window=self.window,
-            recent=self.recent,
-            policy=self.policy,
-            store=self._new_store(),
-        )
+    def check_layer(self, module: torch.nn.Module) -> None:
+        """Refuse settings that the attention layer ``module`` cannot serve (raised when its cache layer is built, and
+        by ``think_cache.patch(model, **settings)`` for every layer, before any forward)."""
         if self.max_cache_len is not None and getattr(module, "sinks", None) is not None:
             raise ValueError(STATIC_SINKS)
         if _compat.shares_kv(module.config) and (self.max_cache_len is not None or self.policy is not None):
@@ -352,7 +346,8 @@ class ThinKCache(Cache):
                     f"{'max_cache_len' if self.max_cache_len is not None else type(self.policy).__name__} would "
                     "change those keys between the layer that stores them and the layers that reuse them."
                 )
-        if self.policy is not None and _compat.is_chunked(module):
+        chunked = _compat.is_chunked(module)
+        if self.policy is not None and chunked:
             raise ValueError(
                 f"ThinKCache(policy={type(self.policy).__name__}(...)) does not support chunked-attention layers yet "
                 f"(Llama 4: this model's layer {module.layer_idx} sees only its chunk of "
@@ -360,12 +355,29 @@ class ThinKCache(Cache):
                 "use ThinK without a policy on this model."
             )
         sliding_window = _compat.sliding_window_of(module)
+        if sliding_window is not None and self.max_cache_len is not None:
+            kind = (
+                f"chunked-attention layers yet (Llama 4: this model's layer {module.layer_idx} sees chunks of "
+                if chunked
+                else f"sliding-window layers yet (this model's layer {module.layer_idx} has a window of "
+            )
+            raise ValueError(
+                f"ThinKCache(max_cache_len=...) does not support {kind}{sliding_window}); use a ThinKCache without "
+                "max_cache_len."
+            )
+
+    def _new_layer(self, module: torch.nn.Module) -> ThinKLayer:
+        self.check_layer(module)
+        kwargs = dict(
+            key_ratio=self.key_ratio,
+            value_ratio=self.value_ratio,
+            window=self.window,
+            recent=self.recent,
+            policy=self.policy,
+            store=self._new_store(),
+        )
+        sliding_window = _compat.sliding_window_of(module)
         if sliding_window is not None:
-            if self.max_cache_len is not None:
-                raise ValueError(
-                    f"ThinKCache(max_cache_len=...) does not support sliding-window layers yet (this model's layer "
-                    f"{module.layer_idx} has a window of {sliding_window}); use a ThinKCache without max_cache_len."
-                )
             return ThinKSlidingLayer(sliding_window=sliding_window, **kwargs)
         if self.max_cache_len is not None:
             static = StaticThinKLayer if self.bits is None else QuantizedStaticThinKLayer

@@ -155,7 +155,8 @@ def patch(model: torch.nn.Module, **defaults) -> torch.nn.Module:
         A transformers decoder-only model of a supported type (see ``SUPPORTED_MODEL_TYPES``).
     **defaults:
         `ThinKCache` settings (``key_ratio``, ``value_ratio``, ``window``, ``recent``, ``policy``, ``bits``,
-        ``group_size``, ``max_cache_len``), validated here. When given,
+        ``group_size``, ``max_cache_len``), validated here, against the model's layers too (a static cache on
+        sliding-window layers, say, is refused here and the model left unpatched). When given,
         ``model.generate(...)`` without a cache argument uses a fresh ``ThinKCache(**defaults)``: the one-liner
         ``think_cache.patch(model, key_ratio=0.5)``. Patching again with settings replaces them; patching again
         without settings keeps them (`unpatch` drops them). ``use_cache=False`` (as a keyword, in a passed
@@ -172,9 +173,14 @@ def patch(model: torch.nn.Module, **defaults) -> torch.nn.Module:
     modules = _check_model(model)
     if defaults:
         try:
-            ThinKCache(**defaults)  # validate now, where the settings enter
+            cache = ThinKCache(**defaults)  # validate now, where the settings enter
         except TypeError as error:
             raise TypeError(f"think_cache.patch: invalid ThinKCache setting: {error}") from None
+        for module in modules:  # and against this model's layers
+            try:
+                cache.check_layer(module)
+            except ValueError as error:
+                raise ValueError(f"think_cache.patch: {error}") from None
     register()
 
     state = getattr(model, _STATE_ATTRIBUTE, None)
