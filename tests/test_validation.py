@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from conftest import make_batch, make_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import think_cache
-from think_cache import ThinKCache
+from think_cache import Policy, ThinKCache
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan")])
@@ -186,3 +187,42 @@ def test_demo_refuses_bad_options_before_loading_the_model(argv, message, capsys
     with pytest.raises(SystemExit):
         demo.main(argv)
     assert re.search(message, capsys.readouterr().err)
+
+
+@dataclass
+class _KeepNewest(Policy):
+    """The policies module's example of a policy of one's own."""
+
+    budget: object = 16
+
+    def prompt_scores(self, query, keys, real_keys, scaling):
+        return torch.arange(keys.shape[-2], dtype=torch.float32).expand(*keys.shape[:2], -1)
+
+
+@dataclass
+class _FlatScores(_KeepNewest):
+    """A mistake: one score per token for the whole batch row, not per KV head."""
+
+    def prompt_scores(self, query, keys, real_keys, scaling):
+        return torch.arange(keys.shape[-2], dtype=torch.float32).expand(keys.shape[0], -1)
+
+
+@pytest.mark.parametrize(
+    "budget, error, message",
+    [(16.0, TypeError, "_KeepNewest: budget must be an int >= 1, got float"), ("16", TypeError, "got str"),
+     (-3, ValueError, "_KeepNewest: budget must be an int >= 1, got -3")],
+)  # fmt: skip
+def test_a_policy_of_ones_own_is_checked_where_it_enters(budget, error, message):
+    with pytest.raises(error, match=message):
+        ThinKCache(key_ratio=0.5, policy=_KeepNewest(budget=budget))
+    ThinKCache(key_ratio=0.5, policy=_KeepNewest(budget=None))  # no limit
+
+
+def test_a_policy_whose_scores_miss_the_heads_is_named():
+    """(batch, tokens) scores broadcast over the heads when the batch equals the KV heads: named, not used."""
+    model = make_model("llama")  # 2 KV heads
+    ids, _ = make_batch([40, 40])
+    out = model.generate(input_ids=ids, past_key_values=ThinKCache(0.5, policy=_KeepNewest()), max_new_tokens=2)
+    assert out.shape == (2, 42)
+    with pytest.raises(ValueError, match=r"_FlatScores.prompt_scores returned shape \(2, 40\); .* = \(2, 2, 40\)"):
+        model.generate(input_ids=ids, past_key_values=ThinKCache(0.5, policy=_FlatScores()), max_new_tokens=2)

@@ -12,7 +12,7 @@ from . import _compat, quant
 from ._checks import check_bits, check_int
 from .attention import ATTENTION_NAME, current_linear_config, current_module, forget_shared, hand_off
 from .layer import LayerStats, ThinKLayer, ThinKSlidingLayer, compacts, storage_bytes
-from .policies import Policy
+from .policies import Policy, check_policy
 from .static import STATIC_SINKS, StaticThinKLayer
 from .static_quant import QuantizedStaticThinKLayer
 from .storage import CompactStore, FullStore, QuantizedStore
@@ -304,12 +304,7 @@ class ThinKCache(Cache):
         self.group_size = _check_group_size(group_size, self.bits)
         self.value_ratio = _check_ratio("value_ratio", value_ratio)
         self.window = check_int("window", window, 1)
-        if policy is not None and not isinstance(policy, Policy):
-            raise TypeError(
-                f"policy must be a think_cache Policy (SnapKV, H2O, StreamingLLM or a subclass), got "
-                f"{type(policy).__name__}"
-            )
-        self.policy = policy
+        self.policy = check_policy(policy)
         self.recent = check_int("recent", recent, 0)
         if policy is not None and policy.budget is not None and self.recent > policy.budget:
             raise ValueError(

@@ -68,7 +68,7 @@ from .compact import (
     key_padding,
     pruned_channels,
 )
-from .policies import Policy, top_tokens, window_attention
+from .policies import Policy, checked_scores, top_tokens, window_attention
 from .scoring import (
     channel_index_dtype,
     kept_channel_count,
@@ -698,6 +698,7 @@ class ThinKLayer(CacheLayerMixin):
         if self.softcap is not None and _takes_keyword(self.policy.prompt_scores, "softcap"):
             extra["softcap"] = self.softcap
         scores = self.policy.prompt_scores(query, keys, real_keys, self.scaling, **extra)
+        scores = checked_scores(self.policy, "prompt_scores", scores, keys.shape[:3])
         index = top_tokens(scores, n_keep, always, never, prefer)
         if self.policy.accumulates_attention:
             self.token_scores = torch.cat(
@@ -755,7 +756,9 @@ class ThinKLayer(CacheLayerMixin):
         real_logical = key_padding(mask, positions.shape[0], self.seen_tokens, positions.device)
         real_at, always, prefer = self._forced(real_logical, positions, self.seen_tokens)
         accumulated = None if self.token_scores is None else self.token_scores[..., :n_compact]
-        scores = self.policy.decode_scores(positions, accumulated)
+        scores = checked_scores(
+            self.policy, "decode_scores", self.policy.decode_scores(positions, accumulated), positions.shape
+        )
         # a block's eviction may exceed what the compact part can spare: the policy's sinks and newest tokens stay
         n_keep = max(n_compact - excess, int((always | prefer).sum(-1).max()))
         keep = top_tokens(scores, n_keep, always, ~real_at, prefer)

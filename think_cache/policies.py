@@ -39,6 +39,8 @@ __all__ = [
     "keep_priority",
     "window_attention",
     "attention_and_token_weights",
+    "check_policy",
+    "checked_scores",
 ]
 
 
@@ -257,6 +259,34 @@ class Policy:
     def decode_scores(self, positions: torch.Tensor, accumulated: torch.Tensor | None) -> torch.Tensor:
         """Scores of stored tokens while decoding, from their logical ``positions`` and accumulated attention."""
         raise NotImplementedError(f"{type(self).__name__} does not evict while decoding")
+
+
+def checked_scores(policy: Policy, method: str, scores: object, shape: tuple[int, ...]) -> torch.Tensor:
+    """What a policy's ``method`` (``prompt_scores`` or ``decode_scores``) returned, checked to be a tensor of the
+    tokens' ``shape`` ``(batch, kv_heads, tokens)``: a custom policy's mistake is named where it is made, not
+    broadcast into other heads' choices nor raised deep inside ``topk``."""
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != tuple(shape):
+        got = f"shape {tuple(scores.shape)}" if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(
+            f"{type(policy).__name__}.{method} returned {got}; it must return a tensor of scores shaped (batch, "
+            f"kv_heads, tokens) = {tuple(shape)}"
+        )
+    return scores
+
+
+def check_policy(policy: object) -> Policy | None:
+    """``policy`` if it is None or a `Policy` whose ``budget`` is None or an int >= 1 (a subclass's own too), else
+    a TypeError or ValueError saying what to pass."""
+    if policy is None:
+        return None
+    if not isinstance(policy, Policy):
+        raise TypeError(
+            f"policy must be a think_cache Policy (SnapKV, H2O, StreamingLLM or a subclass), got "
+            f"{type(policy).__name__}"
+        )
+    if policy.budget is not None:
+        check_int("budget", policy.budget, 1, owner=type(policy).__name__)
+    return policy
 
 
 class _FixedSettings:

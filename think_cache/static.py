@@ -66,7 +66,7 @@ import torch
 from . import _compat
 from .compact import as_bool_mask, cap_logits, gather_channels, key_padding, pruned_channels, scatter_channels
 from .layer import ThinKLayer, fold_point
-from .policies import keep_priority
+from .policies import checked_scores, keep_priority
 
 __all__ = ["StaticThinKLayer", "static_attention"]
 
@@ -390,7 +390,9 @@ class StaticThinKLayer(ThinKLayer):
         real_logical = key_padding(mask, positions.shape[0], width, positions.device)
         real_at, always, prefer = self._forced(real_logical, positions.clamp(max=width - 1), t + 1)
         n_drop = self._drop_count(positions, compact, always | prefer, t) * self._folds_at(t, fold)
-        scores = self.policy.decode_scores(positions, self.token_scores)
+        scores = checked_scores(
+            self.policy, "decode_scores", self.policy.decode_scores(positions, self.token_scores), positions.shape
+        )
         priority = keep_priority(scores, always, ~real_at, prefer).masked_fill(~compact, float("inf"))
         self._free(_lowest(priority, n_drop))
 
