@@ -437,6 +437,13 @@ class ThinKCache(Cache):
                 "ThinKCache cannot run under torch.compile: its compact part changes shape as channels are pruned "
                 "and tokens fold in. Run the model uncompiled with ThinKCache (is_compileable is False)."
             )
+        if layer_idx >= len(self.layers):
+            raise RuntimeError(
+                "A static ThinKCache's prompt runs eagerly and only its decoding steps compiled, but a compiled "
+                "forward met this cache empty (a prompt): compile the decoding step only. `generate` does so by "
+                "itself (leave `model.forward` uncompiled); in a loop of your own, run the prompt with the model, "
+                "then the steps with `torch.compile(model)`."
+            )
         return self.layers[layer_idx]
 
     def _eager_layer(self, module: torch.nn.Module | None, key_states: torch.Tensor, layer_idx: int) -> ThinKLayer:

@@ -244,6 +244,7 @@ def _patched_generate(model: torch.nn.Module, *args, **kwargs):
         )
     if not isinstance(cache, ThinKCache):
         return original(*args, **kwargs)
+    _check_compiled(model, cache)
     _check_rollback(model, cache, kwargs)
     prompt_length = _prompt_length(cache, args, kwargs)
     _check_reuse(model, cache, prompt_length)
@@ -291,6 +292,26 @@ def _check_reuse(model: torch.nn.Module, cache: ThinKCache, prompt_length: int |
     prompt_ended = any(getattr(layer, "is_static", False) for layer in cache.layers)  # else still a prompt
     if prompt_ended and prompt_length - cached > 1:
         raise second_prompt_error(prompt_length - cached)
+
+
+def _check_compiled(model: torch.nn.Module, cache: ThinKCache) -> None:
+    """A forward compiled by the user (``model.forward = torch.compile(model.forward)``, ``model.compile()``) would
+    run the prompt compiled too, which ThinK cannot: refuse it before any work."""
+    compiled_forward = hasattr(vars(model).get("forward"), "_torchdynamo_orig_callable")
+    if not (compiled_forward or getattr(model, "_compiled_call_impl", None) is not None):
+        return
+    if cache.max_cache_len is None:
+        advice = "a ThinKCache without max_cache_len runs uncompiled (its compact part changes shape)"
+    else:
+        advice = (
+            "leave it uncompiled: generate compiles a static ThinKCache's decoding steps by itself, as with "
+            "StaticCache, or drive the loop yourself (the prompt eagerly, then compiled steps)"
+        )
+    raise ValueError(
+        f"This model's forward is compiled ({'torch.compile' if compiled_forward else 'model.compile()'}), so "
+        f"generate would run the prompt compiled, which a ThinKCache cannot: ThinK chooses channels as the prompt "
+        f"ends, in eager code; {advice}."
+    )
 
 
 def _check_rollback(model: torch.nn.Module, cache: ThinKCache, kwargs: dict) -> None:

@@ -192,8 +192,8 @@ class StaticThinKLayer(ThinKLayer):
             if _compat.is_compiling():
                 raise RuntimeError(
                     "A static ThinKCache must see the end of its prompt before a compiled step: run the prefill "
-                    "eagerly and call `cache.mark_prompt_end(prompt_length)` before it (the patched `generate` "
-                    "does both)."
+                    "eagerly and call `cache.mark_prompt_end(prompt_length)` before it, or `cache.compact()` after "
+                    "it (the patched `generate` does this)."
                 )
             self._check_capacity(n)
             if self.prompt_end is not None and self.seen_tokens < self.prompt_end < self.seen_tokens + n:
