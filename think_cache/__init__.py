@@ -3,7 +3,7 @@
 >>> import think_cache
 >>> think_cache.patch(model)                                  # once
 >>> cache = think_cache.ThinKCache(key_ratio=0.5, policy=think_cache.SnapKV(budget=1024))
->>> model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+>>> model.generate(**inputs, cache=cache, max_new_tokens=64)       # past_key_values= before transformers 5.24
 >>> print(cache.stats())
 """
 

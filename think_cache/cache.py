@@ -235,14 +235,14 @@ class ThinKCache(Cache):
 
     In a hybrid model (Qwen3-Next, Qwen3.5, Granite 4.0-H, Jamba, OLMo Hybrid), ThinK serves the attention layers;
     the linear-attention layers keep their fixed-size recurrent states in transformers' own ``LinearAttentionLayer``,
-    as ``DynamicCache`` does (`attention_layers` lists the ThinK layers; `stats` counts them only); Falcon-H1's
+    as ``DynamicCache`` does (`attention_layers` lists the ThinK layers; `stats` counts the states apart); Falcon-H1's
     states, beside attention in each layer, sit beside its ThinK layers. In a model whose last layers reuse an
     earlier layer's keys (Gemma 4 E2B/E4B, Gemma 3n), those layers attend over that ThinK layer and store nothing.
 
     Use it on a model patched once with `think_cache.patch(model)`::
 
         cache = ThinKCache(key_ratio=0.5, policy=SnapKV(budget=1024))
-        model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+        model.generate(**inputs, cache=cache, max_new_tokens=64)  # past_key_values= before transformers 5.24
 
     Parameters
     ----------

@@ -339,8 +339,8 @@ def _check_rollback(model: torch.nn.Module, cache: ThinKCache, kwargs: dict) -> 
     if drafts and not cache.is_croppable:
         raise ValueError(
             f"Assisted decoding and prompt lookup roll back rejected draft tokens, which ThinKCache cannot do "
-            f"exactly under {type(cache.policy).__name__}: it evicts tokens at every step. Use no policy or SnapKV "
-            "with an assistant."
+            f"exactly under {type(cache.policy).__name__}: it evicts tokens while decoding (a block of 32 at a "
+            "time). Use no policy or SnapKV with an assistant."
         )
 
 
