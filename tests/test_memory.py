@@ -112,3 +112,26 @@ def test_channel_map_needs_the_channels_chosen():
         channel_map(cache)
     cache.compact()
     assert channel_map(cache).mean().item() == 0.5
+
+
+@pytest.mark.parametrize("key_ratio", [0.5, 0.0])
+def test_channel_map_checks_its_batch_row(key_ratio):
+    """A row past the batch is named, not an IndexError (nor, at key ratio 0, a map of a row that is not there)."""
+    from think_cache.plotting import channel_map
+
+    model = make_model("llama")
+    cache = ThinKCache(key_ratio=key_ratio)
+    generate_ids, mask = make_batch([30, 20])
+    model.generate(input_ids=generate_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2)
+    assert channel_map(cache, -2).shape == channel_map(cache, 1).shape
+    for bad in (2, -3, 1.0, True):
+        with pytest.raises(ValueError, match=r"batch_index must be an int in \[-2, 2\) \(the cache holds 2 rows\)"):
+            channel_map(cache, bad)
+
+
+def test_held_bytes_names_what_it_takes():
+    from think_cache import held_bytes
+
+    with pytest.raises(TypeError, match=r"takes a transformers Cache .* got NoneType \(a generate output without"):
+        held_bytes(None)
+    assert held_bytes(DynamicCache()) == 0

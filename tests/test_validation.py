@@ -157,6 +157,9 @@ def test_a_filled_cache_is_checked_before_generate_runs():
             other.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache)
     with pytest.raises(ValueError, match="generate was given 12 tokens .* but the cache already holds 32"):
         model.generate(input_ids=ids[:, :12], attention_mask=torch.ones_like(ids[:, :12]), past_key_values=cache)
+    held = torch.cat([ids, torch.ones(1, 2, dtype=ids.dtype)], dim=1)  # exactly the 32 cached: transformers would
+    with pytest.raises(ValueError, match="holds 32: nothing new to feed"):  # feed all 32 again after them
+        model.generate(input_ids=held, past_key_values=cache, max_new_tokens=2)
     static = ThinKCache(key_ratio=0.5, max_cache_len=80)
     out = model.generate(input_ids=ids, past_key_values=static, max_new_tokens=3)
     out = model.generate(input_ids=out, past_key_values=static, max_new_tokens=2)  # continuing: one new token
@@ -226,3 +229,17 @@ def test_a_policy_whose_scores_miss_the_heads_is_named():
     assert out.shape == (2, 42)
     with pytest.raises(ValueError, match=r"_FlatScores.prompt_scores returned shape \(2, 40\); .* = \(2, 2, 40\)"):
         model.generate(input_ids=ids, past_key_values=ThinKCache(0.5, policy=_FlatScores()), max_new_tokens=2)
+
+
+def test_a_cache_filled_in_one_dtype_is_refused_in_another():
+    """A model converted after its cache was filled: named where it enters, not a dtype error inside attention."""
+    model = make_model("llama")
+    ids, _ = make_batch([40])
+    for settings in (dict(), dict(max_cache_len=64)):
+        cache = ThinKCache(key_ratio=0.5, **settings)
+        model.float()
+        out = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=3)
+        model.to(torch.bfloat16)
+        with pytest.raises(ValueError, match="holds torch.float32 keys but the model now computes torch.bfloat16"):
+            model.generate(input_ids=out, past_key_values=cache, max_new_tokens=2)
+    model.float()

@@ -47,6 +47,11 @@ def _layer_tensors(layer: object):
 def held_bytes(cache: Cache) -> int:
     """Bytes of the tensor storages any transformers cache holds (a `ThinKCache` or a stock one, including
     ``QuantizedCache``'s quantized tensors and a hybrid model's linear-attention states), measured."""
+    if not isinstance(cache, Cache):
+        raise TypeError(
+            f"held_bytes takes a transformers Cache (a ThinKCache, DynamicCache, ...), got {type(cache).__name__}"
+            + (" (a generate output without a cache: use_cache=False?)" if cache is None else "")
+        )
     layers = [*cache.layers, *getattr(cache, "_hybrid_states", {}).values()]  # Falcon-H1's states beside ThinK's
     return storage_bytes(plain for layer in layers for t in _layer_tensors(layer) for plain in _plain_tensors(t))
 
@@ -399,11 +404,17 @@ class ThinKCache(Cache):
             self._model_fingerprint = self.check_model(module.config)
             self._model_config = module.config
         if layer_idx < len(self.layers) and self.layers[layer_idx].is_initialized:
-            held = self.layers[layer_idx].keys.shape[0]
-            if held != key_states.shape[0]:
+            keys = self.layers[layer_idx].keys
+            if keys.shape[0] != key_states.shape[0]:
                 raise ValueError(
-                    f"This ThinKCache holds a batch of {held} but the model was called with a batch of "
+                    f"This ThinKCache holds a batch of {keys.shape[0]} but the model was called with a batch of "
                     f"{key_states.shape[0]}. Use a new ThinKCache (or `cache.reset()`) for a new batch."
+                )
+            if keys.dtype != key_states.dtype:
+                raise ValueError(
+                    f"This ThinKCache holds {keys.dtype} keys but the model now computes {key_states.dtype} ones (a "
+                    "model converted, or autocast turned on, after the cache was filled). Use a new ThinKCache (or "
+                    "`cache.reset()`) for the model in its new dtype."
                 )
 
     def check_model(self, config) -> tuple:

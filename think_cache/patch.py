@@ -283,11 +283,11 @@ def _check_reuse(model: torch.nn.Module, cache: ThinKCache, prompt_length: int |
     cache.check_model(state.attention_config or _attention_modules(model)[0].config)
     if prompt_length is None:
         return
-    if prompt_length < cached:
+    if prompt_length <= cached:
         raise ValueError(
             f"generate was given {prompt_length} tokens (its attention mask's length) but the cache already holds "
-            f"{cached}: pass the whole sequence, the cached tokens then the new ones, or a new cache (or "
-            "`cache.reset()`) for a new prompt."
+            f"{cached}{': nothing new to feed' if prompt_length == cached else ''}: pass the whole sequence, the "
+            "cached tokens then at least one new one, or a new cache (or `cache.reset()`) for a new prompt."
         )
     prompt_ended = any(getattr(layer, "is_static", False) for layer in cache.layers)  # else still a prompt
     if prompt_ended and prompt_length - cached > 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 
 __all__ = ["channel_map", "plot_channels"]
@@ -29,7 +31,10 @@ def _layer_maps(cache, batch_index: int) -> dict[int, torch.Tensor]:
                 "the cache has not chosen its channels yet (it does at the end of a prompt, which generate marks): "
                 "after plain forwards over a prompt, call cache.compact() before mapping its channels"
             )
-        heads, head_dim = layer.keys.shape[1], layer.keys.shape[-1]
+        batch, heads, head_dim = layer.keys.shape[0], layer.keys.shape[1], layer.keys.shape[-1]
+        if isinstance(batch_index, bool) or not isinstance(batch_index, Integral) or not -batch <= batch_index < batch:
+            raise ValueError(f"batch_index must be an int in [-{batch}, {batch}) (the cache holds {batch} rows), got "
+                             f"{batch_index!r}")  # fmt: skip
         kept = torch.ones(heads, head_dim)
         if layer.key_channels is not None:
             kept = torch.zeros(heads, head_dim)
