@@ -620,6 +620,50 @@ def test_largest_temporary_does_not_grow_with_context(bits, torch_path):
     assert expected * 8 == batch * heads * 4096 * channels * 4
 
 
+def peak_extra(fn) -> int:
+    """The most bytes held at once by allocations made while ``fn`` ran, beyond those before it (CPU profiler)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    held = peak = 0
+    for event in events:
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_quantizing_a_long_prompt_works_in_slices(bits, monkeypatch):
+    """A prompt is quantized a slice of whole blocks at a time (`QUANTIZE_CHUNK_ELEMENTS`): the same codes, scales
+    and zero points as at once (ranges are per block and per token), padding masks followed across slices, and
+    scratch within a few slices whatever the length (found in review: 13x an 8k layer's keys and values at once)."""
+    keys, values = torch.randn(2, 3, 203, 40, dtype=torch.bfloat16), torch.randn(2, 3, 203, 24, dtype=torch.bfloat16)
+    real = torch.rand(2, 1, 203, generator=torch.Generator().manual_seed(1)) > 0.3
+    log = quant.LOG_SCALES[bits]
+    whole = quant.quantize_keys(keys, bits, quant.key_block(bits), real, log), quant.quantize_values(values, bits, 16)
+    monkeypatch.setattr(quant, "QUANTIZE_CHUNK_ELEMENTS", 2 * 3 * 40 * 37)  # a few blocks a slice, a ragged end
+    sliced = quant.quantize_keys(keys, bits, quant.key_block(bits), real, log), quant.quantize_values(values, bits, 16)
+    for a, b in zip(whole, sliced, strict=True):
+        assert a.block_index is None if isinstance(a, quant.QuantKeys) else True
+        assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors(), strict=True))
+    monkeypatch.undo()
+    one_layer = []  # 8 KV heads of 128 channels in bfloat16: scratch at 2k and 8k tokens, beyond what is returned
+    for tokens in (2048, 8192):
+        k, v = (
+            torch.randn(1, 8, tokens, 128, dtype=torch.bfloat16),
+            torch.randn(1, 8, tokens, 128, dtype=torch.bfloat16),
+        )
+        out = []
+        peak = peak_extra(
+            lambda k=k, v=v, out=out: out.extend([quant.quantize_keys(k, bits), quant.quantize_values(v, bits)])
+        )
+        one_layer.append(peak - sum(t.nbytes for part in out for t in part.tensors()))
+    assert one_layer[1] <= one_layer[0] + 2**20, one_layer  # flat in the length (at once: 13x the layer at 8k)
+    assert one_layer[1] <= 12 * quant.QUANTIZE_CHUNK_ELEMENTS * 4, one_layer
+
+
 def test_keys_are_clipped_less_than_values_at_two_bits():
     """At 2 bits a key block's range keeps at least 0.8 of its min/max range (`KEY_CLIP_RATIOS`), where a value
     group may narrow to half of it: clipping keys hard flattens the extreme keys that make the largest logits."""

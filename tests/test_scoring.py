@@ -86,3 +86,22 @@ def test_select_channels_sorted_and_validated():
     with pytest.raises(ValueError, match=r"n_keep must be in \[1, 5\]"):
         select_channels(scores, 6)
     assert channel_index_dtype(128) == torch.int16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_prompts_are_normed_in_slices(dtype, monkeypatch):
+    """A long prompt's channel norms are summed a slice of tokens at a time (`NORM_CHUNK_ELEMENTS`, no float32 copy
+    of the whole layer): the one-pass scores within float32 rounding, masks followed, the keys left as they were."""
+    from think_cache import scoring
+
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 3, 500, 16, generator=generator).to(dtype)
+    queries = torch.randn(2, 3, 8, 16, generator=generator).to(dtype)
+    mask = torch.rand(2, 3, 500, generator=generator) > 0.2
+    whole = [key_channel_scores(queries, keys), key_channel_scores(queries, keys, mask)]
+    before = keys.clone()
+    monkeypatch.setattr(scoring, "NORM_CHUNK_ELEMENTS", 2 * 3 * 16 * 37)
+    sliced = [key_channel_scores(queries, keys), key_channel_scores(queries, keys, mask)]
+    assert torch.equal(keys, before)
+    for a, b in zip(whole, sliced, strict=True):
+        torch.testing.assert_close(b, a, rtol=2e-6, atol=0)

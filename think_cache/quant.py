@@ -111,9 +111,15 @@ CLIP_RATIOS = {2: (1.0, 0.9, 0.8, 0.7, 0.6, 0.5), 4: (1.0, 0.95, 0.9, 0.85, 0.8)
 #: 0.5 would flatten the extreme keys that make the largest logits (SmolLM2, 2k pass key, 48 prompts, 16-token key
 #: blocks: 39 found, 38 with `CLIP_RATIOS`, 37 with min/max ranges; over 32-token blocks min/max ranges found 16).
 KEY_CLIP_RATIOS = {2: CLIP_RATIOS[4], 4: CLIP_RATIOS[4], 8: CLIP_RATIOS[8]}
-#: The most float32 elements the clipping search of `_minmax_quantize` builds at once (64 MiB), counted over the
+#: The most float32 elements the clipping search of `_minmax_quantize` builds at once (8 MiB), counted over the
 #: ratios tried, the groups and their elements: a prompt's tokens are searched a slice of groups at a time.
-CLIP_SEARCH_ELEMENTS = 2**24
+CLIP_SEARCH_ELEMENTS = 2**21
+#: The most elements ``batch * kv_heads * tokens * channels`` `quantize_keys` and `quantize_values` quantize at once
+#: (8 MiB in float32): a longer prompt is quantized a slice of tokens at a time (whole key blocks), so the float32
+#: scratch at the prompt's end stays within a few such slices however long the prompt (an 8k prompt of 8 KV heads
+#: of 128 channels took 13x its layer's bfloat16 keys and values at once). Ranges are per block and per token, so
+#: the slicing changes no code.
+QUANTIZE_CHUNK_ELEMENTS = 2**21
 #: The ThinK layer's fold block: a fold appends this many tokens, whole key blocks (`KEY_BLOCKS`); also the
 #: default ``block`` of `quantize_keys`.
 DEFAULT_BLOCK = 32
@@ -567,6 +573,23 @@ def _symmetric_quantize(
     return codes, scale
 
 
+def _token_step(x: torch.Tensor, block: int) -> int:
+    """Tokens `quantize_keys`/`quantize_values` quantize at once: whole ``block``s of at most
+    `QUANTIZE_CHUNK_ELEMENTS` elements of ``x (batch, heads, tokens, channels)``, at least one block."""
+    per_token = x.shape[0] * x.shape[1] * x.shape[3]
+    return max(1, QUANTIZE_CHUNK_ELEMENTS // max(per_token * block, 1)) * block
+
+
+def _joined(parts: list[_PackedTensors]) -> _PackedTensors:
+    """Token slices of one quantization (whole key blocks but the last, regular) joined along the tokens at once."""
+    first = parts[0]
+    return replace(
+        first,
+        **{name: torch.cat([getattr(p, name) for p in parts], dim=2) for name in ("codes", "scale", "zero")
+           if getattr(first, name) is not None},
+    )  # fmt: skip
+
+
 def quantize_keys(
     keys: torch.Tensor,
     bits: int,
@@ -603,6 +626,14 @@ def quantize_keys(
     bits = check_bits(bits, BITS)
     block = check_int("block", block, 1)
     batch, heads, tokens, channels = keys.shape
+    step = _token_step(keys, block)
+    if tokens > step:  # a long prompt a slice of whole blocks at a time: each block's range is its own
+        parts = [
+            quantize_keys(keys[:, :, t : t + step], bits, block, None if real is None else real[..., t : t + step],
+                          log_scales)
+            for t in range(0, tokens, step)
+        ]  # fmt: skip
+        return _joined(parts)
     n_blocks = -(-tokens // block)
     x = keys.float()
     valid = None
@@ -672,6 +703,13 @@ def quantize_values(
     if channels == 0:
         raise ValueError("values must have at least one channel")
     n_groups = value_groups(channels, group_size)
+    step = _token_step(values, 1)
+    if values.shape[2] > step:  # a long prompt a slice of tokens at a time: each token's groups are its own
+        parts = [
+            quantize_values(values[:, :, t : t + step], bits, group_size, symmetric, log_scales)
+            for t in range(0, values.shape[2], step)
+        ]
+        return _joined(parts)
     group_size = min(group_size, channels)
     x = values.float()
     valid = None

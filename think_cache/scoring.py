@@ -52,12 +52,32 @@ def key_channel_scores(
     -------
     ``(batch, kv_heads, head_dim)`` float32 scores.
     """
-    k = keys.float()
-    if key_mask is not None:
-        if key_mask.dim() == 2:
-            key_mask = key_mask[:, None]
-        k = k * key_mask[..., None].to(k.dtype)
-    return torch.linalg.vector_norm(window_queries.float(), dim=-2) * torch.linalg.vector_norm(k, dim=-2)
+    if key_mask is not None and key_mask.dim() == 2:
+        key_mask = key_mask[:, None]
+    return torch.linalg.vector_norm(window_queries.float(), dim=-2) * _channel_norms(keys, key_mask)
+
+
+#: The most key elements `key_channel_scores` reads in float32 at once (16 MiB): a long prompt's channel norms are
+#: summed a slice of tokens at a time, so scoring never copies a whole layer's keys to float32 (4x a bfloat16
+#: layer's keys, twice over with a mask, at the end of every prompt).
+NORM_CHUNK_ELEMENTS = 2**22
+
+
+def _channel_norms(keys: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """``||K[:, c]||`` over the tokens of ``keys (batch, kv_heads, tokens, head_dim)`` in float32, masked tokens
+    (``key_mask (batch, 1 or kv_heads, tokens)`` False) left out; `NORM_CHUNK_ELEMENTS` at a time."""
+    batch, heads, tokens, head_dim = keys.shape
+    step = max(1, NORM_CHUNK_ELEMENTS // max(batch * heads * head_dim, 1))
+    squares = None
+    for start in range(0, max(tokens, 1), step):
+        k = keys[:, :, start : start + step].float()
+        if key_mask is not None:
+            k = k * key_mask[..., start : start + step, None].to(k.dtype)
+        if tokens <= step:  # one slice: the norm at once
+            return torch.linalg.vector_norm(k, dim=-2)
+        part = k.square().sum(dim=-2)  # not in place: a float32 slice is a view of the keys
+        squares = part if squares is None else squares.add_(part)
+    return squares.sqrt_()
 
 
 def value_channel_scores(
