@@ -765,10 +765,13 @@ def test_gemma3n_shared_layers_refuse_what_would_change_shared_keys():
 def test_layers_that_reuse_keys_take_an_assistant_when_nothing_is_pruned(family):
     """An assistant or prompt lookup ends the prompt inside a forward, which is refused where layers reuse keys and
     the cache compacts; at key_ratio 0 it never compacts, and gives DynamicCache's tokens."""
+    if compat.TRANSFORMERS_VERSION.major < 5:
+        pytest.skip("transformers 4.x's DynamicCache cannot crop a sliding layer past its window (the reference)")
     model, reference = _models(family)
     ids = torch.randint(3, 200, (12,), generator=torch.Generator().manual_seed(0)).repeat(4)[None]
     mask = torch.ones_like(ids)
     for drafts in (dict(prompt_lookup_num_tokens=4), dict(assistant_model=make_model("llama", seed=1, patch=False))):
+        drafts["eos_token_id"] = 2  # transformers 4.56's prompt lookup needs an eos token
         ours = generate(model, ids, mask, ThinKCache(key_ratio=0), 10, **drafts)
         theirs = generate(reference, ids, mask, _dynamic(reference), 10, **drafts)
         assert torch.equal(ours.sequences, theirs.sequences)
