@@ -27,6 +27,7 @@ import torch
 import transformers
 from conftest import COMMON_CONFIG, chat, generate, make_batch, make_config, make_model, prefill, zeroed_reference
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
 import think_cache
 from think_cache import H2O, SnapKV, ThinKCache, kernels
@@ -435,7 +436,8 @@ def test_assisted_and_prompt_lookup_on_sliding_layers(arch, window):
         )  # fmt: skip
 
     plain = run()
-    assert torch.equal(run(prompt_lookup_num_tokens=4), plain)
+    # transformers 5.0's prompt lookup may run a token or two past max_new_tokens (with DynamicCache too)
+    assert torch.equal(run(prompt_lookup_num_tokens=4)[:, : plain.shape[1]], plain)
     assert torch.equal(run(assistant_model=draft), plain)
 
 
@@ -765,8 +767,8 @@ def test_gemma3n_shared_layers_refuse_what_would_change_shared_keys():
 def test_layers_that_reuse_keys_take_an_assistant_when_nothing_is_pruned(family):
     """An assistant or prompt lookup ends the prompt inside a forward, which is refused where layers reuse keys and
     the cache compacts; at key_ratio 0 it never compacts, and gives DynamicCache's tokens."""
-    if compat.TRANSFORMERS_VERSION.major < 5:
-        pytest.skip("transformers 4.x's DynamicCache cannot crop a sliding layer past its window (the reference)")
+    if not hasattr(DynamicSlidingWindowLayer, "activate_past_recording"):
+        pytest.skip("this transformers' DynamicCache cannot crop a sliding layer past its window (the reference)")
     model, reference = _models(family)
     ids = torch.randint(3, 200, (12,), generator=torch.Generator().manual_seed(0)).repeat(4)[None]
     mask = torch.ones_like(ids)
