@@ -18,6 +18,13 @@ try:  # transformers 5.x: the recurrent state of a linear-attention layer (Qwen3
     from transformers.cache_utils import LinearAttentionCacheLayerMixin, LinearAttentionLayer
 except ImportError:  # 4.x: hybrid models bring their own cache classes, which a ThinKCache cannot stand in for
     LinearAttentionCacheLayerMixin = LinearAttentionLayer = None
+if (
+    LinearAttentionLayer is not None
+    and "state_idx" not in inspect.signature(LinearAttentionLayer.update_conv_state).parameters
+):
+    # earlier 5.x (5.12): one state per layer, read through other methods; think-cache serves the states by index
+    # (5.24 on), and treats these versions as having no hybrid support
+    LinearAttentionCacheLayerMixin = LinearAttentionLayer = None
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 MIN_TRANSFORMERS = Version("4.56.0")
@@ -105,6 +112,10 @@ try:  # newer transformers: a heterogeneous config (Gemma 4) refuses to read a v
     from transformers.integrations.heterogeneity.configuration_utils import AmbiguousGlobalPerLayerAttributeError
 except ImportError:
     AmbiguousGlobalPerLayerAttributeError = ()  # catches nothing
+#: Whether configs say what differs by layer (5.24 has it; 5.12's Gemma 4 keeps one head_dim for layers of two).
+PER_LAYER_CONFIGS = AmbiguousGlobalPerLayerAttributeError != ()
+#: Model types served only where configs are per layer (their head sizes differ by layer).
+PER_LAYER_MODEL_TYPES = ("gemma4", "gemma4_text")
 
 
 def config_value(config, name: str):

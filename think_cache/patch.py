@@ -111,7 +111,13 @@ def _check_model(model: object) -> list[torch.nn.Module]:
     if hybrid and _compat.LinearAttentionLayer is None:
         raise ValueError(
             f"think_cache serves hybrid models ({config.model_type!r}: linear-attention layers beside attention) "
-            f"from transformers 5 on, where a cache keeps their states layer by layer; found {transformers_version}"
+            f"on a transformers whose cache keeps their states layer by layer, by index (5.24; tested there), not "
+            f"{transformers_version}: pip install -U transformers"
+        )
+    if config.model_type in _compat.PER_LAYER_MODEL_TYPES and not _compat.PER_LAYER_CONFIGS:
+        raise ValueError(
+            f"think_cache serves {config.model_type!r} on a transformers whose configs give each layer its head size "
+            f"(5.24; tested there), not {transformers_version}: pip install -U transformers"
         )
     # Qwen2-MoE, Phi-3.5-MoE, OLMoE before transformers 5; hybrid models leave the flag unset for their linear layers
     # (it tells vLLM's transformers backend what it can run), while their attention layers use the interface
@@ -245,6 +251,8 @@ def _patched_generate(model: torch.nn.Module, *args, **kwargs):
     if not isinstance(cache, ThinKCache):
         return original(*args, **kwargs)
     _check_compiled(model, cache)
+    for module in _attention_modules(model):  # settings its layers cannot serve, before transformers builds masks
+        cache.check_layer(module)
     _check_rollback(model, cache, kwargs)
     prompt_length = _prompt_length(cache, args, kwargs)
     _check_reuse(model, cache, prompt_length)
