@@ -801,3 +801,11 @@ def test_a_static_cache_names_chunked_layers_as_such():
     model = make_model("llama4_text", initializer_range=0.2)
     with pytest.raises(ValueError, match="chunked-attention layers yet .* sees chunks of 16"):
         generate(model, *make_batch([30], seed=1), ThinKCache(key_ratio=0.5, max_cache_len=64), 4)
+
+
+def test_gemma4_is_refused_where_configs_are_not_per_layer(monkeypatch):
+    """transformers 5.12's Gemma 4 config keeps one head_dim for layers of two sizes: refused, not served wrongly."""
+    model = make_model("gemma4_text", patch=False)
+    monkeypatch.setattr(compat, "PER_LAYER_CONFIGS", False)
+    with pytest.raises(ValueError, match=r"serves 'gemma4_text' on a transformers whose configs give each layer"):
+        think_cache.patch(model)

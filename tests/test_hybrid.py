@@ -279,7 +279,8 @@ def test_linear_modules_are_not_taken_for_attention():
 
 
 def test_refused_without_linear_attention_layers(monkeypatch):
-    """transformers 4.x: hybrid models bring their own caches, which a ThinKCache cannot stand in for."""
+    """transformers 4.x: hybrid models bring their own caches, which a ThinKCache cannot stand in for (5.12: its
+    cache layers keep one state each, read another way)."""
     model = _model(patch=False)
     monkeypatch.setattr(compat, "LinearAttentionLayer", None)
     with pytest.raises(ValueError, match=r"hybrid models .* by index \(5.24; tested there\)"):
