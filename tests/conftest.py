@@ -575,3 +575,19 @@ def fake_quant_value_group(x: torch.Tensor, bits: int, dtype: torch.dtype) -> to
     if bits in SYMMETRIC_VALUE_BITS:
         return fake_quant_symmetric(x, bits, dtype, log_scales)
     return fake_quant(x, bits, dtype, log_scales=log_scales)
+
+
+def peak_allocated_bytes(fn) -> int:
+    """Peak of the bytes torch allocated (and not yet freed) while ``fn`` ran, from the CPU profiler's memory
+    events: every allocation and free, in order, summed. Unlike RSS it does not see memory the C allocator keeps."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as profile:
+        fn()
+    events = sorted(
+        (e for e in profile.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    running = peak = 0
+    for event in events:
+        running += event.nbytes()
+        peak = max(peak, running)
+    return peak

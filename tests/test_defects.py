@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import generate, make_batch, make_model
+from conftest import generate, make_batch, make_model, peak_allocated_bytes
 from transformers import GenerationConfig
 
 from think_cache import ThinKCache, ThinKLayer, ThinKSlidingLayer
@@ -83,22 +83,6 @@ def test_window_attention_chunks_stay_within_a_fixed_budget():
     assert _query_chunk(100, 2**22, 1, 4) == 1  # at least one row
 
 
-def _peak_allocated_bytes(fn) -> int:
-    """Peak of the bytes torch allocated (and not yet freed) while ``fn`` ran, from the CPU profiler's memory
-    events: every allocation and free, in order, summed. Unlike RSS it does not see memory the C allocator keeps."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, profile_memory=True) as profile:
-        fn()
-    events = sorted(
-        (e for e in profile.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    running = peak = 0
-    for event in events:
-        running += event.nbytes()
-        peak = max(peak, running)
-    return peak
-
-
 def test_window_attention_peak_memory_is_one_block(monkeypatch):
     """Measured: scoring every query of a 2k prompt holds one block of the budget, not a tokens x tokens matrix."""
     from think_cache import policies
@@ -108,7 +92,7 @@ def test_window_attention_peak_memory_is_one_block(monkeypatch):
     g = torch.Generator().manual_seed(123)
     query, keys = torch.randn(1, 4, 2048, 16, generator=g), torch.randn(1, 2, 2048, 16, generator=g)
     real = torch.ones(1, 2048, dtype=torch.bool)
-    peak = _peak_allocated_bytes(lambda: policies.window_attention(query, keys, real, 0.25))
+    peak = peak_allocated_bytes(lambda: policies.window_attention(query, keys, real, 0.25))
     assert peak <= 1.25 * 4 * budget  # the float32 block, plus a mask and sums of a few rows
 
 
@@ -137,7 +121,7 @@ def test_h2o_prefill_peak_memory_is_close_to_dynamic_cache(tokens):
             assert not isinstance(cache, ThinKCache) or cache.layers[0].is_compacted
 
         prefill()  # warm up
-        peaks[name] = _peak_allocated_bytes(prefill)
+        peaks[name] = peak_allocated_bytes(prefill)
     print(f"prefill peak at {tokens} tokens: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in peaks.items()))
     assert peaks["h2o"] <= 1.2 * peaks["dynamic"]
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fake_quant, fake_quant_symmetric
+from conftest import fake_quant, fake_quant_symmetric, peak_allocated_bytes
 from torch.profiler import ProfilerActivity, profile
 
 from think_cache import quant
@@ -620,20 +620,6 @@ def test_largest_temporary_does_not_grow_with_context(bits, torch_path):
     assert expected * 8 == batch * heads * 4096 * channels * 4
 
 
-def peak_extra(fn) -> int:
-    """The most bytes held at once by allocations made while ``fn`` ran, beyond those before it (CPU profiler)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    held = peak = 0
-    for event in events:
-        held += event.nbytes()
-        peak = max(peak, held)
-    return peak
-
-
 @pytest.mark.parametrize("bits", BITS)
 def test_quantizing_a_long_prompt_works_in_slices(bits, monkeypatch):
     """A prompt is quantized a slice of whole blocks at a time (`QUANTIZE_CHUNK_ELEMENTS`): the same codes, scales
@@ -656,7 +642,7 @@ def test_quantizing_a_long_prompt_works_in_slices(bits, monkeypatch):
             torch.randn(1, 8, tokens, 128, dtype=torch.bfloat16),
         )
         out = []
-        peak = peak_extra(
+        peak = peak_allocated_bytes(
             lambda k=k, v=v, out=out: out.extend([quant.quantize_keys(k, bits), quant.quantize_values(v, bits)])
         )
         one_layer.append(peak - sum(t.nbytes for part in out for t in part.tensors()))
