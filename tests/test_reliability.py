@@ -263,4 +263,6 @@ def test_forward_loop_with_gradients_on(settings):
     model.zero_grad()
     logits[-1].square().sum().backward()
     grad = model.model.layers[0].self_attn.q_proj.weight.grad
-    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert grad is not None and grad.abs().sum() > 0
+    # finite everywhere (2-bit codes once sent NaN back from a block's unused rows through their float scales)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -351,8 +351,8 @@ class ThinKLayer(CacheLayerMixin):
         if not self.is_croppable:
             raise ValueError(
                 f"ThinKCache cannot crop under {type(self.policy).__name__}: the policy evicts tokens while "
-                "decoding (a block of 32 at a time), and evicted tokens cannot be restored, so assisted decoding and "
-                "other rollbacks would not be exact. Use no policy or SnapKV for assisted decoding."
+                f"decoding (a block of {FOLD_BLOCK} at a time), and evicted tokens cannot be restored, so assisted "
+                "decoding and other rollbacks would not be exact. Use no policy or SnapKV for assisted decoding."
             )
         whole = self.keys.shape[-2] - self.thinned_full  # the oldest full-width tokens may be thinned in place
         if count > whole:

@@ -12,6 +12,7 @@ from transformers import __version__ as transformers_version
 from . import _compat
 from .attention import ATTENTION_NAME, EnterLinearModule, enter_module, exit_module, register
 from .cache import ThinKCache
+from .layer import FOLD_BLOCK
 from .policies import Policy
 from .static import second_prompt_error
 
@@ -347,8 +348,8 @@ def _check_rollback(model: torch.nn.Module, cache: ThinKCache, kwargs: dict) -> 
     if drafts and not cache.is_croppable:
         raise ValueError(
             f"Assisted decoding and prompt lookup roll back rejected draft tokens, which ThinKCache cannot do "
-            f"exactly under {type(cache.policy).__name__}: it evicts tokens while decoding (a block of 32 at a "
-            "time). Use no policy or SnapKV with an assistant."
+            f"exactly under {type(cache.policy).__name__}: it evicts tokens while decoding (a block of {FOLD_BLOCK} "
+            "at a time). Use no policy or SnapKV with an assistant."
         )
 
 

@@ -118,7 +118,8 @@ CLIP_SEARCH_ELEMENTS = 2**21
 #: (8 MiB in float32): a longer prompt is quantized a slice of tokens at a time (whole key blocks), so the float32
 #: scratch at the prompt's end stays within a few such slices however long the prompt (an 8k prompt of 8 KV heads
 #: of 128 channels took 13x its layer's bfloat16 keys and values at once). Ranges are per block and per token, so
-#: the slicing changes no code.
+#: the slicing changes no code (but for a last-bit difference of a clipping search's float32 sums in one layout
+#: no store uses, 2 bits with one-byte scales).
 QUANTIZE_CHUNK_ELEMENTS = 2**21
 #: The ThinK layer's fold block: a fold appends this many tokens, whole key blocks (`KEY_BLOCKS`); also the
 #: default ``block`` of `quantize_keys`.
@@ -626,6 +627,10 @@ def quantize_keys(
     bits = check_bits(bits, BITS)
     block = check_int("block", block, 1)
     batch, heads, tokens, channels = keys.shape
+    if real is not None and (real.dtype != torch.bool or real.dim() != 3 or real.shape[-1] != tokens):
+        raise ValueError(
+            f"real must be a (batch, kv_heads, {tokens}) bool tensor, got {real.dtype} {tuple(real.shape)}"
+        )
     step = _token_step(keys, block)
     if tokens > step:  # a long prompt a slice of whole blocks at a time: each block's range is its own
         parts = [
@@ -635,13 +640,9 @@ def quantize_keys(
         ]  # fmt: skip
         return _joined(parts)
     n_blocks = -(-tokens // block)
-    x = keys.float()
+    x = keys.detach().float()  # codes carry no gradient (nor a graph kept in their scales from step to step)
     valid = None
     if real is not None:
-        if real.dtype != torch.bool or real.dim() != 3 or real.shape[-1] != tokens:
-            raise ValueError(
-                f"real must be a (batch, kv_heads, {tokens}) bool tensor, got {real.dtype} {tuple(real.shape)}"
-            )
         valid = real.expand(batch, heads, tokens)
     if n_blocks * block != tokens:  # pad the last block with copies of its last token, which count for nothing
         x = torch.cat([x, x[:, :, -1:].expand(batch, heads, n_blocks * block - tokens, channels)], dim=2)
@@ -711,7 +712,7 @@ def quantize_values(
         ]
         return _joined(parts)
     group_size = min(group_size, channels)
-    x = values.float()
+    x = values.detach().float()
     valid = None
     if n_groups * group_size != channels:  # pad the last group with copies of its last channel, counting nothing
         x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], n_groups * group_size - channels)], dim=-1)
