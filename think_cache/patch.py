@@ -363,7 +363,7 @@ def _check_capacity(model: torch.nn.Module, cache: ThinKCache, prompt_length: in
         needed, what = prompt_length + new_tokens, f"the prompt ({prompt_length}) + max_new_tokens ({new_tokens})"
     else:
         max_length, _ = _effective_generation_option(model, kwargs, passed, "max_length")
-        positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        positions = getattr(model.config, "max_position_embeddings", None)  # as generate reads it
         needed = _compat.generated_length(max_length, kwargs.get("max_length") is not None, prompt_length, positions)
         what = f"max_length ({needed})"
         if needed != max_length:
