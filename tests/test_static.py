@@ -365,7 +365,7 @@ def test_a_hand_written_loop_need_not_mark_the_prompt_end_under_eviction(policy)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("how", ["forward", "module"])
+@pytest.mark.parametrize("how", ["forward", "module", "inner"])
 def test_generate_refuses_a_compiled_forward_before_any_work(how):
     """README's compile section used to compile ``model.forward`` before ``generate``, which then ran the prompt
     compiled and failed inside dynamo (found by a helper's audit): refused up front, and a hand-written loop that
@@ -374,8 +374,10 @@ def test_generate_refuses_a_compiled_forward_before_any_work(how):
     ids, _ = make_batch([40], seed=3)
     if how == "forward":
         model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")
-    else:
+    elif how == "module":
         model.compile(backend="eager")
+    else:
+        model.model.compile(backend="eager")
     for cache, advice in [(ThinKCache(0.5, max_cache_len=64), "leave it uncompiled"), (ThinKCache(0.5), "runs unc")]:
         with pytest.raises(ValueError, match=f"forward is compiled .* cannot: .*{advice}"):
             model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=4)

@@ -304,10 +304,12 @@ def _check_reuse(model: torch.nn.Module, cache: ThinKCache, prompt_length: int |
 
 
 def _check_compiled(model: torch.nn.Module, cache: ThinKCache) -> None:
-    """A forward compiled by the user (``model.forward = torch.compile(model.forward)``, ``model.compile()``) would
-    run the prompt compiled too, which ThinK cannot: refuse it before any work."""
-    compiled_forward = hasattr(vars(model).get("forward"), "_torchdynamo_orig_callable")
-    if not (compiled_forward or getattr(model, "_compiled_call_impl", None) is not None):
+    """A forward compiled by the user (``model.forward = torch.compile(model.forward)``, ``model.compile()``, also
+    of an inner module such as ``model.model``) would run the prompt compiled too, which ThinK cannot: refuse it
+    before any work. (transformers' own compile of the decoding steps sets neither.)"""
+    compiled_forward = any(hasattr(vars(m).get("forward"), "_torchdynamo_orig_callable") for m in model.modules())
+    compiled_module = any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    if not (compiled_forward or compiled_module):
         return
     if cache.max_cache_len is None:
         advice = "a ThinKCache without max_cache_len runs uncompiled (its compact part changes shape)"
