@@ -105,3 +105,26 @@ def test_long_prompts_are_normed_in_slices(dtype, monkeypatch):
     assert torch.equal(keys, before)
     for a, b in zip(whole, sliced, strict=True):
         torch.testing.assert_close(b, a, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_value_scores_of_long_prompts_run_the_softmax_in_slices(softcap, monkeypatch):
+    """A long prompt's value scores come from an online softmax over slices of tokens (`NORM_CHUNK_ELEMENTS`): the
+    one-pass scores within float32 rounding, with causal and padding masks, a row that may attend nothing (it
+    counts nothing), and a slice that a row cannot see at all."""
+    from think_cache import scoring
+
+    generator = torch.Generator().manual_seed(4)
+    batch, heads, rows, tokens, dim = 2, 2, 6, 300, 8
+    queries = torch.randn(batch, heads, rows, dim, generator=generator)
+    keys = torch.randn(batch, heads, tokens, dim, generator=generator) * 2
+    values = torch.randn(batch, heads, tokens, dim, generator=generator)
+    mask = torch.ones(batch, 1, rows, tokens, dtype=torch.bool)
+    mask[0, :, :, :120] = False  # row 0's first slices are all padding
+    mask[1, :, 2] = False  # a row that may attend nothing
+    mask[..., -rows:] &= torch.ones(rows, rows, dtype=torch.bool).tril()  # causal over the window
+    whole = [value_channel_scores(queries, keys, values, 0.3, m, softcap) for m in (None, mask)]
+    monkeypatch.setattr(scoring, "NORM_CHUNK_ELEMENTS", batch * heads * rows * 37)
+    sliced = [value_channel_scores(queries, keys, values, 0.3, m, softcap) for m in (None, mask)]
+    for a, b in zip(whole, sliced, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -57,9 +57,10 @@ def key_channel_scores(
     return torch.linalg.vector_norm(window_queries.float(), dim=-2) * _channel_norms(keys, key_mask)
 
 
-#: The most key elements `key_channel_scores` reads in float32 at once (16 MiB): a long prompt's channel norms are
-#: summed a slice of tokens at a time, so scoring never copies a whole layer's keys to float32 (4x a bfloat16
-#: layer's keys, twice over with a mask, at the end of every prompt).
+#: The most elements scoring reads or builds in float32 at once (16 MiB): `key_channel_scores` sums a long prompt's
+#: channel norms a slice of tokens at a time, `value_channel_scores` runs the window's softmax over a slice of
+#: tokens at a time (online), so scoring never copies a whole layer's keys or values to float32 (4x a bfloat16
+#: layer's keys, twice over with a mask, at the end of every prompt) nor builds the window's logits over all of it.
 NORM_CHUNK_ELEMENTS = 2**22
 
 
@@ -112,13 +113,43 @@ def value_channel_scores(
     -------
     ``(batch, kv_heads, head_dim)`` float32 scores.
     """
-    logits = cap_logits(torch.matmul(window_queries.float(), keys.float().transpose(-1, -2)).mul_(scaling), softcap)
-    if window_mask is None:
+    batch, heads, rows, _ = window_queries.shape
+    tokens = keys.shape[-2]
+    step = max(1, NORM_CHUNK_ELEMENTS // max(batch * heads * rows, 1))
+    queries = window_queries.float()
+    if tokens <= step:  # the window's softmax at once
+        logits = _window_logits(queries, keys, scaling, softcap, window_mask)
         weights = torch.softmax(logits, dim=-1)
-    else:
-        logits = logits.masked_fill(~window_mask, torch.finfo(logits.dtype).min)
-        weights = torch.softmax(logits, dim=-1) * window_mask.any(dim=-1, keepdim=True)
-    return torch.linalg.vector_norm(torch.matmul(weights, values.float()), dim=-2)
+        if window_mask is not None:
+            weights = weights * window_mask.any(dim=-1, keepdim=True)
+        return torch.linalg.vector_norm(torch.matmul(weights, values.float()), dim=-2)
+    # a long prompt a slice of tokens at a time, the softmax online (a running max and sum per row): no float32
+    # copy of the layer's keys and values, and logits of one slice only
+    out = queries.new_zeros(batch, heads, rows, values.shape[-1])
+    top = queries.new_full((batch, heads, rows, 1), float("-inf"))
+    total = queries.new_zeros(batch, heads, rows, 1)
+    for start in range(0, tokens, step):
+        mask = None if window_mask is None else window_mask[..., start : start + step]
+        logits = _window_logits(queries, keys[:, :, start : start + step], scaling, softcap, mask)
+        new_top = torch.maximum(top, logits.amax(dim=-1, keepdim=True))
+        rescale = torch.exp(top - new_top)  # exp(-inf) = 0 before any slice
+        weights = torch.exp(logits - new_top)
+        out = out.mul_(rescale).add_(torch.matmul(weights, values[:, :, start : start + step].float()))
+        total = total.mul_(rescale).add_(weights.sum(dim=-1, keepdim=True))
+        top = new_top
+    out = out / total
+    if window_mask is not None:
+        out = out * window_mask.any(dim=-1, keepdim=True)
+    return torch.linalg.vector_norm(out, dim=-2)
+
+
+def _window_logits(queries, keys, scaling: float, softcap: float | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """The window's float32 logits over ``keys``, scaled, capped under a ``softcap``, masked to float32's lowest
+    where ``mask`` (bool, True = attend) says (so a row that may attend nothing stays finite)."""
+    logits = cap_logits(torch.matmul(queries, keys.float().transpose(-1, -2)).mul_(scaling), softcap)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    return logits
 
 
 def channel_index_dtype(head_dim: int) -> torch.dtype:
