@@ -238,6 +238,39 @@ def test_left_padded_batch(bits, value_ratio):
     assert cache.layers[0].compact_tokens == 64 + BLOCK
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_padding_that_folds_later_sets_no_range(bits, static):
+    """A short row's padding among the prompt's last tokens waits at full width and folds with the first generated
+    tokens (found by a helper's audit: it set that block's key ranges). Wild keys on the padding change nothing, and
+    at 8 bits (no clipping search) the logits are the reference's, whose ranges see real tokens only."""
+    ids, mask = make_batch([5, 40], seed=3)  # width 40: row 0's pads 32..34 wait at full width after the prompt
+    outputs = []
+    for wild in (0.0, 30.0):
+        model = make_model("llama")
+
+        def hook(module, args, out, wild=wild):
+            if out.shape[1] == ids.shape[1]:  # the prompt's forward: keys of row 0's padding only
+                out = out.clone()
+                out[0, :35] += wild * torch.randn(35, out.shape[-1], generator=torch.Generator().manual_seed(0))
+                return out
+
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.register_forward_hook(hook)
+        if static:
+            settings = dict(key_ratio=0.5, window=4, bits=bits, group_size=32, max_cache_len=96)
+            outputs.append(generate(model, ids, mask, ThinKCache(**settings), 40))
+            continue
+        think, ref, _ = run_with_reference(model, ids, mask, 40, bits, 32, key_ratio=0.5, window=4)
+        if bits == 8:
+            _assert_same(think, ref)
+        outputs.append(think)
+    tame, wild = outputs
+    assert torch.equal(tame.sequences, wild.sequences)
+    for a, b in zip(tame.logits, wild.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("value_ratio", [0.0, 0.5], ids=["values", "values-pruned"])
 @pytest.mark.parametrize("name", ["snapkv", "h2o"])
 @pytest.mark.parametrize("bits", [2, 4, 8])

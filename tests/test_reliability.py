@@ -266,3 +266,22 @@ def test_forward_loop_with_gradients_on(settings):
     assert grad is not None and grad.abs().sum() > 0
     # finite everywhere (2-bit codes once sent NaN back from a block's unused rows through their float scales)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_attention_dropout_in_training_is_refused_before_anything_is_stored():
+    """Refused at the cache's update, not after it (found by a helper's audit: the refused step's token stayed in the
+    first layer, and the next step failed): back in eval mode the conversation goes on as if nothing happened."""
+    model = make_model("llama", attention_dropout=0.1)
+    ids, mask = make_batch([30], seed=4)
+    plain = ThinKCache(key_ratio=0.5)  # the same two calls, not interrupted (a second call is a later turn)
+    first = generate(model, ids, mask, plain, 1)
+    expected = generate(model, first.sequences, torch.ones_like(first.sequences), plain, 5)
+    cache = ThinKCache(key_ratio=0.5)
+    first = generate(model, ids, mask, cache, 1)
+    model.train()
+    with pytest.raises(NotImplementedError, match="attention dropout in training mode"), torch.no_grad():
+        model(input_ids=first.sequences[:, -1:], past_key_values=cache)
+    model.eval()
+    assert [layer.seen_tokens for layer in cache.layers] == [30, 30]
+    sequence = first.sequences
+    assert torch.equal(generate(model, sequence, torch.ones_like(sequence), cache, 5).sequences, expected.sequences)

@@ -385,3 +385,13 @@ def test_generate_refuses_a_compiled_forward_before_any_work(how):
     compiled = torch.compile(make_model("llama").forward, fullgraph=True, backend="eager")
     with pytest.raises(RuntimeError, match="compile the decoding step only"), torch.no_grad():
         compiled(input_ids=ids, use_cache=True, **{compat.CACHE_ARGUMENT: ThinKCache(0.5, max_cache_len=64)})
+
+
+def test_attention_weights_are_refused_before_any_work(model, batch):
+    """A static cache returns no attention weights: generate refuses output_attentions before a forward (found by a
+    helper's audit: the refusal came after the first layer had stored the step's token)."""
+    ids, mask = batch
+    cache = ThinKCache(0.5, max_cache_len=96)
+    with pytest.raises(NotImplementedError, match="does not return attention weights"):
+        generate(model, ids, mask, cache, 4, output_attentions=True)
+    assert cache.get_seq_length() == 0

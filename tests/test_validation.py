@@ -243,3 +243,40 @@ def test_a_cache_filled_in_one_dtype_is_refused_in_another():
         with pytest.raises(ValueError, match="holds torch.float32 keys but the model now computes torch.bfloat16"):
             model.generate(input_ids=out, past_key_values=cache, max_new_tokens=2)
     model.float()
+
+
+def test_two_models_of_one_config_object_are_told_apart():
+    """Models built from one config object share it: the cache knows its model by its first attention module too
+    (found by a helper's audit: a cache filled by one was used by the other, at every key ratio)."""
+    from transformers import LlamaForCausalLM
+
+    config = make_model("llama").config
+    first, second = (think_cache.patch(LlamaForCausalLM(config).eval()) for _ in range(2))
+    ids, _ = make_batch([20])
+    cache = ThinKCache(key_ratio=0)
+    with torch.no_grad():
+        first(input_ids=ids, past_key_values=cache)
+        with pytest.raises(ValueError, match="filled by another model"):
+            second(input_ids=ids[:, -1:], past_key_values=cache)
+        assert cache.get_seq_length() == 20  # refused before anything was stored
+
+
+def test_an_interrupted_forward_leaves_no_module_behind():
+    """Ctrl-C inside a patched attention skips torch's exit hooks (they run for Exception only): the module it left
+    in the thread's state is not taken for the caller of an unpatched copy (found by a helper's audit)."""
+    import copy
+
+    model = make_model("llama", patch=False)
+    unpatched = copy.deepcopy(model)
+    think_cache.patch(model)
+
+    def interrupt(module, args, output):
+        raise KeyboardInterrupt
+
+    handle = model.model.layers[0].self_attn.o_proj.register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        model(input_ids=make_batch([12])[0], past_key_values=ThinKCache())
+    handle.remove()
+    with pytest.raises(RuntimeError, match="has not been patched"), torch.no_grad():
+        unpatched(input_ids=make_batch([12])[0], past_key_values=ThinKCache())
+    think_cache.unpatch(model)

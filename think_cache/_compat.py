@@ -85,7 +85,21 @@ def query_length(query_length_or_cache_position: int | torch.Tensor) -> int:
 
 
 def attn_implementation(model: torch.nn.Module) -> str | None:
-    return getattr(model.config, "_attn_implementation", None)
+    return config_attn_implementation(model.config)
+
+
+def config_attn_implementation(config) -> str | None:
+    """The attention implementation a model of ``config`` runs."""
+    return getattr(config, "_attn_implementation", None)
+
+
+def attention_dropout(module: torch.nn.Module) -> float:
+    """The dropout probability an attention module applies in training mode (a float attribute in most families, a
+    ``Dropout`` module in some), 0 where it has none."""
+    value = getattr(module, "attention_dropout", 0.0)
+    if isinstance(value, torch.nn.Dropout):
+        value = value.p
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 def set_attn_implementation(model: torch.nn.Module, name: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from numbers import Real
 
@@ -86,6 +87,14 @@ def _check_group_size(group_size: object, bits: int | None) -> int | None:
     return check_int("group_size", group_size, 1)
 
 
+_UNPATCHED = (
+    "ThinKCache needs the ThinK attention, and this model has not been patched: call `think_cache.patch(model)` once "
+    "before using ThinKCache with it."
+)
+_SWITCHED = (
+    "ThinKCache needs the ThinK attention, but the model now uses attn_implementation={!r}. Call "
+    "`think_cache.patch(model)` again after changing the attention implementation."
+)
 _ANOTHER_MODEL = (
     "This ThinKCache was filled by another model. Use one ThinKCache per model, or call `cache.reset()` before "
     "reusing it."
@@ -321,6 +330,7 @@ class ThinKCache(Cache):
             _check_static(self)
         self._model_config = None
         self._model_fingerprint = None
+        self._model_module = None  # (layer index, weak reference) of an attention module of the model served
         self._prompt_start, self._prompt_end = 0, None
         self._first_attention = None  # the index of the first ThinK layer (0 but in a hybrid model)
         self._hybrid_states = {}  # layer index -> the recurrent state beside a ThinK layer (Falcon-H1)
@@ -386,23 +396,28 @@ class ThinKCache(Cache):
 
     def _check_module(self, module: torch.nn.Module | None, key_states: torch.Tensor, layer_idx: int) -> None:
         if module is None:
-            raise RuntimeError(
-                "ThinKCache needs the ThinK attention, and this model has not been patched: call "
-                "`think_cache.patch(model)` once before using ThinKCache with it."
-            )
+            raise RuntimeError(_UNPATCHED)
         # the attention a model runs changes between forwards only: read it (a slow config lookup, 15 µs) at the
         # first layer of each forward and at a new layer
         implementation = ATTENTION_NAME
         if layer_idx == self._first_attention or layer_idx >= len(self.layers):
             implementation = _compat.attn_implementation(module)
         if implementation != ATTENTION_NAME:
-            raise RuntimeError(
-                f"ThinKCache needs the ThinK attention, but the model now uses attn_implementation={implementation!r}. "
-                "Call `think_cache.patch(model)` again after changing the attention implementation."
+            raise RuntimeError(_SWITCHED.format(implementation))
+        if module.layer_idx != layer_idx:  # a module left behind by a forward interrupted inside it (Ctrl-C skips
+            raise RuntimeError(_UNPATCHED)  # the hook that clears it): this call comes from a module not patched
+        if module.training and _compat.attention_dropout(module):  # refused before anything is stored
+            raise NotImplementedError(
+                "ThinKCache is an inference cache: attention dropout in training mode is not supported (call "
+                "model.eval())."
             )
         if module.config is not self._model_config:  # first use, a copy or unpickled cache, or another model
             self._model_fingerprint = self.check_model(module.config)
             self._model_config = module.config
+        if self._model_module is None:  # the very model, by one of its modules (a layer index, a weak reference)
+            self._model_module = (layer_idx, weakref.ref(module))
+        elif layer_idx == self._model_module[0] and self._model_module[1]() is not module:
+            raise ValueError(_ANOTHER_MODEL)  # two models built from one config object share it
         if layer_idx < len(self.layers) and self.layers[layer_idx].is_initialized:
             keys = self.layers[layer_idx].keys
             if keys.shape[0] != key_states.shape[0]:
@@ -460,8 +475,8 @@ class ThinKCache(Cache):
     def _eager_layer(self, module: torch.nn.Module | None, key_states: torch.Tensor, layer_idx: int) -> ThinKLayer:
         """The layer an eager forward updates, built on first use, told where the prompt ends."""
         self._check_module(module, key_states, layer_idx)
-        if layer_idx == self._first_attention:  # a new forward: the last one's shared keys (Gemma 4) are done with
-            forget_shared()
+        if layer_idx == self._first_attention or not self.layers:  # a new forward: the last one's shared keys
+            forget_shared()  # (Gemma 4) are done with
         while len(self.layers) <= layer_idx:
             if self._first_attention is None:
                 self._first_attention = len(self.layers)
@@ -483,13 +498,12 @@ class ThinKCache(Cache):
             return self._hybrid_states[layer_idx] if layer_idx in self._hybrid_states else self.layers[layer_idx]
         config = current_linear_config()
         if config is None:
-            raise RuntimeError(
-                "ThinKCache needs the ThinK attention, and this model has not been patched: call "
-                "`think_cache.patch(model)` once before using ThinKCache with it."
-            )
+            raise RuntimeError(_UNPATCHED)
         if config is not self._model_config:
             self._model_fingerprint = self.check_model(config)
             self._model_config = config
+        if layer_idx == 0 and _compat.config_attn_implementation(config) != ATTENTION_NAME:  # before a state is
+            raise RuntimeError(_SWITCHED.format(_compat.config_attn_implementation(config)))  # written
         if config.layer_types[layer_idx] in _compat.BOTH_LAYER_TYPES:
             if layer_idx not in self._hybrid_states:
                 self._hybrid_states[layer_idx] = _compat.LinearAttentionLayer()
@@ -610,7 +624,7 @@ class ThinKCache(Cache):
         them, and the next model's first forward builds its own.
         """
         self.layers = []
-        self._model_config = self._model_fingerprint = None
+        self._model_config = self._model_fingerprint = self._model_module = None
         self._prompt_start, self._prompt_end = 0, None
         self._first_attention = None
         self._hybrid_states = {}
@@ -646,7 +660,7 @@ class ThinKCache(Cache):
     def __getstate__(self) -> dict:
         # copies and pickles do not drag the model's config along; the fingerprint still recognises the model
         state = dict(self.__dict__)
-        state["_model_config"] = None
+        state["_model_config"] = state["_model_module"] = None
         return state
 
     @property

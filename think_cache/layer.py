@@ -159,6 +159,20 @@ def fold_point(t, origin, held: int, fold_block: int):
     return origin - held + fold_block * ((t - origin) // fold_block)
 
 
+def without_padding_ranges(keys: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """``keys (batch, kv_heads, tokens, head_dim)`` with each padded token (``real (batch, 1 or kv_heads, tokens)``
+    False) given the keys of its row's last real token. Padding is masked, so no attention output changes; a
+    quantizing store then fits no key block's range to it when the prompt's last tokens, waiting at full width,
+    fold with the first generated ones (README: padding never sets a range). A row with no real token stays."""
+    if bool(real.all()):
+        return keys
+    real = real.expand(keys.shape[:3])
+    last = (torch.arange(keys.shape[2], device=keys.device) * real).argmax(dim=-1, keepdim=True)
+    source = keys.gather(2, last[..., None].expand(*last.shape, keys.shape[-1]))
+    replace_at = ~real & real.any(dim=-1, keepdim=True)
+    return torch.where(replace_at[..., None], source, keys)
+
+
 def compacts(key_ratio: float, value_ratio: float, policy: Policy | None, bits: int | None) -> bool:
     """Whether a layer of these settings ever compacts: a ratio above zero, a token policy, or quantized storage
     (with ``key_ratio=0`` and ``bits`` set every channel is kept and the tokens are still stored as codes). Without
@@ -666,8 +680,11 @@ class ThinKLayer(CacheLayerMixin):
         self.store.append(keys[:, :, :n], values[:, :, :n], real=real[..., :n])
         if positions is not None:
             self.compact_positions = positions[:, :, :n].to(torch.int32)
+        waiting = keys[:, :, n:]
+        if self.store.bits is not None:  # the prompt's padding that waits here is quantized when its block folds
+            waiting = without_padding_ranges(waiting, real[..., n:])
         # clone: a slice would keep the whole old buffer alive
-        self.keys = torch.cat([keys[:, :, n:], after_k], dim=-2)
+        self.keys = torch.cat([waiting, after_k], dim=-2)
         self.values = torch.cat([values[:, :, n:], after_v], dim=-2)
         self._thin_oldest(due - n)
         self._trim(end)  # what a sliding window hides from every query after the prompt

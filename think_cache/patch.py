@@ -356,10 +356,18 @@ def _check_rollback(model: torch.nn.Module, cache: ThinKCache, kwargs: dict) -> 
 
 
 def _check_capacity(model: torch.nn.Module, cache: ThinKCache, prompt_length: int | None, args, kwargs) -> None:
-    """A static ThinKCache must hold the prompt and every new token: refuse the call before any work otherwise."""
-    if cache.max_cache_len is None or prompt_length is None:
+    """A static ThinKCache must hold the prompt and every new token, and returns no attention weights: refuse the
+    call before any work otherwise."""
+    if cache.max_cache_len is None:
         return
     passed = _passed_generation_config(args, kwargs)
+    if _effective_generation_option(model, kwargs, passed, "output_attentions")[0]:
+        raise NotImplementedError(
+            "A static ThinKCache (max_cache_len) does not return attention weights; use a ThinKCache without "
+            "max_cache_len for output_attentions=True."
+        )
+    if prompt_length is None:
+        return
     new_tokens, _ = _effective_generation_option(model, kwargs, passed, "max_new_tokens")
     if new_tokens is not None:
         needed, what = prompt_length + new_tokens, f"the prompt ({prompt_length}) + max_new_tokens ({new_tokens})"
