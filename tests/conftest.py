@@ -591,3 +591,17 @@ def peak_allocated_bytes(fn) -> int:
         running += event.nbytes()
         peak = max(peak, running)
     return peak
+
+
+def continue_after(model, ids, mask, interrupt) -> list:
+    """Two ``generate`` calls on a fresh ``ThinKCache(key_ratio=0.5)`` (a token, then five more: the second is a later
+    turn), without and with ``interrupt(cache, last_token)`` between them (a refused forward, say): the second
+    call's outputs, ``[uninterrupted, interrupted]``."""
+    outputs = []
+    for between in (None, interrupt):
+        cache = think_cache.ThinKCache(key_ratio=0.5)
+        first = generate(model, ids, mask, cache, 1)
+        if between is not None:
+            between(cache, first.sequences[:, -1:])
+        outputs.append(generate(model, first.sequences, torch.ones_like(first.sequences), cache, 5))
+    return outputs

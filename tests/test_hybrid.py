@@ -16,7 +16,7 @@ import copy
 
 import pytest
 import torch
-from conftest import chat, generate, make_batch, make_model, zeroed_reference
+from conftest import chat, continue_after, generate, make_batch, make_model, zeroed_reference
 from transformers import DynamicCache
 
 import think_cache
@@ -349,15 +349,12 @@ def test_an_attention_switch_is_refused_before_a_state_moves():
     """A hybrid's first layer is a linear one: the switched attention is refused there, before its state is written
     (found by a helper's audit: patching again and going on gave other tokens)."""
     model = _model()
-    ids, mask = make_batch([30], seed=5)
-    plain = ThinKCache(key_ratio=0.5)  # the same two calls, not interrupted (a second call is a later turn)
-    first = generate(model, ids, mask, plain, 1)
-    expected = generate(model, first.sequences, torch.ones_like(first.sequences), plain, 5)
-    cache = ThinKCache(key_ratio=0.5)
-    first = generate(model, ids, mask, cache, 1)
-    compat.set_attn_implementation(model, "sdpa")
-    with pytest.raises(RuntimeError, match="now uses attn_implementation='sdpa'"), torch.no_grad():
-        model(input_ids=first.sequences[:, -1:], past_key_values=cache)
-    think_cache.patch(model)
-    sequence = first.sequences
-    _assert_same(generate(model, sequence, torch.ones_like(sequence), cache, 5), expected)
+
+    def switch(cache, token):
+        compat.set_attn_implementation(model, "sdpa")
+        with pytest.raises(RuntimeError, match="now uses attn_implementation='sdpa'"), torch.no_grad():
+            model(input_ids=token, past_key_values=cache)
+        think_cache.patch(model)
+
+    expected, got = continue_after(model, *make_batch([30], seed=5), switch)
+    _assert_same(got, expected)

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from conftest import generate, make_batch, make_model
+from conftest import continue_after, generate, make_batch, make_model
 from test_policies import run_with_reference
 from transformers import AutoModelForCausalLM, DynamicCache, LogitsProcessor, LogitsProcessorList
 
@@ -272,16 +272,15 @@ def test_attention_dropout_in_training_is_refused_before_anything_is_stored():
     """Refused at the cache's update, not after it (found by a helper's audit: the refused step's token stayed in the
     first layer, and the next step failed): back in eval mode the conversation goes on as if nothing happened."""
     model = make_model("llama", attention_dropout=0.1)
-    ids, mask = make_batch([30], seed=4)
-    plain = ThinKCache(key_ratio=0.5)  # the same two calls, not interrupted (a second call is a later turn)
-    first = generate(model, ids, mask, plain, 1)
-    expected = generate(model, first.sequences, torch.ones_like(first.sequences), plain, 5)
-    cache = ThinKCache(key_ratio=0.5)
-    first = generate(model, ids, mask, cache, 1)
-    model.train()
-    with pytest.raises(NotImplementedError, match="attention dropout in training mode"), torch.no_grad():
-        model(input_ids=first.sequences[:, -1:], past_key_values=cache)
-    model.eval()
-    assert [layer.seen_tokens for layer in cache.layers] == [30, 30]
-    sequence = first.sequences
-    assert torch.equal(generate(model, sequence, torch.ones_like(sequence), cache, 5).sequences, expected.sequences)
+
+    def train(cache, token):
+        model.train()
+        with pytest.raises(NotImplementedError, match="attention dropout in training mode"), torch.no_grad():
+            model(input_ids=token, past_key_values=cache)
+        model.eval()
+        assert [layer.seen_tokens for layer in cache.layers] == [30, 30]
+
+    expected, got = continue_after(model, *make_batch([30], seed=4), train)
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
