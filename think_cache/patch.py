@@ -307,9 +307,14 @@ def _check_compiled(model: torch.nn.Module, cache: ThinKCache) -> None:
     """A forward compiled by the user (``model.forward = torch.compile(model.forward)``, ``model.compile()``, also
     of an inner module such as ``model.model``) would run the prompt compiled too, which ThinK cannot: refuse it
     before any work. (transformers' own compile of the decoding steps sets neither.)"""
-    compiled_forward = any(hasattr(vars(m).get("forward"), "_torchdynamo_orig_callable") for m in model.modules())
-    compiled_module = any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
-    if not (compiled_forward or compiled_module):
+    for module in model.modules():  # one walk (it runs in every generate call)
+        if hasattr(vars(module).get("forward"), "_torchdynamo_orig_callable"):
+            how = "torch.compile"
+            break
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            how = "model.compile()"
+            break
+    else:
         return
     if cache.max_cache_len is None:
         advice = "a ThinKCache without max_cache_len runs uncompiled (its compact part changes shape)"
@@ -319,9 +324,8 @@ def _check_compiled(model: torch.nn.Module, cache: ThinKCache) -> None:
             "StaticCache, or drive the loop yourself (the prompt eagerly, then compiled steps)"
         )
     raise ValueError(
-        f"This model's forward is compiled ({'torch.compile' if compiled_forward else 'model.compile()'}), so "
-        f"generate would run the prompt compiled, which a ThinKCache cannot: ThinK chooses channels as the prompt "
-        f"ends, in eager code; {advice}."
+        f"This model's forward is compiled ({how}), so generate would run the prompt compiled, which a ThinKCache "
+        f"cannot: ThinK chooses channels as the prompt ends, in eager code; {advice}."
     )
 
 

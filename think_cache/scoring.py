@@ -64,20 +64,27 @@ def key_channel_scores(
 NORM_CHUNK_ELEMENTS = 2**22
 
 
+def _slice_tokens(per_token: int) -> int:
+    """Tokens scoring takes at once when each costs ``per_token`` float32 elements (`NORM_CHUNK_ELEMENTS`), at
+    least one."""
+    return max(1, NORM_CHUNK_ELEMENTS // max(per_token, 1))
+
+
 def _channel_norms(keys: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
     """``||K[:, c]||`` over the tokens of ``keys (batch, kv_heads, tokens, head_dim)`` in float32, masked tokens
     (``key_mask (batch, 1 or kv_heads, tokens)`` False) left out; `NORM_CHUNK_ELEMENTS` at a time."""
     batch, heads, tokens, head_dim = keys.shape
-    step = max(1, NORM_CHUNK_ELEMENTS // max(batch * heads * head_dim, 1))
-    squares = None
-    for start in range(0, max(tokens, 1), step):
-        k = keys[:, :, start : start + step].float()
-        if key_mask is not None:
-            k = k * key_mask[..., start : start + step, None].to(k.dtype)
-        if tokens <= step:  # one slice: the norm at once
-            return torch.linalg.vector_norm(k, dim=-2)
-        part = k.square().sum(dim=-2)  # not in place: a float32 slice is a view of the keys
-        squares = part if squares is None else squares.add_(part)
+
+    def masked(start: int, stop: int) -> torch.Tensor:
+        k = keys[:, :, start:stop].float()
+        return k if key_mask is None else k * key_mask[..., start:stop, None].to(k.dtype)
+
+    step = _slice_tokens(batch * heads * head_dim)
+    if tokens <= step:  # one slice: the norm at once
+        return torch.linalg.vector_norm(masked(0, tokens), dim=-2)
+    squares = keys.new_zeros(batch, heads, head_dim, dtype=torch.float32)
+    for start in range(0, tokens, step):
+        squares += masked(start, start + step).square().sum(dim=-2)  # not in place: a float32 slice views the keys
     return squares.sqrt_()
 
 
@@ -115,7 +122,7 @@ def value_channel_scores(
     """
     batch, heads, rows, _ = window_queries.shape
     tokens = keys.shape[-2]
-    step = max(1, NORM_CHUNK_ELEMENTS // max(batch * heads * rows, 1))
+    step = _slice_tokens(batch * heads * rows)
     queries = window_queries.float()
     if tokens <= step:  # the window's softmax at once
         logits = _window_logits(queries, keys, scaling, softcap, window_mask)
