@@ -48,6 +48,7 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -463,7 +464,7 @@ MAX_SPANS = 64
 MIN_SPAN_TOKENS = 256
 
 
-@dataclass
+@dataclass(frozen=True)
 class LaunchConfig:
     """How the kernel is launched for one head width: tokens per tile (``block_n``; wider heads, smaller tiles:
     registers), warps per program, software-pipelining stages of the token loop (None: Triton's default) and the
@@ -507,6 +508,63 @@ def _split_length(
         spans = max(1, min(spans, -(-n_total // MIN_SPAN_TOKENS), MAX_SPANS))
         split_tokens = -(-n_total // spans)
     return max(block_n, -(-split_tokens // block_n) * block_n)
+
+
+class _Tiles(NamedTuple):
+    """What a launch's shape decides, worked out once per shape (`_tiles`): the padded widths, the query rows per
+    program and the programs per (batch row, KV head), the launch config (tiles of one key block when quantized),
+    the channels per value scale as a tile sees them, whether a tile spans several key blocks, and the launch
+    options (warps, pipelining stages)."""
+
+    block_d: int
+    block_kk: int
+    block_kv: int
+    block_r: int
+    row_blocks: int
+    config: LaunchConfig
+    v_group: int
+    token_blocks: bool
+    options: dict
+
+
+_DEFAULT_LAUNCH = LaunchConfig()
+
+
+@functools.lru_cache(maxsize=256)
+def _tiles(
+    head_dim: int, kept_k: int, kept_v: int, rows: int, quant_block: int, irregular: bool, v_group: int | None,
+    config: LaunchConfig,
+) -> _Tiles:  # fmt: skip
+    """The `_Tiles` of a launch: ``rows`` query rows per KV head (group x q_len), ``quant_block`` tokens per key
+    block of a quantized store (0: not quantized), ``v_group`` its channels per value scale (None: one group),
+    ``config`` the head width's `LAUNCH` entry (a frozen dataclass: `configure` replaces it, so a new config is
+    a new key here). Cached: a decoding step meets the same few shapes layer after layer. Raises ValueError for
+    value groups or tiles the kernel cannot read (`kernel_reads` keeps layers from asking)."""
+    block_kv = _pow2(kept_v)
+    block_r = min(_pow2(rows), 32 if head_dim > 128 else 64)
+    if quant_block:  # a tile is one key block (one vector of scales per tile), or 16 tokens of shorter ones
+        config = replace(config, block_n=max(16, quant_block))
+    # channels per value scale as the tile sees them: one group over all lanes when a row has one group
+    v_group = block_kv if v_group is None or v_group >= kept_v else v_group
+    if block_kv % v_group or config.block_n < 16 or _pow2(config.block_n) != config.block_n:
+        raise ValueError(
+            f"compact_decode_attention: value groups of {v_group} channels over {kept_v} and tiles of "
+            f"{config.block_n} tokens: the kernel needs power-of-two groups and tiles of at least 16 (kernel_reads)"
+        )
+    options = {"num_warps": config.num_warps}
+    if config.num_stages is not None:
+        options["num_stages"] = config.num_stages
+    return _Tiles(
+        block_d=_pow2(head_dim),
+        block_kk=_pow2(kept_k),
+        block_kv=block_kv,
+        block_r=block_r,
+        row_blocks=-(-rows // block_r),
+        config=config,
+        v_group=v_group,
+        token_blocks=bool(quant_block) and not irregular and quant_block < config.block_n,
+        options=options,
+    )
 
 
 def compact_decode_attention(
@@ -697,23 +755,11 @@ def _attention(
 
     interpreting = _interpreting()
     kernel = _kernels(interpreting)
-    block_d = _pow2(head_dim)
-    block_kk, block_kv = _pow2(kept_k), _pow2(kept_v)
-    block_r = min(_pow2(group * q_len), 32 if head_dim > 128 else 64)
-    config = LAUNCH.get(block_d, LaunchConfig())
-    if quantized is not None:  # a tile is one key block (one vector of scales per tile), or 16 tokens of shorter ones
-        config = replace(config, block_n=max(16, quantized[0].block))
-    token_blocks = quantized is not None and not irregular and quantized[0].block < config.block_n
-    # channels per value scale as the tile sees them: one group over all lanes when a row has one group
-    v_group = block_kv if v_group is None or v_group >= kept_v else v_group
-    if block_kv % v_group or config.block_n < 16 or _pow2(config.block_n) != config.block_n:
-        raise ValueError(
-            f"compact_decode_attention: value groups of {v_group} channels over {kept_v} and tiles of "
-            f"{config.block_n} tokens: the kernel needs power-of-two groups and tiles of at least 16 (kernel_reads)"
-        )
-    row_blocks = -(-group * q_len // block_r)
-    programs = batch * kv_heads * row_blocks
-    split_len = _split_length(n_total, programs, config, query.device, split_tokens)
+    config = LAUNCH.get(_pow2(head_dim), _DEFAULT_LAUNCH)
+    quant_block = 0 if quantized is None else quantized[0].block
+    tiles = _tiles(head_dim, kept_k, kept_v, group * q_len, quant_block, irregular, v_group, config)
+    programs = batch * kv_heads * tiles.row_blocks
+    split_len = _split_length(n_total, programs, tiles.config, query.device, split_tokens)
     n_splits = -(-n_total // split_len)
 
     out = query.new_empty(batch, q_len, q_heads, head_dim)
@@ -739,14 +785,14 @@ def _attention(
                 *value_channels.stride(), *recent_keys.stride(), *recent_values.stride(), *mask_strides,
                 *out.stride(),
                 kv_heads, group, q_len, n_compact, n_recent, kept_k, kept_v, head_dim, split_len, n_splits,
-                row_blocks, scale * _LOG2E, *store_sizes,
-                BLOCK_R=block_r, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_KK=block_kk, BLOCK_KV=block_kv,
-                HAS_MASK=has_mask, CAUSAL=q_len > 1, PRUNED_V=pruned_v, SPLIT=n_splits > 1, BLOCK_S=_pow2(n_splits),
-                PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+                tiles.row_blocks, scale * _LOG2E, *store_sizes,
+                BLOCK_R=tiles.block_r, BLOCK_N=tiles.config.block_n, BLOCK_D=tiles.block_d, BLOCK_KK=tiles.block_kk,
+                BLOCK_KV=tiles.block_kv, HAS_MASK=has_mask, CAUSAL=q_len > 1, PRUNED_V=pruned_v, SPLIT=n_splits > 1,
+                BLOCK_S=_pow2(n_splits), PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
                 UPCAST=interpreting and query.dtype == torch.bfloat16,
-                QUANT=quantized is not None, BITS=bits, IRREGULAR=irregular, V_GROUP=v_group, SCORES=token_weights,
-                V_SYMMETRIC=v_symmetric, TOKEN_BLOCKS=token_blocks, LOG_SCALES=log_scales, num_warps=config.num_warps,
-                **({} if config.num_stages is None else {"num_stages": config.num_stages}),
+                QUANT=quantized is not None, BITS=bits, IRREGULAR=irregular, V_GROUP=tiles.v_group,
+                SCORES=token_weights, V_SYMMETRIC=v_symmetric, TOKEN_BLOCKS=tiles.token_blocks,
+                LOG_SCALES=log_scales, **tiles.options,
             )  # fmt: skip
         except BaseException:  # a launch that stopped part way may leave counts behind: the next one starts afresh
             _COUNTERS.clear()
