@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from . import kernels
+from . import _compat, kernels
 from ._compat import is_compiling
 from .compact import as_bool_mask, causal_mask, compact_probs, key_padding, thinned_views, weighted_values
 from .policies import attention_and_token_weights
@@ -180,23 +180,12 @@ def think_attention(
     tokens per head, over every token seen with 0 for the evicted ones.
     """
     layer = _take_handoff(key)
+    if layer is None:
+        return _without_layer(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     scale = _scale(scaling, query)
     softcap = kwargs.get("softcap")
     sinks = kwargs.get("s_aux")  # GPT-OSS's attention sinks: a logit per query head, with no value
     wants_attention = _wants_attention_weights(module, kwargs)
-    if layer is None and (shared := _shared_layer(key)) is not None:  # a layer reusing another's keys (Gemma 4)
-        storing, compacted = shared
-        if compacted:  # its own queries over that compacted layer, which it leaves as is
-            return _attend_compacted(storing, query, attention_mask, scale, wants_attention, softcap, sinks, False)
-        mask = _stored_columns(attention_mask, key.shape[-2])  # a prompt: the stored keys whole, as that layer saw
-        return _full_attention(module, query, key, value, mask, dropout, scaling, wants_attention, kwargs)
-    if layer is None:
-        if is_compiling() and key.shape[-1] != query.shape[-1]:  # a compact buffer nobody handed over
-            raise RuntimeError(
-                "think_cache: a compiled step got a compact key without its static ThinKCache layer; this is a bug, "
-                "please report it"
-            )
-        return _full_attention(module, query, key, value, attention_mask, dropout, scaling, wants_attention, kwargs)
     if dropout and module.training:
         raise NotImplementedError(
             "ThinKCache is an inference cache: attention dropout in training mode is not supported."
@@ -251,6 +240,26 @@ def think_attention(
         w_head = torch.nn.functional.pad(w_head, (0, w_tail.shape[-1] - w_head.shape[-1]))
         weights = torch.cat([w_head, w_tail], dim=2)
     return torch.cat([out_head, out_tail], dim=1), weights
+
+
+def _without_layer(module, query, key, value, attention_mask, dropout: float, scaling, kwargs: dict):
+    """`think_attention` for a key no ThinKCache layer handed off: a layer that reuses a ThinK layer's keys
+    (Gemma 4's KV sharing), else another cache's or no cache's keys, which transformers' attention serves."""
+    wants_attention = _wants_attention_weights(module, kwargs)
+    if _state.shared and (shared := _shared_layer(key)) is not None:
+        storing, compacted = shared
+        if compacted:  # its own queries over that compacted layer, which it leaves as is
+            scale = _scale(scaling, query)
+            softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+            return _attend_compacted(storing, query, attention_mask, scale, wants_attention, softcap, sinks, False)
+        mask = _stored_columns(attention_mask, key.shape[-2])  # a prompt: the stored keys whole, as that layer saw
+        return _full_attention(module, query, key, value, mask, dropout, scaling, wants_attention, kwargs)
+    if key.shape[-1] != query.shape[-1] and is_compiling():  # a compact buffer nobody handed over
+        raise RuntimeError(
+            "think_cache: a compiled step got a compact key without its static ThinKCache layer; this is a bug, "
+            "please report it"
+        )
+    return _full_attention(module, query, key, value, attention_mask, dropout, scaling, wants_attention, kwargs)
 
 
 def wants_grad(query: torch.Tensor) -> bool:
@@ -408,7 +417,7 @@ def _wants_attention_weights(module: torch.nn.Module, kwargs: dict) -> bool:
     attention function; a model config's ``output_attentions`` applies when the call says nothing)."""
     wanted = kwargs.get("output_attentions")
     if wanted is None:
-        wanted = getattr(getattr(module, "config", None), "output_attentions", False)
+        return _compat.output_attentions(getattr(module, "config", None))
     return bool(wanted)
 
 
