@@ -100,8 +100,8 @@ _ROW_TENSORS = (
 
 #: Generated tokens fold into the compact part this many at a time. Appending to the compact part copies it, so
 #: folding a block at a time instead of a token a step keeps that copy off most decoding steps (transformers'
-#: DynamicCache copies its whole cache every step). Between forwards the full-width part holds between ``recent``
-#: and ``recent + FOLD_BLOCK - 1`` generated tokens.
+#: DynamicCache copies its whole cache every step). Between forwards the full-width part holds ``recent`` tokens
+#: plus 1 to ``FOLD_BLOCK`` generated ones.
 FOLD_BLOCK = 32
 
 #: A prompt fed in chunks (``generate(..., prefill_chunk_size=C)``) under a policy with a budget waits at full width
@@ -116,7 +116,9 @@ SPARE_PROMPTS = 8
 
 @dataclass(frozen=True)
 class LayerStats:
-    """What one layer holds. Bytes are those of the tensors' storages, measured, not computed from shapes."""
+    """What one layer holds. ``stored_bytes`` is measured: the bytes of the storages behind the layer's tensors.
+    ``dense_bytes`` and ``static_bytes`` are computed from token counts: what transformers' DynamicCache and
+    StaticCache layers hold for them (within a token of a sliding layer's buffer and a few bytes of bookkeeping)."""
 
     layer_idx: int
     tokens: int
@@ -133,6 +135,7 @@ class LayerStats:
 
     @property
     def ratio(self) -> float:
+        """``stored_bytes / dense_bytes`` (1.0 for an empty layer)."""
         return self.stored_bytes / self.dense_bytes if self.dense_bytes else 1.0
 
 
@@ -243,6 +246,7 @@ class ThinKLayer(CacheLayerMixin):
 
     @property
     def evicts_while_decoding(self) -> bool:
+        """Whether the layer's policy evicts tokens while decoding too (H2O, StreamingLLM), not only at the prompt."""
         return self.policy is not None and self.policy.evicts_while_decoding
 
     @property
@@ -272,14 +276,17 @@ class ThinKLayer(CacheLayerMixin):
 
     @property
     def compact_tokens(self) -> int:
+        """Tokens in the compact part (thinned; codes in a quantized store)."""
         return self.store.tokens
 
     @property
     def waiting_tokens(self) -> int:
+        """A chunked prompt's earlier tokens waiting as codes for its end (`wait_coded`)."""
         return 0 if self.waiting is None else self.waiting.tokens
 
     @property
     def stored_tokens(self) -> int:
+        """Tokens held: compact, waiting and full-width (fewer than seen after eviction or a sliding window)."""
         return self.compact_tokens + self.waiting_tokens + (0 if self.keys is None else self.keys.shape[-2])
 
     @property
@@ -344,13 +351,15 @@ class ThinKLayer(CacheLayerMixin):
         return self.seen_tokens
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # masks span logical positions; after eviction `attention_mask` gathers the kept ones
+        """The mask's length and offset for a forward of ``query_length`` tokens: masks span logical positions
+        (after eviction `attention_mask` gathers the kept ones)."""
         return self.seen_tokens + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
 
     def get_max_cache_shape(self) -> int:  # transformers < 5
+        """`get_max_length` under transformers 4.x's name."""
         return self.get_max_length()
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -396,9 +405,11 @@ class ThinKLayer(CacheLayerMixin):
         self._map_tensors(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the batch rows at ``indices`` (contrastive search)."""
         self._map_tensors(lambda t: t[indices])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row ``repeats`` times (contrastive search)."""
         self._map_tensors(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def offload(self) -> None:
@@ -953,7 +964,7 @@ class ThinKSlidingLayer(ThinKLayer):
     keeps_spare = False
     codes_chunked_prompt = False  # `_trim` drops full-width tokens; the window bounds what it holds anyway
 
-    def __init__(self, sliding_window: int, **kwargs):
+    def __init__(self, sliding_window: int, **kwargs) -> None:
         self.sliding_window = sliding_window
         super().__init__(**kwargs)
         if self.fold_block > 1:  # fold often enough that a window's worth of tokens is mostly thinned
@@ -973,6 +984,8 @@ class ThinKSlidingLayer(ThinKLayer):
         return positions >= end - self.sliding_window + 1
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """As transformers' sliding layers: the window's last tokens and their offset (logical positions under a
+        policy, whose layers keep their own tokens)."""
         if self.policy is not None:
             return super().get_mask_sizes(query_length)
         kv_offset = max(self.seen_tokens - self.sliding_window + 1, 0)

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from numbers import Integral
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from .cache import ThinKCache
 
 __all__ = ["channel_map", "plot_channels"]
 
@@ -48,7 +55,7 @@ def _layer_maps(cache, batch_index: int) -> dict[int, torch.Tensor]:
     }
 
 
-def plot_channels(cache, batch_index: int = 0, ax=None, title: str | None = None):
+def plot_channels(cache: ThinKCache, batch_index: int = 0, ax: Axes | None = None, title: str | None = None) -> Figure:
     """Heat map of the kept key channels per layer and KV head (rows) and channel (columns).
 
     Returns the matplotlib Figure. In a notebook it displays by itself; elsewhere ``fig.savefig("channels.png")``.

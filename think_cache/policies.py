@@ -241,8 +241,9 @@ class Policy:
 
     @property
     def observation_window(self) -> int:
-        """How many of the prompt's last queries `prompt_scores` receives (the layer remembers them across the
-        forwards of a chunked prompt)."""
+        """How many of the prompt's last queries `prompt_scores` needs (the layer remembers them across the
+        forwards of a chunked prompt). It receives the last ``max(observation_window, ThinKCache.window)``: a policy
+        that scores with fewer takes the last rows it needs."""
         return 0
 
     def prompt_scores(
@@ -250,10 +251,11 @@ class Policy:
     ) -> torch.Tensor:
         """Scores of the prompt's tokens at the end of the prompt ``(batch, kv_heads, tokens)``; higher is kept.
 
-        ``query`` holds the prompt's last queries (at most `observation_window`, padded rows zeroed), the last
-        positions of ``keys``. A policy with ``accumulates_attention`` also receives ``accumulated``: each token's
-        attention weight summed over every query of the prompt, ``(batch, kv_heads, tokens)`` float32. On a model
-        that caps its attention logits (Gemma 2), a ``softcap`` parameter, if there is one, receives the cap."""
+        ``query`` holds the prompt's last queries (the larger of `observation_window` and the cache's ``window``,
+        or fewer in a shorter prompt; padded rows zeroed), the last positions of ``keys``. A policy with
+        ``accumulates_attention`` also receives ``accumulated``: each token's attention weight summed over every
+        query of the prompt, ``(batch, kv_heads, tokens)`` float32. On a model that caps its attention logits
+        (Gemma 2), a ``softcap`` parameter, if there is one, receives the cap."""
         raise NotImplementedError(f"{type(self).__name__} must implement prompt_scores")
 
     def decode_scores(self, positions: torch.Tensor, accumulated: torch.Tensor | None) -> torch.Tensor:
@@ -368,7 +370,14 @@ class SnapKV(_FixedSettings, Policy):
     def observation_window(self) -> int:
         return self.window
 
-    def prompt_scores(self, query, keys, real_keys, scaling, softcap=None):
+    def prompt_scores(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        real_keys: torch.Tensor,
+        scaling: float,
+        softcap: float | None = None,
+    ) -> torch.Tensor:
         scores = window_attention(query, keys, real_keys, scaling, rows=self.window, softcap=softcap)
         batch, heads, tokens = scores.shape
         flat = scores.reshape(batch * heads, 1, tokens)
@@ -388,7 +397,9 @@ class SnapKV(_FixedSettings, Policy):
 class H2O(_FixedSettings, Policy):
     """Heavy-Hitter Oracle (Zhang et al. 2023, arXiv 2306.14048): keep the tokens with the largest accumulated
     attention plus the newest ``recent`` ones, ``budget`` per KV head after the prompt; while decoding the layer
-    evicts a fold block (32 tokens) at a time, so it holds between ``budget`` and ``budget + 32`` tokens.
+    evicts once per fold block (32 tokens), back to the budget, so it holds between ``budget`` and ``budget + 32``
+    tokens (after a chat's later prompt, which it keeps whole through that prompt's forward, the first decoding step
+    evicts all that exceeds the budget).
 
     Parameters
     ----------
@@ -417,18 +428,27 @@ class H2O(_FixedSettings, Policy):
     def protected_recent(self) -> int:
         return self.recent
 
-    def prompt_scores(self, query, keys, real_keys, scaling, accumulated=None, softcap=None):
+    def prompt_scores(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        real_keys: torch.Tensor,
+        scaling: float,
+        accumulated: torch.Tensor | None = None,
+        softcap: float | None = None,
+    ) -> torch.Tensor:
         return accumulated
 
-    def decode_scores(self, positions, accumulated):
+    def decode_scores(self, positions: torch.Tensor, accumulated: torch.Tensor | None) -> torch.Tensor:
         return accumulated
 
 
 @dataclass
 class StreamingLLM(_FixedSettings, Policy):
     """StreamingLLM (Xiao et al. 2023, arXiv 2309.17453): keep the first ``sink`` tokens (attention sinks) and a
-    sliding window of the newest ``recent`` tokens, after the prompt and while decoding (a fold block of 32 tokens
-    at a time: a layer holds between ``budget`` and ``budget + 32`` tokens).
+    sliding window of the newest ``recent`` tokens, after the prompt and while decoding (evicting once per fold
+    block of 32 tokens, back to the budget: a layer holds between ``budget`` and ``budget + 32`` tokens; after a
+    chat's later prompt, kept whole through its forward, the first decoding step evicts all that exceeds it).
 
     Parameters
     ----------
@@ -453,9 +473,16 @@ class StreamingLLM(_FixedSettings, Policy):
     def protected_recent(self) -> int:
         return self.recent
 
-    def prompt_scores(self, query, keys, real_keys, scaling, softcap=None):
+    def prompt_scores(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        real_keys: torch.Tensor,
+        scaling: float,
+        softcap: float | None = None,
+    ) -> torch.Tensor:
         batch, heads, tokens = keys.shape[:3]
         return torch.arange(tokens, dtype=torch.float32, device=keys.device).expand(batch, heads, tokens)
 
-    def decode_scores(self, positions, accumulated):
+    def decode_scores(self, positions: torch.Tensor, accumulated: torch.Tensor | None) -> torch.Tensor:
         return positions.float()

@@ -107,7 +107,7 @@ class StaticThinKLayer(ThinKLayer):
     #: The layer's own buffers whose first dimension is the batch (a storage kind's subclass names its own).
     _static_tensors: tuple[str, ...] = _STATIC_TENSORS
 
-    def __init__(self, max_cache_len: int, **kwargs):
+    def __init__(self, max_cache_len: int, **kwargs) -> None:
         self.max_cache_len = max_cache_len
         super().__init__(**kwargs)
 
