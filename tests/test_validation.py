@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import think_cache
 from think_cache import Policy, ThinKCache
+from think_cache import _compat as compat
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan")])
@@ -174,6 +175,24 @@ def test_a_filled_cache_is_checked_before_generate_runs():
     assert torch.equal(whole, out[:, :33])
     with pytest.raises(TypeError, match=r"SnapKV is a token policy, not a cache: pass \w+=ThinKCache\("):
         model.generate(input_ids=ids, past_key_values=think_cache.SnapKV(budget=64), max_new_tokens=2)
+
+
+def test_a_cache_class_passed_for_a_cache_is_named():
+    model = make_model("llama")
+    ids, _ = make_batch([12])
+    with pytest.raises(TypeError, match=r"\w+=ThinKCache is a class: pass a cache, \w+=ThinKCache\(\.\.\.\)"):
+        model.generate(input_ids=ids, **{compat.CACHE_ARGUMENT: ThinKCache}, max_new_tokens=2)
+
+
+@pytest.mark.skipif(compat.CACHE_ARGUMENT == "past_key_values", reason="transformers < 5.24: no other name")
+def test_the_deprecated_cache_argument_is_passed_on_and_blamed_on_the_callers_line():
+    model = make_model("llama")
+    ids, mask = make_batch([12])
+    cache = ThinKCache(key_ratio=0.5)
+    with pytest.warns(FutureWarning, match="`past_key_values` is deprecated") as record:
+        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2)
+    assert cache.get_seq_length() == 13  # the cache was used
+    assert {w.filename for w in record if issubclass(w.category, FutureWarning)} == {__file__}
 
 
 @pytest.mark.parametrize(

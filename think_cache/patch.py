@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import GenerationConfig
@@ -153,7 +155,7 @@ def is_patched(model: torch.nn.Module) -> bool:
     return getattr(model, _STATE_ATTRIBUTE, None) is not None
 
 
-def patch(model: torch.nn.Module, **defaults) -> torch.nn.Module:
+def patch(model: torch.nn.Module, **defaults: Any) -> torch.nn.Module:
     """Switch ``model`` to the ThinK attention so that it can use a `ThinKCache`. Idempotent; returns the model.
 
     Parameters
@@ -240,6 +242,7 @@ def _patched_generate(model: torch.nn.Module, *args, **kwargs):
     the prompt's end told to it around the model's own ``generate``."""
     state = getattr(model, _STATE_ATTRIBUTE)
     original = state.own_generate or type(model).generate.__get__(model)
+    _rename_cache_argument(kwargs)
     static = state.defaults.get("max_cache_len") is not None
     if state.defaults and _builds_own_cache(model, args, kwargs, static):
         kwargs[_compat.CACHE_ARGUMENT] = ThinKCache(**state.defaults)
@@ -248,6 +251,11 @@ def _patched_generate(model: torch.nn.Module, *args, **kwargs):
         raise TypeError(
             f"{type(cache).__name__} is a token policy, not a cache: pass "
             f"{_compat.CACHE_ARGUMENT}=ThinKCache(key_ratio=..., policy={cache!r})"
+        )
+    if isinstance(cache, type):
+        raise TypeError(
+            f"{_compat.CACHE_ARGUMENT}={cache.__name__} is a class: pass a cache, {_compat.CACHE_ARGUMENT}="
+            f"{cache.__name__}(...)"
         )
     if not isinstance(cache, ThinKCache):
         return original(*args, **kwargs)
@@ -263,6 +271,22 @@ def _patched_generate(model: torch.nn.Module, *args, **kwargs):
         return original(*args, **kwargs)
     finally:
         cache.mark_prompt_end(None)
+
+
+def _rename_cache_argument(kwargs: dict) -> None:
+    """``past_key_values=`` where transformers names the argument ``cache=`` (5.24 on): passed on as ``cache=``,
+    with transformers' deprecation told at the user's call (from inside `generate` it would name this file)."""
+    if _compat.CACHE_ARGUMENT == "past_key_values" or "past_key_values" not in kwargs:
+        return
+    if kwargs.get(_compat.CACHE_ARGUMENT) is not None:  # both: transformers' own error says so
+        return
+    warnings.warn(
+        f"`past_key_values` is deprecated as generate's argument since transformers 5.24: pass "
+        f"{_compat.CACHE_ARGUMENT}=... (the same cache)",
+        FutureWarning,
+        stacklevel=4,  # the user's call, through _PatchedGenerate.__call__ and _patched_generate
+    )
+    kwargs[_compat.CACHE_ARGUMENT] = kwargs.pop("past_key_values")
 
 
 def _prompt_length(cache: ThinKCache, args: tuple, kwargs: dict) -> int | None:
