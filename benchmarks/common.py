@@ -630,7 +630,7 @@ def load_results(path: str | Path, kind: str) -> dict:
     pass instead for a missing file, one that is not JSON, or one another benchmark wrote."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--summarize: no results file at {path}: pass the path of a {kind} results JSON")
+        raise ValueError(f"--summarize: no results file at {path}: pass the path of {kind} results (a JSON file)")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

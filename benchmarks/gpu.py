@@ -577,7 +577,12 @@ def parse_args(argv):
     )
     parser.add_argument("--device", default=None, help="default cuda (smoke: cpu)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model, short prompts: seconds on the CPU")
-    parser.add_argument("--plot-only", metavar="JSON", default=None, help="plot and tabulate a result, run nothing")
+    parser.add_argument(
+        "--plot-only",
+        metavar="JSON",
+        default=None,
+        help="plot (the PNG goes next to the JSON) and tabulate a result, run nothing",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.device = args.device or ("cpu" if args.smoke else "cuda")

@@ -378,7 +378,7 @@ def compile_for(arch: int, variants=VARIANTS) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="where to write the JSON results (required, except with --compile-for)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, Triton interpreted")
     parser.add_argument(

@@ -101,9 +101,9 @@ def run_one(model, input_ids, press, make_cache, max_new_tokens: int, eos: set[i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", default="1024")
-    parser.add_argument("--tasks", default="passkey,kv")
-    parser.add_argument("--samples", type=int, default=6)
+    parser.add_argument("--lengths", default="1024", help="context lengths in tokens (default %(default)s)")
+    parser.add_argument("--tasks", default="passkey,kv", help="tasks, comma-separated (default %(default)s)")
+    parser.add_argument("--samples", type=int, default=6, help="prompts per task and length (default %(default)s)")
     parser.add_argument(
         "--tag", default=DEFAULT_TAG, help="benchmarks/results/kvpress_<tag>.json (default %(default)s)"
     )

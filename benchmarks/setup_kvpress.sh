@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make .venv-kvpress: NVIDIA kvpress 0.5.5 (which needs transformers<5.3) beside think-cache, for
-# benchmarks/kvpress_compare.py. torch is pinned to the CPU build this project uses.
+# benchmarks/kvpress_compare.py. torch is pinned to the version this project uses (2.13.0; on a machine whose
+# pip serves CUDA wheels, add --index-url https://download.pytorch.org/whl/cpu for the CPU build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv-kvpress
