@@ -1,7 +1,7 @@
 """The think-cache demo: a long-context question on SmolLM2-135M-Instruct (or Gemma 3 270M with ``--model gemma3``),
 answered with transformers' DynamicCache and with ThinKCache, with the KV memory each one held.
 
-    python -m think_cache.demo [--model smollm2] [--tokens 1500] [--key-ratio 0.5]
+    python -m think_cache.demo [--model smollm2] [--tokens 1500] [--key-ratio 0.5] [--seed 0]
 """
 
 from __future__ import annotations
