@@ -497,15 +497,12 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split_length(
-    n_total: int, programs: int, config: LaunchConfig, device: torch.device, split_tokens: int | None
-) -> int:
-    """Tokens per span, a multiple of the tile: enough spans for ``config.programs_per_sm`` programs per SM, none
-    under `MIN_SPAN_TOKENS` tokens, at most `MAX_SPANS` (``split_tokens`` forces a length, for tests)."""
-    block_n = config.block_n
+def _split_length(n_total: int, tiles: _Tiles, split_tokens: int | None) -> int:
+    """Tokens per span, a multiple of the tile: enough spans for the launch config's programs per SM
+    (``tiles.spans``), none under `MIN_SPAN_TOKENS` tokens (``split_tokens`` forces a length, for tests)."""
+    block_n = tiles.config.block_n
     if split_tokens is None:
-        spans = -(-config.programs_per_sm * _multiprocessors(device) // programs)
-        spans = max(1, min(spans, -(-n_total // MIN_SPAN_TOKENS), MAX_SPANS))
+        spans = max(1, min(tiles.spans, -(-n_total // MIN_SPAN_TOKENS)))
         split_tokens = -(-n_total // spans)
     return max(block_n, -(-split_tokens // block_n) * block_n)
 
@@ -513,14 +510,17 @@ def _split_length(
 class _Tiles(NamedTuple):
     """What a launch's shape decides, worked out once per shape (`_tiles`): the padded widths, the query rows per
     program and the programs per (batch row, KV head), the launch config (tiles of one key block when quantized),
-    the channels per value scale as a tile sees them, whether a tile spans several key blocks, and the launch
-    options (warps, pipelining stages)."""
+    the channels per value scale as a tile sees them, whether a tile spans several key blocks, the launch
+    options (warps, pipelining stages), and the most spans a context is split into (programs per SM of the config
+    times the device's SMs, over the programs: at most `MAX_SPANS`)."""
 
     block_d: int
     block_kk: int
     block_kv: int
     block_r: int
     row_blocks: int
+    programs: int
+    spans: int
     config: LaunchConfig
     v_group: int
     token_blocks: bool
@@ -533,13 +533,14 @@ _DEFAULT_LAUNCH = LaunchConfig()
 @functools.lru_cache(maxsize=256)
 def _tiles(
     head_dim: int, kept_k: int, kept_v: int, rows: int, quant_block: int, irregular: bool, v_group: int | None,
-    config: LaunchConfig,
+    config: LaunchConfig, heads: int, device: torch.device,
 ) -> _Tiles:  # fmt: skip
     """The `_Tiles` of a launch: ``rows`` query rows per KV head (group x q_len), ``quant_block`` tokens per key
     block of a quantized store (0: not quantized), ``v_group`` its channels per value scale (None: one group),
     ``config`` the head width's `LAUNCH` entry (a frozen dataclass: `configure` replaces it, so a new config is
-    a new key here). Cached: a decoding step meets the same few shapes layer after layer. Raises ValueError for
-    value groups or tiles the kernel cannot read (`kernel_reads` keeps layers from asking)."""
+    a new key here), ``heads`` the batch's rows times KV heads, ``device`` where it runs. Cached: a decoding step
+    meets the same few shapes layer after layer. Raises ValueError for value groups or tiles the kernel cannot read
+    (`kernel_reads` keeps layers from asking)."""
     block_kv = _pow2(kept_v)
     block_r = min(_pow2(rows), 32 if head_dim > 128 else 64)
     if quant_block:  # a tile is one key block (one vector of scales per tile), or 16 tokens of shorter ones
@@ -554,12 +555,16 @@ def _tiles(
     options = {"num_warps": config.num_warps}
     if config.num_stages is not None:
         options["num_stages"] = config.num_stages
+    row_blocks = -(-rows // block_r)
+    programs = heads * row_blocks
     return _Tiles(
         block_d=_pow2(head_dim),
         block_kk=_pow2(kept_k),
         block_kv=block_kv,
         block_r=block_r,
-        row_blocks=-(-rows // block_r),
+        row_blocks=row_blocks,
+        programs=programs,
+        spans=min(-(-config.programs_per_sm * _multiprocessors(device) // programs), MAX_SPANS),
         config=config,
         v_group=v_group,
         token_blocks=bool(quant_block) and not irregular and quant_block < config.block_n,
@@ -653,13 +658,16 @@ def quantized_decode_attention(
     )  # fmt: skip
 
 
+_NO_STORE_SIZES = (1, 1, 1, 1, 1)
+
+
 def _quantized_args(quantized: tuple[QuantKeys, QuantValues] | None, anything: torch.Tensor):
     """The kernel's quantized-store arguments: (key scales, key zero points, key block index, value scales, value
     zero points, or ``anything`` for symmetric values), then (key bytes per token, key blocks, tokens per key
     block, value bytes per token, value groups), bits, irregular, channels per value group, symmetric values,
     one-byte scales. A `FullStore` passes ``anything`` (never read)."""
     if quantized is None:
-        return (anything,) * 5, (1, 1, 1, 1, 1), 8, False, None, False, False
+        return (anything,) * 5, _NO_STORE_SIZES, 8, False, None, False, False
     qk, qv = quantized
     block_index = qk.block_index
     value_zero = anything if qv.symmetric else qv.zero
@@ -688,6 +696,7 @@ def kernel_reads(store: CompactStore) -> bool:
 
 
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+_SAME_DEVICE = contextlib.nullcontext()  # reusable: it holds nothing
 
 
 def _counters(device: torch.device, programs: int) -> torch.Tensor:
@@ -738,9 +747,9 @@ def _attention(
     if not pruned_v:
         value_channels = key_channels
 
-    mask = as_bool_mask(mask)
     has_mask = mask is not None
     if has_mask:
+        mask = as_bool_mask(mask)
         if mask.shape[-1] != n_total or mask.shape[1] not in (1, kv_heads):
             raise ValueError(
                 f"mask of shape {tuple(mask.shape)} for {n_total} keys and {kv_heads} KV heads: expected "
@@ -757,9 +766,11 @@ def _attention(
     kernel = _kernels(interpreting)
     config = LAUNCH.get(_pow2(head_dim), _DEFAULT_LAUNCH)
     quant_block = 0 if quantized is None else quantized[0].block
-    tiles = _tiles(head_dim, kept_k, kept_v, group * q_len, quant_block, irregular, v_group, config)
-    programs = batch * kv_heads * tiles.row_blocks
-    split_len = _split_length(n_total, programs, tiles.config, query.device, split_tokens)
+    tiles = _tiles(
+        head_dim, kept_k, kept_v, group * q_len, quant_block, irregular, v_group, config, batch * kv_heads, query.device
+    )
+    programs = tiles.programs
+    split_len = _split_length(n_total, tiles, split_tokens)
     n_splits = -(-n_total // split_len)
 
     out = query.new_empty(batch, q_len, q_heads, head_dim)
@@ -769,7 +780,8 @@ def _attention(
     else:
         logits = stats = out  # never touched
     # Triton launches on the current CUDA device and stream: make them the tensors' (a model spread over GPUs)
-    with torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext():
+    on_other_device = query.is_cuda and query.get_device() != torch.cuda.current_device()
+    with torch.cuda.device(query.device) if on_other_device else _SAME_DEVICE:
         if n_splits > 1:  # per row and span: partial output, running max and sum; per program: spans finished
             parts = torch.empty(
                 batch * q_heads * q_len * n_splits, head_dim + 2, dtype=torch.float32, device=out.device
@@ -788,7 +800,8 @@ def _attention(
                 tiles.row_blocks, scale * _LOG2E, *store_sizes,
                 BLOCK_R=tiles.block_r, BLOCK_N=tiles.config.block_n, BLOCK_D=tiles.block_d, BLOCK_KK=tiles.block_kk,
                 BLOCK_KV=tiles.block_kv, HAS_MASK=has_mask, CAUSAL=q_len > 1, PRUNED_V=pruned_v, SPLIT=n_splits > 1,
-                BLOCK_S=_pow2(n_splits), PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+                BLOCK_S=16 if n_splits == 1 else _pow2(n_splits),
+                PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
                 UPCAST=interpreting and query.dtype == torch.bfloat16,
                 QUANT=quantized is not None, BITS=bits, IRREGULAR=irregular, V_GROUP=tiles.v_group,
                 SCORES=token_weights, V_SYMMETRIC=v_symmetric, TOKEN_BLOCKS=tiles.token_blocks,

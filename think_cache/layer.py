@@ -860,6 +860,8 @@ class ThinKLayer(CacheLayerMixin):
         """Move the oldest ``n`` full-width tokens into the compact part: whole blocks of the store's, the rest of
         the ``n`` thinned where they are (`_thin_oldest`)."""
         due = max(min(n, self.keys.shape[-2]), 0)  # negative when a later prompt holds tokens before its fold point
+        if due == 0:  # most decoding steps
+            return
         n = self.store.whole_blocks(due)
         if n > 0:
             self.store.append(self.keys[:, :, :n], self.values[:, :, :n])
