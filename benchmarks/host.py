@@ -9,17 +9,22 @@ ops counts as much as a kernel. This measures that Python on the CPU, where noth
 A tiny Llama (8 layers, hidden 64, 8 query / 2 KV heads of 16 channels, float32) makes the arithmetic small, and a
 compacted layer takes the attention path a CUDA device takes (`think_cache.kernels.store_attention`, forced with
 ``THINK_CACHE_KERNEL=triton``) with the Triton launch itself replaced by a call that does nothing (its output is
-left unwritten: random weights, the tokens do not matter). So a method's figure is the host work of the GPU path
-less the launch's own (Triton binding ~100 arguments, which only a GPU can time); ``--path torch`` times the torch
-path instead (the CPU's and the reference).
+left unwritten: random weights, the tokens do not matter), and so is torch's scaled_dot_product_attention, which
+the unpatched model, DynamicCache and ThinK's prompt run: no method does attention arithmetic (on a GPU it runs
+beside the host). So a method's figure is the host work of the GPU path less the launches' own (Triton binding
+~100 arguments, which only a GPU can time); ``--path torch`` times the torch path instead, every method's
+arithmetic done (the CPU's path and the reference).
 
 Per method, interleaved over ``--repeats`` passes after a warm-up: a decode step's time divided by the layers
-(``us_per_layer``: the fastest pass's median step; a shared machine's noise only ever adds time, and it came in
-whole slow passes here), its ratio to ``unpatched`` (DynamicCache on the model before `think_cache.patch`) in the
-same run, Python function calls per layer and step (all, and think_cache's: a count that noise does not move),
-the kernel launches per layer and step (1 on the kernel path: the stub counts them), and the ``--top``
-think_cache functions by their own time under cProfile (which slows what it measures: read them as shares, not
-as times). The JSON's plot: ``python -m benchmarks.host --plot-only benchmarks/results/host_cpu.json``.
+(``us_per_layer``: the fastest pass's mean over its ``--steps`` steps, so a fold's work every 32 steps counts its
+share; a shared machine's noise only ever adds time, and it came in whole slow passes here); the same for the time
+spent in the caches' ``update`` and the attention functions alone (``glue_us_per_layer``, `GlueClock`: what
+differs between methods; the rest of a layer is the same for all); their ratios to ``unpatched`` (DynamicCache on
+the model before `think_cache.patch`) in the same run; Python function calls per layer and step (all, and
+think_cache's: a count that noise does not move); the kernel launches and sdpa calls per layer and step (the stubs
+count them: on the kernel path a compacted layer launches once, the other caches call sdpa once); and the
+``--top`` think_cache functions by their own time under cProfile (which slows what it measures: read them as
+shares, not as times). The JSON's plot: ``python -m benchmarks.host --plot-only benchmarks/results/host_cpu.json``.
 """
 
 from __future__ import annotations
@@ -35,11 +40,21 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from think_cache import _compat, kernels
+from think_cache import ThinKCache, _compat, kernels
+from think_cache.attention import ATTENTION_NAME, register
 
-from .common import RESULTS, check_methods, make_cache, method_help, provenance, save_json, set_patched
+from .common import (
+    RESULTS,
+    check_methods,
+    make_cache,
+    method_help,
+    provenance,
+    save_json,
+    set_patched,
+    tell_prompt_length,
+)
 
 DEFAULT_METHODS = (
     "unpatched,dynamic,think-0.5,snapkv-256+think-0.5,h2o-256+think-0.5,streaming-256+think-0.5,think-0.5+int4"
@@ -53,10 +68,11 @@ MODEL = dict(
 
 class StubLaunch:
     """Stands in for the compiled kernels (`think_cache.kernels._kernels`): ``kernel[grid](...)`` does nothing
-    and is counted."""
+    and is counted. `sdpa` stands in for torch's scaled_dot_product_attention likewise (an empty output)."""
 
     def __init__(self) -> None:
         self.launches = 0
+        self.sdpa_calls = 0
 
     def __getitem__(self, grid):
         return self._launch
@@ -64,26 +80,70 @@ class StubLaunch:
     def _launch(self, *args, **kwargs) -> None:
         self.launches += 1
 
+    def sdpa(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        self.sdpa_calls += 1
+        return query.new_empty(*query.shape[:-1], value.shape[-1])
+
 
 @contextlib.contextmanager
 def attention_path(path: str, stub: StubLaunch):
-    """Within: compacted layers attend by ``path`` (``kernel``: the CUDA path with ``stub`` for the launch;
-    ``torch``: the torch path)."""
+    """Within: compacted layers attend by ``path`` (``kernel``: the CUDA path with ``stub`` for the launch, and
+    for torch's sdpa, which every method's other attention runs: no method does attention arithmetic; ``torch``:
+    the torch path, every method's arithmetic done)."""
     saved = {name: os.environ.get(name) for name in (kernels.KERNEL_ENV, "TRITON_INTERPRET")}
-    original = kernels._kernels
+    original, original_sdpa = kernels._kernels, torch.nn.functional.scaled_dot_product_attention
     os.environ[kernels.KERNEL_ENV] = "triton" if path == "kernel" else "torch"
     if path == "kernel":
         os.environ["TRITON_INTERPRET"] = "1"  # kernel_available on the CPU; nothing is interpreted: the stub runs
         kernels._kernels = lambda interpret: stub
+        torch.nn.functional.scaled_dot_product_attention = stub.sdpa  # transformers looks it up at each call
     try:
         yield
     finally:
         kernels._kernels = original
+        torch.nn.functional.scaled_dot_product_attention = original_sdpa
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+class GlueClock:
+    """Seconds spent in the caches' ``update`` and in the attention functions (transformers' sdpa one, ThinK's):
+    the work that sits between a layer's projections and its output projection and differs between methods (the
+    rest of a layer is the same for all). Wraps them while `timing` is entered (after `think_cache.patch`, which
+    registers ThinK's attention function)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def _timed(self, function):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return timed
+
+    @contextlib.contextmanager
+    def timing(self):
+        register()  # ThinK's attention function is in the mapping (idempotent)
+        updates = {cls: cls.update for cls in (DynamicCache, ThinKCache)}
+        attentions = {name: AttentionInterface._global_mapping[name] for name in ("sdpa", ATTENTION_NAME)}
+        for cls, update in updates.items():
+            cls.update = self._timed(update)
+        for name, function in attentions.items():
+            AttentionInterface.register(name, self._timed(function))
+        try:
+            yield self
+        finally:
+            for cls, update in updates.items():
+                cls.update = update
+            for name, function in attentions.items():
+                AttentionInterface.register(name, function)
 
 
 def build_model() -> LlamaForCausalLM:
@@ -93,16 +153,31 @@ def build_model() -> LlamaForCausalLM:
     return model
 
 
-def decode_steps(model, method: str, prompt: int, steps: int, profiler: cProfile.Profile | None = None) -> list:
+def decode_steps(
+    model,
+    method: str,
+    prompt: int,
+    steps: int,
+    profiler: cProfile.Profile | None = None,
+    stub: StubLaunch | None = None,
+    clock: GlueClock | None = None,
+) -> list[float]:
     """A fresh cache of ``method``, a ``prompt``-token forward, then ``steps`` timed single-token forwards (under
-    ``profiler`` when given); their times in seconds."""
+    ``profiler`` when given); their times in seconds. ``stub`` and ``clock``: their counts are of the timed steps
+    only (the prompt's are taken back)."""
     set_patched(model, method != "unpatched")
     cache = DynamicCache() if method == "unpatched" else make_cache(method, model.config)
     ids = torch.randint(3, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(prompt))
+    tell_prompt_length(cache, ids)  # compacted at the prompt's end, as generate does: not in the first step
     kwargs = {_compat.CACHE_ARGUMENT: cache, "use_cache": True}
     times = []
     with torch.no_grad():
+        before = None if stub is None else (stub.launches, stub.sdpa_calls)
         token = model(input_ids=ids, **kwargs).logits[:, -1:].argmax(-1)
+        if stub is not None:
+            stub.launches, stub.sdpa_calls = before
+        if clock is not None:
+            clock.seconds = 0.0
         for i in range(steps):
             position = torch.tensor([[prompt + i]])
             start = time.perf_counter()
@@ -150,15 +225,23 @@ def run(methods: list[str], path: str, prompt: int, steps: int, repeats: int, to
     layers = model.config.num_hidden_layers
     stub = StubLaunch()
     per_step: dict[str, list[float]] = {m: [] for m in methods}
-    launches: dict[str, int] = {m: 0 for m in methods}
+    launches: dict[str, list[int]] = {m: [0, 0] for m in methods}  # kernel launches, sdpa calls
+    glue: dict[str, list[float]] = {m: [] for m in methods}
+    clock = GlueClock()
     with attention_path(path, stub):
         for method in methods:  # warm-up: first calls, allocations
             decode_steps(model, method, prompt, 4)
         for repeat in tqdm(range(repeats), desc="host time", unit="pass"):
             for method in methods[repeat % len(methods) :] + methods[: repeat % len(methods)]:
-                before = stub.launches
-                per_step[method].append(statistics.median(decode_steps(model, method, prompt, steps)))
-                launches[method] += stub.launches - before
+                before = (stub.launches, stub.sdpa_calls)
+                per_step[method].append(statistics.fmean(decode_steps(model, method, prompt, steps, stub=stub)))
+                launches[method][0] += stub.launches - before[0]
+                launches[method][1] += stub.sdpa_calls - before[1]
+            for method in methods[repeat % len(methods) :] + methods[: repeat % len(methods)]:
+                set_patched(model, method != "unpatched")  # first: patching registers ThinK's attention anew
+                with clock.timing():
+                    decode_steps(model, method, prompt, steps, clock=clock)
+                glue[method].append(clock.seconds / steps)
         profiles, calls = {}, {}
         for method in methods:
             profiler = cProfile.Profile()
@@ -171,13 +254,17 @@ def run(methods: list[str], path: str, prompt: int, steps: int, repeats: int, to
         rows[method] = {
             "us_per_layer": 1e6 * min(per_step[method]) / layers,
             "us_per_layer_repeats": [1e6 * t / layers for t in per_step[method]],
+            "glue_us_per_layer": 1e6 * min(glue[method]) / layers,
+            "glue_us_per_layer_repeats": [1e6 * t / layers for t in glue[method]],
             "calls_per_layer_step": calls[method],
-            "launches_per_layer_step": launches[method] / (repeats * steps * layers),
+            "launches_per_layer_step": launches[method][0] / (repeats * steps * layers),
+            "sdpa_per_layer_step": launches[method][1] / (repeats * steps * layers),
             "top_functions": profiles[method],
         }
-    base = rows.get("unpatched", {}).get("us_per_layer")
+    base = rows.get("unpatched", {})
     for row in rows.values():
-        row["vs_unpatched"] = None if base is None else row["us_per_layer"] / base
+        row["vs_unpatched"] = None if not base else row["us_per_layer"] / base["us_per_layer"]
+        row["glue_vs_unpatched"] = None if not base else row["glue_us_per_layer"] / base["glue_us_per_layer"]
     return {
         "provenance": provenance(),
         "path": path,
@@ -194,10 +281,13 @@ def table(result: dict) -> str:
     lines = [f"host time per layer and decode step ({result['path']} path, {result['prompt_tokens']}-token prompt)"]
     for method, row in result["methods"].items():
         ratio = "" if row["vs_unpatched"] is None else f"{row['vs_unpatched']:.2f}x"
+        glue_ratio = "" if row["glue_vs_unpatched"] is None else f"{row['glue_vs_unpatched']:.2f}x"
         calls = row["calls_per_layer_step"]
         lines.append(
-            f"  {method:26s} {row['us_per_layer']:7.1f} us {ratio:>6s}   calls {calls['all']:6.1f} (think_cache "
-            f"{calls['think_cache']:5.1f})   launches {row['launches_per_layer_step']:.2f}"
+            f"  {method:26s} {row['us_per_layer']:7.1f} us {ratio:>6s}   glue {row['glue_us_per_layer']:6.1f} us "
+            f"{glue_ratio:>6s}   calls {calls['all']:6.1f} (think_cache "
+            f"{calls['think_cache']:5.1f})   launches {row['launches_per_layer_step']:.2f}, sdpa "
+            f"{row['sdpa_per_layer_step']:.2f}"
         )
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from benchmarks import host
 from think_cache import kernels
@@ -32,8 +33,11 @@ def test_every_method_is_timed_against_unpatched_and_the_kernel_path_is_taken(re
     for method, row in rows.items():
         assert row["us_per_layer"] > 0 and len(row["us_per_layer_repeats"]) == 2
         assert row["us_per_layer"] == min(row["us_per_layer_repeats"])
-        # a compacted layer launches the (stubbed) kernel once per step; transformers' caches never do
+        # the caches' update and the attention functions: part of every step, timed on their own
+        assert 0 < row["glue_us_per_layer"] == min(row["glue_us_per_layer_repeats"]) < row["us_per_layer"]
+        # a compacted layer launches the (stubbed) kernel once per step, transformers' caches call (stubbed) sdpa
         assert row["launches_per_layer_step"] == (1.0 if "think" in method else 0.0), method
+        assert row["sdpa_per_layer_step"] == (0.0 if "think" in method else 1.0), method
     assert rows["unpatched"]["calls_per_layer_step"]["think_cache"] == 0
     assert rows["think-0.5"]["top_functions"] and len(rows["think-0.5"]["top_functions"]) <= 5
     assert path.with_suffix(".png").stat().st_size > 5_000
@@ -43,28 +47,46 @@ def test_the_patch_and_the_cache_add_bounded_python_per_layer(result):
     """Python calls per layer and decode step (cProfile's count): what the patch adds to DynamicCache (hooks and
     the hand-off), and what ThinK's decode step runs, over the unpatched model's. A count, not a time: it moves only
     when the code does (or transformers' attention path: the bounds leave about 10%). Measured when set, torch 2.13 and
-    transformers 5.24: 32 / 138 / 155 / 193 (the int4 figure includes a fold's quantization, a 33rd of it a step);
-    before the launch constants were cached and the fall-through path trimmed: 47 / 162 / 179 / 227."""
+    transformers 5.24: 32 / 127 / 143 / 174 (the int4 figure includes a fold's quantization, a 33rd of it a step);
+    at fa072df, before the launch constants were cached and the glue trimmed: 47 / 158 / 174 / 214."""
     rows = result[1]["methods"]
     base = rows["unpatched"]["calls_per_layer_step"]["all"]
     extra = {m: rows[m]["calls_per_layer_step"]["all"] - base for m in rows}
     assert extra["dynamic"] <= 36
-    assert extra["think-0.5"] <= 152
-    assert extra["h2o-64+think-0.5"] <= 170
-    assert extra["think-0.5+int4"] <= 212
+    assert extra["think-0.5"] <= 140
+    assert extra["h2o-64+think-0.5"] <= 158
+    assert extra["think-0.5+int4"] <= 192
 
 
 def test_the_stub_and_environment_are_restored(monkeypatch):
     monkeypatch.delenv(kernels.KERNEL_ENV, raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    original = kernels._kernels
+    original, sdpa = kernels._kernels, torch.nn.functional.scaled_dot_product_attention
     stub = host.StubLaunch()
     with host.attention_path("kernel", stub):
         assert kernels._kernels(False) is stub and os.environ[kernels.KERNEL_ENV] == "triton"
         stub[(1, 1)](1, 2, key=3)
-    assert stub.launches == 1
-    assert kernels._kernels is original and kernels.KERNEL_ENV not in os.environ
+        q, v = torch.zeros(1, 4, 3, 8), torch.zeros(1, 4, 5, 6)
+        assert torch.nn.functional.scaled_dot_product_attention(q, v, v).shape == (1, 4, 3, 6)
+    assert stub.launches == 1 and stub.sdpa_calls == 1
+    assert kernels._kernels is original and torch.nn.functional.scaled_dot_product_attention is sdpa
+    assert kernels.KERNEL_ENV not in os.environ
     assert os.environ["TRITON_INTERPRET"] == "0"
+
+
+def test_the_glue_clock_times_and_puts_everything_back():
+    from transformers import AttentionInterface, DynamicCache
+
+    from think_cache import ThinKCache
+
+    update, sdpa = DynamicCache.update, AttentionInterface._global_mapping["sdpa"]
+    clock = host.GlueClock()
+    with clock.timing():
+        assert DynamicCache.update is not update
+        DynamicCache().update(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), 0)
+    assert clock.seconds > 0
+    assert DynamicCache.update is update and AttentionInterface._global_mapping["sdpa"] is sdpa
+    assert ThinKCache.update is vars(ThinKCache)["update"]
 
 
 def test_bad_arguments_are_refused_before_anything_runs(capsys):
