@@ -381,19 +381,6 @@ def test_a_relative_build_folder_is_made_absolute(monkeypatch, tmp_path):
     assert cpu_kernels.build_dir() == tmp_path / "built"
 
 
-def test_built_loops_and_converted_models_share_one_folder(monkeypatch, tmp_path):
-    from think_cache import models
-
-    monkeypatch.delenv(cpu_kernels.BUILD_DIR_ENV, raising=False)
-    monkeypatch.setenv("THINK_CACHE_HOME", str(tmp_path / "home"))
-    assert cpu_kernels.build_dir() == tmp_path / "home" / "build"
-    assert models._converted_copy("SmolLM2") == tmp_path / "home" / "SmolLM2"
-    monkeypatch.delenv("THINK_CACHE_HOME")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cpu_kernels.build_dir() == tmp_path / "xdg" / "think-cache" / "build"
-    assert models._converted_copy("SmolLM2").parent == cpu_kernels.build_dir().parent
-
-
 def test_a_link_is_not_loaded(fresh_build):
     """The file checked is the file loaded: a link in the build folder (to a library anyone could have written) is
     refused."""

