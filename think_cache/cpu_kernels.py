@@ -90,7 +90,9 @@ _VALUES_ARGS = [_P, _P, _P, _C, _P, _P, _C, ctypes.c_float, _I, _I, _I, _I, _I, 
 
 # ------------------------------------------------------------------------------------------------------ build
 def build_dir() -> Path:
-    """Where built libraries go: `BUILD_DIR_ENV`, else the user's cache folder."""
+    """Where built libraries go: `BUILD_DIR_ENV`, else the user's cache folder. Not inside the folder converted
+    models go to (`think_cache.models`, ``~/.cache/think-cache``): transformers makes that one with the user's umask,
+    group-writable under 002, and a folder libraries are loaded from must be private down to it (`_own_folder`)."""
     named = os.environ.get(BUILD_DIR_ENV)
     if named:  # absolute: dlopen looks a name without a slash up on the library search path
         return Path(named).expanduser().absolute()
