@@ -193,6 +193,11 @@ def test_the_deprecated_cache_argument_is_passed_on_and_blamed_on_the_callers_li
         model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2)
     assert cache.get_seq_length() == 13  # the cache was used
     assert {w.filename for w in record if issubclass(w.category, FutureWarning)} == {__file__}
+    # both names: as transformers does, `cache` is used (here None: a cache of its own) and the other ignored
+    ignored, used = ThinKCache(key_ratio=0.5), ThinKCache(key_ratio=0.5)
+    with pytest.warns(Warning):
+        model.generate(input_ids=ids, attention_mask=mask, cache=used, past_key_values=ignored, max_new_tokens=2)
+    assert used.get_seq_length() == 13 and ignored.get_seq_length() == 0
 
 
 @pytest.mark.parametrize(

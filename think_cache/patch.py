@@ -246,7 +246,7 @@ def _patched_generate(model: torch.nn.Module, *args, **kwargs):
     static = state.defaults.get("max_cache_len") is not None
     if state.defaults and _builds_own_cache(model, args, kwargs, static):
         kwargs[_compat.CACHE_ARGUMENT] = ThinKCache(**state.defaults)
-    cache = next((kwargs[name] for name in _compat.CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
+    cache = kwargs.get(_compat.CACHE_ARGUMENT)  # the one transformers uses (`_rename_cache_argument`)
     if isinstance(cache, Policy):
         raise TypeError(
             f"{type(cache).__name__} is a token policy, not a cache: pass "
@@ -275,10 +275,11 @@ def _patched_generate(model: torch.nn.Module, *args, **kwargs):
 
 def _rename_cache_argument(kwargs: dict) -> None:
     """``past_key_values=`` where transformers names the argument ``cache=`` (5.24 on): passed on as ``cache=``,
-    with transformers' deprecation told at the user's call (from inside `generate` it would name this file)."""
+    with transformers' deprecation told at the user's call (from inside `generate` it would name this file). After
+    it, ``kwargs[_compat.CACHE_ARGUMENT]`` is the cache transformers uses, whichever name the call gave."""
     if _compat.CACHE_ARGUMENT == "past_key_values" or "past_key_values" not in kwargs:
         return
-    if kwargs.get(_compat.CACHE_ARGUMENT) is not None:  # both: transformers' own error says so
+    if _compat.CACHE_ARGUMENT in kwargs:  # both given: left to transformers, which keeps `cache` and warns
         return
     warnings.warn(
         f"`past_key_values` is deprecated as generate's argument since transformers 5.24: pass "
@@ -418,7 +419,7 @@ def _builds_own_cache(model: torch.nn.Module, args: tuple, kwargs: dict, static:
     False), which the one-liner replaces with its ThinKCache. Raises where the call asks transformers to build a
     cache of its own (``cache_implementation``, or ``compile_config``); a ``compile_config`` is fine when the
     one-liner's cache is ``static``."""
-    if any(kwargs.get(name) is not None for name in _compat.CACHE_ARGUMENTS):
+    if kwargs.get(_compat.CACHE_ARGUMENT) is not None:  # (`_rename_cache_argument` ran first)
         return False
     passed = _passed_generation_config(args, kwargs)
     if _effective_generation_option(model, kwargs, passed, "use_cache")[0] is False:
