@@ -249,7 +249,8 @@ class ThinKCache(Cache):
     within about 5e-3 on the Llama, Mistral and Qwen2 test models; up to about 0.1 on Qwen3's, where pruning at all
     moves them as much; under a policy the kept tokens may differ). A policy's budget applies to the first prompt;
     a later turn's prompt is kept whole through its own forward: SnapKV keeps it, while H2O and StreamingLLM cut the
-    layer straight back to the budget at the first decoding step after it, however far over it is.
+    layer back to the budget, however far over it is, at the next fold of a block (the first decoding step after a
+    prompt of more than 32 tokens; a shorter one leaves the layer within the budget and a block until then).
 
     With a token eviction ``policy`` (`SnapKV`, `H2O`, `StreamingLLM`), the policy first picks which tokens each
     KV head keeps, then ThinK thins every kept token.

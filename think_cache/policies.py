@@ -398,8 +398,8 @@ class H2O(_FixedSettings, Policy):
     """Heavy-Hitter Oracle (Zhang et al. 2023, arXiv 2306.14048): keep the tokens with the largest accumulated
     attention plus the newest ``recent`` ones, ``budget`` per KV head after the prompt; while decoding the layer
     evicts once per fold block (32 tokens), back to the budget, so it holds between ``budget`` and ``budget + 32``
-    tokens (after a chat's later prompt, which it keeps whole through that prompt's forward, the first decoding step
-    evicts all that exceeds the budget).
+    tokens (a chat's later prompt is kept whole through its forward; the next fold, the first decoding step after a
+    prompt of more than 32 tokens, evicts all that exceeds the budget).
 
     Parameters
     ----------
@@ -447,8 +447,8 @@ class H2O(_FixedSettings, Policy):
 class StreamingLLM(_FixedSettings, Policy):
     """StreamingLLM (Xiao et al. 2023, arXiv 2309.17453): keep the first ``sink`` tokens (attention sinks) and a
     sliding window of the newest ``recent`` tokens, after the prompt and while decoding (evicting once per fold
-    block of 32 tokens, back to the budget: a layer holds between ``budget`` and ``budget + 32`` tokens; after a
-    chat's later prompt, kept whole through its forward, the first decoding step evicts all that exceeds it).
+    block of 32 tokens, back to the budget: a layer holds between ``budget`` and ``budget + 32`` tokens; a chat's
+    later prompt is kept whole through its forward, and the next fold evicts all that exceeds the budget).
 
     Parameters
     ----------
