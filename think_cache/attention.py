@@ -27,8 +27,8 @@ from dataclasses import dataclass, replace
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from . import _compat, kernels
-from ._compat import is_compiling
+from . import kernels
+from ._compat import is_compiling, output_attentions
 from .compact import as_bool_mask, causal_mask, compact_probs, key_padding, thinned_views, weighted_values
 from .policies import attention_and_token_weights
 from .static import STATIC_SINKS
@@ -417,7 +417,7 @@ def _wants_attention_weights(module: torch.nn.Module, kwargs: dict) -> bool:
     attention function; a model config's ``output_attentions`` applies when the call says nothing)."""
     wanted = kwargs.get("output_attentions")
     if wanted is None:
-        return _compat.output_attentions(getattr(module, "config", None))
+        return output_attentions(getattr(module, "config", None))
     return bool(wanted)
 
 

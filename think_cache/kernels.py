@@ -800,7 +800,7 @@ def _attention(
                 tiles.row_blocks, scale * _LOG2E, *store_sizes,
                 BLOCK_R=tiles.block_r, BLOCK_N=tiles.config.block_n, BLOCK_D=tiles.block_d, BLOCK_KK=tiles.block_kk,
                 BLOCK_KV=tiles.block_kv, HAS_MASK=has_mask, CAUSAL=q_len > 1, PRUNED_V=pruned_v, SPLIT=n_splits > 1,
-                BLOCK_S=16 if n_splits == 1 else _pow2(n_splits),
+                BLOCK_S=_pow2(n_splits),
                 PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
                 UPCAST=interpreting and query.dtype == torch.bfloat16,
                 QUANT=quantized is not None, BITS=bits, IRREGULAR=irregular, V_GROUP=tiles.v_group,
