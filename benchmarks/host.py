@@ -18,13 +18,14 @@ arithmetic done (the CPU's path and the reference).
 Per method, interleaved over ``--repeats`` passes after a warm-up: a decode step's time divided by the layers
 (``us_per_layer``: the fastest pass's mean over its ``--steps`` steps, so a fold's work every 32 steps counts its
 share; a shared machine's noise only ever adds time, and it came in whole slow passes here); the same for the time
-spent in the caches' ``update`` and the attention functions alone (``glue_us_per_layer``, `GlueClock`: what
-differs between methods; the rest of a layer is the same for all); their ratios to ``unpatched`` (DynamicCache on
-the model before `think_cache.patch`) in the same run; Python function calls per layer and step (all, and
-think_cache's: a count that noise does not move); the kernel launches and sdpa calls per layer and step (the stubs
-count them: on the kernel path a compacted layer launches once, the other caches call sdpa once); and the
-``--top`` think_cache functions by their own time under cProfile (which slows what it measures: read them as
-shares, not as times). The JSON's plot: ``python -m benchmarks.host --plot-only benchmarks/results/host_cpu.json``.
+spent in the caches' ``update`` and the attention functions alone (``glue_us_per_layer``, `GlueClock`: what a
+cache and its attention add; a patched model's hooks and mask function fall outside it); their ratios to
+``unpatched`` (DynamicCache on the model before `think_cache.patch`) in the same run; Python function calls per
+layer and step (all, and think_cache's: a count that noise does not move); the kernel launches and sdpa calls per
+layer and step (the stubs count them: on the kernel path a compacted layer launches once, the other caches call
+sdpa once); and the ``--top`` think_cache functions by their own time under cProfile (which slows what it
+measures: read them as shares, not as times). The JSON's plot: ``python -m benchmarks.host --plot-only
+benchmarks/results/host_cpu.json``.
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ MODEL = dict(
 )  # fmt: skip
 
 
+#: SMs the kernel path counts on (an H100 SXM's), so that spans and their workspace are as on that GPU.
+GPU_MULTIPROCESSORS = 132
+
+
 class StubLaunch:
     """Stands in for the compiled kernels (`think_cache.kernels._kernels`): ``kernel[grid](...)`` does nothing
     and is counted. `sdpa` stands in for torch's scaled_dot_product_attention likewise (an empty output)."""
@@ -88,20 +93,23 @@ class StubLaunch:
 @contextlib.contextmanager
 def attention_path(path: str, stub: StubLaunch):
     """Within: compacted layers attend by ``path`` (``kernel``: the CUDA path with ``stub`` for the launch, and
-    for torch's sdpa, which every method's other attention runs: no method does attention arithmetic; ``torch``:
-    the torch path, every method's arithmetic done)."""
+    for torch's sdpa, which every method's other attention runs: no method does attention arithmetic; the device
+    counted as an H100's `GPU_MULTIPROCESSORS`, so that a context is split into spans as there; ``torch``: the
+    torch path, every method's arithmetic done)."""
     saved = {name: os.environ.get(name) for name in (kernels.KERNEL_ENV, "TRITON_INTERPRET")}
-    original, original_sdpa = kernels._kernels, torch.nn.functional.scaled_dot_product_attention
+    original = kernels._kernels, kernels._multiprocessors, torch.nn.functional.scaled_dot_product_attention
     os.environ[kernels.KERNEL_ENV] = "triton" if path == "kernel" else "torch"
     if path == "kernel":
         os.environ["TRITON_INTERPRET"] = "1"  # kernel_available on the CPU; nothing is interpreted: the stub runs
         kernels._kernels = lambda interpret: stub
+        kernels._multiprocessors = lambda device: GPU_MULTIPROCESSORS
         torch.nn.functional.scaled_dot_product_attention = stub.sdpa  # transformers looks it up at each call
+    kernels._tiles.cache_clear()  # its span counts come from _multiprocessors
     try:
         yield
     finally:
-        kernels._kernels = original
-        torch.nn.functional.scaled_dot_product_attention = original_sdpa
+        kernels._kernels, kernels._multiprocessors, torch.nn.functional.scaled_dot_product_attention = original
+        kernels._tiles.cache_clear()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -111,9 +119,9 @@ def attention_path(path: str, stub: StubLaunch):
 
 class GlueClock:
     """Seconds spent in the caches' ``update`` and in the attention functions (transformers' sdpa one, ThinK's):
-    the work that sits between a layer's projections and its output projection and differs between methods (the
-    rest of a layer is the same for all). Wraps them while `timing` is entered (after `think_cache.patch`, which
-    registers ThinK's attention function)."""
+    the work a cache and its attention add to a layer. A patched model also runs its attention modules' hooks and
+    builds its masks with ThinK's mask function, outside these. Wraps them while `timing` is entered (after
+    `think_cache.patch`, which registers ThinK's attention function anew), and puts back what it found."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -130,20 +138,27 @@ class GlueClock:
 
     @contextlib.contextmanager
     def timing(self):
-        register()  # ThinK's attention function is in the mapping (idempotent)
-        updates = {cls: cls.update for cls in (DynamicCache, ThinKCache)}
-        attentions = {name: AttentionInterface._global_mapping[name] for name in ("sdpa", ATTENTION_NAME)}
-        for cls, update in updates.items():
-            cls.update = self._timed(update)
+        mapping = AttentionInterface._global_mapping
+        registered = ATTENTION_NAME in mapping
+        register()  # ThinK's attention function in the mapping (as patch does)
+        own = {cls: vars(cls).get("update") for cls in (DynamicCache, ThinKCache)}  # None: inherited
+        attentions = {name: mapping[name] for name in ("sdpa", ATTENTION_NAME)}
+        for cls in own:
+            cls.update = self._timed(cls.update)
         for name, function in attentions.items():
             AttentionInterface.register(name, self._timed(function))
         try:
             yield self
         finally:
-            for cls, update in updates.items():
-                cls.update = update
+            for cls, update in own.items():
+                if update is None:
+                    del cls.update
+                else:
+                    cls.update = update
             for name, function in attentions.items():
                 AttentionInterface.register(name, function)
+            if not registered:
+                del mapping[ATTENTION_NAME]
 
 
 def build_model() -> LlamaForCausalLM:
@@ -347,8 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot_only is not None:
         print(f"plot: {plot(Path(args.plot_only))}")
         return 0
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    result = run(args.method_list, args.path, args.prompt, args.steps, args.repeats, args.top)
+    try:
+        result = run(args.method_list, args.path, args.prompt, args.steps, args.repeats, args.top)
+    finally:
+        torch.set_num_threads(threads)
     out = save_json(result, Path(args.out))
     print(table(result))
     print(f"saved {out}; plot: {plot(out)}")

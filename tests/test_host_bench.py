@@ -63,13 +63,16 @@ def test_the_stub_and_environment_are_restored(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     original, sdpa = kernels._kernels, torch.nn.functional.scaled_dot_product_attention
     stub = host.StubLaunch()
+    cpu = torch.device("cpu")
     with host.attention_path("kernel", stub):
         assert kernels._kernels(False) is stub and os.environ[kernels.KERNEL_ENV] == "triton"
+        assert kernels._multiprocessors(cpu) == host.GPU_MULTIPROCESSORS  # spans as on an H100
         stub[(1, 1)](1, 2, key=3)
         q, v = torch.zeros(1, 4, 3, 8), torch.zeros(1, 4, 5, 6)
         assert torch.nn.functional.scaled_dot_product_attention(q, v, v).shape == (1, 4, 3, 6)
     assert stub.launches == 1 and stub.sdpa_calls == 1
     assert kernels._kernels is original and torch.nn.functional.scaled_dot_product_attention is sdpa
+    assert kernels._multiprocessors(cpu) == 1
     assert kernels.KERNEL_ENV not in os.environ
     assert os.environ["TRITON_INTERPRET"] == "0"
 
@@ -79,14 +82,28 @@ def test_the_glue_clock_times_and_puts_everything_back():
 
     from think_cache import ThinKCache
 
+    own_update = "update" in vars(DynamicCache)  # inherited from Cache in transformers 5
     update, sdpa = DynamicCache.update, AttentionInterface._global_mapping["sdpa"]
+    think_update = vars(ThinKCache)["update"]
     clock = host.GlueClock()
-    with clock.timing():
+    with pytest.raises(RuntimeError), clock.timing():
         assert DynamicCache.update is not update
         DynamicCache().update(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), 0)
+        raise RuntimeError("put back even so")
     assert clock.seconds > 0
-    assert DynamicCache.update is update and AttentionInterface._global_mapping["sdpa"] is sdpa
-    assert ThinKCache.update is vars(ThinKCache)["update"]
+    assert ("update" in vars(DynamicCache)) == own_update and DynamicCache.update is update
+    assert AttentionInterface._global_mapping["sdpa"] is sdpa and vars(ThinKCache)["update"] is think_update
+
+
+def test_the_thread_count_is_put_back(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the run's own count differs from the caller's
+    try:
+        argv = ["--methods", "dynamic", "--prompt", "40", "--steps", "2", "--repeats", "1", "--threads", "1"]
+        assert host.main([*argv, "--out", str(tmp_path / "host.json")]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_bad_arguments_are_refused_before_anything_runs(capsys):
