@@ -371,13 +371,9 @@ class SnapKV(_FixedSettings, Policy):
         return self.window
 
     def prompt_scores(
-        self,
-        query: torch.Tensor,
-        keys: torch.Tensor,
-        real_keys: torch.Tensor,
-        scaling: float,
+        self, query: torch.Tensor, keys: torch.Tensor, real_keys: torch.Tensor, scaling: float,
         softcap: float | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor:  # fmt: skip
         scores = window_attention(query, keys, real_keys, scaling, rows=self.window, softcap=softcap)
         batch, heads, tokens = scores.shape
         flat = scores.reshape(batch * heads, 1, tokens)
@@ -429,14 +425,9 @@ class H2O(_FixedSettings, Policy):
         return self.recent
 
     def prompt_scores(
-        self,
-        query: torch.Tensor,
-        keys: torch.Tensor,
-        real_keys: torch.Tensor,
-        scaling: float,
-        accumulated: torch.Tensor | None = None,
-        softcap: float | None = None,
-    ) -> torch.Tensor:
+        self, query: torch.Tensor, keys: torch.Tensor, real_keys: torch.Tensor, scaling: float,
+        accumulated: torch.Tensor | None = None, softcap: float | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         return accumulated
 
     def decode_scores(self, positions: torch.Tensor, accumulated: torch.Tensor | None) -> torch.Tensor:
@@ -474,13 +465,9 @@ class StreamingLLM(_FixedSettings, Policy):
         return self.recent
 
     def prompt_scores(
-        self,
-        query: torch.Tensor,
-        keys: torch.Tensor,
-        real_keys: torch.Tensor,
-        scaling: float,
+        self, query: torch.Tensor, keys: torch.Tensor, real_keys: torch.Tensor, scaling: float,
         softcap: float | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor:  # fmt: skip
         batch, heads, tokens = keys.shape[:3]
         return torch.arange(tokens, dtype=torch.float32, device=keys.device).expand(batch, heads, tokens)
 
