@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -660,6 +661,26 @@ def positive_ints(text: str, what: str) -> list[int]:
     if bad:
         raise ValueError(f"{what} must be above zero, not {', '.join(map(str, bad))}")
     return values
+
+
+def profile_rows(profiler, per: int, where: Callable[[str], str | None]) -> list[dict]:
+    """A cProfile run's functions, each counted per ``per`` (steps, or layers times steps): its calls, own and
+    cumulative µs, for the functions whose file ``where`` names (None leaves one out); unsorted."""
+    import pstats
+
+    rows = []
+    for (path, line, name), (_, calls, own, cumulative, _) in pstats.Stats(profiler).stats.items():
+        file = where(path)
+        if file is not None:
+            rows.append(
+                {
+                    "function": f"{file}:{line}({name})",
+                    "calls": calls / per,
+                    "own_us": 1e6 * own / per,
+                    "cumulative_us": 1e6 * cumulative / per,
+                }
+            )
+    return rows
 
 
 def save_json(data: dict, path: Path) -> Path:

@@ -88,7 +88,7 @@ import think_cache
 from think_cache import _compat, held_bytes
 from think_cache.cache import human_bytes
 
-from .common import RESULTS, make_cache, provenance, save_json, set_patched, tell_prompt_length
+from .common import RESULTS, make_cache, profile_rows, provenance, save_json, set_patched, tell_prompt_length
 from .kernel_check import apply_launch_config
 
 LLAMA_8B = dict(
@@ -298,7 +298,6 @@ def host_profile(forward, token: torch.Tensor, kwargs: dict, top: int = 40) -> l
     step is launch-bound, so this says where its time goes. The ``top`` functions of `HOST_PROFILE_PATHS` by
     cumulative time, with their own time and calls per step."""
     import cProfile
-    import pstats
 
     profiler = cProfile.Profile()
     with torch.no_grad():
@@ -308,18 +307,13 @@ def host_profile(forward, token: torch.Tensor, kwargs: dict, top: int = 40) -> l
             out.logits[:, -1:].argmax(-1)
         _sync(token.device)
         profiler.disable()
-    rows = []
-    for (path, line, name), (_, calls, own, cumulative, _) in pstats.Stats(profiler).stats.items():
+
+    def where(path: str) -> str | None:
         if any(part in path for part in HOST_PROFILE_PATHS):
-            where = path.split("site-packages/")[-1].removeprefix(ROOT)
-            rows.append(
-                {
-                    "function": f"{where}:{line}({name})",
-                    "calls": calls / HOST_PROFILE_STEPS,
-                    "own_us": 1e6 * own / HOST_PROFILE_STEPS,
-                    "cumulative_us": 1e6 * cumulative / HOST_PROFILE_STEPS,
-                }
-            )
+            return path.split("site-packages/")[-1].removeprefix(ROOT)
+        return None
+
+    rows = profile_rows(profiler, HOST_PROFILE_STEPS, where)
     return sorted(rows, key=lambda r: -r["cumulative_us"])[:top]
 
 

@@ -51,6 +51,7 @@ from .common import (
     check_methods,
     make_cache,
     method_help,
+    profile_rows,
     provenance,
     save_json,
     set_patched,
@@ -219,19 +220,11 @@ def python_calls(profiler: cProfile.Profile, steps: int, layers: int) -> dict:
 
 def top_functions(profiler: cProfile.Profile, steps: int, layers: int, top: int) -> list[dict]:
     """think_cache's ``top`` functions by own time, per layer and step."""
-    rows = []
-    for (path, line, name), (_, calls, own, cumulative, _) in pstats.Stats(profiler).stats.items():
-        if "think_cache" in path:
-            where = path.split("think_cache")[-1].lstrip("/")
-            per = steps * layers
-            rows.append(
-                {
-                    "function": f"{where}:{line}({name})",
-                    "calls": calls / per,
-                    "own_us": 1e6 * own / per,
-                    "cumulative_us": 1e6 * cumulative / per,
-                }
-            )
+
+    def where(path: str) -> str | None:
+        return path.split("think_cache")[-1].lstrip("/") if "think_cache" in path else None
+
+    rows = profile_rows(profiler, steps * layers, where)
     return sorted(rows, key=lambda r: -r["own_us"])[:top]
 
 
