@@ -28,8 +28,12 @@ def test_smoke_run_measures_every_method_at_every_group(smoke):
         assert cell["status"] == "ok", cell
         assert cell["prefill_s"] > 0 and cell["decode_s_per_token"] > 0 and cell["held_bytes"] > 0
         assert len(cell["samples"][0]["decode_steps_s"]) == 1 + 4  # warm-up and timed steps
+        # the best of the repeats' decoding times beside their median
+        assert cell["decode_best_s_per_token"] == min(s["decode_s_per_token"] for s in cell["samples"])
+        assert cell["decode_best_s_per_token"] <= cell["decode_s_per_token"]
         if cell["method"] != "unpatched":
-            assert set(cell["vs_unpatched"]) >= {"prefill_s", "decode_s_per_token", "held_bytes"}
+            assert set(cell["vs_unpatched"]) >= {"prefill_s", "decode_s_per_token", "decode_best_s_per_token"}
+            assert "held_bytes" in cell["vs_unpatched"]
     # the first group is measured twice (interleaved), the others once; the figures are medians
     assert cells[1, 96, "think-0.5"]["repeats"] == 2 and cells[1, 160, "think-0.5"]["repeats"] == 1
     for n in (96, 160):
