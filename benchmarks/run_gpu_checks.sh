@@ -5,7 +5,8 @@
 #    full-precision and 2/4-bit stores, one layer's attention timed at 8k/32k/128k
 # 2. gpu.py on the Llama-3.1-8B shape (random bf16 weights), batch 1 at CONTEXTS, every method of METHODS, one
 #    profiled step per method (kernels, GPU time, host time by function), with COMPILE=1 the compiled static
-#    caches (transformers' and ThinK's), the kernel launched as the sweep chose.
+#    caches (transformers' and ThinK's), the kernel launched as the sweep chose; decode times as the median and
+#    the best of the repeats (a noisy host only adds time: read the issue's ratios from the best as well).
 # Settings by environment: SWEEP (1), COMPILE (1), CONTEXTS (1x8k,1x32k; GROUPS is bash's own), METHODS (below), BUDGET_S (330),
 # KERNEL_CHECK_S (300: its 56 checks compile on a fresh machine, about 110 s, 200 s with the sweep).
 set -u
