@@ -683,6 +683,16 @@ def profile_rows(profiler, per: int, where: Callable[[str], str | None]) -> list
     return rows
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files, no display), imported only when a benchmark plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_json(data: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".json.partial")

@@ -89,7 +89,7 @@ import think_cache
 from think_cache import _compat, held_bytes
 from think_cache.cache import human_bytes
 
-from .common import RESULTS, make_cache, profile_rows, provenance, save_json, set_patched, tell_prompt_length
+from .common import RESULTS, make_cache, profile_rows, provenance, pyplot, save_json, set_patched, tell_prompt_length
 from .kernel_check import apply_launch_config
 
 LLAMA_8B = dict(
@@ -513,10 +513,7 @@ def table(result: dict) -> str:
 # ---------------------------------------------------------------------------------------------- plots
 def plot(path: Path) -> Path:
     """Decode time per token and KV bytes against context, one line per method (batch 1 solid, others dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     result = json.loads(Path(path).read_text())
     cells = [c for c in result["cells"] if c["status"] == "ok"]

@@ -53,6 +53,7 @@ from .common import (
     method_help,
     profile_rows,
     provenance,
+    pyplot,
     save_json,
     set_patched,
     tell_prompt_length,
@@ -304,11 +305,7 @@ def plot(path: Path) -> Path:
     """A bar per method, its µs per layer and ratio to unpatched; saved next to the JSON."""
     import json
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     result = json.loads(path.read_text())
     methods = list(result["methods"])
     values = [result["methods"][m]["us_per_layer"] for m in methods]
