@@ -241,12 +241,13 @@ def run(methods: list[str], path: str, prompt: int, steps: int, repeats: int, to
         for method in methods:  # warm-up: first calls, allocations
             decode_steps(model, method, prompt, 4)
         for repeat in tqdm(range(repeats), desc="host time", unit="pass"):
-            for method in methods[repeat % len(methods) :] + methods[: repeat % len(methods)]:
+            order = methods[repeat % len(methods) :] + methods[: repeat % len(methods)]  # rotated each pass
+            for method in order:
                 before = (stub.launches, stub.sdpa_calls)
                 per_step[method].append(statistics.fmean(decode_steps(model, method, prompt, steps, stub=stub)))
                 launches[method][0] += stub.launches - before[0]
                 launches[method][1] += stub.sdpa_calls - before[1]
-            for method in methods[repeat % len(methods) :] + methods[: repeat % len(methods)]:
+            for method in order:
                 set_patched(model, method != "unpatched")  # first: patching registers ThinK's attention anew
                 with clock.timing():
                     decode_steps(model, method, prompt, steps, clock=clock)
